@@ -1,0 +1,248 @@
+"""The user-facing model: AnnData in, AnnData out.
+
+`pretrain` turns count files into a model folder; `Exceiver.load` opens one; `embed` writes cell
+embeddings to `obsm`; `gene_embeddings` returns the learned gene vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+import numpy as np
+import pandas as pd
+import torch
+
+from exceiver import __version__
+from exceiver.data import PretrainDataModule, split_cells
+from exceiver.errors import ExceiverInputError, ModelFileError
+from exceiver.infer import iterate_latents, resolve_device
+from exceiver.io import atomic_dir, load_model_files, save_model_files
+from exceiver.model import ExceiverConfig, ExceiverModule
+from exceiver.preprocess import GeneScaler, check_counts, drop_empty_cells, require_nonempty_cells
+from exceiver.train import PretrainingPlan, TrainingConfig, fit
+from exceiver.vocab import CellCounts, GeneVocab, align, dataset_genes, read_gene_list
+
+log = logging.getLogger(__name__)
+
+DataInput = str | Path | ad.AnnData
+
+
+class Exceiver:
+    """A pretrained Exceiver: network, gene vocabulary and scaler, applied to AnnData."""
+
+    def __init__(self, module: ExceiverModule, vocab: GeneVocab, scaler: GeneScaler, *,
+                 training: dict | None = None, metrics: dict | None = None):
+        if not len(vocab) == module.config.n_genes == len(scaler):
+            raise ModelFileError(
+                f"vocabulary ({len(vocab):,} genes), network ({module.config.n_genes:,}) and "
+                f"scaler ({len(scaler):,}) disagree on the number of genes"
+            )
+        self.module, self.vocab, self.scaler = module, vocab, scaler
+        self.training = training or {}
+        self.metrics = metrics or {}
+
+    @property
+    def config(self) -> ExceiverConfig:
+        return self.module.config
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Exceiver({c.n_genes:,} genes, gene_dim={c.gene_dim}, {c.n_latents} latents x "
+                f"{c.latent_dim}, {c.n_layers} layers, {self.module.n_parameters():,} parameters)")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Exceiver:
+        config, state_dict, vocab, scaler, metrics = load_model_files(path)
+        if not isinstance(config.get("model"), dict):
+            raise ModelFileError(f"{Path(path) / 'config.json'} has no 'model' section")
+        try:
+            model_config = ExceiverConfig.from_dict(config["model"])
+            module = ExceiverModule(model_config)
+        except (TypeError, ValueError) as err:
+            raise ModelFileError(f"{Path(path) / 'config.json'}: invalid model config ({err})") from err
+        _check_weights(module, state_dict, Path(path) / "model.safetensors")
+        module.load_state_dict(state_dict, strict=True)
+        bad = [name for name, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise ModelFileError(f"{Path(path) / 'model.safetensors'} holds non-finite weights in {bad[:3]}")
+        module.eval()
+        return cls(module, vocab, scaler, training=config.get("training"), metrics=metrics)
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            self._write(tmp)
+        return Path(path)
+
+    def _write(self, folder: Path) -> None:
+        config = {"exceiver_version": __version__, "model": self.config.to_dict(), "training": self.training}
+        save_model_files(folder, config=config, state_dict=self.module.state_dict(), vocab=self.vocab,
+                         scaler=self.scaler, metrics=self.metrics)
+
+    def cells(self, adata: ad.AnnData, *, gene_key: str | None = None, layer: str | None = None,
+              name: str = "dataset") -> CellCounts:
+        """Align a dataset to the model's genes and check its counts; every cell must have counts."""
+        cells = align(adata, self.vocab, gene_key=gene_key, layer=layer, name=name)
+        check_counts(cells, name)
+        require_nonempty_cells(cells, name)
+        return cells
+
+    def embed(self, adata: ad.AnnData, *, key: str = "X_exceiver", pooling: str = "mean",
+              gene_key: str | None = None, layer: str | None = None, batch_size: int = 256,
+              device: str | None = None, num_workers: int = 0, progress: bool = True) -> np.ndarray:
+        """Cell embeddings (mean of the processed latents, or `pooling='flatten'` for all of them),
+        written to `adata.obsm[key]` and returned."""
+        ExceiverModule.pool(torch.zeros(1, 1, 1), pooling)  # reject an unknown pooling before work
+        cells = self.cells(adata, gene_key=gene_key, layer=layer)
+        device = resolve_device(device)
+        self.module.to(device)
+        width = self.config.latent_dim * (self.config.n_latents if pooling == "flatten" else 1)
+        embedding = np.empty((cells.n_cells, width), dtype=np.float32)
+        for batch, latents in iterate_latents(self.module, cells, self.scaler, batch_size=batch_size,
+                                              device=device, num_workers=num_workers,
+                                              progress=progress, desc="embedding"):
+            embedding[batch.cells.cpu().numpy()] = ExceiverModule.pool(latents, pooling).float().cpu().numpy()
+        adata.obsm[key] = embedding
+        adata.uns.setdefault("exceiver", {})[key] = {"pooling": pooling, "n_genes": len(self.vocab)}
+        return embedding
+
+    def gene_embeddings(self) -> pd.DataFrame:
+        """The learned gene embedding of every vocabulary gene (rows indexed by gene)."""
+        weights = self.module.gene_emb.weight.detach().cpu().numpy()[: len(self.vocab)]
+        columns = [f"dim_{i}" for i in range(weights.shape[1])]
+        return pd.DataFrame(weights, index=pd.Index(self.vocab.genes, name="gene"), columns=columns)
+
+
+def _check_weights(module: ExceiverModule, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Name what is missing, extra or misshapen in a weight file, in one readable line."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshapen = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    problems = [f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
+                for items, what in [(missing, "weights missing"), (unexpected, "unexpected weights"),
+                                    (misshapen, "weights of the wrong shape (file vs config)")] if items]
+    if problems:
+        raise ModelFileError(f"{path} does not match config.json: {'; '.join(problems)}")
+
+
+def read_datasets(data: DataInput | Sequence[DataInput]) -> list[tuple[str, ad.AnnData]]:
+    """Open AnnData objects or .h5ad paths, each with a name for messages."""
+    items = [data] if isinstance(data, (str, Path, ad.AnnData)) else list(data)
+    if not items:
+        raise ExceiverInputError("no datasets given")
+    datasets = []
+    for i, item in enumerate(items):
+        if isinstance(item, ad.AnnData):
+            datasets.append((f"adata{i}", item))
+            continue
+        path = Path(item)
+        if not path.is_file():
+            raise ExceiverInputError(f"dataset {path} does not exist")
+        try:
+            datasets.append((path.stem, ad.read_h5ad(path)))
+        except Exception as err:  # h5py/anndata raise many types for a non-h5ad file
+            raise ExceiverInputError(f"cannot read {path} as an .h5ad file ({err})") from err
+    return datasets
+
+
+def build_vocab(datasets: list[tuple[str, ad.AnnData]], genes: str | Path | Sequence[str] | GeneVocab | None,
+                gene_key: str | None) -> GeneVocab:
+    """The training vocabulary: the union of the datasets' genes, optionally restricted to a list."""
+    if isinstance(genes, GeneVocab):
+        return genes
+    restrict = read_gene_list(genes) if isinstance(genes, (str, Path)) else genes
+    return GeneVocab.from_gene_lists([dataset_genes(a, gene_key) for _, a in datasets], restrict)
+
+
+def pretrain(
+    data: DataInput | Sequence[DataInput],
+    out: str | Path | None = None,
+    *,
+    preset: str = "default",
+    model: dict | None = None,
+    genes: str | Path | Sequence[str] | GeneVocab | None = None,
+    gene_key: str | None = None,
+    layer: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **training,
+) -> Exceiver:
+    """Pretrain an Exceiver by masked-expression prediction on raw counts.
+
+    data: one or several AnnData objects or .h5ad paths (their gene sets may differ).
+    out: model folder to write (training logs and checkpoints go there too); None keeps the
+        model in memory only.
+    preset, model: architecture preset ("default" or "paper") and overrides of its fields.
+    genes: restrict the vocabulary to this gene list (file, one gene per line) or use a vocabulary.
+    training: fields of `TrainingConfig` (max_epochs, max_minutes, batch_size, seed, ...).
+    """
+    training_config = TrainingConfig(**training)
+    config = ExceiverConfig.preset(preset, **(model or {}))
+    if out is not None and Path(out).exists() and not overwrite and any(Path(out).iterdir()):
+        raise ExceiverInputError(f"{out} already exists; choose another output or pass overwrite")
+    datasets = read_datasets(data)
+    vocab = build_vocab(datasets, genes, gene_key)
+    parts = []
+    for name, adata in datasets:
+        part = align(adata, vocab, gene_key=gene_key, layer=layer, name=name)
+        check_counts(part, name)
+        parts.append(drop_empty_cells(part, name))
+    cells = CellCounts.concat(parts)
+    train_rows, val_rows = split_cells(cells.n_cells, training_config.val_fraction, training_config.seed)
+    log.info("pretraining on %s cells (%s training, %s validation) from %d dataset(s), %s genes",
+             f"{cells.n_cells:,}", f"{len(train_rows):,}", f"{len(val_rows):,}", len(parts), f"{len(vocab):,}")
+    scaler = GeneScaler.fit(cells.subset(train_rows))
+    config.n_genes = len(vocab)
+
+    L.seed_everything(training_config.seed, workers=True, verbose=False)
+    module = ExceiverModule(config)
+    if module.gene_bias is not None:  # start from the gene-mean baseline; learn context on top
+        module.gene_bias.data[: len(vocab)] = torch.from_numpy(scaler.expressed_mean)
+    plan = PretrainingPlan(module, torch.from_numpy(scaler.expressed_mean), training_config)
+    datamodule = PretrainDataModule(cells, scaler, config, train_rows, val_rows,
+                                    batch_size=training_config.batch_size,
+                                    num_workers=training_config.num_workers, seed=training_config.seed)
+    with _output_folder(out, overwrite) as folder:
+        start = time.monotonic()
+        trainer = fit(plan, datamodule, training_config, Path(folder), progress=progress)
+        module.load_state_dict(plan.best_state)
+        module.cpu().eval()
+        metrics = {
+            **plan.best_metrics,
+            "n_cells": int(cells.n_cells), "n_train_cells": len(train_rows), "n_val_cells": len(val_rows),
+            "datasets": {name: int(n) for name, n in zip(cells.source_names, np.bincount(cells.source))},
+            "n_genes": len(vocab), "n_parameters": module.n_parameters(),
+            "epochs": trainer.current_epoch, "steps": trainer.global_step,
+            "seconds": round(time.monotonic() - start, 1), "stopped_by": _stop_reason(trainer, training_config),
+        }
+        result = Exceiver(module, vocab, scaler, training=training_config.to_dict(), metrics=metrics)
+        if out is not None and trainer.is_global_zero:
+            result._write(Path(folder))
+    log.info("val masked MSE %.4f vs gene-mean baseline %.4f (ratio %.3f)", metrics["val_masked_mse"],
+             metrics["val_gene_mean_mse"], metrics["val_mse_ratio"])
+    return result
+
+
+def _output_folder(out: str | Path | None, overwrite: bool):
+    """The model folder is staged by the process of rank 0 only (distributed runs start one
+    process per device, each running this function); other processes work in a scratch folder."""
+    if out is not None and rank_zero_only.rank == 0:
+        return atomic_dir(out, overwrite=overwrite)
+    return tempfile.TemporaryDirectory(prefix="exceiver-")
+
+
+def _stop_reason(trainer: L.Trainer, training: TrainingConfig) -> str:
+    stopper = trainer.early_stopping_callback
+    if stopper is not None and stopper.stopped_epoch > 0:
+        return "early_stopping"
+    if trainer.current_epoch >= training.max_epochs:
+        return "max_epochs"
+    return "max_minutes"

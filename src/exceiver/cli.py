@@ -1,0 +1,121 @@
+"""The `exceiver` command line: pretrain, embed, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from exceiver.errors import ExceiverInputError, ModelFileError
+
+log = logging.getLogger("exceiver")
+
+
+def _devices(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gene-key", metavar="COL", help="var column holding gene identifiers (default: var_names)")
+    p.add_argument("--layer", help="layer holding raw counts (default: X)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="exceiver", description="Exceiver: a single-cell gene expression language model.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("pretrain", help="pretrain a model on raw counts (.h5ad)",
+                            description="Pretrain an Exceiver by masked-expression prediction on "
+                                        "one or more .h5ad files of raw counts.")
+    p.add_argument("data", nargs="+", type=Path, metavar="DATA.h5ad")
+    p.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR", help="model folder to write")
+    p.add_argument("--preset", default="default", choices=["default", "paper"])
+    p.add_argument("--max-epochs", type=int, default=100)
+    p.add_argument("--max-minutes", type=float, help="time budget; the learning-rate schedule follows it")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--genes", type=Path, metavar="FILE",
+                   help="restrict the vocabulary to these genes (one per line)")
+    _add_data_options(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
+    p.add_argument("--devices", type=_devices, default="auto", help="Lightning devices: auto, N, ...")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy: auto, ddp, ...")
+    p.add_argument("--precision", default="32-true", help="Lightning precision: 32-true, bf16-mixed, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
+
+    p = commands.add_parser("embed", help="write cell embeddings to obsm",
+                            description="Embed the cells of DATA.h5ad with a pretrained model and "
+                                        "write the AnnData, with the embedding in obsm, to OUT.h5ad.")
+    p.add_argument("model", type=Path, metavar="MODEL_DIR")
+    p.add_argument("data", type=Path, metavar="DATA.h5ad")
+    p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
+    p.add_argument("--key", default="X_exceiver", help="obsm key of the embedding")
+    p.add_argument("--pooling", default="mean", choices=["mean", "flatten"],
+                   help="mean of the latents, or all latents flattened (the original's)")
+    _add_data_options(p)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+    p = commands.add_parser("demo", help="pretrain and embed on bundled PBMC data (no downloads)",
+                            description="Pretrain a small model on 700 PBMCs bundled with scanpy, "
+                                        "embed them, and write a UMAP and a report.")
+    p.add_argument("--out", type=Path, default=Path("exceiver_demo"), metavar="DIR")
+    p.add_argument("--max-minutes", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run_pretrain(args: argparse.Namespace) -> None:
+    from exceiver.api import pretrain
+
+    model = pretrain(
+        args.data, args.out, preset=args.preset, genes=args.genes, gene_key=args.gene_key,
+        layer=args.layer, overwrite=args.overwrite, progress=not args.quiet,
+        max_epochs=args.max_epochs, max_minutes=args.max_minutes, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, seed=args.seed, val_fraction=args.val_fraction,
+        num_workers=args.num_workers, accelerator=args.accelerator, devices=args.devices,
+        strategy=args.strategy, precision=args.precision,
+    )
+    print(f"wrote {args.out}: {model}")
+
+
+def run_embed(args: argparse.Namespace) -> None:
+    from exceiver.api import Exceiver, read_datasets
+    from exceiver.io import write_h5ad
+
+    model = Exceiver.load(args.model)
+    [(name, adata)] = read_datasets(args.data)
+    model.embed(adata, key=args.key, pooling=args.pooling, gene_key=args.gene_key, layer=args.layer,
+                batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    write_h5ad(adata, args.out)
+    print(f"wrote {args.out}: obsm[{args.key!r}] of {adata.n_obs:,} cells x {adata.obsm[args.key].shape[1]}")
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from exceiver.demo import run_demo as demo
+
+    report = demo(args.out, max_minutes=args.max_minutes, seed=args.seed, progress=not args.quiet)
+    print(report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    runners = {"pretrain": run_pretrain, "embed": run_embed, "demo": run_demo}
+    try:
+        runners[args.command](args)
+    except (ExceiverInputError, ModelFileError) as err:
+        print(f"exceiver {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Judging embeddings: metrics, and the simple baselines a model must beat."""
+
+from exceiver.evaluate.baselines import log_normalise, pca_embedding
+from exceiver.evaluate.cells import knn_scores
+
+__all__ = ["knn_scores", "log_normalise", "pca_embedding"]

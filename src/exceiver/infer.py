@@ -1,0 +1,49 @@
+"""Batched inference over cells: latents for each batch, with bounded memory and a progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from exceiver.data import CellBatcher, cell_loader
+from exceiver.model import ExceiverModule
+from exceiver.preprocess import GeneScaler
+from exceiver.tokenize import CellBatch
+from exceiver.vocab import CellCounts
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def iterate_latents(
+    module: ExceiverModule,
+    cells: CellCounts,
+    scaler: GeneScaler,
+    *,
+    batch_size: int = 256,
+    device: torch.device,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "cells",
+) -> Iterator[tuple[CellBatch, torch.Tensor]]:
+    """Yield (batch on device, processed latents) for all cells.
+
+    Cells are visited longest first, so that batches hold cells of similar length (little
+    padding) and peak memory is reached at once rather than at the end.
+    """
+    module.eval()
+    order = np.argsort(-cells.n_genes_expressed, kind="stable")
+    batcher = CellBatcher(cells, scaler, module.config, masked=False, salt=0)
+    loader = cell_loader(cells, order, batcher, batch_size=batch_size, num_workers=num_workers)
+    with tqdm(total=cells.n_cells, unit="cell", desc=desc, disable=not progress) as bar:
+        for batch in loader:
+            batch = batch.to(device, non_blocking=True)
+            yield batch, module.encode(batch.gene_ids, batch.values, batch.token_mask)
+            bar.update(len(batch))

@@ -1,0 +1,153 @@
+"""Model folders on disk, and atomic outputs.
+
+A model folder holds `config.json`, `model.safetensors`, `genes.txt` (the vocabulary),
+`scaler.safetensors` (per-gene statistics) and `metrics.json`. Nothing is pickled, so a shared
+model cannot run code on load. Every output is written under a temporary name and renamed into
+place, so a failure never leaves a partial output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file as save_torch
+
+from exceiver.errors import ExceiverInputError, ModelFileError
+from exceiver.preprocess import GeneScaler
+from exceiver.vocab import GeneVocab
+
+FORMAT = "exceiver-model"
+FORMAT_VERSION = 1
+CONFIG, WEIGHTS, GENES, SCALER, METRICS = (
+    "config.json", "model.safetensors", "genes.txt", "scaler.safetensors", "metrics.json",
+)
+SCALER_ARRAYS = ("mean", "std", "n_cells", "expressed_mean")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds."""
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())) and not overwrite:
+        raise ExceiverInputError(f"{path} already exists; choose another output or pass overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield tmp
+        _share(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _share(folder: Path) -> None:
+    """Give staged outputs the permissions of normally created files (temp files are private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [folder, *folder.rglob("*")]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+def write_h5ad(adata: ad.AnnData, path: str | Path) -> None:
+    """Write an AnnData to `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=".h5ad", dir=path.parent)
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        _share(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj: dict, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def save_model_files(folder: Path, *, config: dict, state_dict: dict[str, torch.Tensor],
+                     vocab: GeneVocab, scaler: GeneScaler, metrics: dict) -> None:
+    """Write the files of a model folder into an existing folder."""
+    write_json({"format": FORMAT, "format_version": FORMAT_VERSION, **config}, folder / CONFIG)
+    save_torch({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, folder / WEIGHTS,
+               metadata={"format": FORMAT})
+    vocab.save(folder / GENES)
+    save_numpy(
+        {name: np.ascontiguousarray(getattr(scaler, name)) for name in SCALER_ARRAYS},
+        str(folder / SCALER),
+        metadata={"format": FORMAT, "target_sum": repr(scaler.target_sum),
+                  "max_value": repr(scaler.max_value)},
+    )
+    write_json(metrics, folder / METRICS)
+
+
+def load_model_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], GeneVocab, GeneScaler, dict]:
+    """Read and check a model folder: (config, state_dict, vocab, scaler, metrics)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFileError(f"model folder {folder} does not exist or is not a folder")
+    for name in (CONFIG, WEIGHTS, GENES, SCALER):
+        if not (folder / name).is_file():
+            raise ModelFileError(f"model folder {folder} lacks {name}; is it an exceiver model folder?")
+    config = _read_json(folder / CONFIG)
+    if config.pop("format", None) != FORMAT:
+        raise ModelFileError(f"{folder / CONFIG} was not written by exceiver (no 'format': '{FORMAT}')")
+    version = config.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ModelFileError(f"{folder / CONFIG} has format version {version}; this exceiver reads {FORMAT_VERSION}")
+    try:
+        state_dict = load_torch(folder / WEIGHTS)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelFileError(f"{folder / WEIGHTS} is corrupt or truncated ({err})") from err
+    try:
+        vocab = GeneVocab.load(folder / GENES)
+    except ExceiverInputError as err:
+        raise ModelFileError(f"{folder / GENES} is not a valid gene list: {err}") from err
+    scaler = _load_scaler(folder / SCALER)
+    metrics = _read_json(folder / METRICS) if (folder / METRICS).is_file() else {}
+    return config, state_dict, vocab, scaler, metrics
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFileError(f"{path} is corrupt: not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{path} is corrupt: expected a JSON object")
+    return value
+
+
+def _load_scaler(path: Path) -> GeneScaler:
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            missing = [name for name in SCALER_ARRAYS if name not in f.keys()]
+            if missing or metadata.get("format") != FORMAT:
+                raise ModelFileError(f"{path} is not an exceiver scaler (missing {missing or 'format'})")
+            arrays = {name: f.get_tensor(name) for name in SCALER_ARRAYS}
+        return GeneScaler(**arrays, target_sum=float(metadata["target_sum"]),
+                          max_value=float(metadata["max_value"]))
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise ModelFileError(f"{path} is corrupt or truncated ({err})") from err

@@ -1,0 +1,224 @@
+"""The Exceiver network: a Perceiver IO over a cell's expressed genes.
+
+encoder:   a learned latent array cross-attends to the gene tokens (gene embedding x value);
+processor: self-attention blocks over the latents;
+decoder:   query embeddings (genes, or a class token) cross-attend to the latents, and a head maps
+           each query to a predicted value (or class logits).
+Attention runs through `scaled_dot_product_attention` with a boolean padding mask, so a cell's
+cost is linear in its number of expressed genes and independent of how it was padded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exceiver.errors import ModelFileError
+
+POOLINGS = ("mean", "flatten")
+
+
+@dataclass
+class ExceiverConfig:
+    """Architecture and pretraining task of an Exceiver model."""
+
+    n_genes: int = 0  # vocabulary size, set from the data
+    gene_dim: int = 32  # gene embedding width (also the decoder's width)
+    n_latents: int = 64
+    latent_dim: int = 64
+    n_layers: int = 4  # processor self-attention blocks
+    n_heads: int = 4  # processor heads
+    cross_heads: int = 4  # encoder and decoder cross-attention heads
+    ff_dim: int = 256  # processor feed-forward width
+    cross_ff_mult: int = 4  # cross-attention feed-forward width, as a multiple of its input width
+    head_hidden: int = 0  # hidden width of the value and class heads (0: gene_dim)
+    gene_bias: bool = False  # a learned per-gene offset on predicted values (starts at gene means)
+    dropout: float = 0.0
+    n_classes: int = 0  # > 0 adds the class-token head
+    mask_fraction: float = 0.15  # fraction of a cell's expressed genes masked in pretraining
+    zero_query_ratio: float = 0.0  # zero-count genes queried per masked gene (0: off)
+    max_tokens: int = 4096  # expressed genes per cell beyond this are subsampled
+
+    def __post_init__(self) -> None:
+        for dim, heads, what in [
+            (self.latent_dim, self.n_heads, "latent_dim / n_heads"),
+            (self.latent_dim, self.cross_heads, "latent_dim / cross_heads"),
+            (self.gene_dim, self.cross_heads, "gene_dim / cross_heads"),
+        ]:
+            if dim % heads:
+                raise ValueError(f"{what} must divide evenly, got {dim} / {heads}")
+        if not 0.0 <= self.mask_fraction < 1.0:
+            raise ValueError(f"mask_fraction must be in [0, 1), got {self.mask_fraction}")
+        if self.zero_query_ratio < 0:
+            raise ValueError(f"zero_query_ratio must be >= 0, got {self.zero_query_ratio}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ExceiverConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ExceiverConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ModelFileError(f"model config has unknown fields {unknown}")
+        return cls(**values)
+
+
+PRESETS: dict[str, dict] = {
+    # The released configuration of the original Exceiver (Connell et al. 2022).
+    "paper": dict(
+        gene_dim=4, n_latents=128, latent_dim=4, n_layers=8, n_heads=4, cross_heads=4,
+        ff_dim=2048, cross_ff_mult=1, head_hidden=1,
+    ),
+    # Chosen for quality per CPU-minute (see docs/presets.md for the measurement).
+    "default": dict(
+        gene_dim=32, n_latents=64, latent_dim=64, n_layers=4, n_heads=4, cross_heads=4,
+        ff_dim=256, cross_ff_mult=4, gene_bias=True,
+    ),
+}
+
+
+def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+
+def _split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (n_heads, -1)).transpose(-3, -2)  # [..., L, D] -> [..., H, L, D/H]
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-3, -2).flatten(-2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = _split_heads(self.qkv(x), 3 * self.n_heads).chunk(3, dim=-3)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(_merge_heads(o))
+
+
+class CrossAttention(nn.Module):
+    """Queries of width `dim` attend to keys/values of width `kv_dim`; `kv_mask` is True at real keys."""
+
+    def __init__(self, dim: int, kv_dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(kv_dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = _split_heads(self.q(x), self.n_heads)
+        if q.dim() == 3:  # queries shared by all cells (the latent array)
+            q = q.expand(kv.shape[0], *q.shape)
+        k, v = _split_heads(self.kv(kv), 2 * self.n_heads).chunk(2, dim=-3)
+        mask = None if kv_mask is None else kv_mask[:, None, None, :]
+        return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention + feed-forward, with residuals on the query stream."""
+
+    def __init__(self, dim: int, kv_dim: int, n_heads: int, ff_mult: int, norm_kv: bool):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        # Gene tokens are embedding x value: a LayerNorm would cancel each token's value scale.
+        self.norm_kv = nn.LayerNorm(kv_dim) if norm_kv else nn.Identity()
+        self.attn = CrossAttention(dim, kv_dim, n_heads)
+        self.ff = _mlp(dim, ff_mult * dim, dim)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_q(x), self.norm_kv(kv), kv_mask)
+        return x + self.ff(x)
+
+
+class SelfAttentionBlock(nn.Module):
+    def __init__(self, dim: int, n_heads: int, ff_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, n_heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+class ExceiverModule(nn.Module):
+    """Pure network: tokens -> latents -> predictions. Gene id `n_genes` is padding (a fixed zero
+    vector) and `n_genes + 1` is the class-token query."""
+
+    def __init__(self, config: ExceiverConfig):
+        super().__init__()
+        if config.n_genes < 1:
+            raise ValueError("config.n_genes must be set to the vocabulary size")
+        self.config = c = config
+        self.pad_id, self.class_id = c.n_genes, c.n_genes + 1
+        head_hidden = c.head_hidden or c.gene_dim
+        self.gene_emb = nn.Embedding(c.n_genes + 2, c.gene_dim, padding_idx=self.pad_id)
+        self.latents = nn.Parameter(torch.randn(c.n_latents, c.latent_dim))
+        self.encoder = CrossAttentionBlock(c.latent_dim, c.gene_dim, c.cross_heads, c.cross_ff_mult, norm_kv=False)
+        self.processor = nn.ModuleList(
+            SelfAttentionBlock(c.latent_dim, c.n_heads, c.ff_dim, c.dropout) for _ in range(c.n_layers)
+        )
+        self.decoder = CrossAttentionBlock(c.gene_dim, c.latent_dim, c.cross_heads, c.cross_ff_mult, norm_kv=True)
+        self.value_head = _mlp(c.gene_dim, head_hidden, 1)
+        self.gene_bias = nn.Parameter(torch.zeros(c.n_genes + 2)) if c.gene_bias else None
+        self.class_head = _mlp(c.gene_dim, head_hidden, c.n_classes) if c.n_classes else None
+
+    def encode(self, gene_ids: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Gene tokens [B, L] -> processed latents [B, n_latents, latent_dim]."""
+        tokens = self.gene_emb(gene_ids) * values.unsqueeze(-1)
+        latents = self.encoder(self.latents, tokens, token_mask)
+        for block in self.processor:
+            latents = block(latents)
+        return latents
+
+    def decode(self, latents: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
+        """Query genes [B, Q] attend to the latents -> decoder outputs [B, Q, gene_dim]."""
+        return self.decoder(self.gene_emb(query_ids), latents)
+
+    def predict_values(self, latents: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
+        values = self.value_head(self.decode(latents, query_ids)).squeeze(-1)
+        return values if self.gene_bias is None else values + self.gene_bias[query_ids]
+
+    def class_logits(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.class_head is None:
+            raise ValueError("this model has no class head (config.n_classes == 0)")
+        query = torch.full((latents.shape[0], 1), self.class_id, device=latents.device)
+        return self.class_head(self.decode(latents, query)[:, 0])
+
+    def forward(self, gene_ids, values, token_mask, query_ids) -> torch.Tensor:
+        """The pretraining computation: predicted values of the query genes [B, Q]."""
+        return self.predict_values(self.encode(gene_ids, values, token_mask), query_ids)
+
+    @staticmethod
+    def pool(latents: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+        """Cell embedding from latents: their mean, or all of them flattened (the original's)."""
+        if pooling == "mean":
+            return latents.mean(dim=1)
+        if pooling == "flatten":
+            return latents.flatten(1)
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

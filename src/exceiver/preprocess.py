@@ -1,0 +1,166 @@
+"""Count checks and the paper's value transform: normalise to 1e4 per cell, log1p, z-score per
+gene (statistics fitted once, on training cells, zeros included), clip at 10, plus 1.
+
+Everything here works on the non-zero entries of sparse counts: a dense cells x genes matrix is
+never built.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from exceiver.errors import ExceiverInputError
+from exceiver.vocab import CellCounts
+
+log = logging.getLogger(__name__)
+
+TARGET_SUM = 1e4
+MAX_VALUE = 10.0
+SHIFT = 1.0  # the paper shifts z-scores so that an average expression level is 1, not 0
+
+
+def check_counts(cells: CellCounts, name: str = "dataset") -> None:
+    """Refuse counts that are not finite or negative; warn on non-integers (not raw counts?)."""
+    data = cells.counts.data
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise ExceiverInputError(
+            f"{name}: {int(bad.sum()):,} count entries are NaN or infinite; exceiver needs raw counts"
+        )
+    negative = data < 0
+    if negative.any():
+        raise ExceiverInputError(
+            f"{name}: {int(negative.sum()):,} count entries are negative (min {data.min():.3g}); "
+            "exceiver needs raw counts, not scaled or centred data (pass layer='counts' if the "
+            "counts are in a layer)"
+        )
+    fractional = data != np.round(data)
+    if fractional.any():
+        example = data[np.flatnonzero(fractional)[0]]
+        warnings.warn(
+            f"{name}: {int(fractional.sum()):,} of {data.size:,} non-zero entries are not integers "
+            f"(e.g. {example:.4g}); exceiver expects raw counts, and log-normalised input gives "
+            "wrong values",
+            stacklevel=2,
+        )
+
+
+def drop_empty_cells(cells: CellCounts, name: str = "dataset") -> CellCounts:
+    """Cells with no counts in the vocabulary's genes have no tokens: drop them, and say so."""
+    empty = cells.n_genes_expressed == 0
+    if empty.all():
+        raise ExceiverInputError(
+            f"{name}: none of its {cells.n_cells:,} cells has counts in the vocabulary's genes"
+        )
+    if empty.any():
+        log.warning(
+            "%s: dropped %s of %s cells with no counts in the vocabulary's genes",
+            name, f"{int(empty.sum()):,}", f"{cells.n_cells:,}",
+        )
+        return cells.subset(np.flatnonzero(~empty))
+    return cells
+
+
+def require_nonempty_cells(cells: CellCounts, name: str = "dataset") -> None:
+    """For outputs aligned with the user's cells, an empty cell is an error, not a silent drop."""
+    empty = np.flatnonzero(cells.n_genes_expressed == 0)
+    if len(empty):
+        raise ExceiverInputError(
+            f"{name}: {len(empty):,} of {cells.n_cells:,} cells have no counts in the model's "
+            f"vocabulary genes (e.g. {list(cells.obs_names[empty[:3]])}) and cannot be embedded; "
+            "remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1) after subsetting "
+            "to the model's genes"
+        )
+
+
+def log_normalise(counts: np.ndarray, library_size: np.ndarray, target_sum: float) -> np.ndarray:
+    """log1p of counts scaled to `target_sum` per cell; `library_size` is given per entry."""
+    return np.log1p(counts * (target_sum / library_size))
+
+
+def entry_library_size(cells: CellCounts) -> np.ndarray:
+    """Each non-zero entry's cell library size, aligned with `cells.counts.data`."""
+    return np.repeat(cells.library_size, cells.n_genes_expressed)
+
+
+@dataclass
+class GeneScaler:
+    """Per-gene statistics of log-normalised expression, fitted on training cells."""
+
+    mean: np.ndarray  # float32 per vocabulary gene, over measuring cells, zeros included
+    std: np.ndarray  # float32; 1 for constant or never-measured genes
+    n_cells: np.ndarray  # int64: training cells that measured the gene
+    expressed_mean: np.ndarray  # float32: mean value over training cells that express the gene
+    target_sum: float = TARGET_SUM
+    max_value: float = MAX_VALUE
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def values(self, gene_ids: np.ndarray, log_expression: np.ndarray) -> np.ndarray:
+        """The model's token value: clip((x - mean) / std, max 10) + 1."""
+        z = (log_expression - self.mean[gene_ids]) / self.std[gene_ids]
+        return (np.minimum(z, self.max_value) + SHIFT).astype(np.float32)
+
+    def zero_values(self, gene_ids: np.ndarray) -> np.ndarray:
+        """The value of a measured zero count (the target of zero-gene queries)."""
+        return self.values(gene_ids, np.zeros(len(gene_ids), dtype=np.float32))
+
+    def cell_values(self, cells: CellCounts) -> np.ndarray:
+        """Values of all non-zero entries of `cells`, aligned with `cells.counts.data`."""
+        counts = cells.counts
+        x = log_normalise(counts.data, entry_library_size(cells), self.target_sum)
+        return self.values(counts.indices, x)
+
+    @classmethod
+    def fit(
+        cls,
+        cells: CellCounts,
+        *,
+        target_sum: float = TARGET_SUM,
+        max_value: float = MAX_VALUE,
+        chunk_size: int = 8192,
+    ) -> GeneScaler:
+        """Streaming fit over sparse chunks of cells; a cell counts towards a gene's statistics
+        only if its dataset measured that gene (unmeasured is not zero)."""
+        n_genes = cells.counts.shape[1]
+        cells_per_source = np.bincount(cells.source, minlength=len(cells.measured))
+        n_cells = cells.measured.T.astype(np.int64) @ cells_per_source
+        s1 = np.zeros(n_genes)
+        s2 = np.zeros(n_genes)
+        for chunk in _chunks(cells, chunk_size):
+            x = log_normalise(chunk.counts.data.astype(np.float64), entry_library_size(chunk), target_sum)
+            s1 += np.bincount(chunk.counts.indices, weights=x, minlength=n_genes)
+            s2 += np.bincount(chunk.counts.indices, weights=x * x, minlength=n_genes)
+        denom = np.maximum(n_cells, 1)
+        mean = s1 / denom
+        std = np.sqrt(np.maximum(s2 / denom - mean**2, 0.0))
+        std[(std < 1e-6) | (n_cells == 0)] = 1.0  # constant genes keep their centred value
+        scaler = cls(
+            mean.astype(np.float32), std.astype(np.float32), n_cells,
+            np.zeros(n_genes, dtype=np.float32), target_sum, max_value,
+        )
+        scaler.expressed_mean = scaler._expressed_means(cells, chunk_size)
+        return scaler
+
+    def _expressed_means(self, cells: CellCounts, chunk_size: int) -> np.ndarray:
+        """The gene-mean baseline: each gene's mean value over the training cells expressing it
+        (genes never expressed in training fall back to the mean over all expressed entries)."""
+        n_genes = len(self)
+        total = np.zeros(n_genes)
+        count = np.zeros(n_genes)
+        for chunk in _chunks(cells, chunk_size):
+            values = self.cell_values(chunk)
+            total += np.bincount(chunk.counts.indices, weights=values, minlength=n_genes)
+            count += np.bincount(chunk.counts.indices, minlength=n_genes)
+        fallback = total.sum() / max(count.sum(), 1)
+        return np.where(count > 0, total / np.maximum(count, 1), fallback).astype(np.float32)
+
+
+def _chunks(cells: CellCounts, chunk_size: int):
+    for start in range(0, cells.n_cells, chunk_size):
+        yield cells.subset(np.arange(start, min(start + chunk_size, cells.n_cells)))

@@ -1,0 +1,176 @@
+"""Sparse cells -> padded token batches and decoder queries.
+
+A cell's tokens are its *expressed* genes only: zero-count genes never become tokens, so the cost
+of a cell follows its number of expressed genes, not the vocabulary size. For pretraining, a
+fraction of each cell's expressed genes is masked: those genes are removed from the encoder's
+tokens altogether (their values cannot reach it) and become decoder queries with their values as
+targets. Which genes are masked comes from a hash of (salt, cell, gene), so a fixed salt gives the
+same masks whatever the batch composition, worker or process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from exceiver.preprocess import GeneScaler, log_normalise
+from exceiver.vocab import CellCounts
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: uniform 64-bit keys from integers (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = x.astype(np.uint64) + _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+@dataclass
+class CellBatch:
+    """Tensors for one batch of cells; `*_mask` tensors are True at real entries."""
+
+    gene_ids: torch.Tensor  # [B, L] int64 encoder tokens (padding id where masked out)
+    values: torch.Tensor  # [B, L] float32 token values
+    token_mask: torch.Tensor  # [B, L] bool
+    query_ids: torch.Tensor  # [B, Q] int64 decoder query genes
+    targets: torch.Tensor  # [B, Q] float32 values to predict
+    query_mask: torch.Tensor  # [B, Q] bool
+    query_is_zero: torch.Tensor  # [B, Q] bool: a sampled zero-count gene, not a masked one
+    cells: torch.Tensor  # [B] int64 index of each cell in its CellCounts
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CellBatch:
+        return CellBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                            for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.gene_ids.shape[0]
+
+
+def masked_count(n_expressed: np.ndarray, mask_fraction: float, max_tokens: int) -> np.ndarray:
+    """Genes to mask per cell: the fraction of its expressed genes, at least one, always leaving
+    one gene visible; capped like the token count so that huge cells do not dominate a batch."""
+    if mask_fraction <= 0:
+        return np.zeros_like(n_expressed)
+    cap = max(1, round(mask_fraction * max_tokens))
+    m = np.clip(np.rint(mask_fraction * n_expressed), 1, cap).astype(np.int64)
+    return np.where(n_expressed >= 2, np.minimum(m, n_expressed - 1), 0)
+
+
+def make_batch(
+    cells: CellCounts,
+    rows: np.ndarray,
+    scaler: GeneScaler,
+    *,
+    pad_id: int,
+    max_tokens: int,
+    mask_fraction: float = 0.0,
+    zero_query_ratio: float = 0.0,
+    salt: int = 0,
+) -> CellBatch:
+    """Tokenize cells `rows` of `cells` (vectorised over all their non-zero entries)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    counts = cells.counts
+    starts, ends = counts.indptr[rows], counts.indptr[rows + 1]
+    n_expr = (ends - starts).astype(np.int64)
+    n_cells, total = len(rows), int(n_expr.sum())
+    offsets = np.cumsum(n_expr) - n_expr
+    entry_cell = np.repeat(np.arange(n_cells), n_expr)
+    entry = np.arange(total) - offsets[entry_cell] + starts[entry_cell]
+    genes = counts.indices[entry].astype(np.int64)
+    library = cells.library_size[rows] if n_cells else np.zeros(0)
+    values = scaler.values(
+        genes, log_normalise(counts.data[entry], library[entry_cell], scaler.target_sum)
+    )
+
+    n_masked = masked_count(n_expr, mask_fraction, max_tokens)
+    n_visible = np.minimum(n_expr - n_masked, max_tokens)
+    cell_keys = _mix(rows.astype(np.uint64) ^ _mix(np.uint64(salt % 2**64)))
+    if mask_fraction > 0 or (n_expr > max_tokens).any():
+        # A random order per cell: the first genes are masked, the next ones are tokens.
+        order = np.lexsort((_mix(cell_keys[entry_cell] ^ genes.astype(np.uint64)), entry_cell))
+        genes, values = genes[order], values[order]
+    rank = np.arange(total) - offsets[entry_cell]
+    masked = rank < n_masked[entry_cell]
+    visible = ~masked & (rank < (n_masked + n_visible)[entry_cell])
+
+    width = int(n_visible.max()) if n_cells else 0
+    gene_ids = np.full((n_cells, width), pad_id, dtype=np.int64)
+    token_values = np.zeros((n_cells, width), dtype=np.float32)
+    token_mask = np.zeros((n_cells, width), dtype=bool)
+    cell_v, slot_v = entry_cell[visible], (rank - n_masked[entry_cell])[visible]
+    gene_ids[cell_v, slot_v] = genes[visible]
+    token_values[cell_v, slot_v] = values[visible]
+    token_mask[cell_v, slot_v] = True
+
+    zero_cell, zero_genes = _sample_zero_genes(
+        cells, rows, np.rint(zero_query_ratio * n_masked).astype(np.int64), genes, entry_cell,
+        cell_keys,
+    )
+    n_zero = np.bincount(zero_cell, minlength=n_cells)
+    n_queries = n_masked + n_zero
+    q_width = int(n_queries.max()) if n_cells else 0
+    query_ids = np.full((n_cells, q_width), pad_id, dtype=np.int64)
+    targets = np.zeros((n_cells, q_width), dtype=np.float32)
+    query_mask = np.zeros((n_cells, q_width), dtype=bool)
+    query_is_zero = np.zeros((n_cells, q_width), dtype=bool)
+    cell_q, slot_q = entry_cell[masked], rank[masked]
+    query_ids[cell_q, slot_q] = genes[masked]
+    targets[cell_q, slot_q] = values[masked]
+    query_mask[cell_q, slot_q] = True
+    if len(zero_cell):
+        zero_offsets = np.cumsum(n_zero) - n_zero
+        slot_z = n_masked[zero_cell] + np.arange(len(zero_cell)) - zero_offsets[zero_cell]
+        query_ids[zero_cell, slot_z] = zero_genes
+        targets[zero_cell, slot_z] = scaler.zero_values(zero_genes)
+        query_mask[zero_cell, slot_z] = True
+        query_is_zero[zero_cell, slot_z] = True
+
+    return CellBatch(
+        torch.from_numpy(gene_ids), torch.from_numpy(token_values), torch.from_numpy(token_mask),
+        torch.from_numpy(query_ids), torch.from_numpy(targets), torch.from_numpy(query_mask),
+        torch.from_numpy(query_is_zero), torch.from_numpy(rows),
+    )
+
+
+def _sample_zero_genes(
+    cells: CellCounts,
+    rows: np.ndarray,
+    n_zero: np.ndarray,
+    expressed_genes: np.ndarray,
+    entry_cell: np.ndarray,
+    cell_keys: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell, `n_zero` distinct genes that its dataset measured but the cell did not express."""
+    if not n_zero.any():
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    n_genes = cells.counts.shape[1]
+    measured = [np.flatnonzero(m) for m in cells.measured]
+    measured_offsets = np.cumsum([0] + [len(m) for m in measured])
+    pool = np.concatenate(measured)
+    sources = cells.source[rows]
+    n_draws = np.where(n_zero > 0, 2 * n_zero + 16, 0)
+    draw_cell = np.repeat(np.arange(len(rows)), n_draws)
+    draw_index = np.arange(len(draw_cell)) - np.repeat(np.cumsum(n_draws) - n_draws, n_draws)
+    pool_size = (measured_offsets[sources + 1] - measured_offsets[sources])[draw_cell]
+    pick = _mix(cell_keys[draw_cell] ^ _mix(draw_index.astype(np.uint64) + np.uint64(1)))
+    genes = pool[measured_offsets[sources][draw_cell] + (pick % pool_size.astype(np.uint64)).astype(np.int64)]
+    keys = draw_cell * n_genes + genes
+    expressed_keys = entry_cell * n_genes + expressed_genes
+    expressed_keys.sort()
+    pos = np.searchsorted(expressed_keys, keys).clip(max=max(len(expressed_keys) - 1, 0))
+    is_zero = expressed_keys[pos] != keys if len(expressed_keys) else np.ones(len(keys), bool)
+    _, first = np.unique(keys, return_index=True)
+    unique = np.zeros(len(keys), dtype=bool)
+    unique[first] = True
+    keep = np.flatnonzero(is_zero & unique)
+    kept_cell = draw_cell[keep]
+    rank = np.arange(len(keep)) - np.searchsorted(kept_cell, kept_cell)
+    take = keep[rank < n_zero[kept_cell]]
+    return draw_cell[take], genes[take]

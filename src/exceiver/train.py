@@ -1,0 +1,206 @@
+"""Pretraining with Lightning: the masked-expression objective, its metrics, and the Trainer."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import torchmetrics
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from exceiver.data import PretrainDataModule
+from exceiver.model import ExceiverModule
+from exceiver.tokenize import CellBatch
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation and hardware settings (passed through to Lightning where they belong)."""
+
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # cosine decays to this fraction of the peak learning rate
+    grad_clip: float = 1.0
+    # Each gene appears in few batches, so per-gene parameters (embeddings, biases) learn slowly at
+    # the shared rate; a larger rate for them cut the 3-minute pbmc3k MSE ratio from 4.3 to 0.74.
+    gene_lr_mult: float = 10.0
+    max_epochs: int = 100
+    max_minutes: float | None = None
+    val_fraction: float = 0.1
+    patience: int = 10  # validation rounds without improvement before early stopping
+    val_every_steps: int | None = None  # validate every N steps (default: after each epoch)
+    seed: int = 0
+    num_workers: int = 0
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    precision: str = "32-true"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    n = mask.sum()
+    return ((pred - target) ** 2 * mask).sum() / n.clamp(min=1)
+
+
+def lr_factor(step: int, warmup: int, planned: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to `min_ratio` at step `planned`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, planned - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class PretrainingPlan(L.LightningModule):
+    """Owns optimisation of an `ExceiverModule` on masked-expression prediction.
+
+    Validation compares the model with the gene-mean baseline (each masked gene predicted by its
+    mean value over the training cells that express it) on exactly the same masked genes.
+    """
+
+    def __init__(self, module: ExceiverModule, gene_means: torch.Tensor, training: TrainingConfig,
+                 planned_steps: int | None = None):
+        super().__init__()
+        self.module, self.training_config = module, training
+        self.planned_steps = planned_steps
+        self.register_buffer("gene_means", torch.as_tensor(gene_means, dtype=torch.float32), persistent=False)
+        self.val_mse = torchmetrics.MeanSquaredError()
+        self.val_baseline_mse = torchmetrics.MeanSquaredError()
+        self.val_pearson = torchmetrics.PearsonCorrCoef()
+        self.val_explained_variance = torchmetrics.ExplainedVariance()
+        self.val_zero_mse = torchmetrics.MeanSquaredError()
+        self.best_metrics: dict[str, float] = {}
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def _predict(self, batch: CellBatch) -> torch.Tensor:
+        return self.module(batch.gene_ids, batch.values, batch.token_mask, batch.query_ids)
+
+    def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
+        loss = masked_mse(self._predict(batch), batch.targets, batch.query_mask)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch))
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
+        pred = self._predict(batch).float()
+        masked = batch.query_mask & ~batch.query_is_zero
+        if masked.any():
+            y, y_hat = batch.targets[masked], pred[masked]
+            self.val_mse.update(y_hat, y)
+            self.val_baseline_mse.update(self.gene_means[batch.query_ids[masked]], y)
+            self.val_pearson.update(y_hat, y)
+            self.val_explained_variance.update(y_hat, y)
+        zeros = batch.query_mask & batch.query_is_zero
+        if zeros.any():
+            self.val_zero_mse.update(pred[zeros], batch.targets[zeros])
+
+    def on_validation_epoch_end(self) -> None:
+        mse, baseline = self.val_mse.compute(), self.val_baseline_mse.compute()
+        metrics = {
+            "val_masked_mse": mse,
+            "val_gene_mean_mse": baseline,
+            "val_mse_ratio": mse / baseline,
+            "val_pearson": self.val_pearson.compute(),
+            "val_explained_variance": self.val_explained_variance.compute(),
+        }
+        if self.val_zero_mse.update_count:
+            metrics["val_zero_mse"] = self.val_zero_mse.compute()
+        # torchmetrics already reduces over processes in compute(): no sync_dist needed.
+        self.log_dict(metrics, prog_bar=True, sync_dist=False)
+        best = self.best_metrics.get("val_masked_mse", math.inf)
+        if not self.trainer.sanity_checking and float(mse) < best:
+            self.best_metrics = {k: float(v) for k, v in metrics.items()}
+            self.best_metrics |= {"best_epoch": self.current_epoch, "best_step": self.global_step}
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        for metric in (self.val_mse, self.val_baseline_mse, self.val_pearson,
+                       self.val_explained_variance, self.val_zero_mse):
+            metric.reset()
+
+    def configure_optimizers(self):
+        if self.planned_steps is None:
+            self.planned_steps = int(self.trainer.estimated_stepping_batches)
+        decay, no_decay, genes = [], [], []
+        for name, param in self.module.named_parameters():
+            if name.startswith(("gene_emb", "gene_bias")):
+                genes.append(param)
+            else:
+                (decay if param.dim() >= 2 else no_decay).append(param)
+        cfg = self.training_config
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+             {"params": genes, "weight_decay": 0.0, "lr": cfg.learning_rate * cfg.gene_lr_mult}],
+            lr=cfg.learning_rate,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_factor(step, min(cfg.warmup_steps, max(1, self.planned_steps // 10)),
+                                   self.planned_steps, cfg.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class TimeBudgetSchedule(Callback):
+    """With a time budget, re-plan the number of steps from the measured step time, so that the
+    cosine decay ends when the budget does. Rank 0's estimate is broadcast so that all processes
+    follow one schedule."""
+
+    def __init__(self, max_seconds: float, every: int = 25):
+        self.max_seconds, self.every = max_seconds, every
+
+    def on_train_start(self, trainer: L.Trainer, plan: PretrainingPlan) -> None:
+        self.start, self.step_budget = time.monotonic(), plan.planned_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, plan: PretrainingPlan, *args) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every:
+            return
+        elapsed = time.monotonic() - self.start
+        remaining = (self.max_seconds - elapsed) * step / elapsed
+        planned = trainer.strategy.broadcast(int(min(self.step_budget, step + max(remaining, 0))), src=0)
+        plan.planned_steps = max(planned, step + 1)
+
+
+def fit(plan: PretrainingPlan, data: PretrainDataModule, training: TrainingConfig, out_dir: Path,
+        *, progress: bool = True) -> L.Trainer:
+    """Train with Lightning, keeping the best validated weights in `plan.best_state`; checkpoints
+    (best and last) and CSV logs go to `out_dir`."""
+    checkpoint = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints", filename="best", monitor="val_masked_mse", mode="min",
+        save_top_k=1, save_last=True,
+    )
+    callbacks: list[Callback] = [
+        checkpoint, EarlyStopping(monitor="val_masked_mse", mode="min", patience=training.patience),
+    ]
+    max_time = None
+    if training.max_minutes is not None:
+        max_time = {"seconds": training.max_minutes * 60}
+        callbacks.append(TimeBudgetSchedule(training.max_minutes * 60))
+    validation = {}
+    if training.val_every_steps:
+        validation = dict(val_check_interval=training.val_every_steps, check_val_every_n_epoch=None)
+    trainer = L.Trainer(
+        accelerator=training.accelerator, devices=training.devices, strategy=training.strategy,
+        precision=training.precision, max_epochs=training.max_epochs, max_time=max_time, **validation,
+        gradient_clip_val=training.grad_clip, callbacks=callbacks,
+        logger=CSVLogger(save_dir=out_dir, name="logs", version=""),
+        log_every_n_steps=max(1, min(10, len(data.train_rows) // training.batch_size)),
+        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=out_dir,
+    )
+    with warnings.catch_warnings():
+        # Lightning's own use of a torch API deprecated in torch 2.13: noise for users.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        trainer.fit(plan, datamodule=data)
+        if plan.best_state is None:  # the budget ended before the first validation
+            trainer.validate(plan, datamodule=data, verbose=False)
+    return trainer

@@ -1,0 +1,269 @@
+"""Gene vocabulary and alignment: datasets meet the model through an ordered list of gene ids.
+
+A vocabulary gene that a dataset does not contain is *unmeasured*, which is not the same as a zero
+count: `CellCounts.measured` records, per source dataset, which vocabulary genes were measured, so
+that later steps (scaler statistics, zero-gene queries) never mistake "not measured" for "zero".
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from exceiver.errors import ExceiverInputError
+
+log = logging.getLogger(__name__)
+
+# Warn (rather than fail) when this little of a dataset, and of the vocabulary, overlaps.
+LOW_OVERLAP = 0.2
+
+
+class GeneVocab:
+    """An ordered list of unique gene identifiers; position i is the model's gene id i."""
+
+    def __init__(self, genes: Iterable[str]):
+        genes = [str(g) for g in genes]
+        if not genes:
+            raise ExceiverInputError("a gene vocabulary needs at least one gene")
+        index = pd.Index(genes)
+        if index.has_duplicates:
+            dups = index[index.duplicated()].unique()
+            raise ExceiverInputError(
+                f"gene vocabulary has {len(dups)} duplicated identifiers, e.g. {list(dups[:5])}"
+            )
+        if any(not g for g in genes):
+            raise ExceiverInputError("gene vocabulary contains an empty identifier")
+        self.genes = index
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GeneVocab) and self.genes.equals(other.genes)
+
+    def __repr__(self) -> str:
+        return f"GeneVocab({len(self):,} genes: {', '.join(self.genes[:3])}, ...)"
+
+    def ids(self, genes: Sequence[str]) -> np.ndarray:
+        """Vocabulary ids of `genes` (-1 where a gene is not in the vocabulary)."""
+        return self.genes.get_indexer(pd.Index(genes, dtype=object)).astype(np.int64)
+
+    @classmethod
+    def from_gene_lists(
+        cls, gene_lists: Iterable[Sequence[str]], restrict_to: Sequence[str] | None = None
+    ) -> GeneVocab:
+        """Union of several datasets' genes, in order of first appearance, optionally restricted
+        to a list (e.g. protein-coding genes)."""
+        seen: dict[str, None] = {}
+        for genes in gene_lists:
+            seen.update(dict.fromkeys(g for g in genes if g))
+        genes = list(seen)
+        if restrict_to is not None:
+            allowed = set(restrict_to)
+            genes = [g for g in genes if g in allowed]
+            if not genes:
+                raise ExceiverInputError(
+                    f"none of the datasets' {len(seen):,} genes is in the gene list of "
+                    f"{len(allowed):,} genes; do the identifiers match (symbols vs Ensembl ids)?"
+                )
+        return cls(genes)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text("\n".join(self.genes) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> GeneVocab:
+        return cls(read_gene_list(path))
+
+
+def read_gene_list(path: str | Path) -> list[str]:
+    """One gene per line (first tab- or comma-separated field); blank lines and '#' comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExceiverInputError(f"gene list {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ExceiverInputError(f"gene list {path} is not a UTF-8 text file") from err
+    genes = []
+    for line in text.splitlines():
+        field = line.split("\t")[0].split(",")[0].strip()
+        if field and not field.startswith("#"):
+            genes.append(field)
+    if not genes:
+        raise ExceiverInputError(f"gene list {path} holds no genes")
+    return list(dict.fromkeys(genes))
+
+
+def dataset_genes(adata: ad.AnnData, gene_key: str | None = None) -> np.ndarray:
+    """The gene identifiers of a dataset: `var_names`, or a `var` column (missing values -> '')."""
+    if gene_key is None:
+        return np.asarray(adata.var_names, dtype=object).astype(str)
+    if gene_key not in adata.var.columns:
+        raise ExceiverInputError(
+            f"gene_key {gene_key!r} is not a column of var; available columns: "
+            f"{list(adata.var.columns)}"
+        )
+    column = adata.var[gene_key]
+    return np.where(column.isna(), "", column.astype(str).str.strip()).astype(str)
+
+
+@dataclass
+class CellCounts:
+    """Raw counts of cells in vocabulary space (columns are vocabulary ids).
+
+    `source[i]` says which dataset cell i came from, and `measured[source]` which vocabulary genes
+    that dataset measured.
+    """
+
+    counts: sp.csr_matrix
+    measured: np.ndarray  # bool, datasets x vocabulary genes
+    source: np.ndarray  # int32, one per cell
+    obs_names: np.ndarray
+    source_names: list[str]
+
+    @property
+    def n_cells(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def n_genes_expressed(self) -> np.ndarray:
+        return np.diff(self.counts.indptr)
+
+    @property
+    def library_size(self) -> np.ndarray:
+        """Total counts per cell over the vocabulary genes (the original normalised over these)."""
+        return np.asarray(self.counts.sum(axis=1), dtype=np.float64).ravel()
+
+    def subset(self, rows: np.ndarray) -> CellCounts:
+        rows = np.asarray(rows)
+        return CellCounts(
+            self.counts[rows], self.measured, self.source[rows], self.obs_names[rows], self.source_names
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[CellCounts]) -> CellCounts:
+        """Stack datasets aligned to the same vocabulary; each keeps its own measured genes."""
+        offsets = np.cumsum([0] + [len(p.source_names) for p in parts[:-1]])
+        return CellCounts(
+            sp.vstack([p.counts for p in parts], format="csr"),
+            np.concatenate([p.measured for p in parts]),
+            np.concatenate([p.source + o for p, o in zip(parts, offsets)]).astype(np.int32),
+            np.concatenate([p.obs_names for p in parts]),
+            [n for p in parts for n in p.source_names],
+        )
+
+
+def counts_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix:
+    """The raw-count matrix of `adata` (X or a layer) as CSR, without densifying sparse input."""
+    if layer is None:
+        matrix = adata.X
+    elif layer not in adata.layers:
+        raise ExceiverInputError(
+            f"layer {layer!r} is not in the dataset; available layers: {list(adata.layers)}"
+        )
+    else:
+        matrix = adata.layers[layer]
+    if matrix is None:
+        raise ExceiverInputError("the dataset has no expression matrix (X is None)")
+    if hasattr(matrix, "to_memory"):  # backed sparse dataset
+        matrix = matrix.to_memory()
+    if sp.issparse(matrix):
+        return sp.csr_matrix(matrix)
+    return sp.csr_matrix(np.asarray(matrix))
+
+
+def align(
+    adata: ad.AnnData,
+    vocab: GeneVocab,
+    *,
+    gene_key: str | None = None,
+    layer: str | None = None,
+    name: str = "dataset",
+) -> CellCounts:
+    """Map a dataset's genes onto the vocabulary.
+
+    Duplicate identifiers (e.g. two Ensembl ids with one symbol) are one gene to the model: their
+    counts are summed, with a warning. Genes outside the vocabulary are dropped.
+    """
+    genes = dataset_genes(adata, gene_key)
+    ids = vocab.ids(genes)
+    ids[genes == ""] = -1
+    matched = ids >= 0
+    n_matched = int(matched.sum())
+    if n_matched == 0:
+        raise ExceiverInputError(
+            f"{name}: none of its {len(genes):,} genes is in the model's vocabulary of "
+            f"{len(vocab):,} genes (e.g. dataset {list(genes[:3])} vs vocabulary "
+            f"{list(vocab.genes[:3])}).{_gene_key_hint(adata, vocab, gene_key)}"
+        )
+    unique_matched = np.unique(ids[matched])
+    coverage = len(unique_matched) / len(vocab)
+    log.info(
+        "%s: %s of %s genes are in the vocabulary (%.1f%%), covering %.1f%% of its %s genes",
+        name, f"{n_matched:,}", f"{len(genes):,}", 100 * n_matched / len(genes), 100 * coverage,
+        f"{len(vocab):,}",
+    )
+    if n_matched / len(genes) < LOW_OVERLAP and coverage < LOW_OVERLAP:
+        warnings.warn(
+            f"{name}: only {n_matched:,} of {len(genes):,} genes ({100 * n_matched / len(genes):.1f}%) "
+            f"are in the model's vocabulary; are the identifiers of the right type?"
+            f"{_gene_key_hint(adata, vocab, gene_key)}",
+            stacklevel=2,
+        )
+    if len(unique_matched) < n_matched:
+        dup = pd.Series(genes[matched])
+        dup = dup[dup.duplicated()].unique()
+        warnings.warn(
+            f"{name}: {len(dup):,} gene identifiers occur more than once (e.g. {list(dup[:5])}); "
+            "their counts are summed into one vocabulary gene",
+            stacklevel=2,
+        )
+
+    matrix = counts_matrix(adata, layer)
+    new_cols = ids[matrix.indices]
+    keep = new_cols >= 0
+    row_of_entry = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    indptr = np.zeros(matrix.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_of_entry[keep], minlength=matrix.shape[0]), out=indptr[1:])
+    counts = sp.csr_matrix(
+        (matrix.data[keep].astype(np.float32), new_cols[keep].astype(np.int32), indptr),
+        shape=(matrix.shape[0], len(vocab)),
+    )
+    counts.sum_duplicates()  # sorts gene ids, merges duplicate identifiers, keeps explicit zeros
+    counts.eliminate_zeros()
+    measured = np.zeros((1, len(vocab)), dtype=bool)
+    measured[0, unique_matched] = True
+    return CellCounts(
+        counts, measured, np.zeros(matrix.shape[0], dtype=np.int32),
+        np.asarray(adata.obs_names, dtype=object).astype(str), [name],
+    )
+
+
+def _gene_key_hint(adata: ad.AnnData, vocab: GeneVocab, gene_key: str | None) -> str:
+    """Name the var column (or var_names) whose identifiers match the vocabulary best."""
+    candidates = {None: adata.var_names} | {
+        col: adata.var[col]
+        for col in adata.var.columns
+        if adata.var[col].dtype == object or isinstance(adata.var[col].dtype, pd.CategoricalDtype)
+    }
+    best, best_hits = None, 0
+    for col, values in candidates.items():
+        if col == gene_key:
+            continue
+        hits = int((vocab.ids(pd.Index(values, dtype=object).astype(str)) >= 0).sum())
+        if hits > best_hits:
+            best, best_hits = col, hits
+    if best_hits == 0:
+        return ""
+    where = "var_names" if best is None else f"var[{best!r}]"
+    option = "gene_key=None (use var_names)" if best is None else f"gene_key={best!r}"
+    return f" {where} matches {best_hits:,} vocabulary genes: pass {option}."

@@ -1,0 +1,190 @@
+import json
+import pickle
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import exceiver
+from exceiver import Exceiver, ExceiverInputError, ModelFileError, pretrain
+
+from conftest import TINY, synthetic_counts
+
+
+def _leftovers(folder):
+    return [p.name for p in folder.iterdir() if ".partial" in p.name or ".old" in p.name]
+
+
+def test_model_folder_has_the_documented_files(tiny_model_dir):
+    names = {p.name for p in tiny_model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "genes.txt", "scaler.safetensors", "metrics.json"} <= names
+    metrics = json.loads((tiny_model_dir / "metrics.json").read_text())
+    for key in ("val_masked_mse", "val_gene_mean_mse", "n_train_cells", "n_val_cells", "epochs", "seconds"):
+        assert key in metrics
+    assert metrics["n_train_cells"] + metrics["n_val_cells"] == 120
+    assert metrics["epochs"] == 2
+    assert (tiny_model_dir / "logs" / "metrics.csv").is_file()
+    assert (tiny_model_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_save_load_gives_identical_outputs(tiny_model_dir, tmp_path):
+    model = Exceiver.load(tiny_model_dir)
+    adata = synthetic_counts(n_cells=50, seed=3)
+    first = model.embed(adata, progress=False).copy()
+    model.save(tmp_path / "copy")
+    again = Exceiver.load(tmp_path / "copy").embed(adata, progress=False)
+    np.testing.assert_array_equal(first, again)
+    flat = model.embed(adata, key="X_flat", pooling="flatten", progress=False)
+    assert flat.shape == (50, TINY["n_latents"] * TINY["latent_dim"])
+    # The mean embedding is the mean of the flattened latents.
+    np.testing.assert_allclose(flat.reshape(50, TINY["n_latents"], -1).mean(1), first, atol=1e-5)
+    assert adata.obsm["X_exceiver"].shape == (50, TINY["latent_dim"])
+    assert adata.uns["exceiver"]["X_flat"]["pooling"] == "flatten"
+
+
+def test_embeddings_do_not_depend_on_batch_size_or_cell_order(tiny_model_dir):
+    model = Exceiver.load(tiny_model_dir)
+    adata = synthetic_counts(n_cells=40, seed=4)
+    whole = model.embed(adata, batch_size=64, progress=False).copy()
+    small = model.embed(adata, batch_size=3, progress=False)
+    np.testing.assert_allclose(whole, small, atol=1e-5)
+    order = np.random.default_rng(0).permutation(40)
+    shuffled = model.embed(adata[order].copy(), progress=False)
+    np.testing.assert_allclose(shuffled, whole[order], atol=1e-5)
+
+
+def test_gene_embeddings_are_indexed_by_gene(tiny_model_dir):
+    model = Exceiver.load(tiny_model_dir)
+    genes = model.gene_embeddings()
+    assert genes.shape == (200, TINY["gene_dim"])
+    assert genes.index[0] == "G0000" and genes.index.name == "gene"
+    np.testing.assert_array_equal(genes.to_numpy(), model.module.gene_emb.weight[:200].detach().numpy())
+
+
+def test_embed_aligns_genes_by_name(tiny_model_dir):
+    """A dataset with genes in another order, plus unknown genes, embeds like the original."""
+    model = Exceiver.load(tiny_model_dir)
+    adata = synthetic_counts(n_cells=20, seed=5)
+    reference = model.embed(adata, progress=False).copy()
+    order = np.random.default_rng(1).permutation(adata.n_vars)
+    extra = sp.csr_matrix(np.ones((20, 3), np.float32))  # counts of genes the model does not know
+    combined = ad.AnnData(sp.hstack([adata.X[:, order], extra], format="csr"), obs=adata.obs,
+                          var=pd.DataFrame(index=list(adata.var_names[order]) + ["X1", "X2", "X3"]))
+    np.testing.assert_allclose(model.embed(combined, progress=False), reference, atol=1e-5)
+
+
+def test_embed_refuses_bad_input(tiny_model_dir):
+    model = Exceiver.load(tiny_model_dir)
+    adata = synthetic_counts(n_cells=10, seed=6)
+    adata.X[2] = 0
+    adata.X.eliminate_zeros()
+    with pytest.raises(ExceiverInputError, match="1 of 10 cells have no counts"):
+        model.embed(adata, progress=False)
+    other = synthetic_counts(n_cells=10, prefix="ENSG")
+    with pytest.raises(ExceiverInputError, match="none of its 200 genes is in the model's vocabulary"):
+        model.embed(other, progress=False)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        model.embed(synthetic_counts(n_cells=5), pooling="max", progress=False)
+    assert "X_exceiver" not in other.obsm
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "genes.txt").unlink(), "lacks genes.txt"),
+        (lambda d: (d / "config.json").write_text("{not json"), "config.json is corrupt"),
+        (lambda d: (d / "config.json").write_text('{"model_type": "bert"}'), "was not written by exceiver"),
+        (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:500]),
+         "corrupt or truncated"),
+        (lambda d: (d / "model.safetensors").write_bytes(pickle.dumps({"weights": [1, 2]})), "corrupt or truncated"),
+        (lambda d: (d / "scaler.safetensors").write_bytes(b"\x00" * 40), "corrupt or truncated"),
+        (lambda d: (d / "genes.txt").write_text("A\nB\n"), "disagree on the number of genes"),
+    ],
+)
+def test_load_names_the_broken_file(tiny_model_dir, tmp_path, damage, message):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    damage(folder)
+    with pytest.raises(ModelFileError, match=message):
+        Exceiver.load(folder)
+
+
+def test_load_refuses_weights_from_another_model(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    save_file({"encoder.layer.0.weight": torch.zeros(3, 3)}, folder / "model.safetensors")
+    with pytest.raises(ModelFileError, match=r"does not match config.json: \d+ weights missing \(e.g. latents.*"
+                                             r"1 unexpected weights \(e.g. encoder.layer.0.weight\)"):
+        Exceiver.load(folder)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config["model"]["gene_dim"] = 16
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(tiny_model_dir / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(ModelFileError, match=r"wrong shape.*gene_emb.weight \(202, 8\) vs \(202, 16\)"):
+        Exceiver.load(folder)
+    with pytest.raises(ModelFileError, match="does not exist"):
+        Exceiver.load(tmp_path / "nowhere")
+
+
+def test_pretrain_leaves_no_partial_folder_on_failure(tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    bad = synthetic_counts(n_cells=30)
+    bad.X.data[0] = -1
+    with pytest.raises(ExceiverInputError, match="negative"):
+        pretrain(bad, out, model=TINY, max_epochs=1, progress=False)
+    assert not out.exists() and not _leftovers(tmp_path)
+
+    def broken_fit(plan, data, training, folder, progress):
+        (folder / "half-written").write_text("x")
+        raise RuntimeError("training crashed")
+
+    monkeypatch.setattr(exceiver.api, "fit", broken_fit)
+    with pytest.raises(RuntimeError, match="training crashed"):
+        pretrain(synthetic_counts(n_cells=30), out, model=TINY, max_epochs=1, progress=False)
+    assert not out.exists() and not _leftovers(tmp_path)
+
+
+def test_pretrain_refuses_to_overwrite_unless_asked(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ExceiverInputError, match="already exists"):
+        pretrain(synthetic_counts(n_cells=30), out, model=TINY, max_epochs=1, progress=False)
+    assert (out / "precious.txt").read_text() == "keep me"
+    pretrain(synthetic_counts(n_cells=30), out, model=TINY, max_epochs=1, progress=False, overwrite=True)
+    assert not (out / "precious.txt").exists() and (out / "config.json").is_file()
+    assert not _leftovers(tmp_path)
+
+
+def test_pretrain_on_several_datasets_with_different_genes(tmp_path):
+    one = synthetic_counts(n_cells=40, n_genes=150, seed=1)
+    two = synthetic_counts(n_cells=30, n_genes=200, seed=2)[:, 50:].copy()  # genes 50..199
+    genes = tmp_path / "genes.txt"
+    genes.write_text("\n".join(f"G{j:04d}" for j in range(0, 200, 2)))  # even genes only
+    model = pretrain([one, two], None, model=TINY, genes=genes, max_epochs=1, progress=False)
+    assert len(model.vocab) == 100 and all(int(g[1:]) % 2 == 0 for g in model.vocab.genes)
+    assert model.metrics["datasets"] == {"adata0": 40, "adata1": 30}
+    # Genes 150..199 were measured only in the second dataset (30 cells, of which some train).
+    n_cells = model.scaler.n_cells
+    assert n_cells[model.vocab.ids(["G0100"])[0]] == model.metrics["n_train_cells"]
+    assert n_cells[model.vocab.ids(["G0180"])[0]] < model.metrics["n_train_cells"]
+    assert n_cells[model.vocab.ids(["G0000"])[0]] < model.metrics["n_train_cells"]
+
+
+def test_pretrain_reports_bad_paths(tmp_path):
+    with pytest.raises(ExceiverInputError, match="does not exist"):
+        pretrain(tmp_path / "missing.h5ad", tmp_path / "m", progress=False)
+    junk = tmp_path / "junk.h5ad"
+    junk.write_text("not hdf5")
+    with pytest.raises(ExceiverInputError, match="cannot read .*junk.h5ad"):
+        pretrain(junk, tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists()

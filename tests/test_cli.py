@@ -1,0 +1,40 @@
+import anndata as ad
+import numpy as np
+import pytest
+
+from exceiver.cli import main
+
+from conftest import synthetic_counts
+
+
+@pytest.mark.parametrize("command", ["pretrain", "embed", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: exceiver " + command in capsys.readouterr().out
+
+
+def test_pretrain_then_embed_from_the_command_line(counts_file, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    code = main(["-q", "pretrain", str(counts_file), "--out", str(model_dir), "--max-epochs", "1",
+                 "--batch-size", "32", "--seed", "3"])
+    assert code == 0 and (model_dir / "model.safetensors").is_file()
+    out = tmp_path / "embedded.h5ad"
+    assert main(["-q", "embed", str(model_dir), str(counts_file), "--out", str(out), "--key", "X_test"]) == 0
+    embedded = ad.read_h5ad(out)
+    assert embedded.obsm["X_test"].shape[0] == 120
+    assert np.isfinite(embedded.obsm["X_test"]).all()
+    assert "cell_type" in embedded.obs  # the input's annotations travel with the output
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_errors_are_clear_and_leave_no_output(tiny_model_dir, tmp_path, capsys):
+    other = tmp_path / "ensembl.h5ad"
+    synthetic_counts(n_cells=10, prefix="ENSG").write_h5ad(other)
+    out = tmp_path / "out.h5ad"
+    assert main(["-q", "embed", str(tiny_model_dir), str(other), "--out", str(out)]) == 2
+    assert "none of its 200 genes is in the model's vocabulary" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == [other]
+    assert main(["-q", "embed", str(tmp_path / "no-model"), str(other), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err

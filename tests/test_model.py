@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import torch
+
+from exceiver.model import ExceiverConfig, ExceiverModule
+from exceiver.preprocess import GeneScaler
+from exceiver.tokenize import make_batch
+from exceiver.vocab import GeneVocab, align
+
+from conftest import TINY, synthetic_counts
+
+
+@pytest.fixture
+def module():
+    torch.manual_seed(0)
+    return ExceiverModule(ExceiverConfig(n_genes=120, n_classes=3, **TINY)).eval()
+
+
+def test_presets_and_config_checks():
+    paper = ExceiverConfig.preset("paper", n_genes=19067)
+    assert (paper.gene_dim, paper.n_latents, paper.latent_dim, paper.n_layers, paper.n_heads, paper.ff_dim) == (4, 128, 4, 8, 4, 2048)
+    assert ExceiverConfig.from_dict(paper.to_dict()) == paper
+    with pytest.raises(ValueError, match="unknown preset"):
+        ExceiverConfig.preset("huge")
+    with pytest.raises(ValueError, match="latent_dim / n_heads must divide evenly"):
+        ExceiverConfig(latent_dim=10, n_heads=4)
+    # The paper model's parameter count: embedding, cross-attention and 8 layers of width 4.
+    assert ExceiverModule(paper).n_parameters() < 250_000
+
+
+def test_padding_does_not_change_outputs(module):
+    torch.manual_seed(1)
+    gene_ids = torch.randint(0, 120, (1, 30))
+    values = torch.randn(1, 30)
+    queries = torch.randint(0, 120, (1, 5))
+    alone = module(gene_ids, values, torch.ones(1, 30, dtype=torch.bool), queries)
+    padded_ids = torch.cat([gene_ids, torch.full((1, 50), 120)], dim=1)
+    padded_values = torch.cat([values, torch.randn(1, 50)], dim=1)  # junk values at padding
+    mask = torch.zeros(1, 80, dtype=torch.bool)
+    mask[0, :30] = True
+    padded = module(padded_ids, padded_values, mask, queries)
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_is_invariant_to_token_order(module):
+    torch.manual_seed(2)
+    gene_ids, values = torch.randint(0, 120, (2, 40)), torch.randn(2, 40)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    perm = torch.randperm(40)
+    latents = module.encode(gene_ids, values, mask)
+    shuffled = module.encode(gene_ids[:, perm], values[:, perm], mask)
+    torch.testing.assert_close(latents, shuffled, atol=1e-5, rtol=1e-5)
+
+
+def test_cells_in_a_batch_match_cells_alone(module):
+    adata = synthetic_counts(n_cells=12, n_genes=120)
+    cells = align(adata, GeneVocab(adata.var_names))
+    scaler = GeneScaler.fit(cells)
+    kwargs = dict(pad_id=120, max_tokens=1000, mask_fraction=0.15, salt=5)
+    batch = make_batch(cells, np.arange(12), scaler, **kwargs)
+    together = module(batch.gene_ids, batch.values, batch.token_mask, batch.query_ids)
+    for i in (0, 7):
+        single = make_batch(cells, [i], scaler, **kwargs)
+        alone = module(single.gene_ids, single.values, single.token_mask, single.query_ids)
+        n = int(single.query_mask.sum())
+        torch.testing.assert_close(alone[0, :n], together[i, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_masked_genes_do_not_influence_latents(module):
+    """Encoder latents of a masked batch equal those of the visible genes alone."""
+    adata = synthetic_counts(n_cells=6, n_genes=120)
+    cells = align(adata, GeneVocab(adata.var_names))
+    scaler = GeneScaler.fit(cells)
+    batch = make_batch(cells, np.arange(6), scaler, pad_id=120, max_tokens=1000, mask_fraction=0.3, salt=9)
+    latents = module.encode(batch.gene_ids, batch.values, batch.token_mask)
+    for i in range(6):
+        keep = batch.token_mask[i]
+        visible = module.encode(batch.gene_ids[i][keep][None], batch.values[i][keep][None],
+                                torch.ones(1, int(keep.sum()), dtype=torch.bool))
+        torch.testing.assert_close(latents[i], visible[0], atol=1e-5, rtol=1e-5)
+        assert not set(batch.query_ids[i][batch.query_mask[i]].tolist()) & set(batch.gene_ids[i][keep].tolist())
+
+
+def test_output_shapes_pooling_and_class_head(module):
+    gene_ids, values = torch.randint(0, 120, (3, 20)), torch.rand(3, 20)
+    latents = module.encode(gene_ids, values, torch.ones(3, 20, dtype=torch.bool))
+    assert latents.shape == (3, 8, 16)
+    assert module.pool(latents, "mean").shape == (3, 16)
+    assert module.pool(latents, "flatten").shape == (3, 128)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        module.pool(latents, "max")
+    assert module.class_logits(latents).shape == (3, 3)
+    assert module.predict_values(latents, torch.randint(0, 120, (3, 7))).shape == (3, 7)
+    no_head = ExceiverModule(ExceiverConfig(n_genes=120, **TINY))
+    with pytest.raises(ValueError, match="no class head"):
+        no_head.class_logits(latents)
+
+
+def test_padding_gene_embedding_is_zero_and_untrained(module):
+    assert torch.all(module.gene_emb.weight[module.pad_id] == 0)
+    gene_ids = torch.full((1, 4), module.pad_id)
+    gene_ids[0, 0] = 3
+    out = module(gene_ids, torch.ones(1, 4), torch.tensor([[True, False, False, False]]), torch.tensor([[5]]))
+    out.sum().backward()
+    assert torch.all(module.gene_emb.weight.grad[module.pad_id] == 0)

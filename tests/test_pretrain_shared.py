@@ -1,0 +1,35 @@
+"""Pretraining on the shared real datasets (needs EXCEIVER_SHARED)."""
+
+import csv
+
+import pytest
+
+from exceiver import Exceiver, pretrain
+
+from conftest import TINY
+
+
+@pytest.mark.slow
+def test_validation_loss_falls_on_real_pbmc_counts(shared_dir, tmp_path):
+    data = shared_dir / "data" / "pbmc3k_seurat_2638.h5ad"
+    out = tmp_path / "pbmc"
+    model = pretrain(data, out, model={**TINY, "gene_bias": False}, max_epochs=4, batch_size=64,
+                     learning_rate=3e-3, progress=False)
+    with open(out / "logs" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["val_masked_mse"]]
+    losses = [float(r["val_masked_mse"]) for r in rows]
+    assert len(losses) == 4
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert model.metrics["val_masked_mse"] == pytest.approx(min(losses), rel=1e-5)
+    assert all(float(r["val_gene_mean_mse"]) == pytest.approx(float(rows[0]["val_gene_mean_mse"])) for r in rows)
+    assert Exceiver.load(out).metrics["n_cells"] == 2638
+
+
+def test_two_real_datasets_with_different_gene_sets(shared_dir, tmp_path):
+    files = [shared_dir / "data" / "pbmc_small_seuratobject_80.h5ad",
+             shared_dir / "data" / "scde_mouse_esc_mef_40.h5ad"]
+    genes = shared_dir / "genes" / "protein_coding_genes_hgnc.txt"
+    with pytest.warns(UserWarning, match="scde_mouse_esc_mef_40: only"):
+        model = pretrain(files, None, model=TINY, genes=genes, max_epochs=1, progress=False)
+    assert model.metrics["datasets"]["pbmc_small_seuratobject_80"] == 80
+    assert len(model.vocab) < 19218
