@@ -103,3 +103,18 @@ def test_padding_gene_embedding_is_zero_and_untrained(module):
     out = module(gene_ids, torch.ones(1, 4), torch.tensor([[True, False, False, False]]), torch.tensor([[5]]))
     out.sum().backward()
     assert torch.all(module.gene_emb.weight.grad[module.pad_id] == 0)
+
+
+def test_value_offsets_start_at_the_gene_means():
+    gene_means = torch.linspace(1.0, 5.0, 120)
+    torch.manual_seed(0)
+    with_bias = ExceiverModule(ExceiverConfig(n_genes=120, gene_bias=True, **TINY))
+    with_bias.init_value_offsets(gene_means, 2.5)
+    torch.testing.assert_close(with_bias.gene_bias[:120].detach(), gene_means)
+    assert torch.all(with_bias.gene_bias[120:] == 0)
+    plain = ExceiverModule(ExceiverConfig(n_genes=120, **TINY))
+    plain.init_value_offsets(gene_means, 2.5)
+    assert plain.value_head[-1].bias.item() == pytest.approx(2.5)
+    # Predictions start near the offsets: the head's learned part is small at initialisation.
+    latents = plain.encode(torch.randint(0, 120, (2, 10)), torch.rand(2, 10), torch.ones(2, 10, dtype=torch.bool))
+    assert (plain.predict_values(latents, torch.randint(0, 120, (2, 5))) - 2.5).abs().max() < 2.0

@@ -63,6 +63,8 @@ def test_gene_mean_baseline_averages_values_of_expressing_cells():
     genes = cells.counts.indices
     for g in range(3):
         assert scaler.expressed_mean[g] == pytest.approx(values[genes == g].mean(), rel=1e-6)
+    np.testing.assert_array_equal(scaler.n_expressed, [2, 2, 2])
+    assert scaler.mean_expressed_value == pytest.approx(values.mean(), rel=1e-6)
 
 
 def test_values_are_clipped_at_ten_plus_one():

@@ -204,8 +204,7 @@ def pretrain(
 
     L.seed_everything(training_config.seed, workers=True, verbose=False)
     module = ExceiverModule(config)
-    if module.gene_bias is not None:  # start from the gene-mean baseline; learn context on top
-        module.gene_bias.data[: len(vocab)] = torch.from_numpy(scaler.expressed_mean)
+    module.init_value_offsets(torch.from_numpy(scaler.expressed_mean), scaler.mean_expressed_value)
     plan = PretrainingPlan(module, torch.from_numpy(scaler.expressed_mean), training_config)
     datamodule = PretrainDataModule(cells, scaler, config, train_rows, val_rows,
                                     batch_size=training_config.batch_size,

@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 CONFIG, WEIGHTS, GENES, SCALER, METRICS = (
     "config.json", "model.safetensors", "genes.txt", "scaler.safetensors", "metrics.json",
 )
-SCALER_ARRAYS = ("mean", "std", "n_cells", "expressed_mean")
+SCALER_ARRAYS = ("mean", "std", "n_cells", "expressed_mean", "n_expressed")
 
 
 @contextlib.contextmanager

@@ -185,6 +185,16 @@ class ExceiverModule(nn.Module):
         self.gene_bias = nn.Parameter(torch.zeros(c.n_genes + 2)) if c.gene_bias else None
         self.class_head = _mlp(c.gene_dim, head_hidden, c.n_classes) if c.n_classes else None
 
+    @torch.no_grad()
+    def init_value_offsets(self, gene_means: torch.Tensor, mean_value: float) -> None:
+        """Start predictions at the training data's gene means (per gene with `gene_bias`, else
+        the mean expressed value in the head's output bias), so that training spends its steps
+        on context rather than on learning average levels."""
+        if self.gene_bias is not None:
+            self.gene_bias[: len(gene_means)] = gene_means
+        else:
+            self.value_head[-1].bias.fill_(mean_value)
+
     def encode(self, gene_ids: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Gene tokens [B, L] -> processed latents [B, n_latents, latent_dim]."""
         tokens = self.gene_emb(gene_ids) * values.unsqueeze(-1)

@@ -95,6 +95,7 @@ class GeneScaler:
     std: np.ndarray  # float32; 1 for constant or never-measured genes
     n_cells: np.ndarray  # int64: training cells that measured the gene
     expressed_mean: np.ndarray  # float32: mean value over training cells that express the gene
+    n_expressed: np.ndarray  # int64: training cells that express the gene
     target_sum: float = TARGET_SUM
     max_value: float = MAX_VALUE
 
@@ -142,23 +143,29 @@ class GeneScaler:
         std[(std < 1e-6) | (n_cells == 0)] = 1.0  # constant genes keep their centred value
         scaler = cls(
             mean.astype(np.float32), std.astype(np.float32), n_cells,
-            np.zeros(n_genes, dtype=np.float32), target_sum, max_value,
+            np.zeros(n_genes, dtype=np.float32), np.zeros(n_genes, dtype=np.int64), target_sum, max_value,
         )
-        scaler.expressed_mean = scaler._expressed_means(cells, chunk_size)
+        scaler._fit_expressed_means(cells, chunk_size)
         return scaler
 
-    def _expressed_means(self, cells: CellCounts, chunk_size: int) -> np.ndarray:
+    def _fit_expressed_means(self, cells: CellCounts, chunk_size: int) -> None:
         """The gene-mean baseline: each gene's mean value over the training cells expressing it
         (genes never expressed in training fall back to the mean over all expressed entries)."""
         n_genes = len(self)
         total = np.zeros(n_genes)
-        count = np.zeros(n_genes)
+        count = np.zeros(n_genes, dtype=np.int64)
         for chunk in _chunks(cells, chunk_size):
             values = self.cell_values(chunk)
             total += np.bincount(chunk.counts.indices, weights=values, minlength=n_genes)
             count += np.bincount(chunk.counts.indices, minlength=n_genes)
         fallback = total.sum() / max(count.sum(), 1)
-        return np.where(count > 0, total / np.maximum(count, 1), fallback).astype(np.float32)
+        self.expressed_mean = np.where(count > 0, total / np.maximum(count, 1), fallback).astype(np.float32)
+        self.n_expressed = count
+
+    @property
+    def mean_expressed_value(self) -> float:
+        """The average value of an expressed entry in the training cells."""
+        return float((self.expressed_mean * self.n_expressed).sum() / max(self.n_expressed.sum(), 1))
 
 
 def _chunks(cells: CellCounts, chunk_size: int):

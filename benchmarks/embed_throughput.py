@@ -1,0 +1,109 @@
+"""Embedding throughput (cells/s) on synthetic cells with Tabula Sapiens statistics (19,067-gene
+vocabulary, ~2,000 expressed genes per cell), for the `paper` and `default` presets, beside a dense
+formulation of the original (every vocabulary gene a token, a key padding mask,
+`nn.MultiheadAttention` and post-norm `nn.TransformerEncoder`) timed in the same run.
+
+    python benchmarks/embed_throughput.py [--cells 2048] [--dense-cells 128] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from exceiver.infer import iterate_latents
+from exceiver.model import ExceiverConfig, ExceiverModule
+from exceiver.preprocess import GeneScaler
+from exceiver.vocab import CellCounts
+
+N_GENES = 19_067
+
+
+def tabula_sapiens_like(n_cells: int, mean_expressed: int = 2000, seed: int = 0) -> CellCounts:
+    """Cells whose genes are detected with power-law popularity and counts drawn from a
+    gamma-Poisson (negative binomial): most non-zero counts are 1-3 with a long tail."""
+    rng = np.random.default_rng(seed)
+    popularity = rng.pareto(1.2, N_GENES) + 1.0
+    popularity /= popularity.sum()
+    n_expressed = np.clip(rng.lognormal(np.log(mean_expressed), 0.35, n_cells), 200, 8000).astype(int)
+    indptr = np.concatenate([[0], np.cumsum(n_expressed)])
+    indices = np.concatenate([np.sort(rng.choice(N_GENES, n, replace=False, p=popularity)) for n in n_expressed])
+    mean = 1.0 + 2e4 * popularity[indices]
+    data = 1.0 + rng.poisson(rng.gamma(0.8, mean / 0.8)).astype(np.float32)
+    counts = sp.csr_matrix((data, indices.astype(np.int32), indptr), shape=(n_cells, N_GENES))
+    return CellCounts(counts, np.ones((1, N_GENES), bool), np.zeros(n_cells, np.int32),
+                      np.array([f"cell{i}" for i in range(n_cells)]), ["synthetic"])
+
+
+class DenseOriginal(nn.Module):
+    """The original's encoder and processor: all genes are tokens, zeros hidden by a mask."""
+
+    def __init__(self, c: ExceiverConfig):
+        super().__init__()
+        self.gene_emb = nn.Embedding(c.n_genes + 1, c.gene_dim, padding_idx=c.n_genes)
+        self.latents = nn.Parameter(torch.randn(c.n_latents, c.latent_dim))
+        self.norm_kv, self.norm_q = nn.LayerNorm(c.gene_dim), nn.LayerNorm(c.latent_dim)
+        self.cross = nn.MultiheadAttention(c.latent_dim, c.cross_heads, kdim=c.gene_dim, vdim=c.gene_dim, batch_first=True)
+        self.mlp = nn.Sequential(nn.LayerNorm(c.latent_dim), nn.Linear(c.latent_dim, c.latent_dim), nn.GELU(),
+                                 nn.LayerNorm(c.latent_dim), nn.Linear(c.latent_dim, c.latent_dim))
+        layer = nn.TransformerEncoderLayer(c.latent_dim, c.n_heads, c.ff_dim, 0.0, activation="gelu", batch_first=True)
+        self.processor = nn.TransformerEncoder(layer, c.n_layers, enable_nested_tensor=False)
+
+    def forward(self, values: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        gene_ids = torch.arange(values.shape[1]).expand(values.shape[0], -1)
+        kv = self.norm_kv(self.gene_emb(gene_ids) * values.unsqueeze(-1))
+        q = self.norm_q(self.latents).expand(values.shape[0], -1, -1)
+        latents = self.cross(q, kv, kv, key_padding_mask=zero, need_weights=False)[0] + self.latents
+        return self.processor(self.mlp(latents) + latents)
+
+
+@torch.inference_mode()
+def dense_cells_per_s(cells: CellCounts, scaler: GeneScaler, config: ExceiverConfig, batch_size: int) -> float:
+    model = DenseOriginal(config).eval()
+    zero_values = scaler.zero_values(np.arange(N_GENES))
+    start = time.perf_counter()
+    for first in range(0, cells.n_cells, batch_size):
+        rows = np.arange(first, min(first + batch_size, cells.n_cells))
+        part = cells.subset(rows)
+        # Every vocabulary gene is a token: zero genes carry the value of a zero count.
+        values = np.tile(zero_values, (len(rows), 1))
+        r, c = part.counts.nonzero()
+        values[r, c] = scaler.cell_values(part)
+        model(torch.from_numpy(values), torch.from_numpy(part.counts.toarray() == 0))
+    return cells.n_cells / (time.perf_counter() - start)
+
+
+def sparse_cells_per_s(cells: CellCounts, scaler: GeneScaler, config: ExceiverConfig, batch_size: int) -> float:
+    module = ExceiverModule(config).eval()
+    start = time.perf_counter()
+    for _ in iterate_latents(module, cells, scaler, batch_size=batch_size, device=torch.device("cpu"), progress=False):
+        pass
+    return cells.n_cells / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, default=2048)
+    parser.add_argument("--dense-cells", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cells = tabula_sapiens_like(args.cells)
+    scaler = GeneScaler.fit(cells)
+    print(f"{cells.n_cells} synthetic cells, {N_GENES:,} genes, median {int(np.median(cells.n_genes_expressed))} "
+          f"expressed genes per cell, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
+    paper = ExceiverConfig.preset("paper", n_genes=N_GENES)
+    dense = dense_cells_per_s(cells.subset(np.arange(args.dense_cells)), scaler, paper, args.batch_size)
+    print(f"{'dense original formulation (paper)':<40} {dense:10.1f} cells/s   1.0x")
+    for preset in ("paper", "default"):
+        rate = sparse_cells_per_s(cells, scaler, ExceiverConfig.preset(preset, n_genes=N_GENES), args.batch_size)
+        print(f"{'exceiver sparse tokens, ' + preset:<40} {rate:10.1f} cells/s {rate / dense:6.1f}x")
+
+
+if __name__ == "__main__":
+    main()
