@@ -3,7 +3,7 @@ vocabulary, ~2,000 expressed genes per cell), for the `paper` and `default` pres
 formulation of the original (every vocabulary gene a token, a key padding mask,
 `nn.MultiheadAttention` and post-norm `nn.TransformerEncoder`) timed in the same run.
 
-    python benchmarks/embed_throughput.py [--cells 2048] [--dense-cells 128] [--batch-size 64]
+    python benchmarks/embed_throughput.py [--cells 2048] [--dense-cells 128] [--batch-sizes 16 64]
 """
 
 from __future__ import annotations
@@ -90,19 +90,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=2048)
     parser.add_argument("--dense-cells", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     args = parser.parse_args()
     torch.manual_seed(0)
     cells = tabula_sapiens_like(args.cells)
     scaler = GeneScaler.fit(cells)
     print(f"{cells.n_cells} synthetic cells, {N_GENES:,} genes, median {int(np.median(cells.n_genes_expressed))} "
-          f"expressed genes per cell, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
+          f"expressed genes per cell, torch {torch.__version__}, {torch.get_num_threads()} threads")
     paper = ExceiverConfig.preset("paper", n_genes=N_GENES)
-    dense = dense_cells_per_s(cells.subset(np.arange(args.dense_cells)), scaler, paper, args.batch_size)
-    print(f"{'dense original formulation (paper)':<40} {dense:10.1f} cells/s   1.0x")
-    for preset in ("paper", "default"):
-        rate = sparse_cells_per_s(cells, scaler, ExceiverConfig.preset(preset, n_genes=N_GENES), args.batch_size)
-        print(f"{'exceiver sparse tokens, ' + preset:<40} {rate:10.1f} cells/s {rate / dense:6.1f}x")
+    for batch_size in args.batch_sizes:
+        dense = dense_cells_per_s(cells.subset(np.arange(args.dense_cells)), scaler, paper, batch_size)
+        print(f"batch {batch_size:>4}  {'dense original formulation, paper':<38} {dense:8.1f} cells/s   1.0x")
+        for preset in ("paper", "default"):
+            rate = sparse_cells_per_s(cells, scaler, ExceiverConfig.preset(preset, n_genes=N_GENES), batch_size)
+            print(f"batch {batch_size:>4}  {'exceiver sparse tokens, ' + preset:<38} {rate:8.1f} cells/s {rate / dense:6.1f}x")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class Exceiver:
         return cells
 
     def embed(self, adata: ad.AnnData, *, key: str = "X_exceiver", pooling: str = "mean",
-              gene_key: str | None = None, layer: str | None = None, batch_size: int = 256,
+              gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
               device: str | None = None, num_workers: int = 0, progress: bool = True) -> np.ndarray:
         """Cell embeddings (mean of the processed latents, or `pooling='flatten'` for all of them),
         written to `adata.obsm[key]` and returned."""

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", default="mean", choices=["mean", "flatten"],
                    help="mean of the latents, or all latents flattened (the original's)")
     _add_data_options(p)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, help="cells per batch (default: 16 on CPU, 256 on GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
     p = commands.add_parser("demo", help="pretrain and embed on bundled PBMC data (no downloads)",

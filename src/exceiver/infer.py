@@ -21,13 +21,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def default_batch_size(device: torch.device) -> int:
+    """On CPU, small batches keep the latents' activations in cache: batch 16 embedded 2.4x faster
+    than 64 (`paper`) and 1.2x faster (`default`) in benchmarks/embed_throughput.py; GPUs want
+    large batches."""
+    return 16 if device.type == "cpu" else 256
+
+
 @torch.inference_mode()
 def iterate_latents(
     module: ExceiverModule,
     cells: CellCounts,
     scaler: GeneScaler,
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: torch.device,
     num_workers: int = 0,
     progress: bool = True,
@@ -41,7 +48,8 @@ def iterate_latents(
     module.eval()
     order = np.argsort(-cells.n_genes_expressed, kind="stable")
     batcher = CellBatcher(cells, scaler, module.config, masked=False, salt=0)
-    loader = cell_loader(cells, order, batcher, batch_size=batch_size, num_workers=num_workers)
+    loader = cell_loader(cells, order, batcher, batch_size=batch_size or default_batch_size(device),
+                         num_workers=num_workers)
     with tqdm(total=cells.n_cells, unit="cell", desc=desc, disable=not progress) as bar:
         for batch in loader:
             batch = batch.to(device, non_blocking=True)
