@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
 from exceiver.errors import ExceiverInputError, ModelFileError
 
 log = logging.getLogger("exceiver")
@@ -82,7 +84,8 @@ def run_pretrain(args: argparse.Namespace) -> None:
         num_workers=args.num_workers, accelerator=args.accelerator, devices=args.devices,
         strategy=args.strategy, precision=args.precision,
     )
-    print(f"wrote {args.out}: {model}")
+    if rank_zero_only.rank == 0:  # distributed runs execute this in every process
+        print(f"wrote {args.out}: {model}")
 
 
 def run_embed(args: argparse.Namespace) -> None:
@@ -106,8 +109,10 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("lightning.pytorch", "lightning.fabric"):  # they set up their own INFO handlers
+        logging.getLogger(name).setLevel(level)
     runners = {"pretrain": run_pretrain, "embed": run_embed, "demo": run_demo}
     try:
         runners[args.command](args)

@@ -84,10 +84,9 @@ def make_batch(
     entry_cell = np.repeat(np.arange(n_cells), n_expr)
     entry = np.arange(total) - offsets[entry_cell] + starts[entry_cell]
     genes = counts.indices[entry].astype(np.int64)
-    library = cells.library_size[rows] if n_cells else np.zeros(0)
-    values = scaler.values(
-        genes, log_normalise(counts.data[entry], library[entry_cell], scaler.target_sum)
-    )
+    entry_counts = counts.data[entry]
+    library = np.bincount(entry_cell, weights=entry_counts, minlength=n_cells)  # this batch's cells only
+    values = scaler.values(genes, log_normalise(entry_counts, library[entry_cell], scaler.target_sum))
 
     n_masked = masked_count(n_expr, mask_fraction, max_tokens)
     n_visible = np.minimum(n_expr - n_masked, max_tokens)
@@ -151,9 +150,7 @@ def _sample_zero_genes(
     if not n_zero.any():
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     n_genes = cells.counts.shape[1]
-    measured = [np.flatnonzero(m) for m in cells.measured]
-    measured_offsets = np.cumsum([0] + [len(m) for m in measured])
-    pool = np.concatenate(measured)
+    pool, measured_offsets = cells.measured_pool
     sources = cells.source[rows]
     n_draws = np.where(n_zero > 0, 2 * n_zero + 16, 0)
     draw_cell = np.repeat(np.arange(len(rows)), n_draws)

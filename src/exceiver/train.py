@@ -87,7 +87,8 @@ class PretrainingPlan(L.LightningModule):
 
     def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
         loss = masked_mse(self._predict(batch), batch.targets, batch.query_mask)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch))
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch),
+                 sync_dist=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
@@ -115,8 +116,8 @@ class PretrainingPlan(L.LightningModule):
         }
         if self.val_zero_mse.update_count:
             metrics["val_zero_mse"] = self.val_zero_mse.compute()
-        # torchmetrics already reduces over processes in compute(): no sync_dist needed.
-        self.log_dict(metrics, prog_bar=True, sync_dist=False)
+        # torchmetrics already reduced these over processes; syncing identical values is a no-op.
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)
         best = self.best_metrics.get("val_masked_mse", math.inf)
         if not self.trainer.sanity_checking and float(mse) < best:
             self.best_metrics = {k: float(v) for k, v in metrics.items()}

@@ -7,6 +7,7 @@ that later steps (scaler statistics, zero-gene queries) never mistake "not measu
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
@@ -130,6 +131,12 @@ class CellCounts:
     obs_names: np.ndarray
     source_names: list[str]
 
+    @functools.cached_property
+    def measured_pool(self) -> tuple[np.ndarray, np.ndarray]:
+        """All datasets' measured gene ids, concatenated, and each dataset's offset into them."""
+        measured = [np.flatnonzero(m) for m in self.measured]
+        return np.concatenate(measured), np.cumsum([0] + [len(m) for m in measured])
+
     @property
     def n_cells(self) -> int:
         return self.counts.shape[0]
@@ -195,8 +202,7 @@ def align(
     counts are summed, with a warning. Genes outside the vocabulary are dropped.
     """
     genes = dataset_genes(adata, gene_key)
-    ids = vocab.ids(genes)
-    ids[genes == ""] = -1
+    ids = vocab.ids(genes)  # -1 for genes outside the vocabulary (and for empty identifiers)
     matched = ids >= 0
     n_matched = int(matched.sum())
     if n_matched == 0:
