@@ -188,3 +188,17 @@ def test_pretrain_reports_bad_paths(tmp_path):
     with pytest.raises(ExceiverInputError, match="cannot read .*junk.h5ad"):
         pretrain(junk, tmp_path / "m", progress=False)
     assert not (tmp_path / "m").exists()
+
+
+def test_gene_key_applies_to_the_datasets_that_have_it(caplog):
+    import logging
+
+    symbols = synthetic_counts(n_cells=30, seed=1)
+    ensembl = synthetic_counts(n_cells=30, seed=2, prefix="ENSG")
+    ensembl.var["gene_symbol"] = [f"G{j:04d}" for j in range(200)]
+    with caplog.at_level(logging.INFO):
+        model = pretrain([symbols, ensembl], None, model=TINY, gene_key="gene_symbol", max_epochs=1, progress=False)
+    assert len(model.vocab) == 200 and "adata0 has no var column 'gene_symbol'" in caplog.text
+    assert model.metrics["datasets"] == {"adata0": 30, "adata1": 30}
+    with pytest.raises(ExceiverInputError, match="gene_key 'symbol' is not a column of var in any dataset"):
+        pretrain([symbols, ensembl], None, model=TINY, gene_key="symbol", max_epochs=1, progress=False)

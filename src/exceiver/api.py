@@ -153,13 +153,27 @@ def read_datasets(data: DataInput | Sequence[DataInput]) -> list[tuple[str, ad.A
     return datasets
 
 
+def gene_keys(datasets: list[tuple[str, ad.AnnData]], gene_key: str | None) -> list[str | None]:
+    """`gene_key` for each dataset that has that var column, var_names for the others (files of
+    one corpus often differ: Ensembl-indexed with a symbol column beside symbol-indexed)."""
+    if gene_key is None:
+        return [None] * len(datasets)
+    keys = [gene_key if gene_key in a.var.columns else None for _, a in datasets]
+    if not any(keys):
+        raise ExceiverInputError(f"gene_key {gene_key!r} is not a column of var in any dataset")
+    for (name, _), key in zip(datasets, keys):
+        if key is None:
+            log.info("%s has no var column %r: its genes are taken from var_names", name, gene_key)
+    return keys
+
+
 def build_vocab(datasets: list[tuple[str, ad.AnnData]], genes: str | Path | Sequence[str] | GeneVocab | None,
-                gene_key: str | None) -> GeneVocab:
+                keys: list[str | None]) -> GeneVocab:
     """The training vocabulary: the union of the datasets' genes, optionally restricted to a list."""
     if isinstance(genes, GeneVocab):
         return genes
     restrict = read_gene_list(genes) if isinstance(genes, (str, Path)) else genes
-    return GeneVocab.from_gene_lists([dataset_genes(a, gene_key) for _, a in datasets], restrict)
+    return GeneVocab.from_gene_lists([dataset_genes(a, key) for (_, a), key in zip(datasets, keys)], restrict)
 
 
 def pretrain(
@@ -182,6 +196,7 @@ def pretrain(
         model in memory only.
     preset, model: architecture preset ("default" or "paper") and overrides of its fields.
     genes: restrict the vocabulary to this gene list (file, one gene per line) or use a vocabulary.
+    gene_key: var column of gene identifiers, for the datasets that have it (others: var_names).
     training: fields of `TrainingConfig` (max_epochs, max_minutes, batch_size, seed, ...).
     """
     training_config = TrainingConfig(**training)
@@ -189,10 +204,11 @@ def pretrain(
     if out is not None and Path(out).exists() and not overwrite and any(Path(out).iterdir()):
         raise ExceiverInputError(f"{out} already exists; choose another output or pass overwrite")
     datasets = read_datasets(data)
-    vocab = build_vocab(datasets, genes, gene_key)
+    keys = gene_keys(datasets, gene_key)
+    vocab = build_vocab(datasets, genes, keys)
     parts = []
-    for name, adata in datasets:
-        part = align(adata, vocab, gene_key=gene_key, layer=layer, name=name)
+    for (name, adata), key in zip(datasets, keys):
+        part = align(adata, vocab, gene_key=key, layer=layer, name=name)
         check_counts(part, name)
         parts.append(drop_empty_cells(part, name))
     cells = CellCounts.concat(parts)
