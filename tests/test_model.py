@@ -5,7 +5,7 @@ import torch
 from exceiver.model import ExceiverConfig, ExceiverModule
 from exceiver.preprocess import GeneScaler
 from exceiver.tokenize import make_batch
-from exceiver.vocab import GeneVocab, align
+from exceiver.vocab import CellCounts, GeneVocab, align
 
 from conftest import TINY, synthetic_counts
 
@@ -66,19 +66,23 @@ def test_cells_in_a_batch_match_cells_alone(module):
         torch.testing.assert_close(alone[0, :n], together[i, :n], atol=1e-5, rtol=1e-5)
 
 
-def test_masked_genes_do_not_influence_latents(module):
-    """Encoder latents of a masked batch equal those of the visible genes alone."""
+def test_masked_counts_do_not_influence_latents(module):
+    """End to end: multiplying only the masked genes' counts changes the targets, not the latents."""
     adata = synthetic_counts(n_cells=6, n_genes=120)
     cells = align(adata, GeneVocab(adata.var_names))
     scaler = GeneScaler.fit(cells)
-    batch = make_batch(cells, np.arange(6), scaler, pad_id=120, max_tokens=1000, mask_fraction=0.3, salt=9)
-    latents = module.encode(batch.gene_ids, batch.values, batch.token_mask)
+    kwargs = dict(pad_id=120, max_tokens=1000, mask_fraction=0.3, salt=9)
+    batch = make_batch(cells, np.arange(6), scaler, **kwargs)
+    boosted = cells.counts.tolil()
     for i in range(6):
-        keep = batch.token_mask[i]
-        visible = module.encode(batch.gene_ids[i][keep][None], batch.values[i][keep][None],
-                                torch.ones(1, int(keep.sum()), dtype=torch.bool))
-        torch.testing.assert_close(latents[i], visible[0], atol=1e-5, rtol=1e-5)
-        assert not set(batch.query_ids[i][batch.query_mask[i]].tolist()) & set(batch.gene_ids[i][keep].tolist())
+        for g in batch.query_ids[i][batch.query_mask[i]].tolist():
+            boosted[i, g] *= 20
+    changed = make_batch(CellCounts(boosted.tocsr(), cells.measured, cells.source, cells.obs_names,
+                                    cells.source_names), np.arange(6), scaler, **kwargs)
+    latents = module.encode(batch.gene_ids, batch.values, batch.token_mask)
+    torch.testing.assert_close(latents, module.encode(changed.gene_ids, changed.values, changed.token_mask),
+                               atol=0, rtol=0)
+    assert not torch.equal(batch.targets, changed.targets)
 
 
 def test_output_shapes_pooling_and_class_head(module):

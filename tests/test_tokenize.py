@@ -43,7 +43,6 @@ def test_masked_genes_are_queries_and_never_tokens(cells_and_scaler):
     np.testing.assert_array_equal(batch.query_mask.sum(1).numpy(), expected_masked)
     values = dict()
     for i, row in enumerate(rows):
-        start = cells.counts.indptr[row]
         for g, v in zip(_row_genes(cells, row), scaler.cell_values(cells.subset([row]))):
             values[(i, g)] = v
         tokens = set(batch.gene_ids[i][batch.token_mask[i]].tolist())
@@ -52,22 +51,49 @@ def test_masked_genes_are_queries_and_never_tokens(cells_and_scaler):
         assert tokens | set(queries) == set(_row_genes(cells, row).tolist())
         for q, t in zip(queries, batch.targets[i][batch.query_mask[i]].tolist()):
             assert t == pytest.approx(values[(i, q)], rel=1e-6)
-        assert start >= 0
     assert not batch.query_is_zero.any()
 
 
-def test_mask_depends_on_cell_gene_and_salt_only(cells_and_scaler):
+def _masked_set(batch, i):
+    return set(batch.query_ids[i][batch.query_mask[i]].tolist())
+
+
+def test_mask_depends_on_the_cells_genes_and_salt_not_its_position_or_counts(cells_and_scaler):
     cells, scaler = cells_and_scaler
     kwargs = dict(pad_id=120, max_tokens=1000, mask_fraction=0.3, salt=3)
     alone = make_batch(cells, [5], scaler, **kwargs)
-    batched = make_batch(cells, [9, 5, 2], scaler, **kwargs)
-    assert set(alone.query_ids[0][alone.query_mask[0]].tolist()) == set(batched.query_ids[1][batched.query_mask[1]].tolist())
-    # Scaling the counts (values) of the cell does not change which genes are masked.
+    batched = make_batch(cells, [9, 5, 2, 5], scaler, **kwargs)
+    assert _masked_set(alone, 0) == _masked_set(batched, 1) == _masked_set(batched, 3)
+    moved = cells.subset(np.r_[5, np.arange(5)])  # the same cell at another row
+    assert _masked_set(make_batch(moved, [0], scaler, **kwargs), 0) == _masked_set(alone, 0)
     scaled = CellCounts(cells.counts * 100, cells.measured, cells.source, cells.obs_names, cells.source_names)
-    again = make_batch(scaled, [5], scaler, **kwargs)
-    assert set(again.query_ids[0][again.query_mask[0]].tolist()) == set(alone.query_ids[0][alone.query_mask[0]].tolist())
-    other_salt = make_batch(cells, [5], scaler, **{**kwargs, "salt": 4})
-    assert set(other_salt.query_ids[0][other_salt.query_mask[0]].tolist()) != set(alone.query_ids[0][alone.query_mask[0]].tolist())
+    assert _masked_set(make_batch(scaled, [5], scaler, **kwargs), 0) == _masked_set(alone, 0)
+    assert _masked_set(make_batch(cells, [5], scaler, **{**kwargs, "salt": 4}), 0) != _masked_set(alone, 0)
+
+
+def test_masked_counts_never_reach_the_token_values(cells_and_scaler):
+    """Changing only the masked genes' counts leaves every encoder input unchanged (the library
+    used for the tokens excludes them), while the targets follow the new counts."""
+    cells, scaler = cells_and_scaler
+    rows = np.arange(cells.n_cells)
+    kwargs = dict(pad_id=120, max_tokens=1000, mask_fraction=0.2, salt=8)
+    batch = make_batch(cells, rows, scaler, **kwargs)
+    boosted = cells.counts.copy().tolil()
+    for i in rows:
+        for g in batch.query_ids[i][batch.query_mask[i]].tolist():
+            boosted[i, g] = boosted[i, g] * 50
+    changed = CellCounts(boosted.tocsr(), cells.measured, cells.source, cells.obs_names, cells.source_names)
+    again = make_batch(changed, rows, scaler, **kwargs)
+    for name in ("gene_ids", "values", "token_mask", "query_ids", "query_mask"):
+        np.testing.assert_array_equal(getattr(batch, name).numpy(), getattr(again, name).numpy(), err_msg=name)
+    assert (again.targets[again.query_mask] > batch.targets[batch.query_mask]).all()
+
+
+def test_unmasked_tokens_use_the_full_library(cells_and_scaler):
+    """Without masking, token values are exactly the scaler's transform of the cell's counts."""
+    cells, scaler = cells_and_scaler
+    batch = make_batch(cells, [3], scaler, pad_id=120, max_tokens=1000)
+    np.testing.assert_allclose(np.sort(batch.values[0].numpy()), np.sort(scaler.cell_values(cells.subset([3]))), rtol=1e-6)
 
 
 def test_masked_count_leaves_a_visible_gene():

@@ -98,3 +98,28 @@ def test_concat_keeps_each_datasets_measured_genes():
     np.testing.assert_array_equal(both.source, [0, 1, 1])
     np.testing.assert_array_equal(both.measured, [[True, True, False], [False, False, True]])
     np.testing.assert_array_equal(both.counts.toarray(), [[1, 2, 0], [0, 0, 3], [0, 0, 4]])
+
+
+def test_vocab_file_round_trips_verbatim_and_rejects_unsaveable_names(tmp_path):
+    odd = ["A,1", "#B", "C-2", "HLA-DRB1", "Gene name with space"]
+    vocab = GeneVocab(odd)
+    vocab.save(tmp_path / "genes.txt")
+    assert list(GeneVocab.load(tmp_path / "genes.txt").genes) == odd
+    for bad in (["A", "B\nC"], ["A", " B"], ["A\tB"], ["A", ""]):
+        with pytest.raises(ExceiverInputError, match="empty, have surrounding whitespace or contain tabs"):
+            GeneVocab(bad)
+
+
+def test_var_names_are_stripped_before_matching():
+    vocab = GeneVocab(["A", "B"])
+    adata = _adata([[1, 2]], ["A ", " B"])
+    np.testing.assert_array_equal(align(adata, vocab).counts.toarray(), [[1, 2]])
+
+
+def test_keep_genes_makes_the_others_unmeasured():
+    vocab = GeneVocab(["A", "B", "C"])
+    cells = align(_adata([[1, 2, 3], [0, 5, 0]], ["A", "B", "C"]), vocab)
+    kept = cells.keep_genes(np.array([True, False, True]))
+    np.testing.assert_array_equal(kept.counts.toarray(), [[1, 0, 3], [0, 0, 0]])
+    np.testing.assert_array_equal(kept.measured, [[True, False, True]])
+    np.testing.assert_array_equal(kept.library_size, [4, 0])

@@ -23,8 +23,8 @@ from exceiver import __version__
 from exceiver.data import PretrainDataModule, split_cells
 from exceiver.errors import ExceiverInputError, ModelFileError
 from exceiver.infer import iterate_latents, resolve_device
-from exceiver.io import atomic_dir, load_model_files, save_model_files
-from exceiver.model import ExceiverConfig, ExceiverModule
+from exceiver.io import atomic_dir, check_output_dir, load_model_files, save_model_files
+from exceiver.model import POOLINGS, ExceiverConfig, ExceiverModule
 from exceiver.preprocess import GeneScaler, check_counts, drop_empty_cells, require_nonempty_cells
 from exceiver.train import PretrainingPlan, TrainingConfig, fit
 from exceiver.vocab import CellCounts, GeneVocab, align, dataset_genes, read_gene_list
@@ -87,9 +87,11 @@ class Exceiver:
 
     def cells(self, adata: ad.AnnData, *, gene_key: str | None = None, layer: str | None = None,
               name: str = "dataset") -> CellCounts:
-        """Align a dataset to the model's genes and check its counts; every cell must have counts."""
+        """Align a dataset to the model's genes and check its counts; every cell must have counts
+        in genes the model saw expressed in training (others have untrained embeddings)."""
         cells = align(adata, self.vocab, gene_key=gene_key, layer=layer, name=name)
         check_counts(cells, name)
+        cells = cells.keep_genes(self.scaler.n_expressed > 0)
         require_nonempty_cells(cells, name)
         return cells
 
@@ -98,7 +100,8 @@ class Exceiver:
               device: str | None = None, num_workers: int = 0, progress: bool = True) -> np.ndarray:
         """Cell embeddings (mean of the processed latents, or `pooling='flatten'` for all of them),
         written to `adata.obsm[key]` and returned."""
-        ExceiverModule.pool(torch.zeros(1, 1, 1), pooling)  # reject an unknown pooling before work
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
         cells = self.cells(adata, gene_key=gene_key, layer=layer)
         device = resolve_device(device)
         self.module.to(device)
@@ -150,7 +153,9 @@ def read_datasets(data: DataInput | Sequence[DataInput]) -> list[tuple[str, ad.A
             datasets.append((path.stem, ad.read_h5ad(path)))
         except Exception as err:  # h5py/anndata raise many types for a non-h5ad file
             raise ExceiverInputError(f"cannot read {path} as an .h5ad file ({err})") from err
-    return datasets
+    names = [name for name, _ in datasets]
+    return [(f"{name}#{i}" if names.count(name) > 1 else name, adata)
+            for i, (name, adata) in enumerate(datasets)]
 
 
 def gene_keys(datasets: list[tuple[str, ad.AnnData]], gene_key: str | None) -> list[str | None]:
@@ -201,8 +206,8 @@ def pretrain(
     """
     training_config = TrainingConfig(**training)
     config = ExceiverConfig.preset(preset, **(model or {}))
-    if out is not None and Path(out).exists() and not overwrite and any(Path(out).iterdir()):
-        raise ExceiverInputError(f"{out} already exists; choose another output or pass overwrite")
+    if out is not None:
+        check_output_dir(out, overwrite=overwrite)
     datasets = read_datasets(data)
     keys = gene_keys(datasets, gene_key)
     vocab = build_vocab(datasets, genes, keys)
@@ -213,9 +218,19 @@ def pretrain(
         parts.append(drop_empty_cells(part, name))
     cells = CellCounts.concat(parts)
     train_rows, val_rows = split_cells(cells.n_cells, training_config.val_fraction, training_config.seed)
+    scaler = GeneScaler.fit(cells.subset(train_rows))
+    # Genes never expressed in the training cells would be untrained tokens: leave them out, as
+    # `Exceiver.cells` does at inference.
+    cells = cells.keep_genes(scaler.n_expressed > 0)
+    for rows, split in ((train_rows, "training"), (val_rows, "validation")):
+        if not (cells.n_genes_expressed[rows] >= 2).any():
+            raise ExceiverInputError(
+                f"no {split} cell has 2 or more expressed genes (one to mask, one to see): "
+                "masked-expression pretraining needs richer cells or more of them"
+            )
+    val_rows = val_rows[cells.n_genes_expressed[val_rows] > 0]
     log.info("pretraining on %s cells (%s training, %s validation) from %d dataset(s), %s genes",
              f"{cells.n_cells:,}", f"{len(train_rows):,}", f"{len(val_rows):,}", len(parts), f"{len(vocab):,}")
-    scaler = GeneScaler.fit(cells.subset(train_rows))
     config.n_genes = len(vocab)
 
     L.seed_everything(training_config.seed, workers=True, verbose=False)
@@ -256,7 +271,8 @@ def _output_folder(out: str | Path | None, overwrite: bool):
 
 def _stop_reason(trainer: L.Trainer, training: TrainingConfig) -> str:
     stopper = trainer.early_stopping_callback
-    if stopper is not None and stopper.stopped_epoch > 0:
+    reason = getattr(getattr(stopper, "stopping_reason", None), "value", "not_stopped")
+    if reason != "not_stopped" or (stopper is not None and stopper.stopped_epoch > 0):
         return "early_stopping"
     if trainer.current_epoch >= training.max_epochs:
         return "max_epochs"

@@ -9,13 +9,22 @@ from pathlib import Path
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from exceiver.errors import ExceiverInputError, ModelFileError
+from exceiver.errors import ExceiverInputError, ModelFileError, TrainingError
+from exceiver.train import TrainingConfig
 
 log = logging.getLogger("exceiver")
+
+# Options that map onto TrainingConfig fields; unset ones keep TrainingConfig's defaults.
+TRAINING_OPTIONS = ("max_epochs", "max_minutes", "batch_size", "learning_rate", "seed", "val_fraction",
+                    "num_workers", "accelerator", "devices", "strategy", "precision")
 
 
 def _devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
+
+
+def _default(field: str) -> str:
+    return f"(default: {getattr(TrainingConfig, field)})"
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -35,20 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="+", type=Path, metavar="DATA.h5ad")
     p.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR", help="model folder to write")
     p.add_argument("--preset", default="default", choices=["default", "paper"])
-    p.add_argument("--max-epochs", type=int, default=100)
-    p.add_argument("--max-minutes", type=float, help="time budget; the learning-rate schedule follows it")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--max-epochs", type=int, help=_default("max_epochs"))
+    p.add_argument("--max-minutes", type=float,
+                   help="time budget; the learning-rate schedule follows it (default: none)")
+    p.add_argument("--batch-size", type=int, help=_default("batch_size"))
+    p.add_argument("--learning-rate", type=float, help=_default("learning_rate"))
     p.add_argument("--genes", type=Path, metavar="FILE",
                    help="restrict the vocabulary to these genes (one per line)")
     _add_data_options(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
-    p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
-    p.add_argument("--devices", type=_devices, default="auto", help="Lightning devices: auto, N, ...")
-    p.add_argument("--strategy", default="auto", help="Lightning strategy: auto, ddp, ...")
-    p.add_argument("--precision", default="32-true", help="Lightning precision: 32-true, bf16-mixed, ...")
+    p.add_argument("--seed", type=int, help=_default("seed"))
+    p.add_argument("--val-fraction", type=float, help=_default("val_fraction"))
+    p.add_argument("--num-workers", type=int, help="data-loader worker processes " + _default("num_workers"))
+    p.add_argument("--accelerator", help="Lightning accelerator: auto, cpu, gpu, ... " + _default("accelerator"))
+    p.add_argument("--devices", type=_devices, help="Lightning devices: auto, N, ... " + _default("devices"))
+    p.add_argument("--strategy", help="Lightning strategy: auto, ddp, ... " + _default("strategy"))
+    p.add_argument("--precision", help="Lightning precision: 32-true, bf16-mixed, ... " + _default("precision"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
 
     p = commands.add_parser("embed", help="write cell embeddings to obsm",
@@ -57,12 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, metavar="MODEL_DIR")
     p.add_argument("data", type=Path, metavar="DATA.h5ad")
     p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
-    p.add_argument("--key", default="X_exceiver", help="obsm key of the embedding")
+    p.add_argument("--key", default="X_exceiver", help="obsm key of the embedding (default: X_exceiver)")
     p.add_argument("--pooling", default="mean", choices=["mean", "flatten"],
                    help="mean of the latents, or all latents flattened (the original's)")
     _add_data_options(p)
     p.add_argument("--batch-size", type=int, help="cells per batch (default: 16 on CPU, 256 on GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
 
     p = commands.add_parser("demo", help="pretrain and embed on bundled PBMC data (no downloads)",
                             description="Pretrain a small model on 700 PBMCs bundled with scanpy, "
@@ -70,20 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("exceiver_demo"), metavar="DIR")
     p.add_argument("--max-minutes", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace DIR even if it is not an earlier demo's output")
     return parser
 
 
 def run_pretrain(args: argparse.Namespace) -> None:
     from exceiver.api import pretrain
 
-    model = pretrain(
-        args.data, args.out, preset=args.preset, genes=args.genes, gene_key=args.gene_key,
-        layer=args.layer, overwrite=args.overwrite, progress=not args.quiet,
-        max_epochs=args.max_epochs, max_minutes=args.max_minutes, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, seed=args.seed, val_fraction=args.val_fraction,
-        num_workers=args.num_workers, accelerator=args.accelerator, devices=args.devices,
-        strategy=args.strategy, precision=args.precision,
-    )
+    training = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+    model = pretrain(args.data, args.out, preset=args.preset, genes=args.genes, gene_key=args.gene_key,
+                     layer=args.layer, overwrite=args.overwrite, progress=not args.quiet, **training)
     if rank_zero_only.rank == 0:  # distributed runs execute this in every process
         print(f"wrote {args.out}: {model}")
 
@@ -92,19 +99,21 @@ def run_embed(args: argparse.Namespace) -> None:
     from exceiver.api import Exceiver, read_datasets
     from exceiver.io import write_h5ad
 
+    if args.out.exists() and not args.overwrite:  # fail before the work, not after
+        raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
     model = Exceiver.load(args.model)
-    [(name, adata)] = read_datasets(args.data)
+    [(_, adata)] = read_datasets(args.data)
     model.embed(adata, key=args.key, pooling=args.pooling, gene_key=args.gene_key, layer=args.layer,
                 batch_size=args.batch_size, device=args.device, progress=not args.quiet)
-    write_h5ad(adata, args.out)
+    write_h5ad(adata, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: obsm[{args.key!r}] of {adata.n_obs:,} cells x {adata.obsm[args.key].shape[1]}")
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from exceiver.demo import run_demo as demo
 
-    report = demo(args.out, max_minutes=args.max_minutes, seed=args.seed, progress=not args.quiet)
-    print(report)
+    print(demo(args.out, max_minutes=args.max_minutes, seed=args.seed, overwrite=args.overwrite,
+               progress=not args.quiet))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"pretrain": run_pretrain, "embed": run_embed, "demo": run_demo}
     try:
         runners[args.command](args)
-    except (ExceiverInputError, ModelFileError) as err:
+    except (ExceiverInputError, ModelFileError, TrainingError) as err:
         print(f"exceiver {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -18,7 +18,7 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 
 from exceiver.api import pretrain  # noqa: E402
 from exceiver.evaluate import knn_scores, pca_embedding  # noqa: E402
-from exceiver.io import atomic_dir  # noqa: E402
+from exceiver.io import atomic_dir, check_output_dir  # noqa: E402
 
 LABEL = "cell_type"
 
@@ -49,13 +49,17 @@ def pbmc68k_counts() -> ad.AnnData:
 
 
 def run_demo(out: str | Path = "exceiver_demo", *, max_minutes: float = 3.0, seed: int = 0,
-             progress: bool = True) -> str:
+             overwrite: bool = False, progress: bool = True) -> str:
     """Pretrain on 80% of the cells, embed all, and compare cell-type kNN accuracy on the held-out
-    20% with PCA of the same cells. Writes the model, the embedded .h5ad, a UMAP and a report."""
+    20% with PCA of the same cells. Writes the model, the embedded .h5ad, a UMAP and a report.
+    An earlier demo's output folder is replaced; any other non-empty folder only with `overwrite`."""
+    out = Path(out)
+    earlier_demo = (out / "demo_metrics.json").is_file()
+    check_output_dir(out, overwrite=overwrite or earlier_demo)
     adata = pbmc68k_counts()
     train, test = train_test_split(np.arange(adata.n_obs), test_size=0.2, random_state=seed,
                                    stratify=adata.obs[LABEL])
-    with atomic_dir(out, overwrite=True) as folder:
+    with atomic_dir(out, overwrite=True) as folder:  # checked above
         model = pretrain(adata[np.sort(train)].copy(), folder / "model", max_minutes=max_minutes,
                          seed=seed, progress=progress)
         model.embed(adata, progress=progress)

@@ -7,3 +7,7 @@ class ExceiverInputError(ValueError):
 
 class ModelFileError(ValueError):
     """A model folder or checkpoint is missing, corrupt, or was not written by exceiver."""
+
+
+class TrainingError(RuntimeError):
+    """Training ran but produced no usable model (e.g. the loss diverged)."""

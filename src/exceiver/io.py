@@ -36,27 +36,50 @@ CONFIG, WEIGHTS, GENES, SCALER, METRICS = (
 SCALER_ARRAYS = ("mean", "std", "n_cells", "expressed_mean", "n_expressed")
 
 
+def check_output_dir(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse an output folder that would clobber something: a file, or (without `overwrite`) a
+    folder that is not empty."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ExceiverInputError(f"{path} is a file; the output must be a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ExceiverInputError(f"{path} already exists and is not empty; choose another output or pass overwrite")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds."""
-    path = Path(path)
-    if path.exists() and not (path.is_dir() and not any(path.iterdir())) and not overwrite:
-        raise ExceiverInputError(f"{path} already exists; choose another output or pass overwrite")
+    path = check_output_dir(path, overwrite=overwrite)
+    with _new_parents(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+        try:
+            yield tmp
+            _share(tmp)
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                path.rename(old)
+                tmp.rename(path)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def _new_parents(path: Path) -> Iterator[None]:
+    """Create the missing parent folders of `path`, and remove them again if the block fails."""
+    missing = [p for p in reversed(path.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
-        yield tmp
-        _share(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        yield
+    except BaseException:
+        for folder in reversed(missing):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
 
 
 def _share(folder: Path) -> None:
@@ -67,19 +90,23 @@ def _share(folder: Path) -> None:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
-def write_h5ad(adata: ad.AnnData, path: str | Path) -> None:
-    """Write an AnnData to `path` atomically."""
+def write_h5ad(adata: ad.AnnData, path: str | Path, *, overwrite: bool = False) -> None:
+    """Write an AnnData to `path` atomically; an existing file is replaced only with `overwrite`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=".h5ad", dir=path.parent)
-    os.close(fd)
-    try:
-        adata.write_h5ad(tmp)
-        _share(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if path.is_dir():
+        raise ExceiverInputError(f"{path} is a folder; the output must be an .h5ad file")
+    if path.exists() and not overwrite:
+        raise ExceiverInputError(f"{path} already exists; choose another output or pass overwrite")
+    with _new_parents(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=".h5ad", dir=path.parent)
+        os.close(fd)
+        try:
+            adata.write_h5ad(tmp)
+            _share(Path(tmp))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def write_json(obj: dict, path: Path) -> None:
@@ -122,9 +149,12 @@ def load_model_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor],
         raise ModelFileError(f"{folder / WEIGHTS} is corrupt or truncated ({err})") from err
     try:
         vocab = GeneVocab.load(folder / GENES)
-    except ExceiverInputError as err:
+    except (ExceiverInputError, UnicodeDecodeError) as err:
         raise ModelFileError(f"{folder / GENES} is not a valid gene list: {err}") from err
     scaler = _load_scaler(folder / SCALER)
+    if len(scaler) != len(vocab):
+        raise ModelFileError(f"{folder / SCALER} has statistics for {len(scaler):,} genes, "
+                             f"{folder / GENES} lists {len(vocab):,}")
     metrics = _read_json(folder / METRICS) if (folder / METRICS).is_file() else {}
     return config, state_dict, vocab, scaler, metrics
 
@@ -147,7 +177,12 @@ def _load_scaler(path: Path) -> GeneScaler:
             if missing or metadata.get("format") != FORMAT:
                 raise ModelFileError(f"{path} is not an exceiver scaler (missing {missing or 'format'})")
             arrays = {name: f.get_tensor(name) for name in SCALER_ARRAYS}
-        return GeneScaler(**arrays, target_sum=float(metadata["target_sum"]),
-                          max_value=float(metadata["max_value"]))
+        scaler = GeneScaler(**arrays, target_sum=float(metadata["target_sum"]),
+                            max_value=float(metadata["max_value"]))
     except (SafetensorError, OSError, ValueError, KeyError) as err:
         raise ModelFileError(f"{path} is corrupt or truncated ({err})") from err
+    if len({len(a) for a in arrays.values()}) != 1:
+        raise ModelFileError(f"{path} is corrupt: its arrays have different lengths")
+    if not all(np.isfinite(a).all() for a in arrays.values()) or (scaler.std <= 0).any():
+        raise ModelFileError(f"{path} is corrupt: non-finite values or non-positive standard deviations")
+    return scaler

@@ -4,8 +4,8 @@ encoder:   a learned latent array cross-attends to the gene tokens (gene embeddi
 processor: self-attention blocks over the latents;
 decoder:   query embeddings (genes, or a class token) cross-attend to the latents, and a head maps
            each query to a predicted value (or class logits).
-Attention runs through `scaled_dot_product_attention` with a boolean padding mask, so a cell's
-cost is linear in its number of expressed genes and independent of how it was padded.
+Attention runs through `scaled_dot_product_attention` with a boolean padding mask: a cell's cost
+is linear in its number of expressed genes, and its outputs do not depend on how it was padded.
 """
 
 from __future__ import annotations
@@ -44,6 +44,14 @@ class ExceiverConfig:
     max_tokens: int = 4096  # expressed genes per cell beyond this are subsampled
 
     def __post_init__(self) -> None:
+        sizes = dict(gene_dim=self.gene_dim, n_latents=self.n_latents, latent_dim=self.latent_dim,
+                     n_heads=self.n_heads, cross_heads=self.cross_heads, ff_dim=self.ff_dim,
+                     cross_ff_mult=self.cross_ff_mult)
+        small = [name for name, value in sizes.items() if value < 1]
+        if small or min(self.n_genes, self.n_layers, self.head_hidden, self.n_classes) < 0:
+            raise ValueError(f"model sizes must be positive (got {small or 'a negative size'})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for dim, heads, what in [
             (self.latent_dim, self.n_heads, "latent_dim / n_heads"),
             (self.latent_dim, self.cross_heads, "latent_dim / cross_heads"),

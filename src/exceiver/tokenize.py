@@ -4,8 +4,14 @@ A cell's tokens are its *expressed* genes only: zero-count genes never become to
 of a cell follows its number of expressed genes, not the vocabulary size. For pretraining, a
 fraction of each cell's expressed genes is masked: those genes are removed from the encoder's
 tokens altogether (their values cannot reach it) and become decoder queries with their values as
-targets. Which genes are masked comes from a hash of (salt, cell, gene), so a fixed salt gives the
-same masks whatever the batch composition, worker or process.
+targets. Which genes are masked comes from a hash of (salt, the cell's set of expressed genes,
+gene): a fixed salt gives a cell the same masks wherever it sits in a dataset or batch, and no
+count influences which genes are masked.
+
+Masked counts do not reach the encoder even through normalisation: tokens are normalised by the
+library of the cell's unmasked genes divided by their expected share of it, (n - m) / n for m of n
+genes masked at random (an unbiased estimate of the full library); targets use the full library,
+as inference does.
 """
 
 from __future__ import annotations
@@ -86,18 +92,23 @@ def make_batch(
     genes = counts.indices[entry].astype(np.int64)
     entry_counts = counts.data[entry]
     library = np.bincount(entry_cell, weights=entry_counts, minlength=n_cells)  # this batch's cells only
-    values = scaler.values(genes, log_normalise(entry_counts, library[entry_cell], scaler.target_sum))
 
     n_masked = masked_count(n_expr, mask_fraction, max_tokens)
     n_visible = np.minimum(n_expr - n_masked, max_tokens)
-    cell_keys = _mix(rows.astype(np.uint64) ^ _mix(np.uint64(salt % 2**64)))
+    cell_keys = _mix(_cell_keys(genes, offsets, n_expr) ^ _mix(np.uint64(salt % 2**64)))
     if mask_fraction > 0 or (n_expr > max_tokens).any():
         # A random order per cell: the first genes are masked, the next ones are tokens.
         order = np.lexsort((_mix(cell_keys[entry_cell] ^ genes.astype(np.uint64)), entry_cell))
-        genes, values = genes[order], values[order]
+        genes, entry_counts = genes[order], entry_counts[order]
     rank = np.arange(total) - offsets[entry_cell]
     masked = rank < n_masked[entry_cell]
     visible = ~masked & (rank < (n_masked + n_visible)[entry_cell])
+    masked_library = np.bincount(entry_cell[masked], weights=entry_counts[masked], minlength=n_cells)
+    token_library = (library - masked_library) * n_expr / np.maximum(n_expr - n_masked, 1)
+    values = np.zeros(total, dtype=np.float32)
+    for entries, cell_library in ((visible, token_library), (masked, library)):
+        values[entries] = scaler.values(genes[entries], log_normalise(
+            entry_counts[entries], cell_library[entry_cell[entries]], scaler.target_sum))
 
     width = int(n_visible.max()) if n_cells else 0
     gene_ids = np.full((n_cells, width), pad_id, dtype=np.int64)
@@ -136,6 +147,15 @@ def make_batch(
         torch.from_numpy(query_ids), torch.from_numpy(targets), torch.from_numpy(query_mask),
         torch.from_numpy(query_is_zero), torch.from_numpy(rows),
     )
+
+
+def _cell_keys(genes: np.ndarray, offsets: np.ndarray, n_expr: np.ndarray) -> np.ndarray:
+    """One 64-bit key per cell from its set of expressed genes, whatever its position."""
+    keys = np.zeros(len(n_expr), dtype=np.uint64)
+    nonempty = n_expr > 0
+    if len(genes):
+        keys[nonempty] = np.add.reduceat(_mix(genes), offsets[nonempty])  # wraps modulo 2**64
+    return keys
 
 
 def _sample_zero_genes(

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from exceiver.data import PretrainDataModule
+from exceiver.errors import ExceiverInputError, TrainingError
 from exceiver.model import ExceiverModule
 from exceiver.tokenize import CellBatch
 
@@ -44,6 +45,30 @@ class TrainingConfig:
     strategy: str = "auto"
     precision: str = "32-true"
 
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+            (self.grad_clip > 0, "grad_clip must be > 0"),
+            (self.gene_lr_mult > 0, "gene_lr_mult must be > 0"),
+            (self.max_epochs >= 1, "max_epochs must be >= 1"),
+            (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0"),
+            (0 < self.val_fraction < 1, "val_fraction must be between 0 and 1"),
+            (self.patience >= 1, "patience must be >= 1"),
+            (self.val_every_steps is None or self.val_every_steps >= 1, "val_every_steps must be >= 1"),
+            (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
+            (self.num_workers >= 0, "num_workers must be >= 0"),
+            # These strategies train in child processes that cannot hand the weights back.
+            (not any(w in str(self.strategy) for w in ("spawn", "fork", "notebook")),
+             f"strategy {self.strategy!r} is not supported: use 'ddp' (one launched process per device)"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ExceiverInputError("invalid training settings: " + "; ".join(problems))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -54,7 +79,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def lr_factor(step: int, warmup: int, planned: int, min_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to `min_ratio` at step `planned`."""
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at step `planned`."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, planned - warmup))
@@ -73,6 +98,7 @@ class PretrainingPlan(L.LightningModule):
         super().__init__()
         self.module, self.training_config = module, training
         self.planned_steps = planned_steps
+        self.warmup_steps = 0
         self.register_buffer("gene_means", torch.as_tensor(gene_means, dtype=torch.float32), persistent=False)
         self.val_mse = torchmetrics.MeanSquaredError()
         self.val_baseline_mse = torchmetrics.MeanSquaredError()
@@ -95,15 +121,14 @@ class PretrainingPlan(L.LightningModule):
     def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
         pred = self._predict(batch).float()
         masked = batch.query_mask & ~batch.query_is_zero
-        if masked.any():
-            y, y_hat = batch.targets[masked], pred[masked]
-            self.val_mse.update(y_hat, y)
-            self.val_baseline_mse.update(self.gene_means[batch.query_ids[masked]], y)
+        y, y_hat = batch.targets[masked], pred[masked]
+        self.val_mse.update(y_hat, y)
+        self.val_baseline_mse.update(self.gene_means[batch.query_ids[masked]], y)
+        if y.numel():  # PearsonCorrCoef refuses empty updates
             self.val_pearson.update(y_hat, y)
-            self.val_explained_variance.update(y_hat, y)
+        self.val_explained_variance.update(y_hat, y)
         zeros = batch.query_mask & batch.query_is_zero
-        if zeros.any():
-            self.val_zero_mse.update(pred[zeros], batch.targets[zeros])
+        self.val_zero_mse.update(pred[zeros], batch.targets[zeros])
 
     def on_validation_epoch_end(self) -> None:
         mse, baseline = self.val_mse.compute(), self.val_baseline_mse.compute()
@@ -114,12 +139,12 @@ class PretrainingPlan(L.LightningModule):
             "val_pearson": self.val_pearson.compute(),
             "val_explained_variance": self.val_explained_variance.compute(),
         }
-        if self.val_zero_mse.update_count:
+        if self.module.config.zero_query_ratio > 0:  # decided by config: every process agrees
             metrics["val_zero_mse"] = self.val_zero_mse.compute()
-        # torchmetrics already reduced these over processes; syncing identical values is a no-op.
+        # torchmetrics already reduced these over processes; sync_dist averages identical values.
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
         best = self.best_metrics.get("val_masked_mse", math.inf)
-        if not self.trainer.sanity_checking and float(mse) < best:
+        if not self.trainer.sanity_checking and float(mse) < best:  # NaN never counts as best
             self.best_metrics = {k: float(v) for k, v in metrics.items()}
             self.best_metrics |= {"best_epoch": self.current_epoch, "best_step": self.global_step}
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
@@ -130,45 +155,49 @@ class PretrainingPlan(L.LightningModule):
     def configure_optimizers(self):
         if self.planned_steps is None:
             self.planned_steps = int(self.trainer.estimated_stepping_batches)
+        cfg = self.training_config
+        self.warmup_steps = min(cfg.warmup_steps, max(1, self.planned_steps // 10))
         decay, no_decay, genes = [], [], []
         for name, param in self.module.named_parameters():
             if name.startswith(("gene_emb", "gene_bias")):
                 genes.append(param)
             else:
                 (decay if param.dim() >= 2 else no_decay).append(param)
-        cfg = self.training_config
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
              {"params": genes, "weight_decay": 0.0, "lr": cfg.learning_rate * cfg.gene_lr_mult}],
             lr=cfg.learning_rate,
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_factor(step, min(cfg.warmup_steps, max(1, self.planned_steps // 10)),
-                                   self.planned_steps, cfg.min_lr_ratio),
+            optimizer, lambda step: lr_factor(step, self.warmup_steps, self.planned_steps, cfg.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class TimeBudgetSchedule(Callback):
-    """With a time budget, re-plan the number of steps from the measured step time, so that the
-    cosine decay ends when the budget does. Rank 0's estimate is broadcast so that all processes
-    follow one schedule."""
+    """With a time budget, re-plan the cosine horizon from the measured step time, so that the
+    decay ends when the budget does. Speed is measured from step `every` on (start-up excluded);
+    the warm-up is never changed; rank 0's estimate is broadcast so that all processes agree."""
 
     def __init__(self, max_seconds: float, every: int = 25):
         self.max_seconds, self.every = max_seconds, every
 
     def on_train_start(self, trainer: L.Trainer, plan: PretrainingPlan) -> None:
-        self.start, self.step_budget = time.monotonic(), plan.planned_steps
+        self.start, self.step_budget, self.mark = time.monotonic(), plan.planned_steps, None
 
     def on_train_batch_end(self, trainer: L.Trainer, plan: PretrainingPlan, *args) -> None:
         step = trainer.global_step
         if step == 0 or step % self.every:
             return
-        elapsed = time.monotonic() - self.start
-        remaining = (self.max_seconds - elapsed) * step / elapsed
-        planned = trainer.strategy.broadcast(int(min(self.step_budget, step + max(remaining, 0))), src=0)
-        plan.planned_steps = max(planned, step + 1)
+        now = time.monotonic()
+        if self.mark is None:
+            self.mark = (now, step)
+            return
+        seconds_per_step = (now - self.mark[0]) / (step - self.mark[1])
+        remaining = (self.max_seconds - (now - self.start)) / seconds_per_step
+        planned = int(min(self.step_budget, step + max(remaining, 0)))
+        planned = trainer.strategy.broadcast(planned, src=0)
+        plan.planned_steps = max(planned, step + 1, plan.warmup_steps + 1)
 
 
 def fit(plan: PretrainingPlan, data: PretrainDataModule, training: TrainingConfig, out_dir: Path,
@@ -197,6 +226,7 @@ def fit(plan: PretrainingPlan, data: PretrainDataModule, training: TrainingConfi
         log_every_n_steps=max(1, min(10, len(data.train_rows) // training.batch_size)),
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=out_dir,
+        use_distributed_sampler=False,  # LengthGroupedSampler deals batches to processes itself
     )
     with warnings.catch_warnings():
         # Lightning's own use of a torch API deprecated in torch 2.13: noise for users.
@@ -204,4 +234,9 @@ def fit(plan: PretrainingPlan, data: PretrainDataModule, training: TrainingConfi
         trainer.fit(plan, datamodule=data)
         if plan.best_state is None:  # the budget ended before the first validation
             trainer.validate(plan, datamodule=data, verbose=False)
+    if plan.best_state is None:
+        raise TrainingError(
+            "training produced no finite validation loss (the loss diverged to NaN or infinity): "
+            "try a lower learning_rate or 32-bit precision"
+        )
     return trainer

@@ -40,8 +40,12 @@ class GeneVocab:
             raise ExceiverInputError(
                 f"gene vocabulary has {len(dups)} duplicated identifiers, e.g. {list(dups[:5])}"
             )
-        if any(not g for g in genes):
-            raise ExceiverInputError("gene vocabulary contains an empty identifier")
+        bad = [g for g in genes if not g or g != g.strip() or any(c in g for c in "\t\r\n")]
+        if bad:
+            raise ExceiverInputError(
+                f"gene vocabulary has {len(bad)} identifiers that are empty, have surrounding "
+                f"whitespace or contain tabs/line breaks, e.g. {bad[:3]}"
+            )
         self.genes = index
 
     def __len__(self) -> int:
@@ -78,11 +82,13 @@ class GeneVocab:
         return cls(genes)
 
     def save(self, path: str | Path) -> None:
+        """One identifier per line, verbatim (`load` reads it back exactly)."""
         Path(path).write_text("\n".join(self.genes) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> GeneVocab:
-        return cls(read_gene_list(path))
+        text = Path(path).read_text(encoding="utf-8")
+        return cls(text[:-1].split("\n") if text.endswith("\n") else text.split("\n"))
 
 
 def read_gene_list(path: str | Path) -> list[str]:
@@ -107,7 +113,7 @@ def read_gene_list(path: str | Path) -> list[str]:
 def dataset_genes(adata: ad.AnnData, gene_key: str | None = None) -> np.ndarray:
     """The gene identifiers of a dataset: `var_names`, or a `var` column (missing values -> '')."""
     if gene_key is None:
-        return np.asarray(adata.var_names, dtype=object).astype(str)
+        return np.char.strip(np.asarray(adata.var_names, dtype=object).astype(str))
     if gene_key not in adata.var.columns:
         raise ExceiverInputError(
             f"gene_key {gene_key!r} is not a column of var; available columns: "
@@ -149,6 +155,13 @@ class CellCounts:
     def library_size(self) -> np.ndarray:
         """Total counts per cell over the vocabulary genes (the original normalised over these)."""
         return np.asarray(self.counts.sum(axis=1), dtype=np.float64).ravel()
+
+    def keep_genes(self, keep: np.ndarray) -> CellCounts:
+        """The same cells with only the genes where `keep` is True (the others become unmeasured)."""
+        counts = self.counts.copy()
+        counts.data[~keep[counts.indices]] = 0
+        counts.eliminate_zeros()
+        return CellCounts(counts, self.measured & keep, self.source, self.obs_names, self.source_names)
 
     def subset(self, rows: np.ndarray) -> CellCounts:
         rows = np.asarray(rows)

@@ -11,8 +11,9 @@ from sklearn.decomposition import PCA
 from exceiver.preprocess import TARGET_SUM
 
 
-def log_normalise(adata: ad.AnnData, layer: str | None = None) -> ad.AnnData:
-    """A copy with X = log1p(counts normalised to 1e4 per cell) (the standard scanpy recipe)."""
+def log_normalised(adata: ad.AnnData, layer: str | None = None) -> ad.AnnData:
+    """A copy with X = log1p(counts normalised to 1e4 per cell over all of its genes): the
+    standard scanpy recipe that baselines are computed from."""
     counts = adata.layers[layer] if layer else adata.X
     out = ad.AnnData(sp.csr_matrix(counts, dtype=np.float32), obs=adata.obs[[]], var=adata.var[[]])
     sc.pp.normalize_total(out, target_sum=TARGET_SUM)
@@ -24,7 +25,7 @@ def pca_embedding(adata: ad.AnnData, *, fit_cells: np.ndarray | None = None, n_h
                   n_comps: int = 50, layer: str | None = None, seed: int = 0) -> np.ndarray:
     """PCA of log-normalised highly variable genes (all genes with `n_hvg=None`); genes and
     components are chosen on `fit_cells` only, then every cell is projected."""
-    logn = log_normalise(adata, layer)
+    logn = log_normalised(adata, layer)
     fit = np.arange(adata.n_obs) if fit_cells is None else np.asarray(fit_cells)
     if n_hvg is not None and n_hvg < adata.n_vars:
         hvg = sc.pp.highly_variable_genes(logn[fit], n_top_genes=n_hvg, inplace=False)
