@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import anndata as ad
 import lightning as L
@@ -181,6 +182,42 @@ def build_vocab(datasets: list[tuple[str, ad.AnnData]], genes: str | Path | Sequ
     return GeneVocab.from_gene_lists([dataset_genes(a, key) for (_, a), key in zip(datasets, keys)], restrict)
 
 
+class Corpus(NamedTuple):
+    cells: CellCounts
+    vocab: GeneVocab
+    scaler: GeneScaler
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+
+
+def prepare_corpus(datasets: list[tuple[str, ad.AnnData]], *, genes, gene_key: str | None,
+                   layer: str | None, val_fraction: float, seed: int) -> Corpus:
+    """Datasets -> vocabulary -> aligned, checked counts -> seeded split -> scaler fitted on the
+    training cells. Genes that no training cell expresses are left out of the tokens (their
+    embeddings would stay untrained), as `Exceiver.cells` does at inference."""
+    keys = gene_keys(datasets, gene_key)
+    vocab = build_vocab(datasets, genes, keys)
+    parts = []
+    for (name, adata), key in zip(datasets, keys):
+        part = align(adata, vocab, gene_key=key, layer=layer, name=name)
+        check_counts(part, name)
+        parts.append(drop_empty_cells(part, name))
+    cells = CellCounts.concat(parts)
+    train_rows, val_rows = split_cells(cells.n_cells, val_fraction, seed)
+    scaler = GeneScaler.fit(cells.subset(train_rows))
+    cells = cells.keep_genes(scaler.n_expressed > 0)
+    for rows, split in ((train_rows, "training"), (val_rows, "validation")):
+        if not (cells.n_genes_expressed[rows] >= 2).any():
+            raise ExceiverInputError(
+                f"no {split} cell has 2 or more expressed genes (one to mask, one to see): "
+                "masked-expression pretraining needs richer cells or more of them"
+            )
+    val_rows = val_rows[cells.n_genes_expressed[val_rows] > 0]
+    log.info("pretraining on %s cells (%s training, %s validation) from %d dataset(s), %s genes",
+             f"{cells.n_cells:,}", f"{len(train_rows):,}", f"{len(val_rows):,}", len(parts), f"{len(vocab):,}")
+    return Corpus(cells, vocab, scaler, train_rows, val_rows)
+
+
 def pretrain(
     data: DataInput | Sequence[DataInput],
     out: str | Path | None = None,
@@ -208,29 +245,9 @@ def pretrain(
     config = ExceiverConfig.preset(preset, **(model or {}))
     if out is not None:
         check_output_dir(out, overwrite=overwrite)
-    datasets = read_datasets(data)
-    keys = gene_keys(datasets, gene_key)
-    vocab = build_vocab(datasets, genes, keys)
-    parts = []
-    for (name, adata), key in zip(datasets, keys):
-        part = align(adata, vocab, gene_key=key, layer=layer, name=name)
-        check_counts(part, name)
-        parts.append(drop_empty_cells(part, name))
-    cells = CellCounts.concat(parts)
-    train_rows, val_rows = split_cells(cells.n_cells, training_config.val_fraction, training_config.seed)
-    scaler = GeneScaler.fit(cells.subset(train_rows))
-    # Genes never expressed in the training cells would be untrained tokens: leave them out, as
-    # `Exceiver.cells` does at inference.
-    cells = cells.keep_genes(scaler.n_expressed > 0)
-    for rows, split in ((train_rows, "training"), (val_rows, "validation")):
-        if not (cells.n_genes_expressed[rows] >= 2).any():
-            raise ExceiverInputError(
-                f"no {split} cell has 2 or more expressed genes (one to mask, one to see): "
-                "masked-expression pretraining needs richer cells or more of them"
-            )
-    val_rows = val_rows[cells.n_genes_expressed[val_rows] > 0]
-    log.info("pretraining on %s cells (%s training, %s validation) from %d dataset(s), %s genes",
-             f"{cells.n_cells:,}", f"{len(train_rows):,}", f"{len(val_rows):,}", len(parts), f"{len(vocab):,}")
+    corpus = prepare_corpus(read_datasets(data), genes=genes, gene_key=gene_key, layer=layer,
+                            val_fraction=training_config.val_fraction, seed=training_config.seed)
+    cells, vocab, scaler, train_rows, val_rows = corpus
     config.n_genes = len(vocab)
 
     L.seed_everything(training_config.seed, workers=True, verbose=False)
