@@ -25,7 +25,7 @@ def test_model_folder_has_the_documented_files(tiny_model_dir):
     for key in ("val_masked_mse", "val_gene_mean_mse", "n_train_cells", "n_val_cells", "epochs", "seconds"):
         assert key in metrics
     assert metrics["n_train_cells"] + metrics["n_val_cells"] == 120
-    assert metrics["epochs"] == 2
+    assert metrics["epochs"] == 2 and metrics["stopped_by"] == "max_epochs"
     assert (tiny_model_dir / "logs" / "metrics.csv").is_file()
     assert (tiny_model_dir / "checkpoints" / "last.ckpt").is_file()
 
@@ -202,3 +202,16 @@ def test_gene_key_applies_to_the_datasets_that_have_it(caplog):
     assert model.metrics["datasets"] == {"adata0": 30, "adata1": 30}
     with pytest.raises(ExceiverInputError, match="gene_key 'symbol' is not a column of var in any dataset"):
         pretrain([symbols, ensembl], None, model=TINY, gene_key="symbol", max_epochs=1, progress=False)
+
+
+def test_stop_reasons_are_reported(monkeypatch):
+    timed = pretrain(synthetic_counts(n_cells=200), None, model=TINY, max_epochs=1000, max_minutes=0.03,
+                     batch_size=8, progress=False)
+    assert timed.metrics["stopped_by"] == "max_minutes" and timed.metrics["epochs"] < 1000
+
+    original = exceiver.train.PretrainingPlan.training_step
+    monkeypatch.setattr(exceiver.train.PretrainingPlan, "training_step",
+                        lambda self, batch, i: 0.0 * original(self, batch, i))  # weights never move
+    stuck = pretrain(synthetic_counts(n_cells=60), None, model=TINY, max_epochs=50, patience=2,
+                     weight_decay=0.0, progress=False)
+    assert stuck.metrics["stopped_by"] == "early_stopping" and stuck.metrics["epochs"] == 3

@@ -288,8 +288,9 @@ def _output_folder(out: str | Path | None, overwrite: bool):
 
 def _stop_reason(trainer: L.Trainer, training: TrainingConfig) -> str:
     stopper = trainer.early_stopping_callback
-    reason = getattr(getattr(stopper, "stopping_reason", None), "value", "not_stopped")
-    if reason != "not_stopped" or (stopper is not None and stopper.stopped_epoch > 0):
+    reason = getattr(stopper, "stopping_reason", None)  # Lightning >= 2.5
+    stopped = reason.name != "NOT_STOPPED" if reason is not None else getattr(stopper, "stopped_epoch", 0) > 0
+    if stopped:
         return "early_stopping"
     if trainer.current_epoch >= training.max_epochs:
         return "max_epochs"

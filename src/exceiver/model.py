@@ -28,9 +28,9 @@ class ExceiverConfig:
 
     n_genes: int = 0  # vocabulary size, set from the data
     gene_dim: int = 32  # gene embedding width (also the decoder's width)
-    n_latents: int = 64
+    n_latents: int = 32
     latent_dim: int = 64
-    n_layers: int = 4  # processor self-attention blocks
+    n_layers: int = 2  # processor self-attention blocks
     n_heads: int = 4  # processor heads
     cross_heads: int = 4  # encoder and decoder cross-attention heads
     ff_dim: int = 256  # processor feed-forward width
@@ -92,7 +92,7 @@ PRESETS: dict[str, dict] = {
     ),
     # Chosen for quality per CPU-minute (see docs/presets.md for the measurement).
     "default": dict(
-        gene_dim=32, n_latents=64, latent_dim=64, n_layers=4, n_heads=4, cross_heads=4,
+        gene_dim=32, n_latents=32, latent_dim=64, n_layers=2, n_heads=4, cross_heads=4,
         ff_dim=256, cross_ff_mult=4, gene_bias=True,
     ),
 }
