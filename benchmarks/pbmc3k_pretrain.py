@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--preset", default="default")
     parser.add_argument("--model", type=json.loads, default={}, help="JSON overrides of the preset")
+    parser.add_argument("--training", type=json.loads, default={}, help="JSON TrainingConfig overrides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="model folder (default: keep in memory)")
     args = parser.parse_args()
@@ -39,7 +40,7 @@ def main() -> None:
     train, test = train_test_split(np.arange(adata.n_obs), test_size=0.2, random_state=args.seed, stratify=labels)
     train.sort()
     model = pretrain(adata[train].copy(), args.out, preset=args.preset, model=args.model,
-                     max_minutes=args.minutes, seed=args.seed, progress=False)
+                     max_minutes=args.minutes, seed=args.seed, progress=False, **args.training)
     start = time.perf_counter()
     embedding = model.embed(adata, progress=False)
     embed_seconds = time.perf_counter() - start

@@ -215,3 +215,25 @@ def test_stop_reasons_are_reported(monkeypatch):
     stuck = pretrain(synthetic_counts(n_cells=60), None, model=TINY, max_epochs=50, patience=2,
                      weight_decay=0.0, progress=False)
     assert stuck.metrics["stopped_by"] == "early_stopping" and stuck.metrics["epochs"] == 3
+
+
+def test_predict_values_of_chosen_genes(tiny_model_dir, counts_adata):
+    model = Exceiver.load(tiny_model_dir)
+    every = model.predict_values(counts_adata, progress=False)
+    assert every.shape == (counts_adata.n_obs, len(model.vocab)) and np.isfinite(every).all()
+    chosen = model.predict_values(counts_adata, ["G0005", "G0001"], progress=False)
+    np.testing.assert_allclose(chosen, every[:, [5, 1]], atol=1e-5)
+    with pytest.raises(ExceiverInputError, match="not in the model's vocabulary"):
+        model.predict_values(counts_adata, ["NOT_A_GENE"], progress=False)
+    with pytest.raises(ExceiverInputError, match="no class head"):
+        model.predict_logits(counts_adata, progress=False)
+
+
+def test_paper_compatible_models_pretrain_save_and_load(tmp_path):
+    adata = synthetic_counts(n_cells=60, n_genes=80)
+    model = pretrain(adata, tmp_path / "paper", model={**TINY, "paper_compatible": True}, max_epochs=2,
+                     batch_size=16, progress=False)
+    loaded = Exceiver.load(tmp_path / "paper")
+    assert loaded.config.paper_compatible
+    np.testing.assert_array_equal(model.embed(adata, progress=False), loaded.embed(adata, progress=False))
+    assert np.isfinite(model.metrics["val_masked_mse"])

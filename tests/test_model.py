@@ -122,3 +122,31 @@ def test_value_offsets_start_at_the_gene_means():
     # Predictions start near the offsets: the head's learned part is small at initialisation.
     latents = plain.encode(torch.randint(0, 120, (2, 10)), torch.rand(2, 10), torch.ones(2, 10, dtype=torch.bool))
     assert (plain.predict_values(latents, torch.randint(0, 120, (2, 5))) - 2.5).abs().max() < 2.0
+
+
+def test_paper_compatible_switch_changes_only_the_documented_computation():
+    torch.manual_seed(3)
+    config = ExceiverConfig(n_genes=120, n_classes=3, paper_compatible=True, **TINY)
+    original = ExceiverModule(config).eval()
+    ours = ExceiverModule(ExceiverConfig(n_genes=120, n_classes=3, **TINY))
+    extra = set(original.state_dict()) - set(ours.state_dict())
+    # LayerNorm on the encoder's tokens and inside both cross-attention feed-forwards.
+    assert extra == {"encoder.norm_kv.weight", "encoder.norm_kv.bias", "encoder.ff.4.weight", "encoder.ff.4.bias",
+                     "decoder.ff.4.weight", "decoder.ff.4.bias"}
+    assert isinstance(original.encoder.ff[3], torch.nn.LayerNorm) and isinstance(ours.encoder.ff[3], torch.nn.Linear)
+    assert original.processor[0].post_norm and not ours.processor[0].post_norm
+    gene_ids, values = torch.randint(0, 120, (1, 30)), torch.rand(1, 30) + 0.5
+    zero = torch.zeros(1, 30, dtype=torch.bool)
+    zero[0, 20:] = True  # the last 10 tokens are zero-count genes: +1 logit, not excluded
+    mask = torch.ones(1, 30, dtype=torch.bool)
+    with torch.no_grad():
+        flagged = original.encode(gene_ids, values, mask, zero)
+        unflagged = original.encode(gene_ids, values, mask)
+        assert (flagged - unflagged).abs().max() > 1e-4
+        padded = original.encode(torch.cat([gene_ids, torch.full((1, 7), 120)], 1),
+                                 torch.cat([values, torch.randn(1, 7)], 1),
+                                 torch.cat([mask, torch.zeros(1, 7, dtype=torch.bool)], 1),
+                                 torch.cat([zero, torch.ones(1, 7, dtype=torch.bool)], 1))
+    torch.testing.assert_close(flagged, padded, atol=1e-5, rtol=1e-5)
+    # Sparse (default) models ignore zero flags: their batches never hold zero-count tokens.
+    torch.testing.assert_close(ours.encode(gene_ids, values, mask, zero), ours.encode(gene_ids, values, mask))

@@ -129,3 +129,34 @@ def test_zero_queries_are_measured_unexpressed_distinct_genes():
         assert set(zeros).isdisjoint(_row_genes(cells, i))
         assert cells.measured[0, zeros].all()
         np.testing.assert_allclose(batch.targets[i][batch.query_is_zero[i]].numpy(), scaler.zero_values(zeros))
+
+
+def test_paper_compatible_batches_hold_every_measured_gene():
+    """The original's input: every gene the dataset measured, zero genes flagged, masked genes as
+    the padding id with value 1; unmeasured vocabulary genes are not tokens."""
+    a, b = synthetic_counts(n_cells=12, n_genes=60, seed=1), synthetic_counts(n_cells=8, n_genes=60, seed=2)
+    b = b[:, 20:].copy()  # the second dataset measures 40 of the 60 genes
+    vocab = GeneVocab(a.var_names)
+    cells = CellCounts.concat([align(a, vocab), align(b, vocab)])
+    scaler = GeneScaler.fit(cells)
+    rows = np.arange(cells.n_cells)
+    batch = make_batch(cells, rows, scaler, pad_id=60, max_tokens=4, mask_fraction=0.15, salt=3, all_genes=True)
+    assert batch.gene_ids.shape == (20, 60)  # max_tokens does not apply: every gene is a token
+    np.testing.assert_array_equal(batch.token_mask.sum(1).numpy(), [60] * 12 + [40] * 8)
+    values = scaler.cell_values(cells)
+    for i, row in enumerate(rows):
+        expressed = set(_row_genes(cells, row).tolist())
+        masked = _masked_set(batch, i)
+        assert masked <= expressed and len(masked) == masked_count(np.array([len(expressed)]), 0.15, 4)[0]
+        ids, vals = batch.gene_ids[i].numpy(), batch.values[i].numpy()
+        zero = batch.token_zero[i].numpy() & batch.token_mask[i].numpy()
+        measured = set(np.flatnonzero(cells.measured[cells.source[row]]).tolist())
+        assert set(ids[zero].tolist()) == measured - expressed
+        np.testing.assert_allclose(vals[zero], scaler.zero_values(ids[zero]))
+        is_pad = (ids == 60) & batch.token_mask[i].numpy()
+        assert is_pad.sum() == len(masked) and (vals[is_pad] == 1.0).all() and not zero[is_pad].any()
+        seen = ~zero & ~is_pad & batch.token_mask[i].numpy()
+        assert set(ids[seen].tolist()) == expressed - masked
+        start = cells.counts.indptr[row]
+        by_gene = dict(zip(_row_genes(cells, row).tolist(), values[start:start + len(expressed)]))
+        np.testing.assert_allclose(vals[seen], [by_gene[g] for g in ids[seen]], rtol=1e-6)

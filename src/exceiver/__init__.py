@@ -9,10 +9,11 @@ __version__ = "0.1.0"
 from exceiver.api import Exceiver, pretrain  # noqa: E402
 from exceiver.errors import ExceiverInputError, ModelFileError  # noqa: E402
 from exceiver.model import ExceiverConfig  # noqa: E402
+from exceiver.original import import_original  # noqa: E402
 from exceiver.train import TrainingConfig  # noqa: E402
 from exceiver.vocab import GeneVocab  # noqa: E402
 
 __all__ = [
     "Exceiver", "ExceiverConfig", "ExceiverInputError", "GeneVocab", "ModelFileError",
-    "TrainingConfig", "__version__", "pretrain",
+    "TrainingConfig", "__version__", "import_original", "pretrain",
 ]

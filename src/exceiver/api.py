@@ -32,6 +32,8 @@ from exceiver.vocab import CellCounts, GeneVocab, align, dataset_genes, read_gen
 
 log = logging.getLogger(__name__)
 
+QUERY_CHUNK = 4096  # decoder queries per call when predicting many genes (bounds memory)
+
 DataInput = str | Path | ad.AnnData
 
 
@@ -39,13 +41,17 @@ class Exceiver:
     """A pretrained Exceiver: network, gene vocabulary and scaler, applied to AnnData."""
 
     def __init__(self, module: ExceiverModule, vocab: GeneVocab, scaler: GeneScaler, *,
-                 training: dict | None = None, metrics: dict | None = None):
+                 training: dict | None = None, metrics: dict | None = None, classes: Sequence[str] | None = None):
         if not len(vocab) == module.config.n_genes == len(scaler):
             raise ModelFileError(
                 f"vocabulary ({len(vocab):,} genes), network ({module.config.n_genes:,}) and "
                 f"scaler ({len(scaler):,}) disagree on the number of genes"
             )
+        n_classes = module.config.n_classes
+        if len(classes or ()) != n_classes or len(set(classes or ())) != n_classes:
+            raise ModelFileError(f"the model has {n_classes} classes but {len(classes or ())} unique class names")
         self.module, self.vocab, self.scaler = module, vocab, scaler
+        self.classes = [str(c) for c in classes] if classes else None
         self.training = training or {}
         self.metrics = metrics or {}
 
@@ -74,7 +80,8 @@ class Exceiver:
         if bad:
             raise ModelFileError(f"{Path(path) / 'model.safetensors'} holds non-finite weights in {bad[:3]}")
         module.eval()
-        return cls(module, vocab, scaler, training=config.get("training"), metrics=metrics)
+        return cls(module, vocab, scaler, training=config.get("training"), metrics=metrics,
+                   classes=config.get("classes"))
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         with atomic_dir(path, overwrite=overwrite) as tmp:
@@ -83,6 +90,8 @@ class Exceiver:
 
     def _write(self, folder: Path) -> None:
         config = {"exceiver_version": __version__, "model": self.config.to_dict(), "training": self.training}
+        if self.classes:
+            config["classes"] = self.classes
         save_model_files(folder, config=config, state_dict=self.module.state_dict(), vocab=self.vocab,
                          scaler=self.scaler, metrics=self.metrics)
 
@@ -92,7 +101,7 @@ class Exceiver:
         in genes the model saw expressed in training (others have untrained embeddings)."""
         cells = align(adata, self.vocab, gene_key=gene_key, layer=layer, name=name)
         check_counts(cells, name)
-        cells = cells.keep_genes(self.scaler.n_expressed > 0)
+        cells = cells.keep_genes(self.scaler.trained_genes)
         require_nonempty_cells(cells, name)
         return cells
 
@@ -103,18 +112,61 @@ class Exceiver:
         written to `adata.obsm[key]` and returned."""
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
-        cells = self.cells(adata, gene_key=gene_key, layer=layer)
-        device = resolve_device(device)
-        self.module.to(device)
         width = self.config.latent_dim * (self.config.n_latents if pooling == "flatten" else 1)
-        embedding = np.empty((cells.n_cells, width), dtype=np.float32)
-        for batch, latents in iterate_latents(self.module, cells, self.scaler, batch_size=batch_size,
-                                              device=device, num_workers=num_workers,
-                                              progress=progress, desc="embedding"):
+        embedding = np.empty((adata.n_obs, width), dtype=np.float32)
+        for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "embedding",
+                                            num_workers):
             embedding[batch.cells.cpu().numpy()] = ExceiverModule.pool(latents, pooling).float().cpu().numpy()
         adata.obsm[key] = embedding
         adata.uns.setdefault("exceiver", {})[key] = {"pooling": pooling, "n_genes": len(self.vocab)}
         return embedding
+
+    @torch.inference_mode()
+    def predict_values(self, adata: ad.AnnData, query_genes: Sequence[str] | None = None, *,
+                       gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
+                       device: str | None = None, progress: bool = True) -> np.ndarray:
+        """The decoder's predicted value of each query gene in each cell, from all of the cell's
+        tokens (nothing masked), in the model's value space (z-score + 1): [cells, query genes].
+        query_genes: vocabulary genes to predict (default: all, in vocabulary order)."""
+        if query_genes is None:
+            ids = np.arange(len(self.vocab))
+        else:
+            ids = self.vocab.ids(list(query_genes))
+            if (ids < 0).any():
+                unknown = [g for g, i in zip(query_genes, ids) if i < 0]
+                raise ExceiverInputError(f"{len(unknown)} query genes are not in the model's vocabulary, e.g. {unknown[:3]}")
+        out = np.empty((adata.n_obs, len(ids)), dtype=np.float32)
+        query = torch.from_numpy(ids)
+        for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "predicting"):
+            rows = batch.cells.cpu().numpy()
+            for start in range(0, len(ids), QUERY_CHUNK):
+                chunk = query[start:start + QUERY_CHUNK].to(latents.device).expand(len(batch), -1)
+                out[rows, start:start + QUERY_CHUNK] = self.module.predict_values(latents, chunk).float().cpu().numpy()
+        return out
+
+    @torch.inference_mode()
+    def predict_logits(self, adata: ad.AnnData, **kwargs) -> np.ndarray:
+        """Class-token logits [cells, classes] (columns: `self.classes`)."""
+        if self.module.class_head is None:
+            raise ExceiverInputError("this model has no class head: it predicts expression, not classes")
+        out = np.empty((adata.n_obs, self.config.n_classes), dtype=np.float32)
+        for batch, latents in self._latents(adata, desc="classifying", **kwargs):
+            out[batch.cells.cpu().numpy()] = self.module.class_logits(latents).float().cpu().numpy()
+        return out
+
+    def predict_proba(self, adata: ad.AnnData, **kwargs) -> np.ndarray:
+        """Class probabilities [cells, classes] (softmax of the logits; columns: `self.classes`)."""
+        return torch.softmax(torch.from_numpy(self.predict_logits(adata, **kwargs)).double(), dim=1).numpy()
+
+    def _latents(self, adata: ad.AnnData, gene_key: str | None = None, layer: str | None = None,
+                 batch_size: int | None = None, device: str | None = None, progress: bool = True,
+                 desc: str = "cells", num_workers: int = 0):
+        """(batch, processed latents) over the cells of `adata`, in batches on the chosen device."""
+        cells = self.cells(adata, gene_key=gene_key, layer=layer)
+        device = resolve_device(device)
+        self.module.to(device)
+        return iterate_latents(self.module, cells, self.scaler, batch_size=batch_size, device=device,
+                               num_workers=num_workers, progress=progress, desc=desc)
 
     def gene_embeddings(self) -> pd.DataFrame:
         """The learned gene embedding of every vocabulary gene (rows indexed by gene)."""

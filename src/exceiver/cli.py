@@ -1,4 +1,4 @@
-"""The `exceiver` command line: pretrain, embed, demo."""
+"""The `exceiver` command line: pretrain, embed, demo, import-original."""
 
 from __future__ import annotations
 
@@ -82,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace DIR even if it is not an earlier demo's output")
+
+    p = commands.add_parser("import-original", help="import a checkpoint of the original release",
+                            description="Convert a PyTorch Lightning checkpoint of the original Exceiver code "
+                                        "into a model folder that computes exactly as the original "
+                                        "(paper-compatible mode). Nothing in the file is executed.")
+    p.add_argument("checkpoint", type=Path, metavar="CKPT")
+    p.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR", help="model folder to write")
+    p.add_argument("--genes", type=Path, metavar="FILE",
+                   help="the checkpoint's genes, one per line, in its order (default: placeholder names)")
+    p.add_argument("--scaler", type=Path, metavar="SCALER.npz",
+                   help="the original StandardScaler: an .npz with 'mean' and 'scale' arrays, one value per gene")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
     return parser
 
 
@@ -116,13 +128,25 @@ def run_demo(args: argparse.Namespace) -> None:
                progress=not args.quiet))
 
 
+def run_import_original(args: argparse.Namespace) -> None:
+    from exceiver.io import check_output_dir
+    from exceiver.original import import_original
+
+    check_output_dir(args.out, overwrite=args.overwrite)
+    model = import_original(args.checkpoint, genes=args.genes, scaler=args.scaler)
+    model.save(args.out, overwrite=args.overwrite)
+    kind = f"classifier of {len(model.classes)} classes" if model.classes else "masked-expression model"
+    print(f"wrote {args.out}: {model} ({kind}, paper-compatible)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for name in ("lightning.pytorch", "lightning.fabric"):  # they set up their own INFO handlers
         logging.getLogger(name).setLevel(level)
-    runners = {"pretrain": run_pretrain, "embed": run_embed, "demo": run_demo}
+    runners = {"pretrain": run_pretrain, "embed": run_embed, "demo": run_demo,
+               "import-original": run_import_original}
     try:
         runners[args.command](args)
     except (ExceiverInputError, ModelFileError, TrainingError) as err:

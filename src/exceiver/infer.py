@@ -52,5 +52,5 @@ def iterate_latents(
     with tqdm(total=cells.n_cells, unit="cell", desc=desc, disable=not progress) as bar:
         for batch in loader:
             batch = batch.to(device, non_blocking=True)
-            yield batch, module.encode(batch.gene_ids, batch.values, batch.token_mask)
+            yield batch, module.encode(batch.gene_ids, batch.values, batch.token_mask, batch.token_zero)
             bar.update(len(batch))

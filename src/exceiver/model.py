@@ -6,6 +6,11 @@ decoder:   query embeddings (genes, or a class token) cross-attend to the latent
            each query to a predicted value (or class logits).
 Attention runs through `scaled_dot_product_attention` with a boolean padding mask: a cell's cost
 is linear in its number of expressed genes, and its outputs do not depend on how it was padded.
+
+`ExceiverConfig.paper_compatible` switches the same modules to the original release's computation
+(see docs/original.md): every measured gene is a token, zero-count genes get a +1 attention logit
+(the original's float padding mask), LayerNorm on the encoder's tokens, a LayerNorm inside the
+cross-attention feed-forwards, and post-norm processor blocks.
 """
 
 from __future__ import annotations
@@ -42,13 +47,15 @@ class ExceiverConfig:
     mask_fraction: float = 0.15  # fraction of a cell's expressed genes masked in pretraining
     zero_query_ratio: float = 0.0  # zero-count genes queried per masked gene (0: off)
     max_tokens: int = 4096  # expressed genes per cell beyond this are subsampled
+    class_hidden: int = 0  # hidden width of the class head (0: n_classes, as the original)
+    paper_compatible: bool = False  # compute exactly as the original release (imported checkpoints)
 
     def __post_init__(self) -> None:
         sizes = dict(gene_dim=self.gene_dim, n_latents=self.n_latents, latent_dim=self.latent_dim,
                      n_heads=self.n_heads, cross_heads=self.cross_heads, ff_dim=self.ff_dim,
                      cross_ff_mult=self.cross_ff_mult)
         small = [name for name, value in sizes.items() if value < 1]
-        if small or min(self.n_genes, self.n_layers, self.head_hidden, self.n_classes) < 0:
+        if small or min(self.n_genes, self.n_layers, self.head_hidden, self.n_classes, self.class_hidden) < 0:
             raise ValueError(f"model sizes must be positive (got {small or 'a negative size'})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -98,8 +105,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+# The attention logit that the original's float padding mask adds to zero-count gene tokens.
+ZERO_TOKEN_LOGIT = 1.0
+
+
+def _mlp(d_in: int, hidden: int, d_out: int, mid_norm: bool = False) -> nn.Sequential:
+    """LayerNorm, Linear, GELU, [LayerNorm,] Linear: the original places a second LayerNorm
+    before the last Linear of its cross-attention feed-forwards."""
+    mid = [nn.LayerNorm(hidden)] if mid_norm else []
+    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.GELU(), *mid, nn.Linear(hidden, d_out))
 
 
 def _split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -124,7 +138,8 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries of width `dim` attend to keys/values of width `kv_dim`; `kv_mask` is True at real keys."""
+    """Queries of width `dim` attend to keys/values of width `kv_dim`; `kv_mask` is True at real
+    keys, or a float tensor added to the attention logits (-inf at padding)."""
 
     def __init__(self, dim: int, kv_dim: int, n_heads: int):
         super().__init__()
@@ -138,20 +153,20 @@ class CrossAttention(nn.Module):
         if q.dim() == 3:  # queries shared by all cells (the latent array)
             q = q.expand(kv.shape[0], *q.shape)
         k, v = _split_heads(self.kv(kv), 2 * self.n_heads).chunk(2, dim=-3)
-        mask = None if kv_mask is None else kv_mask[:, None, None, :]
+        mask = None if kv_mask is None else kv_mask[:, None, None, :].to(q.dtype if kv_mask.is_floating_point() else torch.bool)
         return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
 
 
 class CrossAttentionBlock(nn.Module):
     """Pre-norm cross-attention + feed-forward, with residuals on the query stream."""
 
-    def __init__(self, dim: int, kv_dim: int, n_heads: int, ff_mult: int, norm_kv: bool):
+    def __init__(self, dim: int, kv_dim: int, n_heads: int, ff_mult: int, norm_kv: bool, mid_norm: bool = False):
         super().__init__()
         self.norm_q = nn.LayerNorm(dim)
         # Gene tokens are embedding x value: a LayerNorm would cancel each token's value scale.
         self.norm_kv = nn.LayerNorm(kv_dim) if norm_kv else nn.Identity()
         self.attn = CrossAttention(dim, kv_dim, n_heads)
-        self.ff = _mlp(dim, ff_mult * dim, dim)
+        self.ff = _mlp(dim, ff_mult * dim, dim, mid_norm)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm_q(x), self.norm_kv(kv), kv_mask)
@@ -159,21 +174,29 @@ class CrossAttentionBlock(nn.Module):
 
 
 class SelfAttentionBlock(nn.Module):
-    def __init__(self, dim: int, n_heads: int, ff_dim: int, dropout: float):
+    """Self-attention + feed-forward; pre-norm (stable for deep stacks) or post-norm (the original's
+    nn.TransformerEncoderLayer)."""
+
+    def __init__(self, dim: int, n_heads: int, ff_dim: int, dropout: float, post_norm: bool = False):
         super().__init__()
+        self.post_norm = post_norm
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, n_heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff_dim, dim))
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:
+            x = self.norm1(x + self.drop(self.attn(x)))
+            return self.norm2(x + self.drop(self.ff(x)))
         x = x + self.attn(self.norm1(x))
         return x + self.ff(self.norm2(x))
 
 
 class ExceiverModule(nn.Module):
     """Pure network: tokens -> latents -> predictions. Gene id `n_genes` is padding (a fixed zero
-    vector) and `n_genes + 1` is the class-token query."""
+    vector; the original's mask token) and `n_genes + 1` is the class-token query."""
 
     def __init__(self, config: ExceiverConfig):
         super().__init__()
@@ -184,14 +207,18 @@ class ExceiverModule(nn.Module):
         head_hidden = c.head_hidden or c.gene_dim
         self.gene_emb = nn.Embedding(c.n_genes + 2, c.gene_dim, padding_idx=self.pad_id)
         self.latents = nn.Parameter(torch.randn(c.n_latents, c.latent_dim))
-        self.encoder = CrossAttentionBlock(c.latent_dim, c.gene_dim, c.cross_heads, c.cross_ff_mult, norm_kv=False)
+        original = c.paper_compatible
+        self.encoder = CrossAttentionBlock(c.latent_dim, c.gene_dim, c.cross_heads, c.cross_ff_mult,
+                                           norm_kv=original, mid_norm=original)
         self.processor = nn.ModuleList(
-            SelfAttentionBlock(c.latent_dim, c.n_heads, c.ff_dim, c.dropout) for _ in range(c.n_layers)
+            SelfAttentionBlock(c.latent_dim, c.n_heads, c.ff_dim, c.dropout, post_norm=original)
+            for _ in range(c.n_layers)
         )
-        self.decoder = CrossAttentionBlock(c.gene_dim, c.latent_dim, c.cross_heads, c.cross_ff_mult, norm_kv=True)
+        self.decoder = CrossAttentionBlock(c.gene_dim, c.latent_dim, c.cross_heads, c.cross_ff_mult,
+                                           norm_kv=True, mid_norm=original)
         self.value_head = _mlp(c.gene_dim, head_hidden, 1)
         self.gene_bias = nn.Parameter(torch.zeros(c.n_genes + 2)) if c.gene_bias else None
-        self.class_head = _mlp(c.gene_dim, head_hidden, c.n_classes) if c.n_classes else None
+        self.class_head = _mlp(c.gene_dim, c.class_hidden or c.n_classes, c.n_classes) if c.n_classes else None
 
     @torch.no_grad()
     def init_value_offsets(self, gene_means: torch.Tensor, mean_value: float) -> None:
@@ -203,10 +230,23 @@ class ExceiverModule(nn.Module):
         else:
             self.value_head[-1].bias.fill_(mean_value)
 
-    def encode(self, gene_ids: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    def encode(self, gene_ids: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor,
+               token_zero: torch.Tensor | None = None) -> torch.Tensor:
         """Gene tokens [B, L] -> processed latents [B, n_latents, latent_dim]."""
-        tokens = self.gene_emb(gene_ids) * values.unsqueeze(-1)
-        latents = self.encoder(self.latents, tokens, token_mask)
+        return self.process(self.encode_tokens(gene_ids, values, token_mask, token_zero))
+
+    def encode_tokens(self, gene_ids: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor,
+                      token_zero: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's cross-attention alone. `token_zero` marks zero-count gene tokens (paper-
+        compatible batches only): they get the original's +1 attention logit."""
+        tokens = self.gene_emb(gene_ids) * values.unsqueeze(-1).to(self.latents.dtype)
+        mask = token_mask
+        if self.config.paper_compatible and token_zero is not None:
+            bias = token_zero.to(tokens.dtype) * ZERO_TOKEN_LOGIT
+            mask = bias.masked_fill(~token_mask, float("-inf"))
+        return self.encoder(self.latents, tokens, mask)
+
+    def process(self, latents: torch.Tensor) -> torch.Tensor:
         for block in self.processor:
             latents = block(latents)
         return latents
@@ -225,9 +265,9 @@ class ExceiverModule(nn.Module):
         query = torch.full((latents.shape[0], 1), self.class_id, device=latents.device)
         return self.class_head(self.decode(latents, query)[:, 0])
 
-    def forward(self, gene_ids, values, token_mask, query_ids) -> torch.Tensor:
+    def forward(self, gene_ids, values, token_mask, query_ids, token_zero=None) -> torch.Tensor:
         """The pretraining computation: predicted values of the query genes [B, Q]."""
-        return self.predict_values(self.encode(gene_ids, values, token_mask), query_ids)
+        return self.predict_values(self.encode(gene_ids, values, token_mask, token_zero), query_ids)
 
     @staticmethod
     def pool(latents: torch.Tensor, pooling: str = "mean") -> torch.Tensor:

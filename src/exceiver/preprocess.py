@@ -163,6 +163,12 @@ class GeneScaler:
         self.n_expressed = count
 
     @property
+    def trained_genes(self) -> np.ndarray:
+        """Genes expressed in training (the others have untrained embeddings); every gene for an
+        imported scaler, whose training counts are unknown."""
+        return self.n_expressed > 0 if self.n_expressed.any() else np.ones(len(self), dtype=bool)
+
+    @property
     def mean_expressed_value(self) -> float:
         """The average value of an expressed entry in the training cells."""
         return float((self.expressed_mean * self.n_expressed).sum() / max(self.n_expressed.sum(), 1))

@@ -12,6 +12,10 @@ Masked counts do not reach the encoder even through normalisation: tokens are no
 library of the cell's unmasked genes divided by their expected share of it, (n - m) / n for m of n
 genes masked at random (an unbiased estimate of the full library); targets use the full library,
 as inference does.
+
+Paper-compatible models (`all_genes=True`) see what the original release saw: every gene that the
+cell's dataset measured is a token (zero-count genes flagged in `token_zero`), masked genes stay
+in place as the zero padding vector with value 1, and tokens use the full library.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class CellBatch:
     gene_ids: torch.Tensor  # [B, L] int64 encoder tokens (padding id where masked out)
     values: torch.Tensor  # [B, L] float32 token values
     token_mask: torch.Tensor  # [B, L] bool
+    token_zero: torch.Tensor  # [B, L] bool: a zero-count gene token (paper-compatible batches only)
     query_ids: torch.Tensor  # [B, Q] int64 decoder query genes
     targets: torch.Tensor  # [B, Q] float32 values to predict
     query_mask: torch.Tensor  # [B, Q] bool
@@ -79,6 +84,7 @@ def make_batch(
     mask_fraction: float = 0.0,
     zero_query_ratio: float = 0.0,
     salt: int = 0,
+    all_genes: bool = False,
 ) -> CellBatch:
     """Tokenize cells `rows` of `cells` (vectorised over all their non-zero entries)."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -94,9 +100,9 @@ def make_batch(
     library = np.bincount(entry_cell, weights=entry_counts, minlength=n_cells)  # this batch's cells only
 
     n_masked = masked_count(n_expr, mask_fraction, max_tokens)
-    n_visible = np.minimum(n_expr - n_masked, max_tokens)
+    n_visible = n_expr - n_masked if all_genes else np.minimum(n_expr - n_masked, max_tokens)
     cell_keys = _mix(_cell_keys(genes, offsets, n_expr) ^ _mix(np.uint64(salt % 2**64)))
-    if mask_fraction > 0 or (n_expr > max_tokens).any():
+    if mask_fraction > 0 or (n_visible < n_expr - n_masked).any():
         # A random order per cell: the first genes are masked, the next ones are tokens.
         order = np.lexsort((_mix(cell_keys[entry_cell] ^ genes.astype(np.uint64)), entry_cell))
         genes, entry_counts = genes[order], entry_counts[order]
@@ -104,20 +110,25 @@ def make_batch(
     masked = rank < n_masked[entry_cell]
     visible = ~masked & (rank < (n_masked + n_visible)[entry_cell])
     masked_library = np.bincount(entry_cell[masked], weights=entry_counts[masked], minlength=n_cells)
-    token_library = (library - masked_library) * n_expr / np.maximum(n_expr - n_masked, 1)
+    token_library = library if all_genes else (library - masked_library) * n_expr / np.maximum(n_expr - n_masked, 1)
     values = np.zeros(total, dtype=np.float32)
     for entries, cell_library in ((visible, token_library), (masked, library)):
         values[entries] = scaler.values(genes[entries], log_normalise(
             entry_counts[entries], cell_library[entry_cell[entries]], scaler.target_sum))
 
-    width = int(n_visible.max()) if n_cells else 0
-    gene_ids = np.full((n_cells, width), pad_id, dtype=np.int64)
-    token_values = np.zeros((n_cells, width), dtype=np.float32)
-    token_mask = np.zeros((n_cells, width), dtype=bool)
-    cell_v, slot_v = entry_cell[visible], (rank - n_masked[entry_cell])[visible]
-    gene_ids[cell_v, slot_v] = genes[visible]
-    token_values[cell_v, slot_v] = values[visible]
-    token_mask[cell_v, slot_v] = True
+    if all_genes:
+        gene_ids, token_values, token_mask, token_zero = _all_gene_tokens(
+            cells, rows, scaler, genes, values, entry_cell, masked, pad_id)
+    else:
+        width = int(n_visible.max()) if n_cells else 0
+        gene_ids = np.full((n_cells, width), pad_id, dtype=np.int64)
+        token_values = np.zeros((n_cells, width), dtype=np.float32)
+        token_mask = np.zeros((n_cells, width), dtype=bool)
+        token_zero = np.zeros((n_cells, width), dtype=bool)
+        cell_v, slot_v = entry_cell[visible], (rank - n_masked[entry_cell])[visible]
+        gene_ids[cell_v, slot_v] = genes[visible]
+        token_values[cell_v, slot_v] = values[visible]
+        token_mask[cell_v, slot_v] = True
 
     zero_cell, zero_genes = _sample_zero_genes(
         cells, rows, np.rint(zero_query_ratio * n_masked).astype(np.int64), genes, entry_cell,
@@ -144,9 +155,43 @@ def make_batch(
 
     return CellBatch(
         torch.from_numpy(gene_ids), torch.from_numpy(token_values), torch.from_numpy(token_mask),
-        torch.from_numpy(query_ids), torch.from_numpy(targets), torch.from_numpy(query_mask),
+        torch.from_numpy(token_zero), torch.from_numpy(query_ids), torch.from_numpy(targets), torch.from_numpy(query_mask),
         torch.from_numpy(query_is_zero), torch.from_numpy(rows),
     )
+
+
+def _all_gene_tokens(
+    cells: CellCounts,
+    rows: np.ndarray,
+    scaler: GeneScaler,
+    genes: np.ndarray,
+    values: np.ndarray,
+    entry_cell: np.ndarray,
+    masked: np.ndarray,
+    pad_id: int,
+) -> tuple[np.ndarray, ...]:
+    """Tokens of every measured gene of each cell (the original's input), in gene order: zero-count
+    genes carry the value of a zero count; masked genes become the padding id with value 1."""
+    pool, offsets = cells.measured_pool
+    n_genes = cells.counts.shape[1]
+    sources = cells.source[rows].astype(np.int64)
+    start, size = offsets[sources], offsets[sources + 1] - offsets[sources]
+    width = int(size.max()) if len(rows) else 0
+    slots = np.arange(width)
+    real = slots[None, :] < size[:, None]
+    gene_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    gene_ids[real] = pool[(start[:, None] + slots[None, :])[real]]
+    token_values = np.zeros((len(rows), width), dtype=np.float32)
+    token_values[real] = scaler.zero_values(gene_ids[real])
+    token_zero = real.copy()
+    # Each expressed gene's slot: its position in its dataset's sorted measured genes.
+    pool_source = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    pool_keys = pool_source * n_genes + pool
+    slot = np.searchsorted(pool_keys, sources[entry_cell] * n_genes + genes) - start[entry_cell]
+    token_values[entry_cell, slot] = np.where(masked, 1.0, values)
+    gene_ids[entry_cell[masked], slot[masked]] = pad_id
+    token_zero[entry_cell, slot] = False
+    return gene_ids, token_values, real, token_zero
 
 
 def _cell_keys(genes: np.ndarray, offsets: np.ndarray, n_expr: np.ndarray) -> np.ndarray:

@@ -109,7 +109,7 @@ class PretrainingPlan(L.LightningModule):
         self.best_state: dict[str, torch.Tensor] | None = None
 
     def _predict(self, batch: CellBatch) -> torch.Tensor:
-        return self.module(batch.gene_ids, batch.values, batch.token_mask, batch.query_ids)
+        return self.module(batch.gene_ids, batch.values, batch.token_mask, batch.query_ids, batch.token_zero)
 
     def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
         loss = masked_mse(self._predict(batch), batch.targets, batch.query_mask)
