@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from exceiver.api import Exceiver, pretrain  # noqa: E402
 from exceiver.errors import ExceiverInputError, ModelFileError  # noqa: E402
+from exceiver.finetune import finetune  # noqa: E402
 from exceiver.model import ExceiverConfig  # noqa: E402
 from exceiver.original import import_original  # noqa: E402
 from exceiver.train import TrainingConfig  # noqa: E402
@@ -15,5 +16,5 @@ from exceiver.vocab import GeneVocab  # noqa: E402
 
 __all__ = [
     "Exceiver", "ExceiverConfig", "ExceiverInputError", "GeneVocab", "ModelFileError",
-    "TrainingConfig", "__version__", "import_original", "pretrain",
+    "TrainingConfig", "__version__", "finetune", "import_original", "pretrain",
 ]

@@ -158,6 +158,18 @@ class Exceiver:
         """Class probabilities [cells, classes] (softmax of the logits; columns: `self.classes`)."""
         return torch.softmax(torch.from_numpy(self.predict_logits(adata, **kwargs)).double(), dim=1).numpy()
 
+    def predict(self, adata: ad.AnnData, **kwargs) -> pd.Series:
+        """Predicted class of each cell, written to `obs["exceiver_prediction"]`, with the class
+        probabilities in `obsm["exceiver_probabilities"]` (columns: `uns["exceiver_classes"]`)."""
+        proba = self.predict_proba(adata, **kwargs)
+        classes = np.asarray(self.classes)
+        prediction = pd.Series(pd.Categorical(classes[proba.argmax(1)], categories=classes),
+                               index=adata.obs_names, name="exceiver_prediction")
+        adata.obs["exceiver_prediction"] = prediction
+        adata.obsm["exceiver_probabilities"] = proba.astype(np.float32)
+        adata.uns["exceiver_classes"] = classes
+        return prediction
+
     def _latents(self, adata: ad.AnnData, gene_key: str | None = None, layer: str | None = None,
                  batch_size: int | None = None, device: str | None = None, progress: bool = True,
                  desc: str = "cells", num_workers: int = 0):

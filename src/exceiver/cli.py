@@ -1,4 +1,4 @@
-"""The `exceiver` command line: pretrain, embed, demo, import-original."""
+"""The `exceiver` command line: pretrain, embed, finetune, predict, demo, import-original."""
 
 from __future__ import annotations
 
@@ -32,6 +32,28 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", help="layer holding raw counts (default: X)")
 
 
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-epochs", type=int, help=_default("max_epochs"))
+    p.add_argument("--max-minutes", type=float,
+                   help="time budget; the learning-rate schedule follows it (default: none)")
+    p.add_argument("--batch-size", type=int, help=_default("batch_size"))
+    p.add_argument("--learning-rate", type=float, help=_default("learning_rate"))
+    p.add_argument("--seed", type=int, help=_default("seed"))
+    p.add_argument("--val-fraction", type=float, help=_default("val_fraction"))
+    p.add_argument("--num-workers", type=int, help="data-loader worker processes " + _default("num_workers"))
+    p.add_argument("--accelerator", help="Lightning accelerator: auto, cpu, gpu, ... " + _default("accelerator"))
+    p.add_argument("--devices", type=_devices, help="Lightning devices: auto, N, ... " + _default("devices"))
+    p.add_argument("--strategy", help="Lightning strategy: auto, ddp, ... " + _default("strategy"))
+    p.add_argument("--precision", help="Lightning precision: 32-true, bf16-mixed, ... " + _default("precision"))
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    _add_data_options(p)
+    p.add_argument("--batch-size", type=int, help="cells per batch (default: 16 on CPU, 256 on GPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exceiver", description="Exceiver: a single-cell gene expression language model.")
@@ -44,21 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="+", type=Path, metavar="DATA.h5ad")
     p.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR", help="model folder to write")
     p.add_argument("--preset", default="default", choices=["default", "paper"])
-    p.add_argument("--max-epochs", type=int, help=_default("max_epochs"))
-    p.add_argument("--max-minutes", type=float,
-                   help="time budget; the learning-rate schedule follows it (default: none)")
-    p.add_argument("--batch-size", type=int, help=_default("batch_size"))
-    p.add_argument("--learning-rate", type=float, help=_default("learning_rate"))
     p.add_argument("--genes", type=Path, metavar="FILE",
                    help="restrict the vocabulary to these genes (one per line)")
     _add_data_options(p)
-    p.add_argument("--seed", type=int, help=_default("seed"))
-    p.add_argument("--val-fraction", type=float, help=_default("val_fraction"))
-    p.add_argument("--num-workers", type=int, help="data-loader worker processes " + _default("num_workers"))
-    p.add_argument("--accelerator", help="Lightning accelerator: auto, cpu, gpu, ... " + _default("accelerator"))
-    p.add_argument("--devices", type=_devices, help="Lightning devices: auto, N, ... " + _default("devices"))
-    p.add_argument("--strategy", help="Lightning strategy: auto, ddp, ... " + _default("strategy"))
-    p.add_argument("--precision", help="Lightning precision: 32-true, bf16-mixed, ... " + _default("precision"))
+    _add_training_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
 
     p = commands.add_parser("embed", help="write cell embeddings to obsm",
@@ -70,10 +81,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default="X_exceiver", help="obsm key of the embedding (default: X_exceiver)")
     p.add_argument("--pooling", default="mean", choices=["mean", "flatten"],
                    help="mean of the latents, or all latents flattened (the original's)")
+    _add_inference_options(p)
+
+    p = commands.add_parser("finetune", help="train a cell classifier from a pretrained model",
+                            description="Fine-tune a pretrained model to predict a label column of obs "
+                                        "(class-token query; cross-entropy + masked-expression MSE).")
+    p.add_argument("model", type=Path, metavar="MODEL_DIR")
+    p.add_argument("data", type=Path, metavar="DATA.h5ad")
+    p.add_argument("--label-key", required=True, metavar="COL", help="obs column with the labels")
+    p.add_argument("--out", required=True, type=Path, metavar="CLF_DIR", help="classifier folder to write")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--freeze", action="store_true",
+                      help="probe: keep the pretrained encoder frozen, train only the class read-out")
+    mode.add_argument("--from-scratch", action="store_true", help="same architecture, random weights (a control)")
+    p.add_argument("--expression-weight", type=float, default=1.0,
+                   help="weight of the masked-expression MSE beside cross-entropy (default: 1.0; 0: off)")
     _add_data_options(p)
-    p.add_argument("--batch-size", type=int, help="cells per batch (default: 16 on CPU, 256 on GPU)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
+    _add_training_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CLF_DIR")
+
+    p = commands.add_parser("predict", help="predict labels of cells with a fine-tuned classifier",
+                            description="Write DATA.h5ad with obs['exceiver_prediction'], "
+                                        "obsm['exceiver_probabilities'] and uns['exceiver_classes'] to OUT.h5ad.")
+    p.add_argument("model", type=Path, metavar="CLF_DIR")
+    p.add_argument("data", type=Path, metavar="DATA.h5ad")
+    p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
+    _add_inference_options(p)
 
     p = commands.add_parser("demo", help="pretrain and embed on bundled PBMC data (no downloads)",
                             description="Pretrain a small model on 700 PBMCs bundled with scanpy, "
@@ -121,6 +154,38 @@ def run_embed(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: obsm[{args.key!r}] of {adata.n_obs:,} cells x {adata.obsm[args.key].shape[1]}")
 
 
+def run_finetune(args: argparse.Namespace) -> None:
+    from exceiver.finetune import finetune
+
+    training = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+    mode = "freeze" if args.freeze else "scratch" if args.from_scratch else "full"
+    model = finetune(args.model, args.data, args.label_key, args.out, mode=mode,
+                     expression_loss_weight=args.expression_weight, gene_key=args.gene_key, layer=args.layer,
+                     overwrite=args.overwrite, progress=not args.quiet, **training)
+    if rank_zero_only.rank == 0:
+        m = model.metrics
+        print(f"wrote {args.out}: {len(model.classes)} classes, validation accuracy {m['val_accuracy']:.3f}, "
+              f"macro-F1 {m['val_macro_f1']:.3f} ({mode})")
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from exceiver.api import Exceiver, read_datasets
+    from exceiver.io import write_h5ad
+
+    if args.out.exists() and not args.overwrite:
+        raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
+    model = Exceiver.load(args.model)
+    if not model.classes:
+        raise ExceiverInputError(f"{args.model} is not a classifier (no classes); fine-tune it first")
+    [(_, adata)] = read_datasets(args.data)
+    prediction = model.predict(adata, gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
+                               device=args.device, progress=not args.quiet)
+    write_h5ad(adata, args.out, overwrite=args.overwrite)
+    counts = prediction.value_counts()
+    print(f"wrote {args.out}: {adata.n_obs:,} cells predicted; most frequent: "
+          + ", ".join(f"{k} ({v})" for k, v in counts.head(3).items()))
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from exceiver.demo import run_demo as demo
 
@@ -145,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for name in ("lightning.pytorch", "lightning.fabric"):  # they set up their own INFO handlers
         logging.getLogger(name).setLevel(level)
-    runners = {"pretrain": run_pretrain, "embed": run_embed, "demo": run_demo,
-               "import-original": run_import_original}
+    runners = {"pretrain": run_pretrain, "embed": run_embed, "finetune": run_finetune, "predict": run_predict,
+               "demo": run_demo, "import-original": run_import_original}
     try:
         runners[args.command](args)
     except (ExceiverInputError, ModelFileError, TrainingError) as err:

@@ -124,23 +124,27 @@ def split_cells(n_cells: int, val_fraction: float, seed: int) -> tuple[np.ndarra
 
 
 class PretrainDataModule(L.LightningDataModule):
+    """Training and validation batches of cells; `masked=False` gives whole cells (no queries),
+    for objectives that need no masked genes (e.g. a frozen classifier)."""
+
     def __init__(self, cells: CellCounts, scaler: GeneScaler, config: ExceiverConfig,
                  train_rows: np.ndarray, val_rows: np.ndarray, *, batch_size: int,
-                 num_workers: int = 0, seed: int = 0):
+                 num_workers: int = 0, seed: int = 0, masked: bool = True):
         super().__init__()
         self.cells, self.scaler, self.config = cells, scaler, config
         self.train_rows, self.val_rows = train_rows, val_rows
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.masked = masked
 
     def transfer_batch_to_device(self, batch: CellBatch, device: torch.device, dataloader_idx: int) -> CellBatch:
         return batch.to(device)
 
     def train_dataloader(self) -> DataLoader:
-        batcher = CellBatcher(self.cells, self.scaler, self.config, masked=True)
+        batcher = CellBatcher(self.cells, self.scaler, self.config, masked=self.masked)
         return cell_loader(self.cells, self.train_rows, batcher, batch_size=self.batch_size,
                            shuffle=True, seed=self.seed, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        batcher = CellBatcher(self.cells, self.scaler, self.config, masked=True, salt=self.seed + 1)
+        batcher = CellBatcher(self.cells, self.scaler, self.config, masked=self.masked, salt=self.seed + 1)
         return cell_loader(self.cells, self.val_rows, batcher, batch_size=self.batch_size,
                            num_workers=self.num_workers)

@@ -100,7 +100,7 @@ PRESETS: dict[str, dict] = {
     # Chosen for quality per CPU-minute (see docs/presets.md for the measurement).
     "default": dict(
         gene_dim=32, n_latents=32, latent_dim=64, n_layers=2, n_heads=4, cross_heads=4,
-        ff_dim=256, cross_ff_mult=4, gene_bias=True,
+        ff_dim=256, cross_ff_mult=4, gene_bias=True, class_hidden=64,
     ),
 }
 

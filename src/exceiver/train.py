@@ -93,6 +93,8 @@ class PretrainingPlan(L.LightningModule):
     mean value over the training cells that express it) on exactly the same masked genes.
     """
 
+    monitor = "val_masked_mse"  # the validation metric that picks the best weights (lower is better)
+
     def __init__(self, module: ExceiverModule, gene_means: torch.Tensor, training: TrainingConfig,
                  planned_steps: int | None = None):
         super().__init__()
@@ -119,7 +121,10 @@ class PretrainingPlan(L.LightningModule):
         return loss
 
     def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
-        pred = self._predict(batch).float()
+        self.update_expression_metrics(self._predict(batch), batch)
+
+    def update_expression_metrics(self, pred: torch.Tensor, batch: CellBatch) -> None:
+        pred = pred.float()
         masked = batch.query_mask & ~batch.query_is_zero
         y, y_hat = batch.targets[masked], pred[masked]
         self.val_mse.update(y_hat, y)
@@ -131,6 +136,12 @@ class PretrainingPlan(L.LightningModule):
         self.val_zero_mse.update(pred[zeros], batch.targets[zeros])
 
     def on_validation_epoch_end(self) -> None:
+        metrics = self.expression_metrics()
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)
+        self.keep_if_best(metrics)
+
+    def expression_metrics(self) -> dict[str, torch.Tensor]:
+        """This validation round's masked-expression metrics (and reset them)."""
         mse, baseline = self.val_mse.compute(), self.val_baseline_mse.compute()
         metrics = {
             "val_masked_mse": mse,
@@ -141,16 +152,20 @@ class PretrainingPlan(L.LightningModule):
         }
         if self.module.config.zero_query_ratio > 0:  # decided by config: every process agrees
             metrics["val_zero_mse"] = self.val_zero_mse.compute()
-        # torchmetrics already reduced these over processes; sync_dist averages identical values.
-        self.log_dict(metrics, prog_bar=True, sync_dist=True)
-        best = self.best_metrics.get("val_masked_mse", math.inf)
-        if not self.trainer.sanity_checking and float(mse) < best:  # NaN never counts as best
-            self.best_metrics = {k: float(v) for k, v in metrics.items()}
-            self.best_metrics |= {"best_epoch": self.current_epoch, "best_step": self.global_step}
-            self.best_state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         for metric in (self.val_mse, self.val_baseline_mse, self.val_pearson,
                        self.val_explained_variance, self.val_zero_mse):
             metric.reset()
+        return metrics
+
+    def keep_if_best(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Keep the weights of the best validation round so far (by `monitor`) in memory.
+        torchmetrics already reduced the metrics over processes, so every process agrees."""
+        value = float(metrics[self.monitor])
+        best = self.best_metrics.get(self.monitor, math.inf)
+        if not self.trainer.sanity_checking and value < best:  # NaN never counts as best
+            self.best_metrics = {k: float(v) for k, v in metrics.items()}
+            self.best_metrics |= {"best_epoch": self.current_epoch, "best_step": self.global_step}
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def configure_optimizers(self):
         if self.planned_steps is None:
@@ -159,6 +174,8 @@ class PretrainingPlan(L.LightningModule):
         self.warmup_steps = min(cfg.warmup_steps, max(1, self.planned_steps // 10))
         decay, no_decay, genes = [], [], []
         for name, param in self.module.named_parameters():
+            if not param.requires_grad:
+                continue
             if name.startswith(("gene_emb", "gene_bias")):
                 genes.append(param)
             else:
@@ -205,11 +222,11 @@ def fit(plan: PretrainingPlan, data: PretrainDataModule, training: TrainingConfi
     """Train with Lightning, keeping the best validated weights in `plan.best_state`; checkpoints
     (best and last) and CSV logs go to `out_dir`."""
     checkpoint = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints", filename="best", monitor="val_masked_mse", mode="min",
+        dirpath=out_dir / "checkpoints", filename="best", monitor=plan.monitor, mode="min",
         save_top_k=1, save_last=True,
     )
     callbacks: list[Callback] = [
-        checkpoint, EarlyStopping(monitor="val_masked_mse", mode="min", patience=training.patience),
+        checkpoint, EarlyStopping(monitor=plan.monitor, mode="min", patience=training.patience),
     ]
     max_time = None
     if training.max_minutes is not None:

@@ -1,0 +1,179 @@
+"""Transfer study: what does pretraining buy for downstream prediction?
+
+Pretrains the `default` preset on human files of the shared data *other than the targets*, then for
+each target task, label fraction (1%, 10%, 100% of the training cells; at least 3 cells per class)
+and seed, compares on held-out cells:
+  fine-tuned pretrained model | frozen-encoder probe | same architecture from scratch |
+  logistic regression on log-normalised highly variable genes.
+Targets: kang2018 `condition` (IFN-beta stimulation), pbmc3k `cell_type`, cellbench lung cell line
+(trained on one assay, tested on the other). Results are appended to a JSON file (a rerun resumes),
+then printed as a table and drawn.
+
+    EXCEIVER_SHARED=../shared python benchmarks/transfer_study.py --out transfer_results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import anndata as ad
+import matplotlib
+import numpy as np
+import pandas as pd
+import scanpy as sc
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import train_test_split
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from exceiver import Exceiver, pretrain  # noqa: E402
+from exceiver.finetune import finetune  # noqa: E402
+
+CORPUS = [  # human files, none of them a target (pbmc_small is a subset of pbmc3k: left out)
+    "pisces_pbmc_1000", "scwg_1k_PBMC_v2_raw", "scwg_1k_PBMC_v3_filt", "scwg_5prime_PBMC_filt_1kcells",
+    "streak_malt_lymphoma_10x_2100", "celltypist_sample_559", "card_pdac_1926_7kgenes", "copykat_breast_tumor_302",
+    "numbat_anaplastic_thyroid_carcinoma_173", "camp2015_human_fetal_neocortex_soup_220",
+    "janesick2023_breast_cancer_flex_scllm_100", "cellxgene_fetal_telencephalon_culture_hvg2000_4474",
+]
+METHODS = ("finetuned", "probe", "scratch", "logreg_hvg")
+FRACTIONS = (0.01, 0.1, 1.0)
+
+
+def load_target(data: Path, name: str, seed: int = 0):
+    """(train pool AnnData, test AnnData, label column, gene_key) of a target task."""
+    if name == "kang_condition":
+        adata = ad.read_h5ad(data / "kang2018_ifnb_harmony_2000.h5ad")
+        key, gene_key = "condition", None
+    elif name == "pbmc3k_cell_type":
+        adata = ad.read_h5ad(data / "pbmc3k_seurat_2638.h5ad")
+        key, gene_key = "cell_type", None
+    else:  # cellbench cell line, across assays: train on the larger assay, test on the other
+        adata = ad.read_h5ad(data / "cellbench_lung_celllines_1408.h5ad")
+        key, gene_key = "cell_type", "gene_symbol"
+        assays = adata.obs["assay"].value_counts()
+        train = (adata.obs["assay"] == assays.index[0]).to_numpy()
+        return adata[train].copy(), adata[~train].copy(), key, gene_key, f"train {assays.index[0]}, test {assays.index[1]}"
+    labels = adata.obs[key].astype(str)
+    train, test = train_test_split(np.arange(adata.n_obs), test_size=0.2, random_state=seed, stratify=labels)
+    return adata[np.sort(train)].copy(), adata[np.sort(test)].copy(), key, gene_key, "80/20 stratified split"
+
+
+def labelled_subset(labels: pd.Series, fraction: float, seed: int, floor: int = 3) -> np.ndarray:
+    """A stratified `fraction` of the cells, at least `floor` per class (seeded)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _, idx in labels.groupby(labels, observed=True).indices.items():
+        n = min(len(idx), max(floor, round(fraction * len(idx))))
+        rows.append(rng.choice(idx, n, replace=False))
+    return np.sort(np.concatenate(rows))
+
+
+def logreg_hvg(train: ad.AnnData, test: ad.AnnData, key: str, gene_key: str | None, seed: int) -> np.ndarray:
+    """Logistic regression on log-normalised counts of 2,000 HVGs (selected on the training cells)."""
+    def lognorm(a):
+        a = a.copy()
+        if gene_key:
+            a.var_names = a.var[gene_key].astype(str)
+            a.var_names_make_unique()
+        sc.pp.normalize_total(a, target_sum=1e4)
+        sc.pp.log1p(a)
+        return a
+    tr, te = lognorm(train), lognorm(test)
+    hvg = sc.pp.highly_variable_genes(tr, n_top_genes=min(2000, tr.n_vars), inplace=False, flavor="seurat")
+    genes = tr.var_names[hvg["highly_variable"].to_numpy()]
+    clf = LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed)
+    clf.fit(tr[:, genes].X, tr.obs[key].astype(str))
+    return clf.predict(te[:, genes].X)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("transfer_results"))
+    parser.add_argument("--pretrain-minutes", type=float, default=10.0)
+    parser.add_argument("--finetune-minutes", type=float, default=0.75, help="time budget per fine-tuning run")
+    parser.add_argument("--max-epochs", type=int, default=40)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tasks", nargs="+", default=["kang_condition", "pbmc3k_cell_type", "cellbench_cell_line"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    shared = Path(os.environ.get("EXCEIVER_SHARED", "../shared"))
+    data = shared / "data"
+    args.out.mkdir(parents=True, exist_ok=True)
+    model_dir = args.out / "pretrained"
+    if not (model_dir / "config.json").exists():
+        start = time.time()
+        pretrain([data / f"{n}.h5ad" for n in CORPUS], model_dir, genes=shared / "genes" / "protein_coding_genes_hgnc.txt",
+                 max_minutes=args.pretrain_minutes, progress=False)
+        print(f"pretrained in {time.time() - start:.0f} s")
+    base = Exceiver.load(model_dir)
+    print(f"pretrained model: {base}; metrics: val MSE ratio {base.metrics['val_mse_ratio']:.3f}, "
+          f"{base.metrics['n_cells']} cells")
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else []
+    done = {(r["task"], r["fraction"], r["seed"], r["method"]) for r in results}
+    for task in args.tasks:
+        pool, test, key, gene_key, protocol = load_target(data, task)
+        y_test = test.obs[key].astype(str).to_numpy()
+        for fraction in FRACTIONS:
+            for seed in range(args.seeds):
+                rows = labelled_subset(pool.obs[key].astype(str), fraction, seed)
+                train = pool[rows].copy()
+                for method in METHODS:
+                    if (task, fraction, seed, method) in done:
+                        continue
+                    start = time.time()
+                    if method == "logreg_hvg":
+                        pred = logreg_hvg(train, test, key, gene_key, seed)
+                    else:
+                        mode = {"finetuned": "full", "probe": "freeze", "scratch": "scratch"}[method]
+                        clf = finetune(base, train, key, None, mode=mode, gene_key=gene_key, seed=seed,
+                                       max_minutes=args.finetune_minutes, max_epochs=args.max_epochs,
+                                       batch_size=32, progress=False)
+                        pred = clf.predict(test, gene_key=gene_key, progress=False).to_numpy().astype(str)
+                    r = dict(task=task, protocol=protocol, fraction=fraction, seed=seed, method=method,
+                             n_train=len(rows), n_test=len(y_test), seconds=round(time.time() - start, 1),
+                             accuracy=accuracy_score(y_test, pred),
+                             macro_f1=f1_score(y_test, pred, average="macro"))
+                    results.append(r)
+                    results_file.write_text(json.dumps(results, indent=1))
+                    print(f"{task:20s} {fraction:>5} seed {seed} {method:10s} n={len(rows):5d} "
+                          f"macro-F1 {r['macro_f1']:.3f} acc {r['accuracy']:.3f} ({r['seconds']} s)", flush=True)
+    report(pd.DataFrame(results), args.out)
+
+
+def report(df: pd.DataFrame, out: Path) -> None:
+    table = df.groupby(["task", "fraction", "method"]).agg(
+        n_train=("n_train", "mean"), macro_f1=("macro_f1", "mean"), macro_f1_sd=("macro_f1", "std"),
+        accuracy=("accuracy", "mean"), accuracy_sd=("accuracy", "std"), runs=("seed", "count")).reset_index()
+    lines = ["| task | labels | method | train cells | macro-F1 | accuracy |", "|---|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        lines.append(f"| {r.task} | {r.fraction:.0%} | {r.method} | {r.n_train:.0f} | "
+                     f"{r.macro_f1:.3f} ± {r.macro_f1_sd:.3f} | {r.accuracy:.3f} ± {r.accuracy_sd:.3f} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    tasks = list(dict.fromkeys(df.task))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method in METHODS:
+            t = table[(table.task == task) & (table.method == method)]
+            ax.errorbar(t.fraction, t.macro_f1, yerr=t.macro_f1_sd, marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xticks(FRACTIONS, [f"{f:.0%}" for f in FRACTIONS])
+        ax.set_title(task)
+        ax.set_xlabel("labelled training cells")
+        ax.set_ylabel("macro-F1 (held-out cells)")
+        ax.set_ylim(0, 1.02)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "transfer.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

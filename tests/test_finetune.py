@@ -1,0 +1,115 @@
+"""Fine-tuning a class-token classifier: modes, label checks, prediction outputs."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from exceiver import Exceiver, ExceiverInputError, pretrain
+from exceiver.cli import main
+from exceiver.finetune import balanced_class_weights, finetune, split_by_class
+
+from conftest import TINY, synthetic_counts
+
+FAST = dict(max_epochs=3, batch_size=32, progress=False)
+
+
+def test_split_keeps_every_class_on_both_sides_and_weights_balance_classes():
+    codes = np.array([0] * 50 + [1] * 5 + [2] * 3)
+    train, val = split_by_class(codes, 0.1, seed=1)
+    assert set(codes[train]) == set(codes[val]) == {0, 1, 2}
+    assert np.intersect1d(train, val).size == 0 and len(train) + len(val) == len(codes)
+    assert (np.bincount(codes[val]) == [5, 1, 1]).all()
+    weights = balanced_class_weights(codes, 3)
+    np.testing.assert_allclose(weights, [58 / 150, 58 / 15, 58 / 9], rtol=1e-6)
+    np.testing.assert_allclose((weights * np.bincount(codes)).sum(), len(codes), rtol=1e-6)  # every class counts equally
+
+
+def _labels(adata: ad.AnnData, case: str) -> None:
+    if case == "absent":
+        del adata.obs["cell_type"]
+    elif case == "missing":
+        adata.obs["cell_type"] = pd.Series(adata.obs["cell_type"].astype(object).to_numpy(), index=adata.obs_names).where(
+            np.arange(adata.n_obs) > 2)
+    elif case == "single":
+        adata.obs["cell_type"] = "same"
+    else:
+        adata.obs["cell_type"] = ["rare"] * 2 + ["common"] * (adata.n_obs - 2)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("absent", "label column 'cell_type' is not in obs"), ("missing", "3 of 120 cells have no 'cell_type' label"),
+    ("single", "a single class"), ("rare", "fewer than 3 cells"),
+])
+def test_unusable_labels_are_refused_and_leave_nothing(tiny_model_dir, counts_adata, tmp_path, case, message):
+    _labels(counts_adata, case)
+    with pytest.raises(ExceiverInputError, match=message):
+        finetune(tiny_model_dir, counts_adata, "cell_type", tmp_path / "clf", **FAST)
+    assert not (tmp_path / "clf").exists()
+    with pytest.raises(ExceiverInputError, match="unknown fine-tuning mode"):
+        finetune(tiny_model_dir, counts_adata, "cell_type", mode="linear")
+
+
+def test_frozen_mode_leaves_the_encoder_unchanged(tiny_model_dir, counts_adata):
+    base = Exceiver.load(tiny_model_dir)
+    clf = finetune(base, counts_adata, "cell_type", mode="freeze", **FAST)
+    before, after = base.module.state_dict(), clf.module.state_dict()
+    class_row = base.config.n_genes + 1
+    for name, weight in before.items():
+        if name.startswith(("encoder", "processor", "latents", "gene_bias")):
+            torch.testing.assert_close(after[name], weight, rtol=0, atol=0)
+    rows = torch.arange(before["gene_emb.weight"].shape[0]) != class_row
+    torch.testing.assert_close(after["gene_emb.weight"][rows], before["gene_emb.weight"][rows], rtol=0, atol=0)
+    assert not torch.equal(after["gene_emb.weight"][class_row], before["gene_emb.weight"][class_row])
+    assert not torch.equal(after["decoder.attn.q.weight"], before["decoder.attn.q.weight"])
+    # The probe reads the pretrained latents: embeddings are identical.
+    np.testing.assert_array_equal(clf.embed(counts_adata, progress=False), base.embed(counts_adata, progress=False))
+
+
+def test_from_scratch_starts_from_random_weights(tiny_model_dir, counts_adata):
+    base = Exceiver.load(tiny_model_dir)
+    scratch = finetune(base, counts_adata, "cell_type", mode="scratch", max_epochs=1, batch_size=32, progress=False)
+    assert not torch.equal(scratch.module.latents, base.module.latents)
+    assert scratch.metrics["mode"] == "scratch" and scratch.classes == ["type0", "type1", "type2"]
+
+
+def test_full_finetuning_learns_a_shared_dataset(shared_dir, tmp_path):
+    """Four PBMC types of pbmc3k: the classifier's training loss falls and it fits its training
+    cells (the logged epoch accuracy), from a briefly pretrained tiny model."""
+    adata = ad.read_h5ad(shared_dir / "data" / "pbmc3k_seurat_2638.h5ad")
+    adata = adata[adata.obs["cell_type"].isin(["B", "CD14+ Mono", "NK", "Naive CD4 T"])]
+    adata = adata[np.sort(np.random.default_rng(0).choice(adata.n_obs, 240, replace=False))].copy()
+    base = pretrain(adata, None, model=TINY, max_epochs=1, batch_size=32, progress=False)
+    clf = finetune(base, adata, "cell_type", tmp_path / "clf", max_epochs=20, patience=100, batch_size=16,
+                   progress=False)
+    log = pd.read_csv(tmp_path / "clf" / "logs" / "metrics.csv").groupby("epoch").mean(numeric_only=True)
+    assert log["train_class_loss"].iloc[-1] < 0.5 * log["train_class_loss"].iloc[0]
+    assert log["train_accuracy"].iloc[-3:].mean() >= 0.9, log["train_accuracy"].tolist()
+    per_class = clf.metrics["train_cells_per_class"]
+    assert sorted(per_class) == clf.classes and sum(per_class.values()) == clf.metrics["n_train_cells"]
+
+
+def test_predict_round_trips_through_the_cli(tiny_model_dir, counts_adata, counts_file, tmp_path, capsys):
+    clf_dir = tmp_path / "clf"
+    assert main(["-q", "finetune", str(tiny_model_dir), str(counts_file), "--label-key", "cell_type",
+                 "--out", str(clf_dir), "--max-epochs", "2", "--batch-size", "32"]) == 0
+    assert "3 classes" in capsys.readouterr().out
+    clf = Exceiver.load(clf_dir)
+    assert clf.classes == ["type0", "type1", "type2"] and clf.training["mode"] == "full"
+    out = tmp_path / "predicted.h5ad"
+    assert main(["-q", "predict", str(clf_dir), str(counts_file), "--out", str(out)]) == 0
+    written = ad.read_h5ad(out)
+    proba = written.obsm["exceiver_probabilities"]
+    assert proba.shape == (counts_adata.n_obs, 3)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
+    assert list(written.uns["exceiver_classes"]) == clf.classes
+    expected = np.asarray(clf.classes)[proba.argmax(1)]
+    assert (written.obs["exceiver_prediction"].astype(str).to_numpy() == expected).all()
+    in_memory = clf.predict(counts_adata.copy(), progress=False)
+    assert (in_memory.astype(str).to_numpy() == expected).all()
+    # A model without classes is not a classifier.
+    assert main(["-q", "predict", str(tiny_model_dir), str(counts_file), "--out", str(tmp_path / "x.h5ad")]) == 2
+    assert "not a classifier" in capsys.readouterr().err and not (tmp_path / "x.h5ad").exists()
