@@ -237,3 +237,11 @@ def test_paper_compatible_models_pretrain_save_and_load(tmp_path):
     assert loaded.config.paper_compatible
     np.testing.assert_array_equal(model.embed(adata, progress=False), loaded.embed(adata, progress=False))
     assert np.isfinite(model.metrics["val_masked_mse"])
+
+
+def test_pretraining_refuses_a_class_head_and_paper_mode_refuses_zero_queries(tmp_path):
+    with pytest.raises(ExceiverInputError, match="use finetune"):
+        pretrain(synthetic_counts(), tmp_path / "m", model={**TINY, "n_classes": 3}, max_epochs=1, progress=False)
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match="not available in paper-compatible mode"):
+        exceiver.ExceiverConfig(paper_compatible=True, zero_query_ratio=1.0)

@@ -10,7 +10,7 @@ import torch
 
 from exceiver import Exceiver, ExceiverInputError, pretrain
 from exceiver.cli import main
-from exceiver.finetune import balanced_class_weights, finetune, split_by_class
+from exceiver.finetune import balanced_class_weights, classifier_module, finetune, split_by_class
 
 from conftest import TINY, synthetic_counts
 
@@ -69,11 +69,18 @@ def test_frozen_mode_leaves_the_encoder_unchanged(tiny_model_dir, counts_adata):
     np.testing.assert_array_equal(clf.embed(counts_adata, progress=False), base.embed(counts_adata, progress=False))
 
 
-def test_from_scratch_starts_from_random_weights(tiny_model_dir, counts_adata):
+def test_classifiers_start_from_the_pretrained_weights_or_from_scratch(tiny_model_dir, counts_adata):
     base = Exceiver.load(tiny_model_dir)
-    scratch = finetune(base, counts_adata, "cell_type", mode="scratch", max_epochs=1, batch_size=32, progress=False)
-    assert not torch.equal(scratch.module.latents, base.module.latents)
-    assert scratch.metrics["mode"] == "scratch" and scratch.classes == ["type0", "type1", "type2"]
+    before = base.module.state_dict()
+    pretrained = classifier_module(base, 4, from_scratch=False, seed=0).state_dict()
+    scratch = classifier_module(base, 4, from_scratch=True, seed=0).state_dict()
+    assert pretrained["class_head.3.weight"].shape == (4, 64)  # hidden width: the preset's class_hidden
+    for name, weight in before.items():
+        assert torch.equal(pretrained[name], weight), name
+        if name != "gene_bias" and weight.numel() > 1 and weight.float().std() > 0:  # random, not pretrained
+            assert not torch.equal(scratch[name], weight), name
+    clf = finetune(base, counts_adata, "cell_type", mode="scratch", max_epochs=1, batch_size=32, progress=False)
+    assert clf.metrics["mode"] == "scratch" and clf.classes == ["type0", "type1", "type2"]
 
 
 def test_full_finetuning_learns_a_shared_dataset(shared_dir, tmp_path):

@@ -47,11 +47,12 @@ class Exceiver:
                 f"vocabulary ({len(vocab):,} genes), network ({module.config.n_genes:,}) and "
                 f"scaler ({len(scaler):,}) disagree on the number of genes"
             )
+        names = [] if classes is None else [str(c) for c in classes]
         n_classes = module.config.n_classes
-        if len(classes or ()) != n_classes or len(set(classes or ())) != n_classes:
-            raise ModelFileError(f"the model has {n_classes} classes but {len(classes or ())} unique class names")
+        if len(names) != n_classes or len(set(names)) != n_classes:
+            raise ModelFileError(f"the model has {n_classes} classes but {len(set(names))} unique class names")
         self.module, self.vocab, self.scaler = module, vocab, scaler
-        self.classes = [str(c) for c in classes] if classes else None
+        self.classes = names or None
         self.training = training or {}
         self.metrics = metrics or {}
 
@@ -307,6 +308,8 @@ def pretrain(
     """
     training_config = TrainingConfig(**training)
     config = ExceiverConfig.preset(preset, **(model or {}))
+    if config.n_classes:
+        raise ExceiverInputError("pretraining has no labels: leave n_classes at 0 and use finetune() for a classifier")
     if out is not None:
         check_output_dir(out, overwrite=overwrite)
     corpus = prepare_corpus(read_datasets(data), genes=genes, gene_key=gene_key, layer=layer,

@@ -61,9 +61,10 @@ class LengthGroupedSampler(Sampler[int]):
     order is padded with repeated cells so that every process runs the same number of steps.
     """
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0, chunk: int = 64):
+    def __init__(self, lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0, chunk: int = 64,
+                 distributed: bool = True):
         self.lengths, self.batch_size, self.shuffle = np.asarray(lengths), batch_size, shuffle
-        self.seed, self.chunk, self.epoch = seed, chunk, 0
+        self.seed, self.chunk, self.epoch, self.distributed = seed, chunk, 0, distributed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -72,7 +73,7 @@ class LengthGroupedSampler(Sampler[int]):
         """This process's batches of positions; only the last one may be short (so that the
         DataLoader, which cuts the order again, finds the same batches)."""
         n, size = len(self.lengths), self.batch_size
-        rank, world = _rank_and_world_size()
+        rank, world = _rank_and_world_size() if self.distributed else (0, 1)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch])
             order = rng.permutation(n)
@@ -105,9 +106,11 @@ def _rank_and_world_size() -> tuple[int, int]:
 
 
 def cell_loader(cells: CellCounts, rows: np.ndarray, batcher: CellBatcher, *, batch_size: int,
-                shuffle: bool = False, seed: int = 0, num_workers: int = 0) -> DataLoader:
-    """Batches of `rows` of `cells`, grouped by length (see `LengthGroupedSampler`)."""
-    sampler = LengthGroupedSampler(cells.n_genes_expressed[rows], batch_size, shuffle=shuffle, seed=seed)
+                shuffle: bool = False, seed: int = 0, num_workers: int = 0, distributed: bool = True) -> DataLoader:
+    """Batches of `rows` of `cells`, grouped by length (see `LengthGroupedSampler`); with
+    `distributed=False` this process sees every cell, even inside a distributed run."""
+    sampler = LengthGroupedSampler(cells.n_genes_expressed[rows], batch_size, shuffle=shuffle, seed=seed,
+                                   distributed=distributed)
     return DataLoader(
         CellIndexDataset(rows), batch_size=batch_size, sampler=sampler, collate_fn=batcher,
         num_workers=num_workers, persistent_workers=num_workers > 0,
@@ -125,16 +128,18 @@ def split_cells(n_cells: int, val_fraction: float, seed: int) -> tuple[np.ndarra
 
 class PretrainDataModule(L.LightningDataModule):
     """Training and validation batches of cells; `masked=False` gives whole cells (no queries),
-    for objectives that need no masked genes (e.g. a frozen classifier)."""
+    for objectives that need no masked genes; `masked_validation` (default: as `masked`) sets it for
+    validation alone (a classifier is judged on whole cells, as it will be used)."""
 
     def __init__(self, cells: CellCounts, scaler: GeneScaler, config: ExceiverConfig,
                  train_rows: np.ndarray, val_rows: np.ndarray, *, batch_size: int,
-                 num_workers: int = 0, seed: int = 0, masked: bool = True):
+                 num_workers: int = 0, seed: int = 0, masked: bool = True, masked_validation: bool | None = None):
         super().__init__()
         self.cells, self.scaler, self.config = cells, scaler, config
         self.train_rows, self.val_rows = train_rows, val_rows
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.masked = masked
+        self.masked_validation = masked if masked_validation is None else masked_validation
 
     def transfer_batch_to_device(self, batch: CellBatch, device: torch.device, dataloader_idx: int) -> CellBatch:
         return batch.to(device)
@@ -145,6 +150,6 @@ class PretrainDataModule(L.LightningDataModule):
                            shuffle=True, seed=self.seed, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        batcher = CellBatcher(self.cells, self.scaler, self.config, masked=self.masked, salt=self.seed + 1)
+        batcher = CellBatcher(self.cells, self.scaler, self.config, masked=self.masked_validation, salt=self.seed + 1)
         return cell_loader(self.cells, self.val_rows, batcher, batch_size=self.batch_size,
                            num_workers=self.num_workers)

@@ -9,7 +9,8 @@ Three modes share one code path:
   head, on whole (unmasked) cells;
 - "scratch": the same architecture from random weights (the control for what pretraining buys).
 Class imbalance: the cross-entropy weights each class by n / (K * n_class), so that every class
-counts equally (the balanced objective that macro-F1 measures).
+counts equally (the balanced objective that macro-F1 measures). Validation judges whole, unmasked
+cells, as `predict` sees them.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def encode_labels(adata: ad.AnnData, label_key: str, min_cells_per_class: int) -
         )
     labels = labels.astype(str)
     counts = labels.value_counts()
+    if min_cells_per_class < 2:
+        raise ExceiverInputError("min_cells_per_class must be >= 2 (each class needs a training and a validation cell)")
     if len(counts) < 2:
         raise ExceiverInputError(f"label column {label_key!r} has a single class ({counts.index[0]!r}): nothing to predict")
     small = counts[counts < min_cells_per_class]
@@ -87,7 +90,7 @@ def balanced_class_weights(codes: np.ndarray, n_classes: int) -> np.ndarray:
 
 class ClassifierPlan(PretrainingPlan):
     """Cross-entropy on the class token (+ masked-expression MSE unless frozen); keeps the weights
-    of the round with the lowest validation cross-entropy."""
+    of the round with the lowest class-balanced validation cross-entropy (on whole cells)."""
 
     monitor = "val_class_loss"
 
@@ -102,24 +105,33 @@ class ClassifierPlan(PretrainingPlan):
         self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
         self.val_macro_f1 = torchmetrics.classification.MulticlassF1Score(n, average="macro")
         self.val_class_loss = torchmetrics.MeanMetric()
-        if freeze:  # the latents stay the pretrained ones; the read-out learns
-            for name, param in module.named_parameters():
+        for name, param in module.named_parameters():
+            if freeze:  # the latents stay the pretrained ones; the read-out learns
                 param.requires_grad = name.startswith(("class_head", "decoder")) or name == "gene_emb.weight"
+            elif expression_loss_weight == 0 and name.startswith(("value_head", "gene_bias")):
+                param.requires_grad = False  # unused without the expression loss (DDP wants no idle weights)
+
+    def on_train_batch_start(self, batch: CellBatch, batch_idx: int) -> None:
+        if self.freeze:  # frozen parts run in eval mode (no dropout): their latents are the pretrained ones
+            for part in (self.module.encoder, self.module.processor):
+                part.eval()
 
     def _latents(self, batch: CellBatch) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
             return self.module.encode(batch.gene_ids, batch.values, batch.token_mask, batch.token_zero)
 
     def _losses(self, batch: CellBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(logits, per-cell class-weighted cross-entropy, predicted values of queried genes, labels)."""
         latents = self._latents(batch)
         logits = self.module.class_logits(latents)
         labels = self.labels[batch.cells]
-        class_loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+        cell_losses = F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="none")
         pred = self.module.predict_values(latents, batch.query_ids) if batch.query_ids.shape[1] else None
-        return logits, class_loss, pred, labels
+        return logits, cell_losses, pred, labels
 
     def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
-        logits, class_loss, pred, labels = self._losses(batch)
+        logits, cell_losses, pred, labels = self._losses(batch)
+        class_loss = cell_losses.sum() / self.class_weights[labels].sum()  # the weighted mean
         loss = self.class_loss_weight * class_loss
         if pred is not None and self.expression_loss_weight > 0:
             loss = loss + self.expression_loss_weight * masked_mse(pred, batch.targets, batch.query_mask)
@@ -130,20 +142,17 @@ class ClassifierPlan(PretrainingPlan):
         return loss
 
     def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
-        logits, class_loss, pred, labels = self._losses(batch)
-        self.val_class_loss.update(class_loss, weight=len(batch))
+        logits, cell_losses, _, labels = self._losses(batch)
+        weights = self.class_weights[labels]  # over the whole validation set: the weighted mean
+        self.val_class_loss.update(cell_losses / weights, weight=weights)
         self.val_accuracy.update(logits, labels)
         self.val_macro_f1.update(logits, labels)
-        if pred is not None:
-            self.update_expression_metrics(pred, batch)
 
     def on_validation_epoch_end(self) -> None:
         metrics = {"val_class_loss": self.val_class_loss.compute(), "val_accuracy": self.val_accuracy.compute(),
                    "val_macro_f1": self.val_macro_f1.compute()}
         for metric in (self.val_class_loss, self.val_accuracy, self.val_macro_f1):
             metric.reset()
-        if self.expression_loss_weight > 0 and not self.freeze:
-            metrics |= self.expression_metrics()
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
         self.keep_if_best(metrics)
 
@@ -159,7 +168,8 @@ def classifier_module(base: Exceiver, n_classes: int, *, from_scratch: bool, see
         return module
     state = {k: v for k, v in base.module.state_dict().items() if not k.startswith("class_head")}
     missing, unexpected = module.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("class_head") for k in missing), (missing, unexpected)
+    if unexpected or not all(k.startswith("class_head") for k in missing):
+        raise ValueError(f"pretrained weights do not fit the classifier (missing {missing}, unexpected {unexpected})")
     return module
 
 
@@ -181,8 +191,9 @@ def finetune(
 ) -> Exceiver:
     """Train a cell classifier from a pretrained model folder (or Exceiver) and labelled cells.
 
-    mode: "full" (fine-tune everything), "freeze" (linear probe: frozen network, trained head) or
-        "scratch" (random initialisation, same architecture).
+    mode: "full" (fine-tune everything), "freeze" (probe: frozen encoder and latents; the class
+        token, the decoder and the class head train, so the classifier's `predict_values` differs
+        from the base model's) or "scratch" (random initialisation, same architecture).
     class_loss_weight, expression_loss_weight: weights of cross-entropy and masked-expression MSE
         (the MSE term is not used when frozen).
     training: fields of `TrainingConfig` (max_epochs, max_minutes, batch_size, seed, ...).
@@ -213,7 +224,7 @@ def finetune(
                           expression_loss_weight=expression_loss_weight if uses_expression else 0.0)
     datamodule = PretrainDataModule(cells, base.scaler, module.config, epoch_rows, val_rows,
                                     batch_size=training_config.batch_size, num_workers=training_config.num_workers,
-                                    seed=training_config.seed, masked=uses_expression)
+                                    seed=training_config.seed, masked=uses_expression, masked_validation=False)
     with _output_folder(out, overwrite) as folder:
         start = time.monotonic()
         trainer = fit(plan, datamodule, training_config, Path(folder), progress=progress)

@@ -47,8 +47,8 @@ def iterate_latents(
     """
     module.eval()
     batcher = CellBatcher(cells, scaler, module.config, masked=False, salt=0)
-    loader = cell_loader(cells, np.arange(cells.n_cells), batcher,
-                         batch_size=batch_size or default_batch_size(device), num_workers=num_workers)
+    loader = cell_loader(cells, np.arange(cells.n_cells), batcher, batch_size=batch_size or default_batch_size(device),
+                         num_workers=num_workers, distributed=False)
     with tqdm(total=cells.n_cells, unit="cell", desc=desc, disable=not progress) as bar:
         for batch in loader:
             batch = batch.to(device, non_blocking=True)

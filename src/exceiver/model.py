@@ -70,6 +70,8 @@ class ExceiverConfig:
             raise ValueError(f"mask_fraction must be in [0, 1), got {self.mask_fraction}")
         if self.zero_query_ratio < 0:
             raise ValueError(f"zero_query_ratio must be >= 0, got {self.zero_query_ratio}")
+        if self.paper_compatible and self.zero_query_ratio > 0:  # zero genes are tokens there: no leak allowed
+            raise ValueError("zero-gene queries are not available in paper-compatible mode (zero genes are tokens)")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 

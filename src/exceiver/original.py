@@ -13,7 +13,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ _HPARAMS = ("seq_len", "seq_dim", "query_len", "query_dim", "num_layers", "nhead
 
 def _path_string(*parts: str) -> str:
     """Stand-in for pathlib.PosixPath while unpickling: joins the parts, runs nothing else."""
-    return "/".join(str(p) for p in parts)
+    return str(PurePosixPath(*(str(p) for p in parts)))
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -39,8 +39,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"checkpoint {path} does not exist")
-    if not hasattr(torch.serialization, "safe_globals"):
-        raise ModelFileError(f"importing original checkpoints needs torch>=2.5 (found {torch.__version__})")
+    if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) < (2, 6):  # allow-list renaming
+        raise ModelFileError(f"importing original checkpoints needs torch>=2.6 (found {torch.__version__})")
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path} is not a PyTorch checkpoint (not a zip archive; corrupt or truncated?)")
     try:  # torch does not verify the archive's checksums: a flipped byte in a tensor would load
@@ -77,7 +77,10 @@ def _first_line(err: Exception) -> str:
 
 def original_config(hparams: dict, state_dict: dict[str, torch.Tensor]) -> ExceiverConfig:
     """The paper-compatible ExceiverConfig of an original checkpoint."""
-    n_classes = int(hparams.get("classify_dim") or 0) if "mlp_classify.1.weight" in state_dict else 0
+    head = state_dict.get("mlp_classify.3.weight")
+    n_classes = 0 if head is None else int(head.shape[0])
+    if head is not None and int(hparams.get("classify_dim") or n_classes) != n_classes:
+        raise ValueError(f"classify_dim {hparams.get('classify_dim')} disagrees with the head's {n_classes} classes")
     return ExceiverConfig(
         n_genes=int(hparams["seq_len"]), gene_dim=int(hparams["seq_dim"]), n_latents=int(hparams["query_len"]),
         latent_dim=int(hparams["query_dim"]), n_layers=int(hparams["num_layers"]), n_heads=int(hparams["nhead"]),
@@ -114,6 +117,15 @@ def map_weights(original: dict[str, torch.Tensor], config: ExceiverConfig) -> di
             if config.n_classes:
                 out[f"class_head.{i}.{kind}"] = original[f"mlp_classify.{i}.{kind}"]
     return out
+
+
+def _original_names(state_dict: dict[str, torch.Tensor], config: ExceiverConfig) -> set[str]:
+    """The original weight names that `map_weights` reads for this config."""
+    layers = tuple(f"process_self_attn.transformer.layers.{i}." for i in range(config.n_layers))
+    prefixes = ("encoder_cross_attn.", "decoder_cross_attn.", "mlp.") + layers
+    if config.n_classes:
+        prefixes += ("mlp_classify.",)
+    return {k for k in state_dict if k.startswith(prefixes)} | {"query_emb", "gene_emb.weight"}
 
 
 def _cross_attention(original: dict, out: dict, ours: str, theirs: str, dim: int) -> None:
@@ -185,6 +197,10 @@ def import_original(ckpt_path: str | Path, genes: str | Path | Sequence[str] | N
         module = ExceiverModule(config)
         mapped = map_weights(state_dict, config)
         module.load_state_dict(mapped, strict=True)
+        used = _original_names(state_dict, config)
+        extra = [k for k in state_dict if k not in used and not k.startswith("process_self_attn.encoder_layer.")]
+        if extra:  # e.g. more layers than num_layers says
+            raise ValueError(f"weights the model would not use: {extra[:3]}")
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
         raise ModelFileError(f"{ckpt_path} does not have the original Exceiver's weights ({_first_line(err)})") from err
     n = config.n_genes
