@@ -126,8 +126,9 @@ class Exceiver:
     def predict_values(self, adata: ad.AnnData, query_genes: Sequence[str] | None = None, *,
                        gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
                        device: str | None = None, progress: bool = True) -> np.ndarray:
-        """The decoder's predicted value of each query gene in each cell, from all of the cell's
-        tokens (nothing masked), in the model's value space (z-score + 1): [cells, query genes].
+        """The decoder's predicted value of each query gene in each cell, from the cell's tokens
+        (nothing masked; as in `embed`, cells with more than `max_tokens` expressed genes are
+        subsampled), in the model's value space (z-score + 1): [cells, query genes].
         query_genes: vocabulary genes to predict (default: all, in vocabulary order)."""
         if query_genes is None:
             ids = np.arange(len(self.vocab))
