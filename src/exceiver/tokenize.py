@@ -185,9 +185,7 @@ def _all_gene_tokens(
     token_values[real] = scaler.zero_values(gene_ids[real])
     token_zero = real.copy()
     # Each expressed gene's slot: its position in its dataset's sorted measured genes.
-    pool_source = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    pool_keys = pool_source * n_genes + pool
-    slot = np.searchsorted(pool_keys, sources[entry_cell] * n_genes + genes) - start[entry_cell]
+    slot = np.searchsorted(cells.measured_keys, sources[entry_cell] * n_genes + genes) - start[entry_cell]
     token_values[entry_cell, slot] = np.where(masked, 1.0, values)
     gene_ids[entry_cell[masked], slot[masked]] = pad_id
     token_zero[entry_cell, slot] = False

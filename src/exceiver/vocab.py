@@ -143,6 +143,12 @@ class CellCounts:
         measured = [np.flatnonzero(m) for m in self.measured]
         return np.concatenate(measured), np.cumsum([0] + [len(m) for m in measured])
 
+    @functools.cached_property
+    def measured_keys(self) -> np.ndarray:
+        """`measured_pool` as sorted keys dataset x n_genes + gene: finds a gene's slot in its dataset's pool."""
+        pool, offsets = self.measured_pool
+        return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)) * self.counts.shape[1] + pool
+
     @property
     def n_cells(self) -> int:
         return self.counts.shape[0]
