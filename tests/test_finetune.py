@@ -12,7 +12,7 @@ from exceiver import Exceiver, ExceiverInputError, pretrain
 from exceiver.cli import main
 from exceiver.finetune import balanced_class_weights, classifier_module, finetune, split_by_class
 
-from conftest import TINY, synthetic_counts
+from conftest import TINY
 
 FAST = dict(max_epochs=3, batch_size=32, progress=False)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
-from exceiver.api import Exceiver, _output_folder, _stop_reason
+from exceiver.api import Exceiver, _output_folder, _stop_reason, read_datasets
 from exceiver.data import PretrainDataModule
 from exceiver.errors import ExceiverInputError
 from exceiver.io import check_output_dir
@@ -207,7 +207,6 @@ def finetune(
         check_output_dir(out, overwrite=overwrite)
     base = model if isinstance(model, Exceiver) else Exceiver.load(model)
     if isinstance(adata, (str, Path)):
-        from exceiver.api import read_datasets
         [(_, adata)] = read_datasets(adata)
     codes, classes = encode_labels(adata, label_key, min_cells_per_class)
     cells = base.cells(adata, gene_key=gene_key, layer=layer)
