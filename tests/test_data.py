@@ -67,3 +67,14 @@ def test_split_is_seeded_and_disjoint():
     assert len(val) == 10 and not set(train) & set(val) and len(train) + len(val) == 100
     np.testing.assert_array_equal(split_cells(100, 0.1, seed=3)[1], val)
     assert not np.array_equal(split_cells(100, 0.1, seed=4)[1], val)
+
+
+def test_inference_order_covers_every_cell_inside_a_distributed_run(monkeypatch):
+    """Training shares cells out between processes; inference (distributed=False) must not, or
+    each process would leave the other processes' cells unwritten."""
+    monkeypatch.setattr(data, "_rank_and_world_size", lambda: (1, 2))
+    lengths = np.arange(10)
+    shared = LengthGroupedSampler(lengths, 4, shuffle=False)
+    alone = LengthGroupedSampler(lengths, 4, shuffle=False, distributed=False)
+    assert sorted(shared) == [0, 2, 4, 6, 8]  # this process's half
+    assert sorted(alone) == list(range(10))
