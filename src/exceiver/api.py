@@ -1,7 +1,8 @@
 """The user-facing model: AnnData in, AnnData out.
 
 `pretrain` turns count files into a model folder; `Exceiver.load` opens one; `embed` writes cell
-embeddings to `obsm`; `gene_embeddings` returns the learned gene vectors.
+embeddings to `obsm`; `gene_embeddings` returns the learned gene vectors; `impute`, `perturb` and
+`gene_dependencies` delegate to `exceiver.regulation`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from exceiver import __version__
+from exceiver import __version__, regulation
 from exceiver.data import PretrainDataModule, split_cells
 from exceiver.errors import ExceiverInputError, ModelFileError
-from exceiver.infer import iterate_latents, resolve_device
+from exceiver.infer import decode_values, iterate_latents, resolve_device
 from exceiver.io import atomic_dir, check_output_dir, load_model_files, save_model_files
 from exceiver.model import POOLINGS, ExceiverConfig, ExceiverModule
 from exceiver.preprocess import GeneScaler, check_counts, drop_empty_cells, require_nonempty_cells
@@ -31,8 +32,6 @@ from exceiver.train import PretrainingPlan, TrainingConfig, fit
 from exceiver.vocab import CellCounts, GeneVocab, align, dataset_genes, read_gene_list
 
 log = logging.getLogger(__name__)
-
-QUERY_CHUNK = 4096  # decoder queries per call when predicting many genes (bounds memory)
 
 DataInput = str | Path | ad.AnnData
 
@@ -140,10 +139,7 @@ class Exceiver:
         out = np.empty((adata.n_obs, len(ids)), dtype=np.float32)
         query = torch.from_numpy(ids)
         for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "predicting"):
-            rows = batch.cells.cpu().numpy()
-            for start in range(0, len(ids), QUERY_CHUNK):
-                chunk = query[start:start + QUERY_CHUNK].to(latents.device).expand(len(batch), -1)
-                out[rows, start:start + QUERY_CHUNK] = self.module.predict_values(latents, chunk).float().cpu().numpy()
+            out[batch.cells.cpu().numpy()] = decode_values(self.module, latents, query.to(latents.device)).float().cpu().numpy()
         return out
 
     @torch.inference_mode()
@@ -181,6 +177,22 @@ class Exceiver:
         self.module.to(device)
         return iterate_latents(self.module, cells, self.scaler, batch_size=batch_size, device=device,
                                num_workers=num_workers, progress=progress, desc=desc)
+
+    def impute(self, adata: ad.AnnData, genes: Sequence[str] | None = None, **kwargs) -> np.ndarray:
+        """Predicted log-normalised expression of `genes` (default: all of `adata`'s genes, written
+        to `layers["exceiver_imputed"]`); see `exceiver.regulation.impute`."""
+        return regulation.impute(self, adata, genes, **kwargs)
+
+    def perturb(self, adata: ad.AnnData, genes: Sequence[str] | str, mode: str | float = "knockout",
+                **kwargs) -> pd.DataFrame:
+        """Predicted per-gene effects of knocking out / overexpressing each of `genes` in the cells
+        of `adata`; see `exceiver.regulation.perturb`."""
+        return regulation.perturb(self, adata, genes, mode, **kwargs)
+
+    def gene_dependencies(self, adata: ad.AnnData, genes: Sequence[str], **kwargs):
+        """Perturbation-effect and attention matrices between `genes`; see
+        `exceiver.regulation.gene_dependencies`."""
+        return regulation.gene_dependencies(self, adata, genes, **kwargs)
 
     def gene_embeddings(self) -> pd.DataFrame:
         """The learned gene embedding of every vocabulary gene (rows indexed by gene)."""

@@ -108,6 +108,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
     _add_inference_options(p)
 
+    p = commands.add_parser("impute", help="write predicted expression of every gene to a layer",
+                            description="Predict each cell's log-normalised expression of every gene of DATA.h5ad "
+                                        "from its observed genes and write the AnnData, with "
+                                        "layers['exceiver_imputed'], to OUT.h5ad.")
+    p.add_argument("model", type=Path, metavar="MODEL_DIR")
+    p.add_argument("data", type=Path, metavar="DATA.h5ad")
+    p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
+    p.add_argument("--key", default="exceiver_imputed", help="layer to write (default: exceiver_imputed)")
+    _add_inference_options(p)
+
+    p = commands.add_parser("perturb", help="predict the effects of knocking out or overexpressing genes",
+                            description="In-silico perturbation: remove a gene's token (knockout) or set its value "
+                                        "(overexpress: a high quantile of its expression; or a log-normalised "
+                                        "level), re-run the model, and write each gene's predicted change to a CSV.")
+    p.add_argument("model", type=Path, metavar="MODEL_DIR")
+    p.add_argument("data", type=Path, metavar="DATA.h5ad")
+    p.add_argument("--gene", required=True, action="append", metavar="G",
+                   help="gene to perturb (repeat for several, each perturbed on its own)")
+    p.add_argument("--mode", default="knockout", metavar="M",
+                   help="knockout, overexpress, or a log-normalised expression level (default: knockout)")
+    p.add_argument("--groupby", metavar="COL", help="obs column: effects per group of cells")
+    p.add_argument("--group", action="append", metavar="VALUE", help="only this group of --groupby (repeatable)")
+    p.add_argument("--quantile", type=float, default=0.95,
+                   help="overexpress to this quantile of the gene's expression in expressing cells (default: 0.95)")
+    p.add_argument("--out", required=True, type=Path, metavar="EFFECTS.csv")
+    _add_inference_options(p)
+
     p = commands.add_parser("demo", help="pretrain and embed on bundled PBMC data (no downloads)",
                             description="Pretrain a small model on 700 PBMCs bundled with scanpy, "
                                         "embed them, and write a UMAP and a report.")
@@ -186,6 +213,38 @@ def run_predict(args: argparse.Namespace) -> None:
           + ", ".join(f"{k} ({v})" for k, v in counts.head(3).items()))
 
 
+def run_impute(args: argparse.Namespace) -> None:
+    from exceiver.api import Exceiver, read_datasets
+    from exceiver.io import write_h5ad
+
+    if args.out.exists() and not args.overwrite:
+        raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
+    model = Exceiver.load(args.model)
+    [(_, adata)] = read_datasets(args.data)
+    model.impute(adata, key=args.key, gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
+                 device=args.device, progress=not args.quiet)
+    write_h5ad(adata, args.out, overwrite=args.overwrite)
+    n_genes = adata.uns["exceiver"][args.key]["n_imputed_genes"]
+    print(f"wrote {args.out}: layers[{args.key!r}] of {adata.n_obs:,} cells x {n_genes:,} imputed genes")
+
+
+def run_perturb(args: argparse.Namespace) -> None:
+    from exceiver.api import Exceiver, read_datasets
+    from exceiver.io import write_csv
+
+    if args.out.exists() and not args.overwrite:
+        raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
+    model = Exceiver.load(args.model)
+    [(_, adata)] = read_datasets(args.data)
+    effects = model.perturb(adata, args.gene, args.mode, groupby=args.groupby, groups=args.group,
+                            quantile=args.quantile, gene_key=args.gene_key, layer=args.layer,
+                            batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    write_csv(effects, args.out, overwrite=args.overwrite)
+    top = effects.loc[effects["gene"] != effects["perturbed_gene"]].head(3)
+    print(f"wrote {args.out}: {len(effects):,} rows; strongest: "
+          + ", ".join(f"{g} {s:+.3f}" for g, s in zip(top["gene"], top["mean_shift"])))
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from exceiver.demo import run_demo as demo
 
@@ -211,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lightning.pytorch", "lightning.fabric"):  # they set up their own INFO handlers
         logging.getLogger(name).setLevel(level)
     runners = {"pretrain": run_pretrain, "embed": run_embed, "finetune": run_finetune, "predict": run_predict,
+               "impute": run_impute, "perturb": run_perturb,
                "demo": run_demo, "import-original": run_import_original}
     try:
         runners[args.command](args)

@@ -14,11 +14,19 @@ from exceiver.preprocess import GeneScaler
 from exceiver.tokenize import CellBatch
 from exceiver.vocab import CellCounts
 
+QUERY_CHUNK = 4096  # decoder queries per call when predicting many genes (bounds memory)
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def decode_values(module: ExceiverModule, latents: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
+    """Predicted values [B, Q] of the same query genes [Q] in every cell, decoded in chunks of genes."""
+    return torch.cat([module.predict_values(latents, query_ids[start:start + QUERY_CHUNK].expand(len(latents), -1))
+                      for start in range(0, len(query_ids), QUERY_CHUNK)], 1)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -28,8 +36,7 @@ def default_batch_size(device: torch.device) -> int:
     return 16 if device.type == "cpu" else 256
 
 
-@torch.inference_mode()
-def iterate_latents(
+def iterate_batches(
     module: ExceiverModule,
     cells: CellCounts,
     scaler: GeneScaler,
@@ -39,8 +46,8 @@ def iterate_latents(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "cells",
-) -> Iterator[tuple[CellBatch, torch.Tensor]]:
-    """Yield (batch on device, processed latents) for all cells.
+) -> Iterator[CellBatch]:
+    """Yield whole cells (nothing masked) as batches on `device`, with a progress bar.
 
     Cells are visited longest first, so that batches hold cells of similar length (little
     padding) and peak memory is reached at once rather than at the end.
@@ -51,6 +58,13 @@ def iterate_latents(
                          num_workers=num_workers, distributed=False)
     with tqdm(total=cells.n_cells, unit="cell", desc=desc, disable=not progress) as bar:
         for batch in loader:
-            batch = batch.to(device, non_blocking=True)
-            yield batch, module.encode(batch.gene_ids, batch.values, batch.token_mask, batch.token_zero)
+            yield batch.to(device, non_blocking=True)
             bar.update(len(batch))
+
+
+@torch.inference_mode()
+def iterate_latents(module: ExceiverModule, cells: CellCounts, scaler: GeneScaler, **kwargs
+                    ) -> Iterator[tuple[CellBatch, torch.Tensor]]:
+    """Yield (batch on device, processed latents) for all cells (options: `iterate_batches`)."""
+    for batch in iterate_batches(module, cells, scaler, **kwargs):
+        yield batch, module.encode(batch.gene_ids, batch.values, batch.token_mask, batch.token_zero)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file as save_numpy
@@ -90,23 +91,37 @@ def _share(folder: Path) -> None:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
-def write_h5ad(adata: ad.AnnData, path: str | Path, *, overwrite: bool = False) -> None:
-    """Write an AnnData to `path` atomically; an existing file is replaced only with `overwrite`."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside `path`; it replaces `path` only if the block succeeds
+    (an existing file only with `overwrite`)."""
     path = Path(path)
     if path.is_dir():
-        raise ExceiverInputError(f"{path} is a folder; the output must be an .h5ad file")
+        raise ExceiverInputError(f"{path} is a folder; the output must be a file")
     if path.exists() and not overwrite:
         raise ExceiverInputError(f"{path} already exists; choose another output or pass overwrite")
     with _new_parents(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=".h5ad", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=path.suffix, dir=path.parent)
         os.close(fd)
         try:
-            adata.write_h5ad(tmp)
+            yield Path(tmp)
             _share(Path(tmp))
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def write_h5ad(adata: ad.AnnData, path: str | Path, *, overwrite: bool = False) -> None:
+    """Write an AnnData to `path` atomically; an existing file is replaced only with `overwrite`."""
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        adata.write_h5ad(tmp)
+
+
+def write_csv(table: pd.DataFrame, path: str | Path, *, overwrite: bool = False, index: bool = False) -> None:
+    """Write a table to `path` atomically, as write_h5ad does."""
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        table.to_csv(tmp, index=index)
 
 
 def write_json(obj: dict, path: Path) -> None:

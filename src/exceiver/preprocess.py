@@ -111,6 +111,11 @@ class GeneScaler:
         """The value of a measured zero count (the target of zero-gene queries)."""
         return self.values(gene_ids, np.zeros(len(gene_ids), dtype=np.float32))
 
+    def log_expression(self, gene_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Back from model values to log-normalised expression: (value - 1) x std + mean (the
+        inverse of `values` below the clip; predictions are not clipped, so neither is this)."""
+        return ((values - SHIFT) * self.std[gene_ids] + self.mean[gene_ids]).astype(np.float32)
+
     def cell_values(self, cells: CellCounts) -> np.ndarray:
         """Values of all non-zero entries of `cells`, aligned with `cells.counts.data`."""
         counts = cells.counts

@@ -1,0 +1,206 @@
+"""In-silico perturbation: knock a gene's token out of each cell, or set its value, re-run the
+model, and summarise how every query gene's prediction moves against the unperturbed cells.
+
+Work is batch-wise on token batches (see `edit`), so a perturbation costs what the cells express;
+the unperturbed predictions of a batch are computed once and shared by all perturbed genes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from exceiver.errors import ExceiverInputError
+from exceiver.infer import decode_values, iterate_batches, resolve_device
+from exceiver.preprocess import log_normalise
+from exceiver.regulation.edit import knockout, require_token_model, set_value
+from exceiver.regulation.genes import resolve_genes
+from exceiver.tokenize import CellBatch
+from exceiver.vocab import CellCounts
+
+log = logging.getLogger(__name__)
+
+MODES = ("knockout", "overexpress")
+COLUMNS = ["perturbed_gene", "mode", "level", "group", "gene", "n_cells", "baseline_mean", "perturbed_mean",
+           "mean_shift", "effect_size", "fraction_affected"]
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    gene: str
+    gene_id: int
+    mode: str
+    level: float = float("nan")  # log-normalised expression the gene is set to (NaN: knockout)
+    value: float | None = None  # the same level as a model value (None: knockout)
+
+
+def perturb(model, adata: ad.AnnData, genes: Sequence[str] | str, mode: str | float = "knockout", *,
+            query_genes: Sequence[str] | None = None, groupby: str | None = None, groups: Sequence[str] | None = None,
+            quantile: float = 0.95, min_shift: float = 0.1, gene_key: str | None = None, layer: str | None = None,
+            batch_size: int | None = None, device: str | None = None, progress: bool = True) -> pd.DataFrame:
+    """Predicted effect of perturbing each of `genes` (one at a time) on each query gene.
+
+    mode: "knockout" removes the gene's token from the cells that express it; "overexpress" sets it,
+    in every cell, to the `quantile` of its log-normalised expression over the cells that express
+    it; a number sets it to that log-normalised level. query_genes: default, the model's genes
+    that the dataset measures. groupby: an obs column; effects are summarised per group (`groups`:
+    only these). One row per (perturbed gene, group, query gene): mean predicted shift (log-
+    normalised units), effect size (the shift in the gene's training standard deviations),
+    fraction of cells shifted by more than `min_shift`, over the perturbed cells (`n_cells`).
+    """
+    require_token_model(model)
+    cells = model.cells(adata, gene_key=gene_key, layer=layer)
+    parts = _cell_groups(adata, groupby, groups)
+    selected = np.concatenate([rows for _, rows in parts])
+    perturbations = plan_perturbations(model, cells.subset(selected), genes, mode, quantile)
+    query_ids = (np.flatnonzero(cells.measured.any(0)) if query_genes is None
+                 else resolve_genes(model, query_genes, "query genes"))
+    tables = []
+    for group, rows in parts:
+        stats = perturbation_effects(model, cells.subset(rows), perturbations, query_ids, min_shift=min_shift,
+                                     batch_size=batch_size, device=device, progress=progress,
+                                     desc="perturbing" if group is None else f"perturbing {group}")
+        tables.append(_effects_table(model, perturbations, query_ids, stats, group))
+    table = pd.concat(tables, ignore_index=True)
+    if groupby is None:
+        table = table.drop(columns="group")
+    return table
+
+
+def plan_perturbations(model, cells: CellCounts, genes: Sequence[str] | str, mode: str | float,
+                       quantile: float = 0.95) -> list[Perturbation]:
+    """Check the genes against the vocabulary and the cells, and fix each one's level."""
+    names = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+    ids = resolve_genes(model, names, "perturbed genes")
+    level = _parse_mode(mode)
+    if not 0.0 < quantile <= 1.0:
+        raise ExceiverInputError(f"quantile must be in (0, 1], got {quantile}")
+    plan = []
+    for gene, gene_id in zip(names, ids):
+        expression = gene_expression(cells, int(gene_id), model.scaler.target_sum)
+        if mode == "knockout":
+            if not len(expression):
+                raise ExceiverInputError(f"{gene} is not expressed in any of the {cells.n_cells:,} selected cells: "
+                                         "there is nothing to knock out")
+            plan.append(Perturbation(gene, int(gene_id), "knockout"))
+            continue
+        if level is None:  # overexpress
+            if not len(expression):
+                raise ExceiverInputError(
+                    f"{gene} is not expressed in any of the {cells.n_cells:,} selected cells, so it has no "
+                    "expression quantile to overexpress to; pass a log-normalised level instead (e.g. mode=3.0)")
+            target = float(np.quantile(expression, quantile))
+        else:
+            target = level
+        value = float(model.scaler.values(np.array([gene_id]), np.array([target]))[0])
+        plan.append(Perturbation(gene, int(gene_id), "overexpress" if level is None else "set", target, value))
+    return plan
+
+
+def gene_expression(cells: CellCounts, gene_id: int, target_sum: float) -> np.ndarray:
+    """Log-normalised expression of one gene in the cells that express it."""
+    column = cells.counts[:, gene_id].tocoo()
+    return log_normalise(column.data.astype(np.float64), cells.library_size[column.row], target_sum)
+
+
+@torch.inference_mode()
+def perturbation_effects(model, cells: CellCounts, perturbations: list[Perturbation], query_ids: np.ndarray, *,
+                         min_shift: float = 0.1, batch_size: int | None = None, device: str | None = None,
+                         progress: bool = True, desc: str = "perturbing") -> dict[str, np.ndarray]:
+    """Sums over perturbed cells, per (perturbation, query gene), in model-value units: cells `n`
+    [P], `shift` (perturbed - unperturbed), `baseline` values, and cells shifted by > `min_shift`
+    log-normalised units (`affected`)."""
+    module = model.module
+    device = resolve_device(device)
+    module.to(device)
+    query = torch.as_tensor(query_ids, device=device)
+    std = torch.as_tensor(model.scaler.std[query_ids], device=device, dtype=torch.float64)
+    n = torch.zeros(len(perturbations), dtype=torch.float64, device=device)
+    sums = {k: torch.zeros(len(perturbations), len(query_ids), dtype=torch.float64, device=device)
+            for k in ("shift", "baseline", "affected")}
+    for batch in iterate_batches(module, cells, model.scaler, batch_size=batch_size, device=device,
+                                 progress=progress, desc=desc):
+        baseline = _predict(module, batch, query).double()
+        for p, perturbation in enumerate(perturbations):
+            if perturbation.value is None:
+                edited, hit = knockout(batch, perturbation.gene_id, module.pad_id)
+            else:
+                edited = set_value(batch, perturbation.gene_id, perturbation.value, module.pad_id)
+                hit = torch.ones(len(batch), dtype=torch.bool, device=device)
+            if not hit.any():
+                continue
+            shift = _predict(module, _rows(edited, hit), query).double() - baseline[hit]
+            n[p] += hit.sum()
+            sums["shift"][p] += shift.sum(0)
+            sums["baseline"][p] += baseline[hit].sum(0)
+            sums["affected"][p] += (shift.abs() * std > min_shift).sum(0)
+    return {"n": n.cpu().numpy(), **{k: v.cpu().numpy() for k, v in sums.items()}}
+
+
+def _predict(module, batch: CellBatch, query: torch.Tensor) -> torch.Tensor:
+    latents = module.encode(batch.gene_ids, batch.values, batch.token_mask, batch.token_zero)
+    return decode_values(module, latents, query)
+
+
+def _rows(batch: CellBatch, rows: torch.Tensor) -> CellBatch:
+    return CellBatch(**{f.name: getattr(batch, f.name)[rows] for f in fields(batch)})
+
+
+def _effects_table(model, perturbations: list[Perturbation], query_ids: np.ndarray, stats: dict[str, np.ndarray],
+                   group: str | None) -> pd.DataFrame:
+    """Sums -> one row per (perturbation, query gene) on the log-normalised scale, largest |effect| first."""
+    std, mean = model.scaler.std[query_ids], model.scaler.mean[query_ids]
+    genes = np.asarray(model.vocab.genes)[query_ids]
+    tables = []
+    for p, perturbation in enumerate(perturbations):
+        n = stats["n"][p]
+        if n == 0:
+            log.warning("%s is not expressed in any cell of group %s: no knockout effects there", perturbation.gene, group)
+            continue
+        effect = stats["shift"][p] / n
+        baseline = mean + (stats["baseline"][p] / n - 1.0) * std
+        table = pd.DataFrame({
+            "perturbed_gene": perturbation.gene, "mode": perturbation.mode, "level": perturbation.level,
+            "group": group, "gene": genes, "n_cells": int(n), "baseline_mean": baseline,
+            "perturbed_mean": baseline + effect * std, "mean_shift": effect * std, "effect_size": effect,
+            "fraction_affected": stats["affected"][p] / n,
+        }, columns=COLUMNS)
+        tables.append(table.iloc[np.argsort(-np.abs(effect), kind="stable")])
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COLUMNS)
+
+
+def _parse_mode(mode: str | float) -> float | None:
+    """None for knockout / overexpress, else the log-normalised level to set."""
+    if isinstance(mode, str) and mode in MODES:
+        return None
+    try:
+        level = float(mode)
+    except (TypeError, ValueError):
+        raise ExceiverInputError(f"unknown mode {mode!r}: use 'knockout', 'overexpress' or a log-normalised "
+                                 "expression level (a number >= 0)") from None
+    if not np.isfinite(level) or level < 0:
+        raise ExceiverInputError(f"a log-normalised expression level must be a finite number >= 0, got {mode!r}")
+    return level
+
+
+def _cell_groups(adata: ad.AnnData, groupby: str | None, groups: Sequence[str] | None) -> list[tuple[str | None, np.ndarray]]:
+    """(group name, cell rows) for each group of `groupby` (all cells as one group without it)."""
+    if groupby is None:
+        if groups is not None:
+            raise ExceiverInputError("groups needs groupby (the obs column the groups come from)")
+        return [(None, np.arange(adata.n_obs))]
+    if groupby not in adata.obs.columns:
+        raise ExceiverInputError(f"groupby {groupby!r} is not an obs column; obs has {list(adata.obs.columns)}")
+    labels = adata.obs[groupby].astype(str).to_numpy()
+    present = list(pd.unique(labels))
+    names = sorted(present) if groups is None else [str(g) for g in groups]
+    missing = [g for g in names if g not in present]
+    if missing:
+        raise ExceiverInputError(f"groups {missing} are not values of obs[{groupby!r}] (values: {sorted(present)[:10]})")
+    return [(name, np.flatnonzero(labels == name)) for name in names]
