@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
@@ -34,3 +35,40 @@ def pca_embedding(adata: ad.AnnData, *, fit_cells: np.ndarray | None = None, n_h
     n_comps = min(n_comps, len(fit) - 1, x.shape[1])
     pca = PCA(n_components=n_comps, random_state=seed).fit(x[fit])
     return pca.transform(x).astype(np.float32)
+
+
+# The PCA recipes a cell embedding is compared with: (highly variable genes or None for all, components).
+PCA_RECIPES = {"pca20_hvg2000": (2000, 20), "pca50_hvg2000": (2000, 50), "pca20_all": (None, 20), "pca50_all": (None, 50)}
+
+
+def cell_baselines(adata: ad.AnnData, *, layer: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """The standard representations of the same cells: each PCA recipe of log-normalised counts
+    (scanpy's PCA, sparse input kept sparse) and the log-normalised 2,000 HVGs themselves."""
+    logn = log_normalised(adata, layer)
+    logn = logn[:, np.asarray(logn.X.getnnz(axis=0)) > 0].copy()
+    hvg = np.ones(logn.n_vars, dtype=bool)
+    if logn.n_vars > 2000:
+        hvg = sc.pp.highly_variable_genes(logn, n_top_genes=2000, inplace=False)["highly_variable"].to_numpy()
+    reps = {}
+    for name, (n_hvg, n_comps) in PCA_RECIPES.items():
+        mask = hvg if n_hvg else None
+        n_genes = int(mask.sum()) if mask is not None else logn.n_vars
+        n = min(n_comps, logn.n_obs - 1, n_genes - 1)
+        reps[name] = sc.pp.pca(logn, n_comps=n, mask_var=mask, random_state=seed, copy=True).obsm["X_pca"]
+    reps["hvg2000"] = logn.X[:, hvg].toarray()
+    return {name: np.asarray(r, dtype=np.float32) for name, r in reps.items()}
+
+
+def gene_loadings(adata: ad.AnnData, genes: np.ndarray, *, layer: str | None = None, n_comps: int = 50,
+                  seed: int = 0) -> pd.DataFrame:
+    """Each expressed gene's row of PCA loadings of the log-normalised cells (scaled by the
+    components' standard deviations): the gene representation that a model must beat. Rows are
+    indexed by `genes` (the dataset's gene identifiers); duplicated identifiers keep the first."""
+    logn = log_normalised(adata, layer)
+    expressed = np.asarray(logn.X.getnnz(axis=0)) > 0
+    logn = logn[:, expressed].copy()
+    n = min(n_comps, logn.n_obs - 1, logn.n_vars - 1)
+    sc.pp.pca(logn, n_comps=n, random_state=seed)
+    loadings = logn.varm["PCs"] * np.sqrt(logn.uns["pca"]["variance"])[None, :]
+    table = pd.DataFrame(loadings, index=pd.Index(np.asarray(genes)[expressed], name="gene"))
+    return table[~table.index.duplicated() & (table.index != "")]

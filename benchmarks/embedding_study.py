@@ -1,0 +1,166 @@
+"""Embedding study: do zero-shot cell embeddings capture identity, and which preset is best?
+
+One pretraining corpus of shared files that excludes every evaluated file (and kang2018, kept unseen
+for perturbation checks): human files, plus mouse files translated to human symbols through the
+Ensembl ortholog table. Each variant (a preset with overrides) is pretrained on it for the same time
+budget, then `exceiver.evaluate` judges it on four labelled targets it never saw, beside PCA
+baselines computed identically. Results go to OUT/<variant>/<target>/ and OUT/results.json; a rerun
+skips what is done.
+
+    EXCEIVER_SHARED=../shared python benchmarks/embedding_study.py --out embedding_study \
+        --variants default contrastive --epochs 3
+    python benchmarks/embedding_study.py --out embedding_study --table   # the tables only
+
+This is the regression check of the identity work: rerun it after changing the model or objective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import anndata as ad
+
+from exceiver import Exceiver, pretrain
+from exceiver.genemap import map_genes, read_gene_map
+
+HUMAN = [
+    "pisces_pbmc_1000", "scwg_1k_PBMC_v2_raw", "scwg_1k_PBMC_v3_filt", "scwg_5prime_PBMC_filt_1kcells",
+    "streak_malt_lymphoma_10x_2100", "celltypist_sample_559", "card_pdac_1926_7kgenes", "copykat_breast_tumor_302",
+    "numbat_anaplastic_thyroid_carcinoma_173", "camp2015_human_fetal_neocortex_soup_220",
+    "janesick2023_breast_cancer_flex_scllm_100", "cellxgene_fetal_telencephalon_culture_hvg2000_4474",
+    "pollen2014_cortex_fluidigm_65",
+]
+MOUSE = [
+    "adam2017_mouse_kidney_loopofhenle_479", "bastidas_ponce2019_mouse_pancreas_veloviz_739",
+    "grun2016_mouse_intestine_raceid_430", "mca_mouse_stomach_intestine_scgoclust_219", "scde_mouse_esc_mef_40",
+    "ziegenhain2017_mouse_esc_protocols_262", "zilionis2019_mouse_lung_immune_800",
+]
+# target: (file, label column, batch column, gene column, mouse?)
+TARGETS = {
+    "pbmc3k": ("pbmc3k_seurat_2638", "cell_type", None, None, False),
+    "cellbench": ("cellbench_lung_celllines_1408", "cell_type", "assay", "gene_symbol", False),
+    "zeisel_cortex": ("gpsfish_zeisel_mouse_cortex_550", "cell_type", None, None, True),
+    "joost_epidermis": ("joost2016_mouse_skin_epidermis_720", "cell_type", None, None, True),
+}
+# variant: (preset, model overrides, training overrides)
+VARIANTS: dict[str, tuple[str, dict, dict]] = {
+    "default": ("default", {}, {}),
+    "zero_queries": ("default", {"zero_query_ratio": 1.0}, {}),
+    "latents64": ("default", {"n_latents": 64}, {}),
+    "wide128": ("default", {"latent_dim": 128, "ff_dim": 512}, {}),
+}
+
+
+def read_target(data: Path, name: str, orthologs) -> tuple[ad.AnnData, str, str | None, str | None]:
+    file, label_key, batch_key, gene_key, mouse = TARGETS[name]
+    adata = ad.read_h5ad(data / f"{file}.h5ad")
+    if mouse:
+        adata, gene_key = map_genes(adata, orthologs, name=file), None
+    return adata, label_key, batch_key, gene_key
+
+
+def corpus(data: Path, orthologs) -> list[ad.AnnData]:
+    human = [ad.read_h5ad(data / f"{n}.h5ad") for n in HUMAN]
+    mouse = []
+    for n in MOUSE:
+        adata = ad.read_h5ad(data / f"{n}.h5ad")
+        gene_key = "gene_symbol" if "gene_symbol" in adata.var.columns else None
+        mouse.append(map_genes(adata, orthologs, gene_key=gene_key, name=n))
+    return human + mouse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("embedding_study"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="pretraining epochs per variant (a budget in steps, not minutes, keeps "
+                             "variants comparable when the machine is shared)")
+    parser.add_argument("--pretrain-only", action="store_true")
+    parser.add_argument("--table", action="store_true", help="only print the tables of earlier runs")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file = args.out / "results.json"
+    if args.table:
+        print_tables(json.loads(results_file.read_text()))
+        return
+    shared = Path(os.environ.get("EXCEIVER_SHARED", "../shared"))
+    data = shared / "data"
+    orthologs = read_gene_map(shared / "genes" / "human_mouse_orthologs_ensembl105.csv")
+    annotations = shared / "annotations" / "gene_annotations.tsv.gz"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    for variant in args.variants:
+        model_dir = args.out / variant / "model"
+        if not (model_dir / "config.json").exists():
+            preset, overrides, training = VARIANTS[variant]
+            start = time.time()
+            pretrain(corpus(data, orthologs), model_dir, preset=preset, model=overrides,
+                     genes=shared / "genes" / "protein_coding_genes_hgnc.txt",
+                     **{"max_epochs": args.epochs, "patience": args.epochs, **training},
+                     progress=False, overwrite=True)
+            print(f"{variant}: pretrained in {time.time() - start:.0f} s", flush=True)
+        model = Exceiver.load(model_dir)
+        print(f"{variant}: {model}; val MSE ratio {model.metrics['val_mse_ratio']:.3f} "
+              f"({model.metrics['steps']} steps)", flush=True)
+        if args.pretrain_only:
+            continue
+        from exceiver.evaluate import evaluate
+
+        for target in args.targets:
+            key = f"{variant}/{target}"
+            if key in results:
+                continue
+            adata, label_key, batch_key, gene_key = read_target(data, target, orthologs)
+            start = time.time()
+            metrics = evaluate(model, adata, args.out / variant / target, label_keys=[label_key],
+                               batch_key=batch_key, gene_key=gene_key, annotations=annotations,
+                               overwrite=True, progress=False)
+            metrics["pretraining"] = {k: model.metrics[k] for k in ("val_mse_ratio", "steps", "seconds")}
+            results[key] = metrics
+            results_file.write_text(json.dumps(results, indent=1))
+            print(f"{key}: evaluated in {time.time() - start:.0f} s", flush=True)
+    print_tables(results)
+
+
+def print_tables(results: dict) -> None:
+    """Cell-identity table (kNN macro-F1 etc., Exceiver vs the best PCA recipe) and gene AUROCs."""
+    rows = ["| variant | target | MSE ratio (held-out) | kNN macro-F1: Exceiver / best PCA (recipe) | ARI | NMI | "
+            "silhouette |", "|---|---|---|---|---|---|---|"]
+    for key, m in results.items():
+        variant, target = key.split("/")
+        for label, cell in m["cells"].items():
+            reps = cell["representations"]
+            ours = reps["exceiver"]
+            pcas = {k: v for k, v in reps.items() if k.startswith("pca")}
+            best = max(pcas, key=lambda k: pcas[k]["knn_macro_f1"])
+            rows.append(
+                f"| {variant} | {target} | {m['reconstruction']['model']['mse_ratio']:.3f} | "
+                f"{ours['knn_macro_f1']:.3f} / {pcas[best]['knn_macro_f1']:.3f} ({best}) | "
+                f"{ours['leiden_ari']:.3f} / {pcas[best]['leiden_ari']:.3f} | "
+                f"{ours['leiden_nmi']:.3f} / {pcas[best]['leiden_nmi']:.3f} | "
+                f"{ours['silhouette']:.3f} / {pcas[best]['silhouette']:.3f} |")
+    print("\n".join(rows))
+    genes = {}
+    for key, m in results.items():
+        variant = key.split("/")[0]
+        if m.get("genes") and variant not in genes:
+            genes[variant] = m["genes"]["auroc"]
+    if genes:
+        sources = sorted({s for g in genes.values() for s in g})
+        print("\n| variant | representation | " + " | ".join(sources) + " |")
+        print("|---|---|" + "---|" * len(sources))
+        for variant, auroc in genes.items():
+            for rep in ("exceiver", "pca_loadings", "random"):
+                print(f"| {variant} | {rep} | " + " | ".join(
+                    f"{auroc[s][rep]:.3f}" if rep in auroc.get(s, {}) else "-" for s in sources) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""`evaluate`: one call that says how good a model is on a dataset, with numbers and pictures.
+
+model + AnnData -> (1) masked-expression reconstruction vs gene-mean and kNN baselines,
+(2) cell embeddings vs each label column (and batch mixing) beside PCA baselines computed
+identically, (3) gene embeddings vs annotation sources beside PCA loadings and a random embedding
+-> REPORT_DIR/metrics.json, report.md, PNG figures and CSV tables, written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from exceiver.api import Exceiver, read_datasets
+from exceiver.errors import ExceiverInputError
+from exceiver.evaluate import plots
+from exceiver.evaluate.baselines import cell_baselines, gene_loadings
+from exceiver.evaluate.cells import batch_scores, label_scores
+from exceiver.evaluate.genes import gene_scores, nearest_genes, read_annotations
+from exceiver.evaluate.reconstruction import baseline_predictions, masked_predictions, reconstruction_scores
+from exceiver.infer import resolve_device
+from exceiver.io import atomic_dir, check_output_dir, write_json
+from exceiver.preprocess import check_counts
+from exceiver.vocab import align, dataset_genes
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(
+    model: Exceiver | str | Path,
+    data: ad.AnnData | str | Path,
+    out: str | Path,
+    *,
+    label_keys: Sequence[str] = (),
+    batch_key: str | None = None,
+    gene_key: str | None = None,
+    layer: str | None = None,
+    annotations: str | Path | pd.DataFrame | None = None,
+    sources: Sequence[str] | None = None,
+    pooling: str = "mean",
+    max_cells: int = 10000,
+    device: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Evaluate `model` on `data` and write a report to `out`; returns the metrics.
+
+    label_keys: obs columns of annotations (cell type, tissue, ...) that embeddings should follow.
+    batch_key: obs column of batches (assay, donor, ...) that embeddings should mix.
+    annotations: gene annotation file (long TSV with gene_symbol, annotation_id, source; or GMT)
+        or table (gene, term, source); sources: the sources to score (default: all in the file).
+    max_cells: a seeded sample of at most this many cells is evaluated (metrics are quadratic).
+    """
+    model = model if isinstance(model, Exceiver) else Exceiver.load(model)
+    [(name, adata)] = read_datasets(data)
+    label_keys = list(label_keys)
+    for key in label_keys + ([batch_key] if batch_key else []):
+        if key not in adata.obs.columns:
+            raise ExceiverInputError(f"{name}: obs has no column {key!r}; available columns: {list(adata.obs.columns)}")
+    if annotations is not None and not isinstance(annotations, pd.DataFrame):
+        annotations = read_annotations(annotations)
+    check_output_dir(out, overwrite=overwrite)
+
+    cells = align(adata, model.vocab, gene_key=gene_key, layer=layer, name=name)
+    check_counts(cells, name)
+    cells = cells.keep_genes(model.scaler.trained_genes)
+    usable = np.flatnonzero(cells.n_genes_expressed > 0)
+    if not len(usable):
+        raise ExceiverInputError(f"{name}: no cell has counts in the genes the model was trained on")
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(usable, max_cells, replace=False)) if len(usable) > max_cells else usable
+    n_without = cells.n_cells - len(usable)
+    if n_without:
+        log.warning("%s: %d cells have no counts in the model's trained genes and are left out", name, n_without)
+    cells, adata = cells.subset(rows), adata[rows].copy()
+    metrics: dict = {"dataset": name, "n_cells": len(rows), "n_cells_without_model_genes": int(n_without),
+                     "n_genes_shared": int(cells.measured.sum()), "model": repr(model), "pooling": pooling}
+
+    torch_device = resolve_device(device)
+    model.module.to(torch_device)
+    entries = masked_predictions(model.module, cells, model.scaler, device=torch_device, progress=progress)
+    baselines = baseline_predictions(entries, cells.n_cells, len(model.vocab), seed=seed)
+    metrics["reconstruction"] = reconstruction_scores(entries, baselines)
+
+    representations = {"exceiver": model.embed(adata, pooling=pooling, gene_key=gene_key, layer=layer,
+                                                device=device, progress=progress)}
+    representations |= cell_baselines(adata, layer=layer, seed=seed)
+    metrics["cells"], profiles = {}, {}
+    for key in label_keys:
+        labels = adata.obs[key]
+        known = labels.notna().to_numpy()
+        counts = labels[known].astype(str).value_counts()
+        if len(counts) < 2 or counts.min() < 2:
+            raise ExceiverInputError(f"{name}: label column {key!r} needs 2 or more labels with 2 or more cells "
+                                     f"each (found {dict(counts.head(5))})")
+        scores = {rep: label_scores(x[known], labels[known].astype(str).to_numpy(), seed=seed)
+                  for rep, x in representations.items()}
+        profiles[key] = {rep: s.pop("profile") for rep, s in scores.items()}
+        metrics["cells"][key] = {"n_cells": int(known.sum()), "n_labels": len(counts), "representations": scores}
+    if batch_key:
+        batches = adata.obs[batch_key].astype(str).to_numpy()
+        metrics["batch"] = {"key": batch_key, **{rep: batch_scores(x, batches, seed=seed)
+                                                 for rep, x in representations.items()}}
+
+    neighbours = None
+    if annotations is not None:
+        gene_vectors = model.gene_embeddings()[model.scaler.trained_genes]
+        loadings = gene_loadings(adata, dataset_genes(adata, gene_key), layer=layer, seed=seed)
+        genes = gene_vectors.index.intersection(loadings.index)
+        if len(genes) < 10:
+            raise ExceiverInputError(f"{name}: only {len(genes)} genes have both a trained embedding and expression")
+        random = np.random.default_rng(seed).standard_normal((len(genes), gene_vectors.shape[1]))
+        vectors = {"exceiver": gene_vectors.loc[genes].to_numpy(), "pca_loadings": loadings.loc[genes].to_numpy(),
+                   "random": random}
+        metrics["genes"] = gene_scores(vectors, pd.Index(genes), annotations, sources=sources, seed=seed)
+        neighbours = nearest_genes(gene_vectors.to_numpy(), gene_vectors.index)
+
+    with atomic_dir(out, overwrite=overwrite) as folder:
+        _write_report(folder, metrics, representations, profiles, adata.obs[label_keys], neighbours, seed)
+    return metrics
+
+
+def _write_report(folder: Path, metrics: dict, representations: dict[str, np.ndarray],
+                  profiles: dict[str, dict[str, pd.DataFrame]], labels: pd.DataFrame,
+                  neighbours: pd.DataFrame | None, seed: int) -> None:
+    write_json(metrics, folder / "metrics.json")
+    lines = [f"# Exceiver evaluation: {metrics['dataset']}", "",
+             f"{metrics['model']}; {metrics['n_cells']:,} cells, {metrics['n_genes_shared']:,} genes shared with "
+             f"the model; cell embedding: {metrics['pooling']} of the latents.", ""]
+    rec = metrics["reconstruction"]
+    lines += ["## Masked-expression reconstruction", "",
+              f"15% of each cell's expressed genes masked (fixed seed), {rec['model']['n']:,} masked values in "
+              f"{rec['n_cells']:,} cells; values are z-scored log-normalised expression + 1.", "",
+              "| method | MSE | MSE / gene mean | Pearson r | explained variance |", "|---|---|---|---|---|"]
+    for method in ("model", "gene_mean", "knn"):
+        r = rec[method]
+        lines.append(f"| {method} | {r['mse']:.4f} | {r['mse_ratio']:.3f} | {r['pearson']:.3f} | "
+                     f"{r['explained_variance']:.3f} |")
+    lines += ["", "![reconstruction by decile](reconstruction_deciles.png)", ""]
+    plots.reconstruction_by_decile(rec["deciles"], folder / "reconstruction_deciles.png")
+
+    for key, cell in metrics["cells"].items():
+        reps = cell["representations"]
+        lines += [f"## Cell embeddings vs `{key}` ({cell['n_labels']} labels, {cell['n_cells']:,} cells)", "",
+                  "| representation | kNN accuracy | kNN macro-F1 | Leiden ARI | Leiden NMI | silhouette | "
+                  "cosine within - between |", "|---|---|---|---|---|---|---|"]
+        for rep, s in reps.items():
+            lines.append(f"| {rep} | {s['knn_accuracy']:.3f} | {s['knn_macro_f1']:.3f} | {s['leiden_ari']:.3f} | "
+                         f"{s['leiden_nmi']:.3f} | {s['silhouette']:.3f} | {s['cosine_gap']:.3f} |")
+        best = best_pca(reps)
+        for rep in ("exceiver", best):
+            profiles[key][rep].to_csv(folder / f"similarity_{key}_{rep}.csv")
+        plots.similarity_heatmaps({rep: profiles[key][rep] for rep in ("exceiver", best)},
+                                  folder / f"similarity_{key}.png", f"similarity profile by {key}")
+        lines += ["", "kNN: 15 neighbours, 5-fold stratified cross-validation. Leiden: resolution 1 on a "
+                  "15-neighbour graph. Similarity profile: mean cosine similarity between the cells of two groups.",
+                  "", f"![similarity profile](similarity_{key}.png)", ""]
+    if "batch" in metrics:
+        b = metrics["batch"]
+        lines += [f"## Batch mixing (`{b['key']}`)", "", "| representation | kNN batch entropy | 1 - abs(batch ASW) |",
+                  "|---|---|---|"]
+        lines += [f"| {rep} | {s['batch_entropy']:.3f} | {s['batch_asw']:.3f} |"
+                  for rep, s in b.items() if rep != "key"]
+        lines.append("")
+    if len(labels.columns):
+        shown = {rep: representations[rep] for rep in ("exceiver", best_pca(
+            metrics["cells"][labels.columns[0]]["representations"]))}
+        plots.umaps(shown, labels, folder / "umap.png", seed=seed)
+        lines += ["## UMAPs", "", "![UMAP](umap.png)", ""]
+    if "genes" in metrics:
+        g = metrics["genes"]
+        names = list(next(iter(g["auroc"].values()))) if g["auroc"] else []
+        lines += ["## Gene embeddings vs annotations", "",
+                  f"{g['n_genes']:,} genes with a trained embedding and expression here. AUROC of cosine "
+                  "similarity for gene pairs sharing a gene set of 5-500 genes vs pairs sharing none.", "",
+                  "| source | positive pairs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for source, scores in g["auroc"].items():
+            lines.append(f"| {source} | {g['positive_pairs'][source]:,} | "
+                         + " | ".join(f"{scores[n]:.3f}" for n in names) + " |")
+        if g["auroc"]:
+            plots.gene_aurocs(g["auroc"], folder / "gene_auroc.png")
+            lines += ["", "![gene AUROC](gene_auroc.png)"]
+        if neighbours is not None and len(neighbours):
+            neighbours.to_csv(folder / "gene_neighbours.csv", index=False)
+            lines += ["", "Nearest genes in the model's embedding (cosine similarity):", "",
+                      "| gene | nearest genes |", "|---|---|"]
+            lines += [f"| {r.gene} | {r.neighbours} |" for r in neighbours.itertuples()]
+        lines.append("")
+    (folder / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def best_pca(representations: dict[str, dict]) -> str:
+    """The PCA recipe with the highest kNN macro-F1 (the baseline to beat)."""
+    pcas = [rep for rep in representations if rep.startswith("pca")]
+    return max(pcas, key=lambda rep: representations[rep]["knn_macro_f1"])
