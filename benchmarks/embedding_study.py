@@ -50,6 +50,8 @@ TARGETS = {
 # variant: (preset, model overrides, training overrides)
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "default": ("default", {}, {}),
+    "contrastive": ("default", {"contrastive_weight": 1.0}, {}),
+    "contrastive_w0.2": ("default", {"contrastive_weight": 0.2}, {}),
     "zero_queries": ("default", {"zero_query_ratio": 1.0}, {}),
     "latents64": ("default", {"n_latents": 64}, {}),
     "wide128": ("default", {"latent_dim": 128, "ff_dim": 512}, {}),
@@ -121,7 +123,7 @@ def main() -> None:
             start = time.time()
             metrics = evaluate(model, adata, args.out / variant / target, label_keys=[label_key],
                                batch_key=batch_key, gene_key=gene_key, annotations=annotations,
-                               overwrite=True, progress=False)
+                               overwrite=True, progress=False, name=TARGETS[target][0])
             metrics["pretraining"] = {k: model.metrics[k] for k in ("val_mse_ratio", "steps", "seconds")}
             results[key] = metrics
             results_file.write_text(json.dumps(results, indent=1))

@@ -1,11 +1,15 @@
-"""The learning-rate schedule and its time budget."""
+"""The learning-rate schedule and its time budget; the contrastive (invariance) objective."""
 
 from types import SimpleNamespace
 
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 
+from conftest import TINY
 from exceiver import train
-from exceiver.train import TimeBudgetSchedule, lr_factor
+from exceiver.train import TimeBudgetSchedule, lr_factor, subset_tokens
 
 
 def test_lr_factor_warms_up_then_decays_to_the_floor():
@@ -48,3 +52,27 @@ def test_time_budget_never_plans_beyond_the_step_budget_or_before_warmup(monkeyp
         trainer.global_step = step
         schedule.on_train_batch_end(trainer, plan)
     assert plan.planned_steps == 300
+
+
+def test_subset_tokens_keeps_a_fraction_of_real_tokens_and_never_empties_a_cell():
+    torch.manual_seed(0)
+    mask = torch.zeros(3, 400, dtype=torch.bool)
+    mask[0, :400] = True
+    mask[1, :1] = True  # a one-token cell keeps its token
+    subset = subset_tokens(mask, 0.5)
+    assert not (subset & ~mask).any()
+    assert 150 < subset[0].sum() < 250
+    assert subset[1].sum() == 1 and subset[2].sum() == 0
+
+
+def test_contrastive_objective_trains_identity_and_saves_its_projection(counts_adata, tmp_path):
+    from exceiver import Exceiver, pretrain
+
+    model = pretrain(counts_adata, tmp_path / "m", model={**TINY, "contrastive_weight": 1.0}, max_epochs=3,
+                     batch_size=32, progress=False)
+    log = pd.read_csv(tmp_path / "m" / "logs" / "metrics.csv")
+    contrast = log["train_contrastive_epoch"].dropna().to_numpy()
+    assert np.isfinite(contrast).all() and contrast[-1] < contrast[0]  # views find each other better
+    assert model.module.projection is not None
+    again = Exceiver.load(tmp_path / "m")
+    assert again.config.contrastive_weight == 1.0 and again.module.projection is not None

@@ -1,4 +1,5 @@
-"""The `exceiver` command line: pretrain, embed, finetune, predict, demo, import-original."""
+"""The `exceiver` command line: pretrain, embed, finetune, predict, evaluate, impute, perturb, demo,
+import-original."""
 
 from __future__ import annotations
 
@@ -135,6 +136,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, metavar="EFFECTS.csv")
     _add_inference_options(p)
 
+    p = commands.add_parser("evaluate", help="judge a model's reconstruction and embeddings against baselines",
+                            description="Evaluate a model on DATA.h5ad: masked-expression reconstruction vs "
+                                        "gene-mean and kNN baselines; cell embeddings vs label columns (kNN, "
+                                        "Leiden ARI/NMI, silhouette, similarity profile) and batches beside PCA "
+                                        "baselines; gene embeddings vs annotation sources. Writes metrics.json, "
+                                        "report.md and PNG figures to REPORT_DIR.")
+    p.add_argument("model", type=Path, metavar="MODEL_DIR")
+    p.add_argument("data", type=Path, metavar="DATA.h5ad")
+    p.add_argument("--out", required=True, type=Path, metavar="REPORT_DIR")
+    p.add_argument("--label-key", action="append", default=[], metavar="COL",
+                   help="obs column of cell annotations (repeat for several)")
+    p.add_argument("--batch-key", metavar="COL", help="obs column of batches, for batch-mixing scores")
+    p.add_argument("--annotations", type=Path, metavar="FILE",
+                   help="gene annotations: a TSV with gene_symbol, annotation_id, source (gzip allowed) or a GMT file")
+    p.add_argument("--source", action="append", metavar="NAME",
+                   help="annotation source to score (repeat; default: every source in the file)")
+    p.add_argument("--pooling", default="mean", choices=["mean", "flatten"])
+    p.add_argument("--max-cells", type=int, default=10000, help="evaluate a seeded sample of at most N cells")
+    p.add_argument("--seed", type=int, default=0)
+    _add_data_options(p)
+    p.add_argument("--gene-map", type=Path, metavar="FILE",
+                   help="translate the dataset's genes first: CSV of model gene, dataset gene (e.g. human,mouse)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing REPORT_DIR")
+
     p = commands.add_parser("demo", help="pretrain and embed on bundled PBMC data (no downloads)",
                             description="Pretrain a small model on 700 PBMCs bundled with scanpy, "
                                         "embed them, and write a UMAP and a report.")
@@ -245,6 +271,32 @@ def run_perturb(args: argparse.Namespace) -> None:
           + ", ".join(f"{g} {s:+.3f}" for g, s in zip(top["gene"], top["mean_shift"])))
 
 
+def run_evaluate(args: argparse.Namespace) -> None:
+    from exceiver.api import read_datasets
+    from exceiver.evaluate import evaluate
+    from exceiver.evaluate.report import best_pca
+    from exceiver.genemap import map_genes
+    from exceiver.io import check_output_dir
+
+    check_output_dir(args.out, overwrite=args.overwrite)  # fail before the work, not after
+    [(name, adata)] = read_datasets(args.data)
+    gene_key = args.gene_key
+    if args.gene_map:
+        adata, gene_key = map_genes(adata, args.gene_map, gene_key=gene_key, layer=args.layer, name=name), None
+    metrics = evaluate(args.model, adata, args.out, label_keys=args.label_key, batch_key=args.batch_key,
+                       gene_key=gene_key, layer=None if args.gene_map else args.layer, annotations=args.annotations,
+                       sources=args.source, pooling=args.pooling, max_cells=args.max_cells, device=args.device,
+                       seed=args.seed, overwrite=args.overwrite, progress=not args.quiet, name=name)
+    rec = metrics["reconstruction"]["model"]
+    summary = [f"masked MSE {rec['mse']:.4f} ({rec['mse_ratio']:.3f} x gene mean)"]
+    for key, cell in metrics["cells"].items():
+        reps = cell["representations"]
+        best = best_pca(reps)
+        summary.append(f"{key}: kNN macro-F1 {reps['exceiver']['knn_macro_f1']:.3f} vs {best} "
+                       f"{reps[best]['knn_macro_f1']:.3f}")
+    print(f"wrote {args.out}/report.md: " + "; ".join(summary))
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from exceiver.demo import run_demo as demo
 
@@ -270,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lightning.pytorch", "lightning.fabric"):  # they set up their own INFO handlers
         logging.getLogger(name).setLevel(level)
     runners = {"pretrain": run_pretrain, "embed": run_embed, "finetune": run_finetune, "predict": run_predict,
+               "evaluate": run_evaluate,
                "impute": run_impute, "perturb": run_perturb,
                "demo": run_demo, "import-original": run_import_original}
     try:

@@ -49,6 +49,11 @@ class ExceiverConfig:
     max_tokens: int = 4096  # expressed genes per cell beyond this are subsampled
     class_hidden: int = 0  # hidden width of the class head (0: n_classes, as the original)
     paper_compatible: bool = False  # compute exactly as the original release (imported checkpoints)
+    # Invariance objective: two random subsets of a cell's tokens must give embeddings that pick
+    # each other out of the batch (InfoNCE on projected mean latents); 0 turns it off.
+    contrastive_weight: float = 0.0
+    contrastive_keep: float = 0.5  # fraction of a cell's tokens in each view
+    contrastive_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         sizes = dict(gene_dim=self.gene_dim, n_latents=self.n_latents, latent_dim=self.latent_dim,
@@ -72,6 +77,8 @@ class ExceiverConfig:
             raise ValueError(f"zero_query_ratio must be >= 0, got {self.zero_query_ratio}")
         if self.paper_compatible and self.zero_query_ratio > 0:  # zero genes are tokens there: no leak allowed
             raise ValueError("zero-gene queries are not available in paper-compatible mode (zero genes are tokens)")
+        if self.contrastive_weight < 0 or not 0 < self.contrastive_keep <= 1 or self.contrastive_temperature <= 0:
+            raise ValueError("contrastive_weight must be >= 0, contrastive_keep in (0, 1], contrastive_temperature > 0")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
@@ -221,6 +228,7 @@ class ExceiverModule(nn.Module):
         self.value_head = _mlp(c.gene_dim, head_hidden, 1)
         self.gene_bias = nn.Parameter(torch.zeros(c.n_genes + 2)) if c.gene_bias else None
         self.class_head = _mlp(c.gene_dim, c.class_hidden or c.n_classes, c.n_classes) if c.n_classes else None
+        self.projection = _mlp(c.latent_dim, c.latent_dim, c.latent_dim) if c.contrastive_weight else None
 
     @torch.no_grad()
     def init_value_offsets(self, gene_means: torch.Tensor, mean_value: float) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -78,6 +79,14 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return ((pred - target) ** 2 * mask).sum() / n.clamp(min=1)
 
 
+def subset_tokens(token_mask: torch.Tensor, keep: float) -> torch.Tensor:
+    """A random `keep` fraction of each cell's real tokens (at least one)."""
+    subset = token_mask & (torch.rand(token_mask.shape, device=token_mask.device) < keep)
+    empty = ~subset.any(dim=1) & token_mask.any(dim=1)
+    subset[empty, token_mask[empty].float().argmax(dim=1)] = True
+    return subset
+
+
 def lr_factor(step: int, warmup: int, planned: int, min_ratio: float) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at step `planned`."""
     if step < warmup:
@@ -114,11 +123,29 @@ class PretrainingPlan(L.LightningModule):
         return self.module(batch.gene_ids, batch.values, batch.token_mask, batch.query_ids, batch.token_zero)
 
     def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
-        loss = masked_mse(self._predict(batch), batch.targets, batch.query_mask)
+        latents = self.module.encode(batch.gene_ids, batch.values, batch.token_mask, batch.token_zero)
+        loss = masked_mse(self.module.predict_values(latents, batch.query_ids), batch.targets, batch.query_mask)
+        weight = self.module.config.contrastive_weight
+        if weight:
+            contrast = self.contrastive_loss(latents, batch)
+            self.log("train_contrastive", contrast, on_step=True, on_epoch=True, batch_size=len(batch), sync_dist=True)
+            loss = loss + weight * contrast
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch),
                  sync_dist=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    def contrastive_loss(self, latents: torch.Tensor, batch: CellBatch) -> torch.Tensor:
+        """InfoNCE between each cell's embedding from its tokens and from a random subset of
+        them: other cells of the batch are the negatives, so the embedding must say which cell
+        this is from any part of its genes (identity), not how many genes it has (depth)."""
+        config = self.module.config
+        subset = subset_tokens(batch.token_mask, config.contrastive_keep)
+        other = self.module.encode(batch.gene_ids, batch.values, subset, batch.token_zero)
+        z = [F.normalize(self.module.projection(self.module.pool(x)), dim=-1) for x in (latents, other)]
+        logits = z[0] @ z[1].T / config.contrastive_temperature
+        cells = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, cells) + F.cross_entropy(logits.T, cells)) / 2
 
     def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
         self.update_expression_metrics(self._predict(batch), batch)

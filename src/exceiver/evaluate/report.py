@@ -48,6 +48,7 @@ def evaluate(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    name: str | None = None,
 ) -> dict:
     """Evaluate `model` on `data` and write a report to `out`; returns the metrics.
 
@@ -56,9 +57,11 @@ def evaluate(
     annotations: gene annotation file (long TSV with gene_symbol, annotation_id, source; or GMT)
         or table (gene, term, source); sources: the sources to score (default: all in the file).
     max_cells: a seeded sample of at most this many cells is evaluated (metrics are quadratic).
+    name: the dataset's name in messages and the report (default: the file's name).
     """
     model = model if isinstance(model, Exceiver) else Exceiver.load(model)
-    [(name, adata)] = read_datasets(data)
+    [(default_name, adata)] = read_datasets(data)
+    name = name or default_name
     label_keys = list(label_keys)
     for key in label_keys + ([batch_key] if batch_key else []):
         if key not in adata.obs.columns:

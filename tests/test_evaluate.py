@@ -1,0 +1,160 @@
+"""`exceiver evaluate`: the metrics on cases with known answers, the report, the errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import synthetic_counts
+from exceiver import ExceiverInputError
+from exceiver.cli import main
+from exceiver.evaluate import evaluate
+from exceiver.evaluate.cells import batch_scores, knn_cross_validated, similarity_profile
+from exceiver.evaluate.genes import gene_scores, pair_auroc, read_annotations, sample_pairs
+from exceiver.evaluate.reconstruction import baseline_predictions, reconstruction_scores
+from exceiver.genemap import map_genes
+
+
+def _clusters(n_per: int = 40, seed: int = 0):
+    """Three well-separated groups in 5 dimensions."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(3, 5) * 10
+    labels = np.repeat(["a", "b", "c"], n_per)
+    return centres[np.repeat(np.arange(3), n_per)] + rng.normal(size=(3 * n_per, 5)), labels
+
+
+def test_similarity_profile_is_mean_cosine_between_groups_without_self_pairs():
+    x = np.array([[1.0, 0], [2.0, 0], [0, 1.0], [0, 3.0], [1.0, 1.0]])
+    profile = similarity_profile(x, np.array(["a", "a", "b", "b", "c"]))
+    assert profile.loc["a", "a"] == pytest.approx(1.0) and profile.loc["a", "b"] == pytest.approx(0.0)
+    assert profile.loc["a", "c"] == pytest.approx(np.sqrt(0.5))
+    assert np.isnan(profile.loc["c", "c"])  # one cell: no pair
+
+
+def test_knn_scores_separate_clusters_and_fall_to_chance_on_shuffled_labels():
+    x, labels = _clusters()
+    assert knn_cross_validated(x, labels)["knn_macro_f1"] == 1.0
+    shuffled = np.random.default_rng(1).permutation(labels)
+    assert knn_cross_validated(x, shuffled)["knn_accuracy"] < 0.6
+
+
+def test_batch_mixing_is_high_for_mixed_batches_and_low_for_separated_ones():
+    x, labels = _clusters()
+    mixed = np.tile(["b1", "b2"], len(x) // 2)
+    separated = np.where(labels == "a", "b1", "b2")
+    good, bad = batch_scores(x, mixed), batch_scores(x, separated)
+    assert good["batch_entropy"] > 0.8 > 0.3 > bad["batch_entropy"]
+    assert good["batch_asw"] > bad["batch_asw"]
+
+
+def test_gene_pairs_auroc_is_high_when_sets_share_directions_and_chance_for_random_vectors():
+    rng = np.random.default_rng(0)
+    genes = pd.Index([f"g{i}" for i in range(300)])
+    sets = np.arange(300) // 10  # 30 sets of 10 genes
+    table = pd.DataFrame({"gene": genes, "term": [f"set{s}" for s in sets], "source": "toy"})
+    pairs, shared = sample_pairs(table, genes, n_pairs=2000)
+    assert shared.sum() == 2000 and len(shared) == 4000
+    assert (sets[pairs[shared == 1, 0]] == sets[pairs[shared == 1, 1]]).all()
+    assert (sets[pairs[shared == 0, 0]] != sets[pairs[shared == 0, 1]]).all()
+    structured = rng.normal(size=(30, 16))[sets] + 0.3 * rng.normal(size=(300, 16))
+    assert pair_auroc(structured, pairs, shared) > 0.95
+    scores = gene_scores({"random": rng.normal(size=(300, 16))}, genes, table)
+    assert abs(scores["auroc"]["toy"]["random"] - 0.5) < 0.05
+
+
+def test_annotations_are_read_from_gmt_and_long_tables_with_clear_errors(tmp_path):
+    gmt = tmp_path / "sets.gmt"
+    gmt.write_text("SET1\tdescription\tA\tB\tC\nSET2\t-\tC\tD\n")
+    table = read_annotations(gmt)
+    assert set(table.term) == {"SET1", "SET2"} and set(table.source) == {"sets"} and len(table) == 5
+    tsv = tmp_path / "long.tsv"
+    pd.DataFrame({"gene_symbol": ["A", "B"], "annotation_id": ["T", "T"], "source": ["GO", "GO"]}).to_csv(
+        tsv, sep="\t", index=False)
+    assert list(read_annotations(tsv).source) == ["GO", "GO"]
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("gene\tterm\nA\tT\n")
+    with pytest.raises(ExceiverInputError, match="lacks columns"):
+        read_annotations(bad)
+
+
+def test_reconstruction_baselines_use_only_visible_values():
+    # cells 0-1 alike, cells 2-3 alike; gene 0 masked in cell 0
+    entries = {
+        "cell": np.array([0]), "gene": np.array([0]), "target": np.array([5.0]), "model": np.array([4.0]),
+        "visible_cell": np.array([1, 2, 3, 0, 1, 2, 3]), "visible_gene": np.array([0, 0, 0, 1, 1, 2, 2]),
+        "visible_value": np.array([1.5, 4.0, 4.0, 3.0, 3.0, 2.0, 2.0]),
+    }
+    base = baseline_predictions(entries, n_cells=4, n_genes=3, k=1, n_comps=2)
+    assert base["gene_mean"][0] == pytest.approx(9.5 / 3)  # visible values of gene 0 only
+    assert base["knn"][0] == pytest.approx(1.5)  # its one neighbour, cell 1
+    scores = reconstruction_scores({**entries, "target": np.array([5.0, 1.0]), "model": np.array([4.0, 1.0]),
+                                    "cell": np.array([0, 2]), "gene": np.array([0, 0])},
+                                   {"gene_mean": np.array([3.0, 3.0]), "knn": np.array([6.0, 1.0])}, n_bins=2)
+    assert scores["model"]["mse"] == pytest.approx(0.5) and scores["gene_mean"]["mse"] == pytest.approx(4.0)
+    assert scores["model"]["mse_ratio"] == pytest.approx(0.125)
+
+
+def test_evaluate_writes_a_complete_report(tiny_model_dir, tmp_path):
+    adata = synthetic_counts(n_cells=90, seed=5)
+    adata.obs["batch"] = np.tile(["b1", "b2", "b3"], 30)
+    genes = list(adata.var_names)
+    annotations = pd.DataFrame({"gene": genes, "term": [f"t{i // 8}" for i in range(len(genes))], "source": "toy"})
+    metrics = evaluate(tiny_model_dir, adata, tmp_path / "report", label_keys=["cell_type"], batch_key="batch",
+                       annotations=annotations, progress=False)
+    files = {p.name for p in (tmp_path / "report").iterdir()}
+    assert {"metrics.json", "report.md", "umap.png", "similarity_cell_type.png", "reconstruction_deciles.png",
+            "gene_auroc.png"} <= files
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    reps = saved["cells"]["cell_type"]["representations"]
+    assert set(reps) == {"exceiver", "pca20_hvg2000", "pca50_hvg2000", "pca20_all", "pca50_all", "hvg2000"}
+    assert all(0 <= r["knn_macro_f1"] <= 1 and -1 <= r["silhouette"] <= 1 for r in reps.values())
+    assert reps["pca20_all"]["knn_macro_f1"] > 0.9  # the synthetic types are easy for PCA
+    rec = metrics["reconstruction"]
+    assert rec["model"]["n"] > 0 and rec["gene_mean"]["mse_ratio"] == 1.0 and len(rec["deciles"]) == 10
+    assert set(metrics["batch"]) == {"key", *reps}
+    assert set(metrics["genes"]["auroc"]["toy"]) == {"exceiver", "pca_loadings", "random"}
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| exceiver |" in report and "kNN macro-F1" in report
+
+
+def test_evaluate_errors_name_the_problem_and_leave_nothing(tiny_model_dir, tmp_path):
+    adata = synthetic_counts(n_cells=30, seed=2)
+    out = tmp_path / "report"
+    with pytest.raises(ExceiverInputError, match="no column 'tissue'.*cell_type"):
+        evaluate(tiny_model_dir, adata, out, label_keys=["tissue"], progress=False)
+    adata.obs["one"] = "x"
+    with pytest.raises(ExceiverInputError, match="2 or more labels"):
+        evaluate(tiny_model_dir, adata, out, label_keys=["one"], progress=False)
+    with pytest.raises(ExceiverInputError, match="none of its 200 genes"):
+        evaluate(tiny_model_dir, synthetic_counts(n_cells=30, prefix="ENSG"), out, progress=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_gene_map_sums_counts_matches_case_insensitively_and_refuses_no_overlap(tmp_path):
+    adata = synthetic_counts(n_cells=10, n_genes=4, prefix="g")  # g0000 .. g0003
+    pairs = pd.DataFrame({"model": ["H0", "H0", "H2", "H9"], "data": ["g0000", "G0001", "g0002", "g9999"]})
+    mapped = map_genes(adata, pairs)
+    assert list(mapped.var_names) == ["H0", "H2"]
+    x, y = adata.X.toarray(), mapped.X.toarray()
+    assert np.array_equal(y[:, 0], x[:, 0] + x[:, 1]) and np.array_equal(y[:, 1], x[:, 2])
+    assert mapped.obs.equals(adata.obs)
+    with pytest.raises(ExceiverInputError, match="none of its 4 genes is in the gene map"):
+        map_genes(adata, pairs.assign(data=["x", "y", "z", "w"]))
+
+
+def test_evaluate_from_the_command_line_with_a_gene_map(tiny_model_dir, tmp_path, capsys):
+    adata = synthetic_counts(n_cells=60, seed=4, prefix="m")  # "mouse" names m0000 ...
+    data = tmp_path / "mouse.h5ad"
+    adata.write_h5ad(data)
+    gene_map = tmp_path / "orthologs.csv"
+    gene_map.write_text("".join(f"G{i:04d},m{i:04d}\n" for i in range(200)))
+    out = tmp_path / "report"
+    code = main(["-q", "evaluate", str(tiny_model_dir), str(data), "--out", str(out), "--label-key", "cell_type",
+                 "--gene-map", str(gene_map)])
+    assert code == 0 and (out / "report.md").is_file()
+    assert "kNN macro-F1" in capsys.readouterr().out
+    assert main(["-q", "evaluate", str(tiny_model_dir), str(data), "--out", str(tmp_path / "r2")]) == 2
+    assert "none of its 200 genes" in capsys.readouterr().err and not (tmp_path / "r2").exists()
