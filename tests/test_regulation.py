@@ -13,7 +13,7 @@ from exceiver.regulation import perturbation as perturb_module
 from exceiver.regulation.edit import knockout, set_value
 from exceiver.tokenize import make_batch
 
-from conftest import synthetic_counts
+from conftest import TINY, synthetic_counts
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +217,18 @@ def test_cli_perturb_and_impute(tiny_model_dir, counts_file, tmp_path, capsys):
     imputed = tmp_path / "imputed.h5ad"
     assert main(["-q", "impute", str(tiny_model_dir), str(counts_file), "--out", str(imputed)]) == 0
     assert ad.read_h5ad(imputed).layers["exceiver_imputed"].shape == (120, 200)
+
+
+def test_perturb_real_pbmc_genes(shared_dir):
+    """On real PBMCs: knockout acts on exactly the cells expressing the gene, per cell type."""
+    from exceiver import pretrain
+
+    data = ad.read_h5ad(shared_dir / "data" / "pbmc_small_seuratobject_80.h5ad")
+    model = pretrain(data, None, model=TINY, max_epochs=1, progress=False)
+    gene = "MS4A1"
+    expressing = data[:, gene].X.toarray().ravel() > 0
+    effects = model.perturb(data, gene, "knockout", groupby="cell_type", progress=False)
+    per_type = pd.Series(expressing).groupby(data.obs["cell_type"].astype(str).to_numpy()).sum()
+    observed = effects.groupby("group")["n_cells"].first()
+    assert observed.to_dict() == per_type[per_type > 0].to_dict()
+    assert np.isfinite(effects["mean_shift"]).all()

@@ -67,7 +67,7 @@ def perturb(model, adata: ad.AnnData, genes: Sequence[str] | str, mode: str | fl
                                      batch_size=batch_size, device=device, progress=progress,
                                      desc="perturbing" if group is None else f"perturbing {group}")
         tables.append(_effects_table(model, perturbations, query_ids, stats, group))
-    table = pd.concat(tables, ignore_index=True)
+    table = pd.concat([t for t in tables if len(t)], ignore_index=True)  # a perturbed gene is expressed in some group
     if groupby is None:
         table = table.drop(columns="group")
     return table
