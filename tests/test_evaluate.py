@@ -12,7 +12,7 @@ from conftest import synthetic_counts
 from exceiver import ExceiverInputError
 from exceiver.cli import main
 from exceiver.evaluate import evaluate
-from exceiver.evaluate.cells import batch_scores, knn_cross_validated, similarity_profile
+from exceiver.evaluate.cells import batch_scores, depth_r2, knn_cross_validated, similarity_profile
 from exceiver.evaluate.genes import gene_scores, pair_auroc, read_annotations, sample_pairs
 from exceiver.evaluate.reconstruction import baseline_predictions, reconstruction_scores
 from exceiver.genemap import map_genes
@@ -48,6 +48,13 @@ def test_batch_mixing_is_high_for_mixed_batches_and_low_for_separated_ones():
     good, bad = batch_scores(x, mixed), batch_scores(x, separated)
     assert good["batch_entropy"] > 0.8 > 0.3 > bad["batch_entropy"]
     assert good["batch_asw"] > bad["batch_asw"]
+
+
+def test_depth_r2_reads_depth_from_an_embedding_that_holds_it():
+    rng = np.random.default_rng(0)
+    depth = rng.normal(size=200)
+    holds = np.c_[depth + 0.1 * rng.normal(size=200), rng.normal(size=(200, 3))]
+    assert depth_r2(holds, depth) > 0.95 and depth_r2(rng.normal(size=(200, 4)), depth) < 0.1
 
 
 def test_gene_pairs_auroc_is_high_when_sets_share_directions_and_chance_for_random_vectors():
@@ -115,6 +122,7 @@ def test_evaluate_writes_a_complete_report(tiny_model_dir, tmp_path):
     rec = metrics["reconstruction"]
     assert rec["model"]["n"] > 0 and rec["gene_mean"]["mse_ratio"] == 1.0 and len(rec["deciles"]) == 10
     assert set(metrics["batch"]) == {"key", *reps}
+    assert set(metrics["depth_r2"]) == set(reps) and all(r2 <= 1 for r2 in metrics["depth_r2"].values())
     assert set(metrics["genes"]["auroc"]["toy"]) == {"exceiver", "pca_loadings", "random"}
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| exceiver |" in report and "kNN macro-F1" in report

@@ -12,9 +12,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scanpy as sc
-from sklearn.metrics import (accuracy_score, adjusted_rand_score, f1_score, normalized_mutual_info_score,
+from sklearn.linear_model import RidgeCV
+from sklearn.metrics import (accuracy_score, adjusted_rand_score, f1_score, normalized_mutual_info_score, r2_score,
                              silhouette_score)
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from sklearn.preprocessing import normalize
 
@@ -107,3 +108,11 @@ def batch_scores(embedding: np.ndarray, batches: np.ndarray, *, k: int = K_NEIGH
     sample = min(SILHOUETTE_SAMPLE, len(batches))
     asw = silhouette_score(embedding, batches, sample_size=sample, random_state=seed)
     return {"batch_entropy": float(entropy.mean()), "batch_asw": float(1 - abs(asw))}
+
+
+def depth_r2(embedding: np.ndarray, log_depth: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated R^2 of a ridge regression of log total counts on the embedding: how much of
+    a representation is sequencing depth rather than identity."""
+    splitter = KFold(n_splits=min(folds, len(log_depth)), shuffle=True, random_state=seed)
+    predicted = cross_val_predict(RidgeCV(alphas=np.logspace(-3, 3, 7)), embedding, log_depth, cv=splitter)
+    return float(r2_score(log_depth, predicted))

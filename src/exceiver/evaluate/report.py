@@ -20,7 +20,7 @@ from exceiver.api import Exceiver, read_datasets
 from exceiver.errors import ExceiverInputError
 from exceiver.evaluate import plots
 from exceiver.evaluate.baselines import cell_baselines, gene_loadings
-from exceiver.evaluate.cells import batch_scores, label_scores
+from exceiver.evaluate.cells import batch_scores, depth_r2, label_scores
 from exceiver.evaluate.genes import gene_scores, nearest_genes, read_annotations
 from exceiver.evaluate.reconstruction import baseline_predictions, masked_predictions, reconstruction_scores
 from exceiver.infer import resolve_device
@@ -94,6 +94,8 @@ def evaluate(
     representations = {"exceiver": model.embed(adata, pooling=pooling, gene_key=gene_key, layer=layer,
                                                 device=device, progress=progress)}
     representations |= cell_baselines(adata, layer=layer, seed=seed)
+    log_depth = np.log1p(np.asarray(cells.counts.sum(axis=1)).ravel())
+    metrics["depth_r2"] = {rep: depth_r2(x, log_depth, seed=seed) for rep, x in representations.items()}
     metrics["cells"], profiles = {}, {}
     for key in label_keys:
         labels = adata.obs[key]
@@ -164,6 +166,11 @@ def _write_report(folder: Path, metrics: dict, representations: dict[str, np.nda
         lines += ["", "kNN: 15 neighbours, 5-fold stratified cross-validation. Leiden: resolution 1 on a "
                   "15-neighbour graph. Similarity profile: mean cosine similarity between the cells of two groups.",
                   "", f"![similarity profile](similarity_{key}.png)", ""]
+    lines += ["## How much of each representation is sequencing depth", "",
+              "Cross-validated R^2 of a ridge regression of log total counts (model genes) on the representation "
+              "(1: depth is fully readable; identity-focused embeddings should stay low).", "",
+              "| representation | depth R^2 |", "|---|---|"]
+    lines += [f"| {rep} | {r2:.3f} |" for rep, r2 in metrics["depth_r2"].items()] + [""]
     if "batch" in metrics:
         b = metrics["batch"]
         lines += [f"## Batch mixing (`{b['key']}`)", "", "| representation | kNN batch entropy | 1 - abs(batch ASW) |",
