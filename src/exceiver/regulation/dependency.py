@@ -65,7 +65,8 @@ def gene_dependencies(model, adata: ad.AnnData, genes: Sequence[str], *, mode: s
     if len(genes) < 2:
         raise ExceiverInputError("a dependency map needs at least 2 genes")
     table = perturb(model, adata, genes, mode, query_genes=genes, **kwargs)
-    effects = table.pivot(index="perturbed_gene", columns="gene", values="effect_size").reindex(index=genes, columns=genes)
+    effects = table.pivot(index="perturbed_gene", columns="gene", values="effect_size")
+    effects = effects.reindex(index=genes, columns=genes)
     attention_kwargs = {k: kwargs[k] for k in ("gene_key", "layer", "batch_size", "device", "progress") if k in kwargs}
     attention = attention_routes(model, adata, genes, **attention_kwargs)
     return GeneDependencies(effects, attention, str(mode))
@@ -93,7 +94,8 @@ def attention_routes(model, adata: ad.AnnData, genes: Sequence[str], *, gene_key
         tokens = module.gene_emb(batch.gene_ids) * batch.values.unsqueeze(-1)
         encoder = _attention(module.encoder, module.latents, tokens, batch.token_mask)  # [B, latents, L]
         latents = module.encode(batch.gene_ids, batch.values, batch.token_mask)
-        decoder = _attention(module.decoder, module.gene_emb(ids).expand(len(batch), -1, -1), latents)  # [B, T, latents]
+        queries = module.gene_emb(ids).expand(len(batch), -1, -1)
+        decoder = _attention(module.decoder, queries, latents)  # [B, T, latents]
         routes = decoder @ encoder  # [B, T, L]: target query -> token
         source = (batch.gene_ids[:, :, None] == ids) & batch.token_mask[:, :, None]  # [B, L, S]
         total += torch.einsum("btl,bls->st", routes.double(), source.double())

@@ -161,7 +161,8 @@ def _effects_table(model, perturbations: list[Perturbation], query_ids: np.ndarr
     for p, perturbation in enumerate(perturbations):
         n = stats["n"][p]
         if n == 0:
-            log.warning("%s is not expressed in any cell of group %s: no knockout effects there", perturbation.gene, group)
+            log.warning("%s is not expressed in any cell of group %s: no knockout effects there",
+                        perturbation.gene, group)
             continue
         effect = stats["shift"][p] / n
         baseline = mean + (stats["baseline"][p] / n - 1.0) * std
@@ -189,7 +190,8 @@ def _parse_mode(mode: str | float) -> float | None:
     return level
 
 
-def _cell_groups(adata: ad.AnnData, groupby: str | None, groups: Sequence[str] | None) -> list[tuple[str | None, np.ndarray]]:
+def _cell_groups(adata: ad.AnnData, groupby: str | None,
+                 groups: Sequence[str] | None) -> list[tuple[str | None, np.ndarray]]:
     """(group name, cell rows) for each group of `groupby` (all cells as one group without it)."""
     if groupby is None:
         if groups is not None:
@@ -202,5 +204,6 @@ def _cell_groups(adata: ad.AnnData, groupby: str | None, groups: Sequence[str] |
     names = sorted(present) if groups is None else [str(g) for g in groups]
     missing = [g for g in names if g not in present]
     if missing:
-        raise ExceiverInputError(f"groups {missing} are not values of obs[{groupby!r}] (values: {sorted(present)[:10]})")
+        raise ExceiverInputError(f"groups {missing} are not values of obs[{groupby!r}] "
+                                 f"(values: {sorted(present)[:10]})")
     return [(name, np.flatnonzero(labels == name)) for name in names]
