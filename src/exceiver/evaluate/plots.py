@@ -18,8 +18,10 @@ def similarity_heatmaps(profiles: dict[str, pd.DataFrame], path: Path, title: st
     """The paper's similarity profile (mean cosine similarity between label groups), one panel
     per representation, on a shared colour scale."""
     fig, axes = plt.subplots(1, len(profiles), figsize=(4.6 * len(profiles), 4.2), squeeze=False)
+    low = min(np.nanmin(p.to_numpy()) for p in profiles.values())
+    high = max(np.nanmax(p.to_numpy()) for p in profiles.values())
     for ax, (name, profile) in zip(axes[0], profiles.items()):
-        im = ax.imshow(profile.to_numpy(), cmap="viridis")
+        im = ax.imshow(profile.to_numpy(), cmap="viridis", vmin=low, vmax=high)
         ax.set_xticks(range(len(profile)), profile.columns, rotation=90, fontsize=7)
         ax.set_yticks(range(len(profile)), profile.index, fontsize=7)
         ax.set_title(name, fontsize=9)
