@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from exceiver.errors import ExceiverInputError
 from exceiver.model import ExceiverConfig
@@ -31,11 +31,16 @@ class CellIndexDataset(Dataset):
 
 class CellBatcher:
     """Collate function. With `salt=None` each batch draws fresh masks (training); a fixed salt
-    gives every cell the same masks in every epoch (validation)."""
+    gives every cell the same masks in every epoch (validation).
+
+    Fresh salts come from (seed, loader worker, batch number), not from the global RNG: Lightning
+    reseeds that when a distributed run starts, and then each process's half of a global batch
+    would be masked unlike the same cells in a one-process run."""
 
     def __init__(self, cells: CellCounts, scaler: GeneScaler, config: ExceiverConfig, *,
-                 masked: bool, salt: int | None = None):
+                 masked: bool, salt: int | None = None, seed: int = 0):
         self.cells, self.scaler, self.salt = cells, scaler, salt
+        self.seed, self.n_batches = seed, 0
         self.kwargs = dict(
             pad_id=config.n_genes,
             max_tokens=config.max_tokens,
@@ -45,7 +50,11 @@ class CellBatcher:
         )
 
     def __call__(self, rows: list[int]) -> CellBatch:
-        salt = self.salt if self.salt is not None else int(torch.randint(0, 2**62, ()).item())
+        salt = self.salt
+        if salt is None:
+            worker = get_worker_info()
+            salt = int(np.random.default_rng([self.seed, worker.id if worker else 0, self.n_batches]).integers(2**62))
+            self.n_batches += 1
         return make_batch(self.cells, np.asarray(rows), self.scaler, salt=salt, **self.kwargs)
 
 
@@ -145,7 +154,7 @@ class PretrainDataModule(L.LightningDataModule):
         return batch.to(device)
 
     def train_dataloader(self) -> DataLoader:
-        batcher = CellBatcher(self.cells, self.scaler, self.config, masked=self.masked)
+        batcher = CellBatcher(self.cells, self.scaler, self.config, masked=self.masked, seed=self.seed)
         return cell_loader(self.cells, self.train_rows, batcher, batch_size=self.batch_size,
                            shuffle=True, seed=self.seed, num_workers=self.num_workers)
 
