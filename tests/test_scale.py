@@ -71,3 +71,128 @@ def test_two_process_cpu_ddp_matches_one_process_with_the_same_global_batch(tmp_
     assert single.keys() == distributed.keys()
     for name, weight in single.items():
         torch.testing.assert_close(distributed[name], weight, rtol=0, atol=2e-4, msg=name)
+
+
+# On-disk corpora and streams ------------------------------------------------------------------
+
+from exceiver import Exceiver, pretrain  # noqa: E402
+from exceiver.cli import main  # noqa: E402
+from exceiver.corpus import CorpusCells, CorpusDataModule, build_corpus, fit_scaler, is_validation  # noqa: E402
+from exceiver.errors import ExceiverInputError  # noqa: E402
+from exceiver.stream import EpochLoader, ShuffledBatches  # noqa: E402
+from exceiver.vocab import GeneVocab, align  # noqa: E402
+
+from conftest import TINY, synthetic_counts  # noqa: E402
+
+
+def _without_counts(counts: sp.csr_matrix, row: int) -> sp.csr_matrix:
+    keep = np.ones(counts.shape[0])
+    keep[row] = 0
+    return sp.csr_matrix(sp.diags(keep) @ counts)
+
+
+@pytest.fixture
+def two_files(tmp_path):
+    first = synthetic_counts(n_cells=300, seed=1)
+    second = synthetic_counts(n_cells=200, n_genes=150, seed=2)
+    second.X = _without_counts(second.X, 5)  # an empty cell: dropped when building, and counted
+    paths = [tmp_path / "first.h5ad", tmp_path / "second.h5ad"]
+    first.write_h5ad(paths[0])
+    second.write_h5ad(paths[1])
+    return paths, [first, second]
+
+
+def test_corpus_holds_each_file_aligned_once_in_shards_of_one_file(two_files, tmp_path):
+    paths, adatas = two_files
+    corpus = build_corpus(paths, tmp_path / "corpus", shard_cells=128, progress=False)
+    vocab = corpus.vocab
+    assert vocab == GeneVocab([f"G{j:04d}" for j in range(200)])
+    assert corpus.n_cells == 499 and [d["n_dropped"] for d in corpus.meta["datasets"]] == [0, 1]
+    assert [(s["dataset"], s["n_cells"]) for s in corpus.shards] == [(0, 128), (0, 128), (0, 44), (1, 128), (1, 71)]
+    expected = CellCounts.concat([align(adatas[0], vocab, name="first"), align(adatas[1], vocab, name="second")])
+    expected = expected.subset(np.flatnonzero(expected.n_genes_expressed > 0))
+    cells = corpus.read(100, 499)  # across shards and files
+    assert (cells.counts != expected.counts[100:499]).nnz == 0
+    np.testing.assert_array_equal(cells.source, expected.source[100:499])
+    np.testing.assert_array_equal(cells.measured, expected.measured)
+
+
+def test_corpus_refuses_what_it_cannot_read(two_files, tmp_path):
+    with pytest.raises(ExceiverInputError, match="not a corpus folder"):
+        CorpusCells(tmp_path)
+    corpus = build_corpus(two_files[0], tmp_path / "corpus", progress=False)
+    shard = tmp_path / "corpus" / "shards" / f"{corpus.shards[0]['name']}.counts.bin"
+    shard.write_bytes(shard.read_bytes()[:-4])
+    with pytest.raises(ExceiverInputError, match="truncated"):
+        CorpusCells(tmp_path / "corpus")
+    with pytest.raises(ExceiverInputError, match="layer 'counts' is not in the dataset"):
+        build_corpus(two_files[0], tmp_path / "other", layer="counts", progress=False)
+    assert not (tmp_path / "other").exists()
+
+
+def _epoch(stream: ShuffledBatches, epoch: int, rank: int, world: int, workers: int = 0) -> list[np.ndarray]:
+    stream.start_epoch(epoch)
+    stream.rank, stream.world = rank, world  # as in process `rank` of a `world`-process run
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+    return [b.cells.numpy() for b in loader]
+
+
+def test_training_stream_sees_every_cell_once_with_disjoint_shares(two_files, tmp_path):
+    corpus = build_corpus(two_files[0], tmp_path / "corpus", shard_cells=128, progress=False)
+    scaler = fit_scaler(corpus, 0.1, seed=0, progress=False)
+    config = ExceiverConfig.preset("default", n_genes=len(corpus.vocab))
+    training = ~is_validation(np.arange(corpus.n_cells), 0.1, 0)
+    stream = ShuffledBatches(corpus, scaler, config, blocks=corpus.blocks(64), batch_size=16, seed=3,
+                             buffer_cells=64, keep=lambda rows: ~is_validation(rows, 0.1, 0))
+    single = _epoch(stream, 0, 0, 1)
+    assert sorted(np.concatenate(single).tolist()) == np.flatnonzero(training).tolist()
+    assert all(len(b) == 16 for b in single[:-1])
+    shares = [_epoch(stream, 0, rank, 3, workers=2 if rank == 0 else 0) for rank in range(3)]
+    assert len({len(s) for s in shares}) == 1 and all(len(s) == len(stream) for s in shares)  # equal steps
+    seen = np.concatenate([np.concatenate(s) for s in shares])
+    assert set(seen.tolist()) == set(np.flatnonzero(training).tolist())
+    assert len(seen) - training.sum() == (-training.sum()) % 3  # a few cells twice, to even out
+    assert [b.tolist() for b in _epoch(stream, 0, 0, 1)] == [b.tolist() for b in single]  # seeded
+    assert [b.tolist() for b in _epoch(stream, 1, 0, 1)] != [b.tolist() for b in single]  # reshuffled
+    lengths = corpus.read(0, corpus.n_cells).n_genes_expressed
+    fill = np.mean([lengths[b].mean() / lengths[b].max() for b in single])
+    assert fill > np.mean([lengths[b].mean() / lengths[b].max() for b in np.array_split(np.concatenate(single), len(single))])
+
+
+def test_pretraining_streams_a_corpus_from_the_command_line(two_files, tmp_path, capsys):
+    paths, _ = two_files
+    corpus = tmp_path / "corpus"
+    assert main(["-q", "build-corpus", *map(str, paths), "--out", str(corpus), "--shard-cells", "100"]) == 0
+    assert "499 cells, 200 genes, 5 shard(s)" in capsys.readouterr().out
+    model = pretrain(corpus, tmp_path / "model", model=TINY, max_epochs=2, batch_size=32, num_workers=2,
+                     progress=False)
+    n_val = int(is_validation(np.arange(499), 0.1, 0).sum())
+    assert model.metrics["n_cells"] == 499 and model.metrics["n_val_cells"] == n_val
+    assert model.metrics["steps"] == 2 * -(-(499 - n_val) // 32)
+    assert np.isfinite(model.metrics["val_masked_mse"]) and model.metrics["datasets"] == {"first": 300, "second": 199}
+    with pytest.raises(ExceiverInputError, match="corpus folder"):
+        pretrain(corpus, None, genes=["G0001"], progress=False)
+
+
+def test_backed_embedding_streams_and_equals_in_memory(tiny_model_dir, counts_file, tmp_path):
+    model = Exceiver.load(tiny_model_dir)
+    in_memory = model.embed(ad.read_h5ad(counts_file), progress=False)
+    backed = ad.read_h5ad(counts_file, backed="r")
+    np.testing.assert_allclose(model.embed(backed, progress=False, batch_size=7), in_memory, rtol=1e-5, atol=1e-6)
+    out = tmp_path / "embedded.h5ad"
+    model.embed_file(counts_file, out, pooling="flatten", key="X_flat", num_workers=2, progress=False)
+    written = ad.read_h5ad(out)
+    flat = model.embed(ad.read_h5ad(counts_file), pooling="flatten", progress=False)
+    np.testing.assert_allclose(written.obsm["X_flat"], flat, rtol=1e-5, atol=1e-6)
+    assert written.uns["exceiver"]["X_flat"]["pooling"] == "flatten" and "cell_type" in written.obs
+    assert (written.X != ad.read_h5ad(counts_file).X).nnz == 0  # the input travels unchanged
+
+
+def test_streamed_embedding_refuses_empty_cells_and_leaves_no_output(tiny_model_dir, tmp_path):
+    adata = synthetic_counts(n_cells=20)
+    adata.X = _without_counts(adata.X, 3)
+    path, out = tmp_path / "cells.h5ad", tmp_path / "out.h5ad"
+    adata.write_h5ad(path)
+    with pytest.raises(ExceiverInputError, match="1 of 20 cells have no counts"):
+        Exceiver.load(tiny_model_dir).embed_file(path, out, progress=False)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad"]

@@ -22,12 +22,15 @@ import pandas as pd
 import torch
 
 from exceiver import __version__, regulation
+from exceiver.corpus import CorpusCells, CorpusDataModule, fit_scaler, is_corpus, is_validation
 from exceiver.data import PretrainDataModule, split_cells
 from exceiver.errors import ExceiverInputError, ModelFileError
 from exceiver.infer import decode_values, iterate_latents, resolve_device
+from exceiver.h5ad_output import h5ad_copy_with_obsm
 from exceiver.io import atomic_dir, check_output_dir, load_model_files, save_model_files
 from exceiver.model import POOLINGS, ExceiverConfig, ExceiverModule
 from exceiver.preprocess import GeneScaler, check_counts, drop_empty_cells, require_nonempty_cells
+from exceiver.stream import H5adCells
 from exceiver.train import PretrainingPlan, TrainingConfig, fit
 from exceiver.vocab import CellCounts, GeneVocab, align, dataset_genes, read_gene_list
 
@@ -99,11 +102,8 @@ class Exceiver:
               name: str = "dataset") -> CellCounts:
         """Align a dataset to the model's genes and check its counts; every cell must have counts
         in genes the model saw expressed in training (others have untrained embeddings)."""
-        cells = align(adata, self.vocab, gene_key=gene_key, layer=layer, name=name)
-        check_counts(cells, name)
-        cells = cells.keep_genes(self.scaler.trained_genes)
-        require_nonempty_cells(cells, name)
-        return cells
+        return ModelCells(self.scaler.trained_genes, name)(align(adata, self.vocab, gene_key=gene_key, layer=layer,
+                                                                 name=name))
 
     def embed(self, adata: ad.AnnData, *, key: str = "X_exceiver", pooling: str = "mean",
               gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
@@ -171,12 +171,37 @@ class Exceiver:
     def _latents(self, adata: ad.AnnData, gene_key: str | None = None, layer: str | None = None,
                  batch_size: int | None = None, device: str | None = None, progress: bool = True,
                  desc: str = "cells", num_workers: int = 0):
-        """(batch, processed latents) over the cells of `adata`, in batches on the chosen device."""
-        cells = self.cells(adata, gene_key=gene_key, layer=layer)
+        """(batch, processed latents) over the cells of `adata`, in batches on the chosen device; a
+        backed AnnData (`read_h5ad(path, backed="r")`) is read from disk chunk by chunk."""
+        if adata.isbacked:
+            cells = H5adCells(adata.filename, self.vocab, gene_key=gene_key, layer=layer, name=Path(adata.filename).stem)
+        else:
+            cells = self.cells(adata, gene_key=gene_key, layer=layer)
         device = resolve_device(device)
         self.module.to(device)
         return iterate_latents(self.module, cells, self.scaler, batch_size=batch_size, device=device,
-                               num_workers=num_workers, progress=progress, desc=desc)
+                               num_workers=num_workers, progress=progress, desc=desc,
+                               prepare=ModelCells(self.scaler.trained_genes, getattr(cells, "name", "dataset")))
+
+    def embed_file(self, path: str | Path, out: str | Path, *, key: str = "X_exceiver", pooling: str = "mean",
+                   gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
+                   device: str | None = None, num_workers: int = 0, overwrite: bool = False,
+                   progress: bool = True) -> Path:
+        """`embed` from an .h5ad file to a copy of it with `obsm[key]` added, streaming: neither the
+        counts nor the embeddings are ever all in memory."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        cells = H5adCells(path, self.vocab, gene_key=gene_key, layer=layer)
+        device = resolve_device(device)
+        self.module.to(device)
+        width = self.config.latent_dim * (self.config.n_latents if pooling == "flatten" else 1)
+        with h5ad_copy_with_obsm(path, out, key, (cells.n_cells, width), overwrite=overwrite) as write:
+            for batch, latents in iterate_latents(
+                    self.module, cells, self.scaler, batch_size=batch_size, device=device, num_workers=num_workers,
+                    progress=progress, desc="embedding", prepare=ModelCells(self.scaler.trained_genes, cells.name)):
+                write(batch.cells.cpu().numpy(), ExceiverModule.pool(latents, pooling).float().cpu().numpy())
+            write.uns({"pooling": pooling, "n_genes": len(self.vocab)})
+        return Path(out)
 
     def impute(self, adata: ad.AnnData, genes: Sequence[str] | None = None, **kwargs) -> np.ndarray:
         """Predicted log-normalised expression of `genes` (default: all of `adata`'s genes, written
@@ -199,6 +224,21 @@ class Exceiver:
         weights = self.module.gene_emb.weight.detach().cpu().numpy()[: len(self.vocab)]
         columns = [f"dim_{i}" for i in range(weights.shape[1])]
         return pd.DataFrame(weights, index=pd.Index(self.vocab.genes, name="gene"), columns=columns)
+
+
+class ModelCells:
+    """A model's checks of cells it is given (picklable, for loader workers): valid counts, only
+    genes it saw expressed in training, and every cell with counts in them (outputs must match
+    the user's cells, so an empty cell is an error, not a silent drop)."""
+
+    def __init__(self, trained_genes: np.ndarray, name: str):
+        self.trained_genes, self.name = trained_genes, name
+
+    def __call__(self, cells: CellCounts) -> CellCounts:
+        check_counts(cells, self.name)
+        cells = cells.keep_genes(self.trained_genes)
+        require_nonempty_cells(cells, self.name)
+        return cells
 
 
 def _check_weights(module: ExceiverModule, state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -311,7 +351,8 @@ def pretrain(
 ) -> Exceiver:
     """Pretrain an Exceiver by masked-expression prediction on raw counts.
 
-    data: one or several AnnData objects or .h5ad paths (their gene sets may differ).
+    data: one or several AnnData objects or .h5ad paths (their gene sets may differ), or a corpus
+        folder (`exceiver.corpus.build_corpus`), streamed from disk.
     out: model folder to write (training logs and checkpoints go there too); None keeps the
         model in memory only.
     preset, model: architecture preset ("default" or "paper") and overrides of its fields.
@@ -325,18 +366,19 @@ def pretrain(
         raise ExceiverInputError("pretraining has no labels: leave n_classes at 0 and use finetune() for a classifier")
     if out is not None:
         check_output_dir(out, overwrite=overwrite)
-    corpus = prepare_corpus(read_datasets(data), genes=genes, gene_key=gene_key, layer=layer,
-                            val_fraction=training_config.val_fraction, seed=training_config.seed)
-    cells, vocab, scaler, train_rows, val_rows = corpus
-    config.n_genes = len(vocab)
+    items = list(data) if isinstance(data, (list, tuple)) else [data]
+    if any(is_corpus(item) for item in items):
+        if len(items) > 1:
+            raise ExceiverInputError("a corpus folder is pretrained on alone; build one corpus from all the files")
+        vocab, scaler, datamodule, counts = _streamed_corpus(items[0], config, training_config, genes, gene_key,
+                                                             layer, progress)
+    else:
+        vocab, scaler, datamodule, counts = _in_memory_corpus(data, config, training_config, genes, gene_key, layer)
 
     L.seed_everything(training_config.seed, workers=True, verbose=False)
     module = ExceiverModule(config)
     module.init_value_offsets(torch.from_numpy(scaler.expressed_mean), scaler.mean_expressed_value)
     plan = PretrainingPlan(module, torch.from_numpy(scaler.expressed_mean), training_config)
-    datamodule = PretrainDataModule(cells, scaler, config, train_rows, val_rows,
-                                    batch_size=training_config.batch_size,
-                                    num_workers=training_config.num_workers, seed=training_config.seed)
     with _output_folder(out, overwrite) as folder:
         start = time.monotonic()
         trainer = fit(plan, datamodule, training_config, Path(folder), progress=progress)
@@ -344,9 +386,7 @@ def pretrain(
         module.cpu().eval()
         metrics = {
             **plan.best_metrics,
-            "n_cells": int(cells.n_cells), "n_train_cells": len(train_rows), "n_val_cells": len(val_rows),
-            "datasets": {name: int(n) for name, n in zip(cells.source_names, np.bincount(cells.source))},
-            "n_genes": len(vocab), "n_parameters": module.n_parameters(),
+            **counts, "n_genes": len(vocab), "n_parameters": module.n_parameters(),
             "epochs": trainer.current_epoch, "steps": trainer.global_step,
             "seconds": round(time.monotonic() - start, 1), "stopped_by": _stop_reason(trainer, training_config),
         }
@@ -356,6 +396,41 @@ def pretrain(
     log.info("val masked MSE %.4f vs gene-mean baseline %.4f (ratio %.3f)", metrics["val_masked_mse"],
              metrics["val_gene_mean_mse"], metrics["val_mse_ratio"])
     return result
+
+
+def _in_memory_corpus(data, config: ExceiverConfig, training: TrainingConfig, genes, gene_key, layer):
+    """Vocabulary, scaler, batches and cell counts of datasets read into memory."""
+    cells, vocab, scaler, train_rows, val_rows = prepare_corpus(
+        read_datasets(data), genes=genes, gene_key=gene_key, layer=layer, val_fraction=training.val_fraction,
+        seed=training.seed)
+    config.n_genes = len(vocab)
+    datamodule = PretrainDataModule(cells, scaler, config, train_rows, val_rows, batch_size=training.batch_size,
+                                    num_workers=training.num_workers, seed=training.seed)
+    counts = {"n_cells": int(cells.n_cells), "n_train_cells": len(train_rows), "n_val_cells": len(val_rows),
+              "datasets": {name: int(n) for name, n in zip(cells.source_names, np.bincount(cells.source))}}
+    return vocab, scaler, datamodule, counts
+
+
+def _streamed_corpus(folder, config: ExceiverConfig, training: TrainingConfig, genes, gene_key, layer,
+                     progress: bool):
+    """The same from a corpus folder (`build_corpus`), streamed from disk: memory does not grow
+    with the number of cells."""
+    given = [name for name, value in (("genes", genes), ("gene_key", gene_key), ("layer", layer)) if value]
+    if given:
+        raise ExceiverInputError(f"{folder} is a corpus folder: its genes and counts were fixed when it was "
+                                 f"built; pass {', '.join(given)} to build-corpus instead")
+    corpus = CorpusCells(folder)
+    scaler = fit_scaler(corpus, training.val_fraction, training.seed, progress=progress)
+    config.n_genes = len(corpus.vocab)
+    datamodule = CorpusDataModule(corpus, scaler, config, batch_size=training.batch_size,
+                                  val_fraction=training.val_fraction, num_workers=training.num_workers,
+                                  seed=training.seed)
+    n_val = int(is_validation(np.arange(corpus.n_cells), training.val_fraction, training.seed).sum())
+    counts = {"n_cells": corpus.n_cells, "n_train_cells": corpus.n_cells - n_val, "n_val_cells": n_val,
+              "datasets": {d["name"]: d["n_cells"] for d in corpus.meta["datasets"]}}
+    log.info("pretraining on corpus %s: %s cells (%s training, %s validation), %s genes", folder,
+             f"{corpus.n_cells:,}", f"{corpus.n_cells - n_val:,}", f"{n_val:,}", f"{len(corpus.vocab):,}")
+    return corpus.vocab, scaler, datamodule, counts
 
 
 def _output_folder(out: str | Path | None, overwrite: bool):

@@ -1,5 +1,5 @@
 """The `exceiver` command line: pretrain, embed, finetune, predict, evaluate, impute, perturb, demo,
-import-original."""
+import-original, build-corpus."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("pretrain", help="pretrain a model on raw counts (.h5ad)",
                             description="Pretrain an Exceiver by masked-expression prediction on "
                                         "one or more .h5ad files of raw counts.")
-    p.add_argument("data", nargs="+", type=Path, metavar="DATA.h5ad")
+    p.add_argument("data", nargs="+", type=Path, metavar="DATA.h5ad",
+                   help=".h5ad files, or one corpus folder from build-corpus (streamed from disk)")
     p.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR", help="model folder to write")
     p.add_argument("--preset", default="default", choices=["default", "paper"])
     p.add_argument("--genes", type=Path, metavar="FILE",
@@ -82,7 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default="X_exceiver", help="obsm key of the embedding (default: X_exceiver)")
     p.add_argument("--pooling", default="mean", choices=["mean", "flatten"],
                    help="mean of the latents, or all latents flattened (the original's)")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader processes reading cells (default: 0)")
     _add_inference_options(p)
+
+    p = commands.add_parser("build-corpus", help="convert .h5ad files into an on-disk corpus for pretraining",
+                            description="Align .h5ad files of raw counts to one gene vocabulary and write them, "
+                                        "chunk by chunk, as a sharded on-disk corpus that `exceiver pretrain "
+                                        "CORPUS_DIR` streams with memory that does not grow with the cells.")
+    p.add_argument("data", nargs="+", type=Path, metavar="DATA.h5ad")
+    p.add_argument("--out", required=True, type=Path, metavar="CORPUS_DIR", help="corpus folder to write")
+    p.add_argument("--genes", type=Path, metavar="FILE", help="restrict the vocabulary to these genes (one per line)")
+    p.add_argument("--shard-cells", type=int, default=65_536, help="cells per shard file (default: 65536)")
+    _add_data_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CORPUS_DIR")
 
     p = commands.add_parser("finetune", help="train a cell classifier from a pretrained model",
                             description="Fine-tune a pretrained model to predict a label column of obs "
@@ -194,17 +207,27 @@ def run_pretrain(args: argparse.Namespace) -> None:
 
 
 def run_embed(args: argparse.Namespace) -> None:
-    from exceiver.api import Exceiver, read_datasets
-    from exceiver.io import write_h5ad
+    import h5py
+
+    from exceiver.api import Exceiver
 
     if args.out.exists() and not args.overwrite:  # fail before the work, not after
         raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
     model = Exceiver.load(args.model)
-    [(_, adata)] = read_datasets(args.data)
-    model.embed(adata, key=args.key, pooling=args.pooling, gene_key=args.gene_key, layer=args.layer,
-                batch_size=args.batch_size, device=args.device, progress=not args.quiet)
-    write_h5ad(adata, args.out, overwrite=args.overwrite)
-    print(f"wrote {args.out}: obsm[{args.key!r}] of {adata.n_obs:,} cells x {adata.obsm[args.key].shape[1]}")
+    model.embed_file(args.data, args.out, key=args.key, pooling=args.pooling, gene_key=args.gene_key,
+                     layer=args.layer, batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
+                     overwrite=args.overwrite, progress=not args.quiet)
+    with h5py.File(args.out, "r") as written:
+        n_cells, width = written["obsm"][args.key].shape
+    print(f"wrote {args.out}: obsm[{args.key!r}] of {n_cells:,} cells x {width}")
+
+
+def run_build_corpus(args: argparse.Namespace) -> None:
+    from exceiver.corpus import build_corpus
+
+    corpus = build_corpus(args.data, args.out, genes=args.genes, gene_key=args.gene_key, layer=args.layer,
+                          shard_cells=args.shard_cells, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {args.out}: {corpus.n_cells:,} cells, {len(corpus.vocab):,} genes, {len(corpus.shards)} shard(s)")
 
 
 def run_finetune(args: argparse.Namespace) -> None:
@@ -324,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"pretrain": run_pretrain, "embed": run_embed, "finetune": run_finetune, "predict": run_predict,
                "evaluate": run_evaluate,
                "impute": run_impute, "perturb": run_perturb,
-               "demo": run_demo, "import-original": run_import_original}
+               "demo": run_demo, "import-original": run_import_original, "build-corpus": run_build_corpus}
     try:
         runners[args.command](args)
     except (ExceiverInputError, ModelFileError, TrainingError) as err:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from exceiver.data import CellBatcher, cell_loader
 from exceiver.model import ExceiverModule
 from exceiver.preprocess import GeneScaler
+from exceiver.stream import EpochLoader, H5adCells, OrderedBatches
 from exceiver.tokenize import CellBatch
 from exceiver.vocab import CellCounts
 
@@ -38,7 +39,7 @@ def default_batch_size(device: torch.device) -> int:
 
 def iterate_batches(
     module: ExceiverModule,
-    cells: CellCounts,
+    cells: CellCounts | H5adCells,
     scaler: GeneScaler,
     *,
     batch_size: int | None = None,
@@ -46,16 +47,25 @@ def iterate_batches(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "cells",
+    prepare: Callable[[CellCounts], CellCounts] | None = None,
 ) -> Iterator[CellBatch]:
     """Yield whole cells (nothing masked) as batches on `device`, with a progress bar.
 
-    Cells are visited longest first, so that batches hold cells of similar length (little
-    padding) and peak memory is reached at once rather than at the end.
+    Cells in memory are visited longest first, so that batches hold cells of similar length
+    (little padding) and peak memory is reached at once rather than at the end. Cells on disk (a
+    cell source such as `H5adCells`) are read chunk by chunk in the loader's workers, longest
+    first within a chunk, each chunk passed through `prepare` (checks; it must keep every row).
     """
     module.eval()
-    batcher = CellBatcher(cells, scaler, module.config, masked=False, salt=0)
-    loader = cell_loader(cells, np.arange(cells.n_cells), batcher, batch_size=batch_size or default_batch_size(device),
-                         num_workers=num_workers, distributed=False)
+    batch_size = batch_size or default_batch_size(device)
+    if isinstance(cells, CellCounts):
+        batcher = CellBatcher(cells, scaler, module.config, masked=False, salt=0)
+        loader = cell_loader(cells, np.arange(cells.n_cells), batcher, batch_size=batch_size,
+                             num_workers=num_workers, distributed=False)
+    else:
+        stream = OrderedBatches(cells, scaler, module.config, batch_size=batch_size, masked=False,
+                                prepare=prepare, distributed=False)
+        loader = EpochLoader(stream, num_workers=num_workers)
     with tqdm(total=cells.n_cells, unit="cell", desc=desc, disable=not progress) as bar:
         for batch in loader:
             yield batch.to(device, non_blocking=True)

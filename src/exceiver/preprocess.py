@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,12 +134,25 @@ class GeneScaler:
     ) -> GeneScaler:
         """Streaming fit over sparse chunks of cells; a cell counts towards a gene's statistics
         only if its dataset measured that gene (unmeasured is not zero)."""
-        n_genes = cells.counts.shape[1]
-        cells_per_source = np.bincount(cells.source, minlength=len(cells.measured))
-        n_cells = cells.measured.T.astype(np.int64) @ cells_per_source
+        return cls.fit_chunks(lambda: _chunks(cells, chunk_size), cells.counts.shape[1],
+                              target_sum=target_sum, max_value=max_value)
+
+    @classmethod
+    def fit_chunks(
+        cls,
+        chunks: Callable[[], Iterable[CellCounts]],
+        n_genes: int,
+        *,
+        target_sum: float = TARGET_SUM,
+        max_value: float = MAX_VALUE,
+    ) -> GeneScaler:
+        """`fit` over cells that arrive in chunks (e.g. read from disk): `chunks()` is called
+        twice, once per pass, and must give the same cells both times."""
+        n_cells = np.zeros(n_genes, dtype=np.int64)
         s1 = np.zeros(n_genes)
         s2 = np.zeros(n_genes)
-        for chunk in _chunks(cells, chunk_size):
+        for chunk in chunks():
+            n_cells += chunk.measured.T.astype(np.int64) @ np.bincount(chunk.source, minlength=len(chunk.measured))
             x = log_normalise(chunk.counts.data.astype(np.float64), entry_library_size(chunk), target_sum)
             s1 += np.bincount(chunk.counts.indices, weights=x, minlength=n_genes)
             s2 += np.bincount(chunk.counts.indices, weights=x * x, minlength=n_genes)
@@ -150,16 +164,16 @@ class GeneScaler:
             mean.astype(np.float32), std.astype(np.float32), n_cells,
             np.zeros(n_genes, dtype=np.float32), np.zeros(n_genes, dtype=np.int64), target_sum, max_value,
         )
-        scaler._fit_expressed_means(cells, chunk_size)
+        scaler._fit_expressed_means(chunks())
         return scaler
 
-    def _fit_expressed_means(self, cells: CellCounts, chunk_size: int) -> None:
+    def _fit_expressed_means(self, chunks: Iterable[CellCounts]) -> None:
         """The gene-mean baseline: each gene's mean value over the training cells expressing it
         (genes never expressed in training fall back to the mean over all expressed entries)."""
         n_genes = len(self)
         total = np.zeros(n_genes)
         count = np.zeros(n_genes, dtype=np.int64)
-        for chunk in _chunks(cells, chunk_size):
+        for chunk in chunks:
             values = self.cell_values(chunk)
             total += np.bincount(chunk.counts.indices, weights=values, minlength=n_genes)
             count += np.bincount(chunk.counts.indices, minlength=n_genes)

@@ -220,6 +220,20 @@ def align(
     Duplicate identifiers (e.g. two Ensembl ids with one symbol) are one gene to the model: their
     counts are summed, with a warning. Genes outside the vocabulary are dropped.
     """
+    ids, measured = gene_alignment(adata, vocab, gene_key=gene_key, name=name)
+    matrix = counts_matrix(adata, layer)
+    return CellCounts(
+        to_vocabulary(matrix, ids, len(vocab)), measured, np.zeros(matrix.shape[0], dtype=np.int32),
+        np.asarray(adata.obs_names, dtype=object).astype(str), [name],
+    )
+
+
+def gene_alignment(
+    adata: ad.AnnData, vocab: GeneVocab, *, gene_key: str | None = None, name: str = "dataset"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The vocabulary id of each of the dataset's genes (-1: not in the vocabulary) and the
+    measured-gene mask [1, vocabulary]; reads only `var`, so a file is aligned once, not per cell
+    (with its checks, log line and warnings)."""
     genes = dataset_genes(adata, gene_key)
     ids = vocab.ids(genes)  # -1 for genes outside the vocabulary (and for empty identifiers)
     matched = ids >= 0
@@ -252,8 +266,14 @@ def align(
             "their counts are summed into one vocabulary gene",
             stacklevel=2,
         )
+    measured = np.zeros((1, len(vocab)), dtype=bool)
+    measured[0, unique_matched] = True
+    return ids, measured
 
-    matrix = counts_matrix(adata, layer)
+
+def to_vocabulary(matrix: sp.csr_matrix, ids: np.ndarray, n_genes: int) -> sp.csr_matrix:
+    """Counts of a dataset's genes (columns) moved to vocabulary columns `ids` (from
+    `gene_alignment`), as float32 CSR with sorted gene ids; duplicate identifiers are summed."""
     new_cols = ids[matrix.indices]
     keep = new_cols >= 0
     row_of_entry = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
@@ -261,16 +281,11 @@ def align(
     np.cumsum(np.bincount(row_of_entry[keep], minlength=matrix.shape[0]), out=indptr[1:])
     counts = sp.csr_matrix(
         (matrix.data[keep].astype(np.float32), new_cols[keep].astype(np.int32), indptr),
-        shape=(matrix.shape[0], len(vocab)),
+        shape=(matrix.shape[0], n_genes),
     )
     counts.sum_duplicates()  # sorts gene ids, merges duplicate identifiers, keeps explicit zeros
     counts.eliminate_zeros()
-    measured = np.zeros((1, len(vocab)), dtype=bool)
-    measured[0, unique_matched] = True
-    return CellCounts(
-        counts, measured, np.zeros(matrix.shape[0], dtype=np.int32),
-        np.asarray(adata.obs_names, dtype=object).astype(str), [name],
-    )
+    return counts
 
 
 def _gene_key_hint(adata: ad.AnnData, vocab: GeneVocab, gene_key: str | None) -> str:
