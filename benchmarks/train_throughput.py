@@ -1,0 +1,113 @@
+"""Training throughput (cells/s) of the `paper` and `default` presets on synthetic cells with Tabula
+Sapiens statistics, beside the dense formulation of the original (every vocabulary gene a token;
+forward and backward of its encoder and processor only, so its cost is a lower bound), timed in
+the same run; the data loader's throughput alone (tokenizing masked batches); and the achieved
+FLOP/s of a training step (FLOPs counted by torch's FlopCounterMode) against the FLOP/s of a
+large float32 matmul measured here (model FLOP utilisation, MFU).
+
+    python benchmarks/train_throughput.py [--cells 512] [--dense-cells 64] [--batch-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from embed_throughput import N_GENES, DenseOriginal, tabula_sapiens_like
+from exceiver.data import CellBatcher
+from exceiver.model import ExceiverConfig, ExceiverModule
+from exceiver.preprocess import GeneScaler
+from exceiver.train import masked_mse
+
+
+def batches(cells, scaler, config, batch_size):
+    batcher = CellBatcher(cells, scaler, config, masked=True, seed=0)
+    return [batcher(list(range(i, min(i + batch_size, cells.n_cells)))) for i in range(0, cells.n_cells, batch_size)]
+
+
+def loader_cells_per_s(cells, scaler, config, batch_size) -> float:
+    start = time.perf_counter()
+    batches(cells, scaler, config, batch_size)
+    return cells.n_cells / (time.perf_counter() - start)
+
+
+def train_step(module: ExceiverModule, optimizer, batch) -> None:
+    latents = module.encode(batch.gene_ids, batch.values, batch.token_mask, batch.token_zero)
+    loss = masked_mse(module.predict_values(latents, batch.query_ids), batch.targets, batch.query_mask)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def sparse_train(cells, scaler, config, batch_size) -> tuple[float, float]:
+    """cells/s of training steps (tokenized beforehand) and FLOPs per cell."""
+    module = ExceiverModule(config).train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    prepared = batches(cells, scaler, config, batch_size)
+    with FlopCounterMode(display=False) as counter:
+        train_step(module, optimizer, prepared[0])
+    flops_per_cell = counter.get_total_flops() / len(prepared[0])
+    start = time.perf_counter()
+    for batch in prepared:
+        train_step(module, optimizer, batch)
+    return cells.n_cells / (time.perf_counter() - start), flops_per_cell
+
+
+def dense_train(cells, scaler, config, batch_size) -> float:
+    model = DenseOriginal(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    zero_values = scaler.zero_values(np.arange(N_GENES))
+    start = time.perf_counter()
+    for first in range(0, cells.n_cells, batch_size):
+        part = cells.subset(np.arange(first, min(first + batch_size, cells.n_cells)))
+        values = np.tile(zero_values, (part.n_cells, 1))
+        r, c = part.counts.nonzero()
+        values[r, c] = scaler.cell_values(part)
+        latents = model(torch.from_numpy(values), torch.from_numpy(part.counts.toarray() == 0))
+        loss = latents.pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return cells.n_cells / (time.perf_counter() - start)
+
+
+def matmul_flops(n: int = 1024, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, default=512)
+    parser.add_argument("--dense-cells", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cells = tabula_sapiens_like(args.cells)
+    scaler = GeneScaler.fit(cells)
+    peak = matmul_flops()
+    print(f"{cells.n_cells} synthetic cells, {N_GENES:,} genes, median {int(np.median(cells.n_genes_expressed))} "
+          f"expressed genes per cell, batch {args.batch_size}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; float32 matmul: {peak / 1e9:.1f} GFLOP/s")
+    paper = ExceiverConfig.preset("paper", n_genes=N_GENES)
+    dense = dense_train(cells.subset(np.arange(args.dense_cells)), scaler, paper, args.batch_size)
+    print(f"{'dense original formulation, paper (lower bound)':<50} train {dense:8.1f} cells/s   1.0x")
+    for preset in ("paper", "default"):
+        config = ExceiverConfig.preset(preset, n_genes=N_GENES)
+        rate, flops = sparse_train(cells, scaler, config, args.batch_size)
+        loader = loader_cells_per_s(cells, scaler, config, args.batch_size)
+        mfu = rate * flops / peak
+        print(f"{'exceiver sparse tokens, ' + preset:<50} train {rate:8.1f} cells/s {rate / dense:6.1f}x   "
+              f"loader alone {loader:8.1f} cells/s   {flops / 1e9:.2f} GFLOP/cell, MFU {100 * mfu:.0f}%")
+
+
+if __name__ == "__main__":
+    main()
