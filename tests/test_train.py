@@ -76,3 +76,16 @@ def test_contrastive_objective_trains_identity_and_saves_its_projection(counts_a
     assert model.module.projection is not None
     again = Exceiver.load(tmp_path / "m")
     assert again.config.contrastive_weight == 1.0 and again.module.projection is not None
+
+
+def test_detection_objective_learns_which_genes_are_expressed(counts_adata, tmp_path):
+    from exceiver import pretrain
+
+    with pytest.raises(ValueError, match="needs zero_query_ratio"):
+        pretrain(counts_adata, None, model={**TINY, "detection_weight": 1.0}, progress=False)
+    model = pretrain(counts_adata, tmp_path / "m", model={**TINY, "zero_query_ratio": 1.0, "detection_weight": 1.0},
+                     max_epochs=15, batch_size=16, learning_rate=3e-3, progress=False)
+    log = pd.read_csv(tmp_path / "m" / "logs" / "metrics.csv")
+    detection = log["train_detection_epoch"].dropna().to_numpy()
+    assert detection[-1] < 0.65 < np.log(2) < detection[0] + 0.02  # starts at chance, learns
+    assert model.module.detection_head is not None and "val_zero_mse" not in model.metrics

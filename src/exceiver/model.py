@@ -54,6 +54,10 @@ class ExceiverConfig:
     contrastive_weight: float = 0.0
     contrastive_keep: float = 0.5  # fraction of a cell's tokens in each view
     contrastive_temperature: float = 0.1
+    # Detection objective: a second head says whether each queried gene is expressed (masked
+    # expressed genes vs sampled zero-count genes; needs zero_query_ratio > 0). Which genes are on
+    # is identity, whatever the depth; the value head is then trained on expressed genes only.
+    detection_weight: float = 0.0
 
     def __post_init__(self) -> None:
         sizes = dict(gene_dim=self.gene_dim, n_latents=self.n_latents, latent_dim=self.latent_dim,
@@ -79,6 +83,8 @@ class ExceiverConfig:
             raise ValueError("zero-gene queries are not available in paper-compatible mode (zero genes are tokens)")
         if self.contrastive_weight < 0 or not 0 < self.contrastive_keep <= 1 or self.contrastive_temperature <= 0:
             raise ValueError("contrastive_weight must be >= 0, contrastive_keep in (0, 1], contrastive_temperature > 0")
+        if self.detection_weight < 0 or (self.detection_weight > 0 and self.zero_query_ratio <= 0):
+            raise ValueError("detection_weight must be >= 0 and needs zero_query_ratio > 0 (zero genes to detect)")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
@@ -229,6 +235,7 @@ class ExceiverModule(nn.Module):
         self.gene_bias = nn.Parameter(torch.zeros(c.n_genes + 2)) if c.gene_bias else None
         self.class_head = _mlp(c.gene_dim, c.class_hidden or c.n_classes, c.n_classes) if c.n_classes else None
         self.projection = _mlp(c.latent_dim, c.latent_dim, c.latent_dim) if c.contrastive_weight else None
+        self.detection_head = _mlp(c.gene_dim, head_hidden, 1) if c.detection_weight else None
 
     @torch.no_grad()
     def init_value_offsets(self, gene_means: torch.Tensor, mean_value: float) -> None:
@@ -266,7 +273,10 @@ class ExceiverModule(nn.Module):
         return self.decoder(self.gene_emb(query_ids), latents)
 
     def predict_values(self, latents: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
-        values = self.value_head(self.decode(latents, query_ids)).squeeze(-1)
+        return self.values_from_decoded(self.decode(latents, query_ids), query_ids)
+
+    def values_from_decoded(self, decoded: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
+        values = self.value_head(decoded).squeeze(-1)
         return values if self.gene_bias is None else values + self.gene_bias[query_ids]
 
     def class_logits(self, latents: torch.Tensor) -> torch.Tensor:

@@ -124,8 +124,19 @@ class PretrainingPlan(L.LightningModule):
 
     def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
         latents = self.module.encode(batch.gene_ids, batch.values, batch.token_mask, batch.token_zero)
-        loss = masked_mse(self.module.predict_values(latents, batch.query_ids), batch.targets, batch.query_mask)
-        weight = self.module.config.contrastive_weight
+        config = self.module.config
+        if config.detection_weight:
+            decoded = self.module.decode(latents, batch.query_ids)
+            values = self.module.values_from_decoded(decoded, batch.query_ids)
+            loss = masked_mse(values, batch.targets, batch.query_mask & ~batch.query_is_zero)
+            detection = self.module.detection_head(decoded).squeeze(-1)
+            bce = F.binary_cross_entropy_with_logits(detection[batch.query_mask],
+                                                     (~batch.query_is_zero[batch.query_mask]).float())
+            self.log("train_detection", bce, on_step=True, on_epoch=True, batch_size=len(batch), sync_dist=True)
+            loss = loss + config.detection_weight * bce
+        else:
+            loss = masked_mse(self.module.predict_values(latents, batch.query_ids), batch.targets, batch.query_mask)
+        weight = config.contrastive_weight
         if weight:
             contrast = self.contrastive_loss(latents, batch)
             self.log("train_contrastive", contrast, on_step=True, on_epoch=True, batch_size=len(batch), sync_dist=True)
@@ -177,7 +188,8 @@ class PretrainingPlan(L.LightningModule):
             "val_pearson": self.val_pearson.compute(),
             "val_explained_variance": self.val_explained_variance.compute(),
         }
-        if self.module.config.zero_query_ratio > 0:  # decided by config: every process agrees
+        config = self.module.config
+        if config.zero_query_ratio > 0 and not config.detection_weight:  # config: every process agrees
             metrics["val_zero_mse"] = self.val_zero_mse.compute()
         for metric in (self.val_mse, self.val_baseline_mse, self.val_pearson,
                        self.val_explained_variance, self.val_zero_mse):
