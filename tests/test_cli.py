@@ -38,3 +38,18 @@ def test_cli_errors_are_clear_and_leave_no_output(tiny_model_dir, tmp_path, caps
     assert not out.exists() and list(tmp_path.iterdir()) == [other]
     assert main(["-q", "embed", str(tmp_path / "no-model"), str(other), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_pretrain_set_overrides_model_fields_and_refuses_bad_ones(counts_file, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "model"
+    assert main(["-q", "pretrain", str(counts_file), "--out", str(out), "--max-epochs", "1", "--batch-size", "32",
+                 "--set", "n_latents=8", "--set", "latent_dim=16", "--set", "zero_query_ratio=0.5"]) == 0
+    config = json.loads((out / "config.json").read_text())["model"]
+    assert (config["n_latents"], config["latent_dim"], config["zero_query_ratio"]) == (8, 16, 0.5)
+    with pytest.raises(SystemExit):
+        main(["pretrain", str(counts_file), "--out", str(tmp_path / "x"), "--set", "n_latents=many"])
+    assert "n_latents needs a int" in capsys.readouterr().err
+    assert main(["-q", "pretrain", str(counts_file), "--out", str(tmp_path / "y"), "--set", "detection_weight=1"]) == 2
+    assert "needs zero_query_ratio" in capsys.readouterr().err and not (tmp_path / "y").exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from exceiver import train
+from exceiver import ExceiverInputError, train
 from exceiver.train import TimeBudgetSchedule, lr_factor, subset_tokens
 
 
@@ -81,7 +81,7 @@ def test_contrastive_objective_trains_identity_and_saves_its_projection(counts_a
 def test_detection_objective_learns_which_genes_are_expressed(counts_adata, tmp_path):
     from exceiver import pretrain
 
-    with pytest.raises(ValueError, match="needs zero_query_ratio"):
+    with pytest.raises(ExceiverInputError, match="needs zero_query_ratio"):
         pretrain(counts_adata, None, model={**TINY, "detection_weight": 1.0}, progress=False)
     model = pretrain(counts_adata, tmp_path / "m", model={**TINY, "zero_query_ratio": 1.0, "detection_weight": 1.0},
                      max_epochs=15, batch_size=16, learning_rate=3e-3, progress=False)

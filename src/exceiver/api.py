@@ -361,7 +361,10 @@ def pretrain(
     training: fields of `TrainingConfig` (max_epochs, max_minutes, batch_size, seed, ...).
     """
     training_config = TrainingConfig(**training)
-    config = ExceiverConfig.preset(preset, **(model or {}))
+    try:
+        config = ExceiverConfig.preset(preset, **(model or {}))
+    except (TypeError, ValueError) as err:  # unknown preset or field, impossible combination
+        raise ExceiverInputError(f"invalid model settings: {err}") from err
     if config.n_classes:
         raise ExceiverInputError("pretraining has no labels: leave n_classes at 0 and use finetune() for a classifier")
     if out is not None:

@@ -24,6 +24,25 @@ def _devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
+def _model_option(text: str) -> tuple[str, int | float | bool]:
+    """FIELD=VALUE for an ExceiverConfig field; the value's type is the field's."""
+    from exceiver.model import ExceiverConfig
+
+    field, sep, value = text.partition("=")
+    kinds = {name: type(getattr(ExceiverConfig(), name)) for name in ExceiverConfig.__dataclass_fields__}
+    if not sep or field not in kinds or field in ("n_genes", "paper_compatible", "n_classes"):
+        settable = sorted(set(kinds) - {"n_genes", "paper_compatible", "n_classes"})
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE with FIELD one of {settable}")
+    try:
+        if kinds[field] is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return field, value.lower() in ("true", "1")
+        return field, kinds[field](value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {field} needs a {kinds[field].__name__}") from None
+
+
 def _default(field: str) -> str:
     return f"(default: {getattr(TrainingConfig, field)})"
 
@@ -70,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default", choices=["default", "paper"])
     p.add_argument("--genes", type=Path, metavar="FILE",
                    help="restrict the vocabulary to these genes (one per line)")
+    p.add_argument("--set", dest="model_options", action="append", default=[], type=_model_option,
+                   metavar="FIELD=VALUE",
+                   help="override a field of the preset's ExceiverConfig, e.g. --set n_latents=64 "
+                        "--set zero_query_ratio=1 (repeat for several)")
     _add_data_options(p)
     _add_training_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
@@ -200,8 +223,9 @@ def run_pretrain(args: argparse.Namespace) -> None:
     from exceiver.api import pretrain
 
     training = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
-    model = pretrain(args.data, args.out, preset=args.preset, genes=args.genes, gene_key=args.gene_key,
-                     layer=args.layer, overwrite=args.overwrite, progress=not args.quiet, **training)
+    model = pretrain(args.data, args.out, preset=args.preset, model=dict(args.model_options), genes=args.genes,
+                     gene_key=args.gene_key, layer=args.layer, overwrite=args.overwrite, progress=not args.quiet,
+                     **training)
     if rank_zero_only.rank == 0:  # distributed runs execute this in every process
         print(f"wrote {args.out}: {model}")
 
