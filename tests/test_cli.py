@@ -53,3 +53,14 @@ def test_pretrain_set_overrides_model_fields_and_refuses_bad_ones(counts_file, t
     assert "n_latents needs a int" in capsys.readouterr().err
     assert main(["-q", "pretrain", str(counts_file), "--out", str(tmp_path / "y"), "--set", "detection_weight=1"]) == 2
     assert "needs zero_query_ratio" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_training_options_reach_the_training_config():
+    from exceiver.cli import TRAINING_OPTIONS, build_parser
+
+    args = build_parser().parse_args(["pretrain", "x.h5ad", "--out", "m", "--num-nodes", "2", "--devices", "4",
+                                      "--strategy", "ddp", "--precision", "bf16-mixed"])
+    training = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+    assert training == {"num_nodes": 2, "devices": 4, "strategy": "ddp", "precision": "bf16-mixed"}
+    import exceiver
+    assert exceiver.TrainingConfig(**training).num_nodes == 2

@@ -97,6 +97,8 @@ def test_invalid_training_settings_are_named():
         exceiver.TrainingConfig(batch_size=0, val_fraction=1.5)
     with pytest.raises(ExceiverInputError, match="strategy 'ddp_spawn' is not supported"):
         exceiver.TrainingConfig(strategy="ddp_spawn")
+    with pytest.raises(ExceiverInputError, match="num_nodes must be >= 1"):
+        exceiver.TrainingConfig(num_nodes=0)
     with pytest.raises(ValueError, match="model sizes must be positive"):
         exceiver.ExceiverConfig(n_heads=0)
 

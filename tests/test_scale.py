@@ -77,9 +77,9 @@ def test_two_process_cpu_ddp_matches_one_process_with_the_same_global_batch(tmp_
 
 from exceiver import Exceiver, pretrain  # noqa: E402
 from exceiver.cli import main  # noqa: E402
-from exceiver.corpus import CorpusCells, CorpusDataModule, build_corpus, fit_scaler, is_validation  # noqa: E402
+from exceiver.corpus import CorpusCells, build_corpus, fit_scaler, is_validation  # noqa: E402
 from exceiver.errors import ExceiverInputError  # noqa: E402
-from exceiver.stream import EpochLoader, ShuffledBatches  # noqa: E402
+from exceiver.stream import ShuffledBatches  # noqa: E402
 from exceiver.vocab import GeneVocab, align  # noqa: E402
 
 from conftest import TINY, synthetic_counts  # noqa: E402

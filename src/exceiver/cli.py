@@ -17,7 +17,7 @@ log = logging.getLogger("exceiver")
 
 # Options that map onto TrainingConfig fields; unset ones keep TrainingConfig's defaults.
 TRAINING_OPTIONS = ("max_epochs", "max_minutes", "batch_size", "learning_rate", "seed", "val_fraction",
-                    "num_workers", "accelerator", "devices", "strategy", "precision")
+                    "num_workers", "accelerator", "devices", "num_nodes", "strategy", "precision")
 
 
 def _devices(value: str) -> int | str:
@@ -63,6 +63,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, help="data-loader worker processes " + _default("num_workers"))
     p.add_argument("--accelerator", help="Lightning accelerator: auto, cpu, gpu, ... " + _default("accelerator"))
     p.add_argument("--devices", type=_devices, help="Lightning devices: auto, N, ... " + _default("devices"))
+    p.add_argument("--num-nodes", type=int, help="machines, for multi-node DDP (SLURM, torchrun) " + _default("num_nodes"))
     p.add_argument("--strategy", help="Lightning strategy: auto, ddp, ... " + _default("strategy"))
     p.add_argument("--precision", help="Lightning precision: 32-true, bf16-mixed, ... " + _default("precision"))
 

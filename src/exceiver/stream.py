@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from exceiver.errors import ExceiverInputError
 from exceiver.model import ExceiverConfig
 from exceiver.preprocess import GeneScaler
-from exceiver.tokenize import CellBatch, _mix, make_batch
+from exceiver.tokenize import CellBatch, make_batch
 from exceiver.vocab import CellCounts, GeneVocab, gene_alignment, to_vocabulary
 
 READ_CELLS = 4096  # cells read from disk at a time (inference chunks, training blocks)

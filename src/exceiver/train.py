@@ -43,6 +43,7 @@ class TrainingConfig:
     num_workers: int = 0
     accelerator: str = "auto"
     devices: int | str = "auto"
+    num_nodes: int = 1  # machines (Lightning starts devices x num_nodes processes, e.g. under SLURM or torchrun)
     strategy: str = "auto"
     precision: str = "32-true"
 
@@ -62,6 +63,7 @@ class TrainingConfig:
             (self.val_every_steps is None or self.val_every_steps >= 1, "val_every_steps must be >= 1"),
             (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
+            (self.num_nodes >= 1, "num_nodes must be >= 1"),
             # These strategies train in child processes that cannot hand the weights back.
             (not any(w in str(self.strategy) for w in ("spawn", "fork", "notebook")),
              f"strategy {self.strategy!r} is not supported: use 'ddp' (one launched process per device)"),
@@ -275,7 +277,8 @@ def fit(plan: PretrainingPlan, data: PretrainDataModule, training: TrainingConfi
     if training.val_every_steps:
         validation = dict(val_check_interval=training.val_every_steps, check_val_every_n_epoch=None)
     trainer = L.Trainer(
-        accelerator=training.accelerator, devices=training.devices, strategy=training.strategy,
+        accelerator=training.accelerator, devices=training.devices, num_nodes=training.num_nodes,
+        strategy=training.strategy,
         precision=training.precision, max_epochs=training.max_epochs, max_time=max_time, **validation,
         gradient_clip_val=training.grad_clip, callbacks=callbacks,
         logger=CSVLogger(save_dir=out_dir, name="logs", version=""),
