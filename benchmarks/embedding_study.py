@@ -57,6 +57,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "zero_queries": ("default", {"zero_query_ratio": 1.0}, {}),
     "detection": ("default", {"zero_query_ratio": 1.0, "detection_weight": 1.0}, {}),
     "detection_contrastive": ("default", {"zero_query_ratio": 1.0, "detection_weight": 1.0, "contrastive_weight": 1.0}, {}),
+    "detection_contrastive_w0.2": ("default", {"zero_query_ratio": 1.0, "detection_weight": 1.0,
+                                               "contrastive_weight": 0.2}, {}),
     "latents64": ("default", {"n_latents": 64}, {}),
     "wide128": ("default", {"latent_dim": 128, "ff_dim": 512}, {}),
 }

@@ -158,15 +158,18 @@ class ClassifierPlan(PretrainingPlan):
 
 
 def classifier_module(base: Exceiver, n_classes: int, *, from_scratch: bool, seed: int) -> ExceiverModule:
-    """The base model's architecture with a new class head of `n_classes`; pretrained weights
-    everywhere else unless `from_scratch`."""
-    config = dataclasses.replace(base.config, n_classes=n_classes)
+    """The base model's architecture with a new class head of `n_classes` (and without the heads of
+    pretraining-only objectives); pretrained weights everywhere else unless `from_scratch`."""
+    # Pretraining-only objectives stay behind: the classifier trains cross-entropy + masked MSE.
+    config = dataclasses.replace(base.config, n_classes=n_classes, contrastive_weight=0.0, detection_weight=0.0,
+                                 zero_query_ratio=0.0)
     torch.manual_seed(seed)
     module = ExceiverModule(config)
     if from_scratch:
         module.init_value_offsets(torch.from_numpy(base.scaler.expressed_mean), base.scaler.mean_expressed_value)
         return module
-    state = {k: v for k, v in base.module.state_dict().items() if not k.startswith("class_head")}
+    state = {k: v for k, v in base.module.state_dict().items()
+             if not k.startswith(("class_head", "projection", "detection_head"))}
     missing, unexpected = module.load_state_dict(state, strict=False)
     if unexpected or not all(k.startswith("class_head") for k in missing):
         raise ValueError(f"pretrained weights do not fit the classifier (missing {missing}, unexpected {unexpected})")
