@@ -51,7 +51,7 @@ def test_pretrain_set_overrides_model_fields_and_refuses_bad_ones(counts_file, t
     with pytest.raises(SystemExit):
         main(["pretrain", str(counts_file), "--out", str(tmp_path / "x"), "--set", "n_latents=many"])
     assert "n_latents needs a int" in capsys.readouterr().err
-    assert main(["-q", "pretrain", str(counts_file), "--out", str(tmp_path / "y"), "--set", "detection_weight=1"]) == 2
+    assert main(["-q", "pretrain", str(counts_file), "--out", str(tmp_path / "y"), "--set", "zero_query_ratio=0"]) == 2
     assert "needs zero_query_ratio" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
