@@ -66,6 +66,8 @@ def evaluate(
     for key in label_keys + ([batch_key] if batch_key else []):
         if key not in adata.obs.columns:
             raise ExceiverInputError(f"{name}: obs has no column {key!r}; available columns: {list(adata.obs.columns)}")
+    for key in label_keys:
+        _check_labels(adata.obs[key], key, name)
     if annotations is not None and not isinstance(annotations, pd.DataFrame):
         annotations = read_annotations(annotations)
     check_output_dir(out, overwrite=overwrite)
@@ -100,10 +102,7 @@ def evaluate(
     for key in label_keys:
         labels = adata.obs[key]
         known = labels.notna().to_numpy()
-        counts = labels[known].astype(str).value_counts()
-        if len(counts) < 2 or counts.min() < 2:
-            raise ExceiverInputError(f"{name}: label column {key!r} needs 2 or more labels with 2 or more cells "
-                                     f"each (found {dict(counts.head(5))})")
+        counts = _check_labels(labels, key, name)  # again: a sample of cells may thin a label out
         scores = {rep: label_scores(x[known], labels[known].astype(str).to_numpy(), seed=seed)
                   for rep, x in representations.items()}
         profiles[key] = {rep: s.pop("profile") for rep, s in scores.items()}
@@ -129,6 +128,15 @@ def evaluate(
     with atomic_dir(out, overwrite=overwrite) as folder:
         _write_report(folder, metrics, representations, profiles, adata.obs[label_keys], neighbours, seed)
     return metrics
+
+
+def _check_labels(labels: pd.Series, key: str, name: str) -> pd.Series:
+    """Label counts; refuses a column that cannot be scored (kNN folds need 2 cells per label)."""
+    counts = labels.dropna().astype(str).value_counts()
+    if len(counts) < 2 or counts.min() < 2:
+        raise ExceiverInputError(f"{name}: label column {key!r} needs 2 or more labels with 2 or more cells "
+                                 f"each (found {dict(counts.head(5))})")
+    return counts
 
 
 def _write_report(folder: Path, metrics: dict, representations: dict[str, np.ndarray],
