@@ -64,6 +64,9 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "detection_contrastive_w0.2_9epochs": ("default", {**DETECTION, "contrastive_weight": 0.2},
                                            {"max_epochs": 9, "patience": 9}),
     "latents64": ("default", {**DETECTION, "contrastive_weight": 0.2, "n_latents": 64}, {}),
+    "mask0.5": ("default", {**DETECTION, "contrastive_weight": 0.2, "mask_fraction": 0.5}, {}),
+    "cell_query": ("default", {**DETECTION, "contrastive_weight": 0.2, "cell_query": True}, {}),
+    "depth_tokens": ("default", {**DETECTION, "contrastive_weight": 0.2, "depth_tokens": True}, {}),
 }
 
 

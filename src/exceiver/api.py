@@ -105,18 +105,19 @@ class Exceiver:
         return ModelCells(self.scaler.trained_genes, name)(align(adata, self.vocab, gene_key=gene_key, layer=layer,
                                                                  name=name))
 
-    def embed(self, adata: ad.AnnData, *, key: str = "X_exceiver", pooling: str = "mean",
+    @torch.inference_mode()
+    def embed(self, adata: ad.AnnData, *, key: str = "X_exceiver", pooling: str | None = None,
               gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
               device: str | None = None, num_workers: int = 0, progress: bool = True) -> np.ndarray:
-        """Cell embeddings (mean of the processed latents, or `pooling='flatten'` for all of them),
-        written to `adata.obsm[key]` and returned."""
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
-        width = self.config.latent_dim * (self.config.n_latents if pooling == "flatten" else 1)
+        """Cell embeddings, written to `adata.obsm[key]` and returned: the model's learned cell query
+        over the processed latents if it has one, else their mean (`pooling` chooses: "mean",
+        "flatten" for all latents, "cell")."""
+        pooling = self.resolve_pooling(pooling)
+        width = self.module.embedding_width(pooling)
         embedding = np.empty((adata.n_obs, width), dtype=np.float32)
         for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "embedding",
                                             num_workers):
-            embedding[batch.cells.cpu().numpy()] = ExceiverModule.pool(latents, pooling).float().cpu().numpy()
+            embedding[batch.cells.cpu().numpy()] = self.module.pool(latents, pooling).float().cpu().numpy()
         adata.obsm[key] = embedding
         adata.uns.setdefault("exceiver", {})[key] = {"pooling": pooling, "n_genes": len(self.vocab)}
         return embedding
@@ -168,6 +169,17 @@ class Exceiver:
         adata.uns["exceiver_classes"] = classes
         return prediction
 
+    def resolve_pooling(self, pooling: str | None) -> str:
+        """The pooling to use (the model's default for None), refused before any work if unknown
+        or unavailable."""
+        pooling = pooling or self.module.default_pooling
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        if pooling == "cell" and not self.config.cell_query:
+            raise ValueError("pooling 'cell' needs a model pretrained with a cell query (cell_query=True); "
+                             "use 'mean' or 'flatten'")
+        return pooling
+
     def _latents(self, adata: ad.AnnData, gene_key: str | None = None, layer: str | None = None,
                  batch_size: int | None = None, device: str | None = None, progress: bool = True,
                  desc: str = "cells", num_workers: int = 0):
@@ -183,23 +195,23 @@ class Exceiver:
                                num_workers=num_workers, progress=progress, desc=desc,
                                prepare=ModelCells(self.scaler.trained_genes, getattr(cells, "name", "dataset")))
 
-    def embed_file(self, path: str | Path, out: str | Path, *, key: str = "X_exceiver", pooling: str = "mean",
+    @torch.inference_mode()
+    def embed_file(self, path: str | Path, out: str | Path, *, key: str = "X_exceiver", pooling: str | None = None,
                    gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
                    device: str | None = None, num_workers: int = 0, overwrite: bool = False,
                    progress: bool = True) -> Path:
         """`embed` from an .h5ad file to a copy of it with `obsm[key]` added, streaming: neither the
         counts nor the embeddings are ever all in memory."""
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        pooling = self.resolve_pooling(pooling)
         cells = H5adCells(path, self.vocab, gene_key=gene_key, layer=layer)
         device = resolve_device(device)
         self.module.to(device)
-        width = self.config.latent_dim * (self.config.n_latents if pooling == "flatten" else 1)
+        width = self.module.embedding_width(pooling)
         with h5ad_copy_with_obsm(path, out, key, (cells.n_cells, width), overwrite=overwrite) as write:
             for batch, latents in iterate_latents(
                     self.module, cells, self.scaler, batch_size=batch_size, device=device, num_workers=num_workers,
                     progress=progress, desc="embedding", prepare=ModelCells(self.scaler.trained_genes, cells.name)):
-                write(batch.cells.cpu().numpy(), ExceiverModule.pool(latents, pooling).float().cpu().numpy())
+                write(batch.cells.cpu().numpy(), self.module.pool(latents, pooling).float().cpu().numpy())
             write.uns({"pooling": pooling, "n_genes": len(self.vocab)})
         return Path(out)
 

@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", type=Path, metavar="DATA.h5ad")
     p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
     p.add_argument("--key", default="X_exceiver", help="obsm key of the embedding (default: X_exceiver)")
-    p.add_argument("--pooling", default="mean", choices=["mean", "flatten"],
-                   help="mean of the latents, or all latents flattened (the original's)")
+    p.add_argument("--pooling", choices=["mean", "flatten", "cell"],
+                   help="the model's learned cell query ('cell'), the mean of the latents, or all latents "
+                        "flattened (the original's); default: 'cell' if the model has one, else 'mean'")
     p.add_argument("--num-workers", type=int, default=0, help="data-loader processes reading cells (default: 0)")
     _add_inference_options(p)
 
@@ -189,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gene annotations: a TSV with gene_symbol, annotation_id, source (gzip allowed) or a GMT file")
     p.add_argument("--source", action="append", metavar="NAME",
                    help="annotation source to score (repeat; default: every source in the file)")
-    p.add_argument("--pooling", default="mean", choices=["mean", "flatten"])
+    p.add_argument("--pooling", choices=["mean", "flatten", "cell"],
+                   help="cell embedding (default: the model's cell query if it has one, else the mean of the latents)")
     p.add_argument("--max-cells", type=int, default=10000, help="evaluate a seeded sample of at most N cells")
     p.add_argument("--seed", type=int, default=0)
     _add_data_options(p)

@@ -46,7 +46,7 @@ class CellBatcher:
             max_tokens=config.max_tokens,
             mask_fraction=config.mask_fraction if masked else 0.0,
             zero_query_ratio=config.zero_query_ratio if masked else 0.0,
-            all_genes=config.paper_compatible,
+            all_genes=config.paper_compatible, depth_tokens=config.depth_tokens,
         )
 
     def __call__(self, rows: list[int]) -> CellBatch:

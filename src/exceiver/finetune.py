@@ -162,14 +162,14 @@ def classifier_module(base: Exceiver, n_classes: int, *, from_scratch: bool, see
     pretraining-only objectives); pretrained weights everywhere else unless `from_scratch`."""
     # Pretraining-only objectives stay behind: the classifier trains cross-entropy + masked MSE.
     config = dataclasses.replace(base.config, n_classes=n_classes, contrastive_weight=0.0, detection_weight=0.0,
-                                 zero_query_ratio=0.0)
+                                 zero_query_ratio=0.0, cell_query=False)
     torch.manual_seed(seed)
     module = ExceiverModule(config)
     if from_scratch:
         module.init_value_offsets(torch.from_numpy(base.scaler.expressed_mean), base.scaler.mean_expressed_value)
         return module
     state = {k: v for k, v in base.module.state_dict().items()
-             if not k.startswith(("class_head", "projection", "detection_head"))}
+             if not k.startswith(("class_head", "projection", "detection_head", "cell_token", "cell_pool"))}
     missing, unexpected = module.load_state_dict(state, strict=False)
     if unexpected or not all(k.startswith("class_head") for k in missing):
         raise ValueError(f"pretrained weights do not fit the classifier (missing {missing}, unexpected {unexpected})")

@@ -24,7 +24,7 @@ from torch import nn
 
 from exceiver.errors import ModelFileError
 
-POOLINGS = ("mean", "flatten")
+POOLINGS = ("mean", "flatten", "cell")
 
 
 @dataclass
@@ -58,6 +58,13 @@ class ExceiverConfig:
     # expressed genes vs sampled zero-count genes; needs zero_query_ratio > 0). Which genes are on
     # is identity, whatever the depth; the value head is then trained on expressed genes only.
     detection_weight: float = 0.0
+    # Cell readout: a learned query attends to the latents (attention pooling) and gives the cell
+    # embedding used by the contrastive term and by `embed` (pooling "cell"); needs the contrastive
+    # term, the only objective that trains it.
+    cell_query: bool = False
+    # Depth made explicit: two extra tokens per cell carry its log total counts and log number of
+    # expressed genes (gene ids n_genes + 2 and + 3), so that the latents need not encode depth.
+    depth_tokens: bool = False
 
     def __post_init__(self) -> None:
         sizes = dict(gene_dim=self.gene_dim, n_latents=self.n_latents, latent_dim=self.latent_dim,
@@ -85,6 +92,10 @@ class ExceiverConfig:
             raise ValueError("contrastive_weight must be >= 0, contrastive_keep in (0, 1], contrastive_temperature > 0")
         if self.detection_weight < 0 or (self.detection_weight > 0 and self.zero_query_ratio <= 0):
             raise ValueError("detection_weight must be >= 0 and needs zero_query_ratio > 0 (zero genes to detect)")
+        if self.paper_compatible and self.depth_tokens:
+            raise ValueError("depth tokens are not available in paper-compatible mode (the original has none)")
+        if self.cell_query and not self.contrastive_weight:
+            raise ValueError("cell_query needs contrastive_weight > 0 (the contrastive term trains it)")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
@@ -223,7 +234,7 @@ class ExceiverModule(nn.Module):
         self.config = c = config
         self.pad_id, self.class_id = c.n_genes, c.n_genes + 1
         head_hidden = c.head_hidden or c.gene_dim
-        self.gene_emb = nn.Embedding(c.n_genes + 2, c.gene_dim, padding_idx=self.pad_id)
+        self.gene_emb = nn.Embedding(c.n_genes + (4 if c.depth_tokens else 2), c.gene_dim, padding_idx=self.pad_id)
         self.latents = nn.Parameter(torch.randn(c.n_latents, c.latent_dim))
         original = c.paper_compatible
         self.encoder = CrossAttentionBlock(c.latent_dim, c.gene_dim, c.cross_heads, c.cross_ff_mult,
@@ -239,6 +250,10 @@ class ExceiverModule(nn.Module):
         self.class_head = _mlp(c.gene_dim, c.class_hidden or c.n_classes, c.n_classes) if c.n_classes else None
         self.projection = _mlp(c.latent_dim, c.latent_dim, c.latent_dim) if c.contrastive_weight else None
         self.detection_head = _mlp(c.gene_dim, head_hidden, 1) if c.detection_weight else None
+        if c.cell_query:
+            self.cell_token = nn.Parameter(torch.randn(1, c.latent_dim))
+            self.cell_pool = CrossAttentionBlock(c.latent_dim, c.latent_dim, c.cross_heads, c.cross_ff_mult,
+                                                 norm_kv=True)
 
     @torch.no_grad()
     def init_value_offsets(self, gene_means: torch.Tensor, mean_value: float) -> None:
@@ -292,14 +307,27 @@ class ExceiverModule(nn.Module):
         """The pretraining computation: predicted values of the query genes [B, Q]."""
         return self.predict_values(self.encode(gene_ids, values, token_mask, token_zero), query_ids)
 
-    @staticmethod
-    def pool(latents: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-        """Cell embedding from latents: their mean, or all of them flattened (the original's)."""
+    @property
+    def default_pooling(self) -> str:
+        return "cell" if self.config.cell_query else "mean"
+
+    def pool(self, latents: torch.Tensor, pooling: str | None = None) -> torch.Tensor:
+        """Cell embedding from latents: their mean, all of them flattened (the original's), or the
+        learned cell query's view of them; None: the model's default ("cell" if it has one)."""
+        pooling = pooling or self.default_pooling
         if pooling == "mean":
             return latents.mean(dim=1)
         if pooling == "flatten":
             return latents.flatten(1)
+        if pooling == "cell":
+            if not self.config.cell_query:
+                raise ValueError("pooling 'cell' needs a model trained with a cell query (config.cell_query)")
+            return self.cell_pool(self.cell_token, latents)[:, 0]
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+
+    def embedding_width(self, pooling: str | None = None) -> int:
+        c = self.config
+        return c.latent_dim * (c.n_latents if (pooling or self.default_pooling) == "flatten" else 1)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -85,8 +85,10 @@ def make_batch(
     zero_query_ratio: float = 0.0,
     salt: int = 0,
     all_genes: bool = False,
+    depth_tokens: bool = False,
 ) -> CellBatch:
-    """Tokenize cells `rows` of `cells` (vectorised over all their non-zero entries)."""
+    """Tokenize cells `rows` of `cells` (vectorised over all their non-zero entries). With
+    `depth_tokens`, each cell's first two tokens state its depth (see `depth_token_values`)."""
     rows = np.asarray(rows, dtype=np.int64)
     counts = cells.counts
     starts, ends = counts.indptr[rows], counts.indptr[rows + 1]
@@ -129,6 +131,12 @@ def make_batch(
         gene_ids[cell_v, slot_v] = genes[visible]
         token_values[cell_v, slot_v] = values[visible]
         token_mask[cell_v, slot_v] = True
+        if depth_tokens:
+            depth = depth_token_values(token_library, n_expr)
+            gene_ids = np.concatenate([np.broadcast_to(pad_id + np.array([2, 3]), depth.shape), gene_ids], 1)
+            token_values = np.concatenate([depth, token_values], 1)
+            token_mask = np.concatenate([np.ones(depth.shape, dtype=bool), token_mask], 1)
+            token_zero = np.concatenate([np.zeros(depth.shape, dtype=bool), token_zero], 1)
 
     zero_cell, zero_genes = _sample_zero_genes(
         cells, rows, np.rint(zero_query_ratio * n_masked).astype(np.int64), genes, entry_cell,
@@ -158,6 +166,13 @@ def make_batch(
         torch.from_numpy(token_zero), torch.from_numpy(query_ids), torch.from_numpy(targets), torch.from_numpy(query_mask),
         torch.from_numpy(query_is_zero), torch.from_numpy(rows),
     )
+
+
+def depth_token_values(library: np.ndarray, n_expressed: np.ndarray) -> np.ndarray:
+    """Values of the two depth tokens [cells, 2]: log total counts and log expressed genes, / 10
+    (about 0.5-1.2, the scale of gene values), so that the latents need not infer depth from the
+    gene values. Ids `pad_id + 2` and `pad_id + 3` carry them."""
+    return (np.log1p(np.stack([library, n_expressed], 1)) / 10).astype(np.float32)
 
 
 def _all_gene_tokens(

@@ -41,7 +41,7 @@ def masked_predictions(module: ExceiverModule, cells: CellCounts, scaler: GeneSc
             rows = batch.cells[:, None].expand_as(q)
             masked.append(torch.stack([rows[q].double(), batch.query_ids[q].double(), batch.targets[q].double(),
                                        pred[q].double()]).cpu().numpy())
-            t = batch.token_mask & ~batch.token_zero
+            t = batch.token_mask & ~batch.token_zero & (batch.gene_ids < module.config.n_genes)  # genes, not depth
             rows = batch.cells[:, None].expand_as(t)
             visible.append(torch.stack([rows[t].double(), batch.gene_ids[t].double(),
                                         batch.values[t].double()]).cpu().numpy())

@@ -42,7 +42,7 @@ def evaluate(
     layer: str | None = None,
     annotations: str | Path | pd.DataFrame | None = None,
     sources: Sequence[str] | None = None,
-    pooling: str = "mean",
+    pooling: str | None = None,
     max_cells: int = 10000,
     device: str | None = None,
     seed: int = 0,
@@ -60,6 +60,7 @@ def evaluate(
     name: the dataset's name in messages and the report (default: the file's name).
     """
     model = model if isinstance(model, Exceiver) else Exceiver.load(model)
+    pooling = model.resolve_pooling(pooling)
     [(default_name, adata)] = read_datasets(data)
     name = name or default_name
     label_keys = list(label_keys)
@@ -85,7 +86,8 @@ def evaluate(
         log.warning("%s: %d cells have no counts in the model's trained genes and are left out", name, n_without)
     cells, adata = cells.subset(rows), adata[rows].copy()
     metrics: dict = {"dataset": name, "n_cells": len(rows), "n_cells_without_model_genes": int(n_without),
-                     "n_genes_shared": int(cells.measured.sum()), "model": repr(model), "pooling": pooling}
+                     "n_genes_shared": int(cells.measured.sum()), "model": repr(model),
+                     "pooling": pooling}
 
     torch_device = resolve_device(device)
     model.module.to(torch_device)
@@ -139,13 +141,17 @@ def _check_labels(labels: pd.Series, key: str, name: str) -> pd.Series:
     return counts
 
 
+POOLING_WORDS = {"mean": "mean of the latents", "flatten": "all latents flattened",
+                 "cell": "the learned cell query over the latents"}
+
+
 def _write_report(folder: Path, metrics: dict, representations: dict[str, np.ndarray],
                   profiles: dict[str, dict[str, pd.DataFrame]], labels: pd.DataFrame,
                   neighbours: pd.DataFrame | None, seed: int) -> None:
     write_json(metrics, folder / "metrics.json")
     lines = [f"# Exceiver evaluation: {metrics['dataset']}", "",
              f"{metrics['model']}; {metrics['n_cells']:,} cells, {metrics['n_genes_shared']:,} genes shared with "
-             f"the model; cell embedding: {metrics['pooling']} of the latents.", ""]
+             f"the model; cell embedding: {POOLING_WORDS[metrics['pooling']]}.", ""]
     rec = metrics["reconstruction"]
     lines += ["## Masked-expression reconstruction", "",
               f"15% of each cell's expressed genes masked (fixed seed), {rec['model']['n']:,} masked values in "
