@@ -150,3 +150,24 @@ def test_paper_compatible_switch_changes_only_the_documented_computation():
     torch.testing.assert_close(flagged, padded, atol=1e-5, rtol=1e-5)
     # Sparse (default) models ignore zero flags: their batches never hold zero-count tokens.
     torch.testing.assert_close(ours.encode(gene_ids, values, mask, zero), ours.encode(gene_ids, values, mask))
+
+
+def test_cell_query_pools_latents_and_needs_the_contrastive_term():
+    torch.manual_seed(0)
+    config = ExceiverConfig(n_genes=120, contrastive_weight=0.2, cell_query=True, **TINY)
+    module = ExceiverModule(config).eval()
+    latents = module.encode(torch.randint(0, 120, (3, 20)), torch.rand(3, 20), torch.ones(3, 20, dtype=torch.bool))
+    assert module.default_pooling == "cell" and module.embedding_width() == 16
+    cell = module.pool(latents)
+    assert cell.shape == (3, 16)
+    # The learned query's view depends on the latents, and each cell's only on its own.
+    torch.testing.assert_close(module.pool(latents[1:2]), cell[1:2])
+    assert not torch.allclose(cell, module.pool(latents, "mean"))
+    plain = ExceiverModule(ExceiverConfig(n_genes=120, **TINY))
+    assert plain.default_pooling == "mean"
+    with pytest.raises(ValueError, match="cell query"):
+        plain.pool(latents, "cell")
+    with pytest.raises(ValueError, match="cell_query needs contrastive_weight"):
+        ExceiverConfig(n_genes=120, cell_query=True)
+    with pytest.raises(ValueError, match="depth tokens are not available in paper-compatible"):
+        ExceiverConfig(n_genes=120, paper_compatible=True, depth_tokens=True)

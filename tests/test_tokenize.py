@@ -160,3 +160,21 @@ def test_paper_compatible_batches_hold_every_measured_gene():
         start = cells.counts.indptr[row]
         by_gene = dict(zip(_row_genes(cells, row).tolist(), values[start:start + len(expressed)]))
         np.testing.assert_allclose(vals[seen], [by_gene[g] for g in ids[seen]], rtol=1e-6)
+
+
+def test_depth_tokens_state_total_counts_and_expressed_genes(cells_and_scaler):
+    cells, scaler = cells_and_scaler
+    rows = np.arange(8)
+    plain = make_batch(cells, rows, scaler, pad_id=120, max_tokens=1000)
+    batch = make_batch(cells, rows, scaler, pad_id=120, max_tokens=1000, depth_tokens=True)
+    assert (batch.gene_ids[:, :2].numpy() == [122, 123]).all() and batch.token_mask[:, :2].all()
+    library = np.asarray(cells.counts[rows].sum(1)).ravel()
+    expected = np.log1p(np.stack([library, cells.n_genes_expressed[rows]], 1)) / 10
+    np.testing.assert_allclose(batch.values[:, :2].numpy(), expected, rtol=1e-6)
+    # The gene tokens are unchanged, after the two depth tokens.
+    assert (batch.gene_ids[:, 2:] == plain.gene_ids).all() and (batch.values[:, 2:] == plain.values).all()
+    # With masked genes, the library is the unbiased estimate from visible counts (no masked count leaks).
+    masked = make_batch(cells, rows, scaler, pad_id=120, max_tokens=1000, depth_tokens=True, mask_fraction=0.3,
+                        salt=3)
+    np.testing.assert_allclose(masked.values[:, 1].numpy(), expected[:, 1], rtol=1e-6)
+    assert not np.allclose(masked.values[:, 0].numpy(), expected[:, 0])

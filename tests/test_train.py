@@ -90,3 +90,22 @@ def test_detection_objective_learns_which_genes_are_expressed(counts_adata, tmp_
     detection = log["train_detection_epoch"].dropna().to_numpy()
     assert detection[-1] < 0.65 < np.log(2) < detection[0] + 0.02  # starts at chance, learns
     assert model.module.detection_head is not None and "val_zero_mse" not in model.metrics
+
+
+def test_cell_query_and_depth_tokens_pretrain_embed_and_finetune(counts_adata, tmp_path):
+    from exceiver import Exceiver, finetune, pretrain
+
+    model = pretrain(counts_adata, tmp_path / "m", model={**TINY, "contrastive_weight": 1.0, "cell_query": True,
+                                                          "depth_tokens": True},
+                     max_epochs=3, batch_size=32, progress=False)
+    log = pd.read_csv(tmp_path / "m" / "logs" / "metrics.csv")
+    contrast = log["train_contrastive_epoch"].dropna().to_numpy()
+    assert contrast[-1] < contrast[0]  # the cell query's views find each other better
+    again = Exceiver.load(tmp_path / "m")
+    assert again.module.gene_emb.num_embeddings == counts_adata.n_vars + 4  # + padding, class, 2 depth ids
+    embedding = again.embed(counts_adata, progress=False)
+    assert embedding.shape == (counts_adata.n_obs, TINY["latent_dim"])
+    assert counts_adata.uns["exceiver"]["X_exceiver"]["pooling"] == "cell"
+    np.testing.assert_allclose(embedding, model.embed(counts_adata.copy(), progress=False), atol=1e-5)
+    classifier = finetune(again, counts_adata, "cell_type", max_epochs=1, progress=False)
+    assert "cell_pool.attn.q.weight" not in classifier.module.state_dict()
