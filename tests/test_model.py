@@ -171,3 +171,20 @@ def test_cell_query_pools_latents_and_needs_the_contrastive_term():
         ExceiverConfig(n_genes=120, cell_query=True)
     with pytest.raises(ValueError, match="depth tokens are not available in paper-compatible"):
         ExceiverConfig(n_genes=120, paper_compatible=True, depth_tokens=True)
+
+
+def test_sparse_tokens_equal_the_dense_formulation_with_a_boolean_mask(module):
+    """Every vocabulary gene a token, zero-count genes masked out (the dense formulation), gives
+    the latents of the expressed genes alone."""
+    adata = synthetic_counts(n_cells=6, n_genes=120)
+    cells = align(adata, GeneVocab(adata.var_names))
+    scaler = GeneScaler.fit(cells)
+    sparse = make_batch(cells, np.arange(6), scaler, pad_id=120, max_tokens=1000)
+    values = np.full((6, 120), 123.0, dtype=np.float32)  # junk at zero genes: the mask must hide it
+    r, c = cells.counts.nonzero()
+    values[r, c] = scaler.cell_values(cells)
+    dense = module.encode(torch.arange(120).expand(6, -1), torch.from_numpy(values),
+                          torch.from_numpy(cells.counts.toarray() > 0))
+    assert sparse.gene_ids.shape[1] < 120
+    torch.testing.assert_close(module.encode(sparse.gene_ids, sparse.values, sparse.token_mask), dense,
+                               atol=1e-5, rtol=1e-5)
