@@ -60,14 +60,13 @@ def _pretrain_cli(data, out, *extra: str) -> dict:
 @pytest.mark.slow
 def test_two_process_cpu_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     """2 gloo processes with 8 cells each per step vs 1 process with 16: the same global batches,
-    the same masks, averaged gradients; the weights agree up to float32 summation order. (The
-    contrastive term takes its negatives from each process's own cells, so it is switched off here:
-    with it, DDP is the same objective with a smaller batch of negatives, not the same numbers.)"""
+    the same masks and contrastive views, the contrastive term's negatives gathered from both
+    processes, averaged gradients: every objective of the default preset computes what one process
+    would, and the weights agree up to float32 summation order."""
     data = tmp_path / "cells.h5ad"
     equal_length_cells().write_h5ad(data)
-    local = ("--set", "contrastive_weight=0")
-    one = _pretrain_cli(data, tmp_path / "one", "--devices", "1", "--batch-size", "16", *local)
-    two = _pretrain_cli(data, tmp_path / "two", "--devices", "2", "--strategy", "ddp", "--batch-size", "8", *local)
+    one = _pretrain_cli(data, tmp_path / "one", "--devices", "1", "--batch-size", "16")
+    two = _pretrain_cli(data, tmp_path / "two", "--devices", "2", "--strategy", "ddp", "--batch-size", "8")
     assert one["steps"] == two["steps"] == 10  # 72 training cells in 5 global batches, 2 epochs
     assert two["val_masked_mse"] == pytest.approx(one["val_masked_mse"], rel=1e-4)
     single, distributed = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))

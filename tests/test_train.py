@@ -65,6 +65,17 @@ def test_subset_tokens_keeps_a_fraction_of_real_tokens_and_never_empties_a_cell(
     assert subset[1].sum() == 1 and subset[2].sum() == 0
 
 
+def test_seeded_subsets_follow_the_cell_not_its_batch_position():
+    mask = torch.ones(4, 600, dtype=torch.bool)
+    cells = torch.tensor([10, 11, 12, 13])
+    whole = subset_tokens(mask, 0.5, cells, salt=3)
+    assert 250 < whole.sum(1).min() and whole.sum(1).max() < 350
+    # Half of the batch (another process's share), in another order: the same subsets.
+    assert torch.equal(subset_tokens(mask[[3, 1]], 0.5, cells[[3, 1]], salt=3), whole[[3, 1]])
+    assert not torch.equal(subset_tokens(mask, 0.5, cells, salt=4), whole)  # a new step, new views
+    assert not torch.equal(whole[0], whole[1])
+
+
 def test_contrastive_objective_trains_identity_and_saves_its_projection(counts_adata, tmp_path):
     from exceiver import Exceiver, pretrain
 

@@ -81,12 +81,29 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return ((pred - target) ** 2 * mask).sum() / n.clamp(min=1)
 
 
-def subset_tokens(token_mask: torch.Tensor, keep: float) -> torch.Tensor:
-    """A random `keep` fraction of each cell's real tokens (at least one)."""
-    subset = token_mask & (torch.rand(token_mask.shape, device=token_mask.device) < keep)
+def subset_tokens(token_mask: torch.Tensor, keep: float, cells: torch.Tensor | None = None, salt: int = 0) -> torch.Tensor:
+    """A random `keep` fraction of each cell's real tokens (at least one). With `cells` (each
+    row's cell index), the draw is a hash of (cell, token slot, salt), not of the global random
+    state: a cell gets the same subset whichever process or batch position it has (distributed
+    runs then compute what one process would)."""
+    if cells is None:
+        draw = torch.rand(token_mask.shape, device=token_mask.device)
+    else:
+        slots = torch.arange(token_mask.shape[1], device=token_mask.device)
+        draw = _uniform_hash(cells[:, None].long() * 1_000_003 + slots[None, :] + (salt * 7_919_000_000_017) % (1 << 62))
+    subset = token_mask & (draw < keep)
     empty = ~subset.any(dim=1) & token_mask.any(dim=1)
     subset[empty, token_mask[empty].float().argmax(dim=1)] = True
     return subset
+
+
+def _uniform_hash(keys: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) floats from int64 keys (splitmix64-style mixing, wrapping arithmetic)."""
+    x = keys + 0x3C6EF372FE94F82A
+    for shift, multiplier in ((30, -4658895280553007687), (27, -7723592293110705685)):
+        x = (x ^ ((x >> shift) & ((1 << (64 - shift)) - 1))) * multiplier
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return ((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
 
 
 def lr_factor(step: int, warmup: int, planned: int, min_ratio: float) -> float:
@@ -150,15 +167,31 @@ class PretrainingPlan(L.LightningModule):
 
     def contrastive_loss(self, latents: torch.Tensor, batch: CellBatch) -> torch.Tensor:
         """InfoNCE between each cell's embedding from its tokens and from a random subset of
-        them: other cells of the batch are the negatives, so the embedding must say which cell
-        this is from any part of its genes (identity), not how many genes it has (depth)."""
+        them: the other cells of the global batch (gathered from every process) are the
+        negatives, so the embedding must say which cell this is from any part of its genes
+        (identity), not how many genes it has (depth)."""
         config = self.module.config
-        subset = subset_tokens(batch.token_mask, config.contrastive_keep)
+        subset = subset_tokens(batch.token_mask, config.contrastive_keep, batch.cells, salt=self.global_step)
         other = self.module.encode(batch.gene_ids, batch.values, subset, batch.token_zero)
         z = [F.normalize(self.module.projection(self.module.pool(x)), dim=-1) for x in (latents, other)]
-        logits = z[0] @ z[1].T / config.contrastive_temperature
-        cells = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, cells) + F.cross_entropy(logits.T, cells)) / 2
+        (everyone_full, offset), (everyone_part, _) = (self._gather_cells(x) for x in z)
+        cells = offset + torch.arange(len(latents), device=latents.device)
+        temperature = config.contrastive_temperature
+        return (F.cross_entropy(z[0] @ everyone_part.T / temperature, cells)
+                + F.cross_entropy(z[1] @ everyone_full.T / temperature, cells)) / 2
+
+    def _gather_cells(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Rows of `x` from every process, in rank order, with gradients flowing back to each
+        process's own rows; and the offset of this process's rows. Processes may hold different
+        numbers of cells (a short last batch): rows are padded for the gather and dropped after."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return x, 0
+        sizes = self.all_gather(torch.tensor(len(x), device=x.device)).reshape(-1).tolist()
+        padded = F.pad(x, (0, 0, 0, max(sizes) - len(x)))
+        gathered = self.all_gather(padded, sync_grads=True)  # [world, max rows, dim]
+        rows = torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
+        return rows, sum(sizes[:self.global_rank])
 
     def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
         self.update_expression_metrics(self._predict(batch), batch)
