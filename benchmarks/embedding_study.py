@@ -142,9 +142,44 @@ def main() -> None:
             metrics["flatten_pooling"] = knn_cross_validated(flat, adata.obs[label_key][labelled].astype(str).to_numpy())
             metrics["pretraining"] = {k: model.metrics[k] for k in ("val_mse_ratio", "steps", "seconds")}
             results[key] = metrics
-            results_file.write_text(json.dumps(results, indent=1))
+            save(results, results_file)
             print(f"{key}: evaluated in {time.time() - start:.0f} s", flush=True)
+        for target in args.targets:  # cheap, so also added to results of earlier runs
+            key = f"{variant}/{target}"
+            if "readouts" not in results[key]:
+                results[key]["readouts"] = readouts(model, *read_target(data, target, orthologs))
+                save(results, results_file)
     print_tables(results)
+
+
+def save(results: dict, results_file: Path) -> None:
+    """Merge into the file (other runs of this script may write to it meanwhile), atomically."""
+    if results_file.exists():
+        results.update({k: v for k, v in json.loads(results_file.read_text()).items()
+                        if k not in results or len(v) > len(results[k])})
+    partial = results_file.with_suffix(".partial")
+    partial.write_text(json.dumps(results, indent=1))
+    partial.replace(results_file)
+
+
+def readouts(model: Exceiver, adata: ad.AnnData, label_key: str, batch_key, gene_key) -> dict[str, float]:
+    """kNN macro-F1 of every pooling of the latents, as they are (Euclidean) and centred and
+    L2-normalised (cosine), beside the PCA recipes under the same two metrics."""
+    from sklearn.preprocessing import normalize
+
+    from exceiver.evaluate.baselines import cell_baselines
+    from exceiver.evaluate.cells import knn_cross_validated
+
+    adata = adata[adata.obs[label_key].notna().to_numpy()].copy()
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    poolings = ["mean", "flatten"] + (["cell"] if model.config.cell_query else [])
+    reps = {f"exceiver_{p}": model.embed(adata, pooling=p, gene_key=gene_key, progress=False) for p in poolings}
+    reps |= {k: v for k, v in cell_baselines(adata).items() if k.startswith("pca")}
+    scores = {}
+    for name, x in reps.items():
+        scores[name] = knn_cross_validated(x, labels)["knn_macro_f1"]
+        scores[f"{name}_cosine"] = knn_cross_validated(normalize(x - x.mean(0)), labels)["knn_macro_f1"]
+    return scores
 
 
 def print_tables(results: dict) -> None:
@@ -167,6 +202,7 @@ def print_tables(results: dict) -> None:
                 f"{ours['silhouette']:.3f} / {pcas[best]['silhouette']:.3f} | "
                 f"{m['depth_r2']['exceiver']:.2f} / {m['depth_r2'][best]:.2f} |")
     print("\n".join(rows))
+    print_readouts(results)
     genes = {}
     for key, m in results.items():
         variant = key.split("/")[0]
@@ -180,6 +216,32 @@ def print_tables(results: dict) -> None:
             for rep in ("exceiver", "pca_loadings", "random"):
                 print(f"| {variant} | {rep} | " + " | ".join(
                     f"{auroc[s][rep]:.3f}" if rep in auroc.get(s, {}) else "-" for s in sources) + " |")
+
+
+def print_readouts(results: dict) -> None:
+    """Mean over targets of kNN macro-F1 per readout (Euclidean / centred cosine), per variant."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for key, m in results.items():
+        if "readouts" in m:
+            for name, value in m["readouts"].items():
+                table.setdefault(key.split("/")[0], {}).setdefault(name, []).append(value)
+    if not table:
+        return
+    names = ["exceiver_mean", "exceiver_flatten", "exceiver_cell", "best PCA"]
+    print("\n| variant (targets) | " + " | ".join(f"{n} (cosine)" for n in names) + " |")
+    print("|---|" + "---|" * len(names))
+    for variant, scores in table.items():
+        mean = {k: sum(v) / len(v) for k, v in scores.items()}
+        n = len(next(iter(scores.values())))
+        cells = []
+        for name in names:
+            if name == "best PCA":
+                pca = [k for k in mean if k.startswith("pca") and not k.endswith("_cosine")]
+                best = max(pca, key=mean.get)
+                cells.append(f"{mean[best]:.3f} ({max(mean[k + '_cosine'] for k in pca):.3f})")
+            else:
+                cells.append(f"{mean[name]:.3f} ({mean[name + '_cosine']:.3f})" if name in mean else "-")
+        print(f"| {variant} ({n}) | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def test_two_process_cpu_ddp_matches_one_process_with_the_same_global_batch(tmp_
     """2 gloo processes with 8 cells each per step vs 1 process with 16: the same global batches,
     the same masks and contrastive views, the contrastive term's negatives gathered from both
     processes, averaged gradients: every objective of the default preset computes what one process
-    would, and the weights agree up to float32 summation order."""
+    would, and the weights agree up to float32 summation order (measured 1.9e-4; with each
+    process's own cells as negatives they differed by 0.07)."""
     data = tmp_path / "cells.h5ad"
     equal_length_cells().write_h5ad(data)
     one = _pretrain_cli(data, tmp_path / "one", "--devices", "1", "--batch-size", "16")
@@ -72,7 +73,7 @@ def test_two_process_cpu_ddp_matches_one_process_with_the_same_global_batch(tmp_
     single, distributed = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
     assert single.keys() == distributed.keys()
     for name, weight in single.items():
-        torch.testing.assert_close(distributed[name], weight, rtol=0, atol=2e-4, msg=name)
+        torch.testing.assert_close(distributed[name], weight, rtol=0, atol=1e-3, msg=name)
 
 
 # On-disk corpora and streams ------------------------------------------------------------------
