@@ -67,6 +67,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "mask0.5": ("default", {**DETECTION, "contrastive_weight": 0.2, "mask_fraction": 0.5}, {}),
     "cell_query": ("default", {**DETECTION, "contrastive_weight": 0.2, "cell_query": True}, {}),
     "depth_tokens": ("default", {**DETECTION, "contrastive_weight": 0.2, "depth_tokens": True}, {}),
+    "rank_values": ("default", {**DETECTION, "contrastive_weight": 0.2, "value_encoding": "rank"}, {}),
 }
 
 

@@ -171,6 +171,10 @@ def test_cell_query_pools_latents_and_needs_the_contrastive_term():
         ExceiverConfig(n_genes=120, cell_query=True)
     with pytest.raises(ValueError, match="depth tokens are not available in paper-compatible"):
         ExceiverConfig(n_genes=120, paper_compatible=True, depth_tokens=True)
+    with pytest.raises(ValueError, match="z-scored values"):
+        ExceiverConfig(n_genes=120, paper_compatible=True, value_encoding="rank")
+    with pytest.raises(ValueError, match="value_encoding must be one of"):
+        ExceiverConfig(n_genes=120, value_encoding="quantile")
 
 
 def test_sparse_tokens_equal_the_dense_formulation_with_a_boolean_mask(module):

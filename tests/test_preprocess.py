@@ -94,3 +94,22 @@ def test_empty_cells_are_dropped_with_a_count_or_refused(caplog):
         require_nonempty_cells(cells, "toy")
     with pytest.raises(ExceiverInputError, match="none of its 2 cells has counts"):
         drop_empty_cells(_cells([[0, 0], [0, 0]]), "toy")
+
+
+def test_within_cell_ranks_are_quantiles_of_each_cell_alone():
+    from exceiver.preprocess import within_cell_ranks
+
+    values = np.array([3.0, 1.0, 2.0, 5.0, 4.0], dtype=np.float32)
+    cells = np.array([0, 0, 0, 1, 1])
+    np.testing.assert_allclose(within_cell_ranks(values, cells, 2), [5 / 3, 1 / 3, 1.0, 1.5, 0.5], rtol=1e-6)
+    # Scaled per cell by the model's scaler: each cell's ranks average 1, whatever its depth.
+    cells = align(synthetic_counts(n_cells=50, n_genes=80), GeneVocab([f"G{j:04d}" for j in range(80)]))
+    scaler = GeneScaler.fit(cells, ranks=True)
+    ranks = scaler.cell_values(cells, ranks=True)
+    owner = np.repeat(np.arange(cells.n_cells), cells.n_genes_expressed)
+    np.testing.assert_allclose(np.bincount(owner, ranks) / cells.n_genes_expressed, 1.0, rtol=1e-5)
+    assert 0 < ranks.min() and ranks.max() < 2
+    # The gene-mean baseline then averages ranks, not z-scores.
+    expected = np.bincount(cells.counts.indices, ranks, 80) / np.maximum(np.bincount(cells.counts.indices, minlength=80), 1)
+    expressed = scaler.n_expressed > 0
+    np.testing.assert_allclose(scaler.expressed_mean[expressed], expected[expressed], rtol=1e-5)

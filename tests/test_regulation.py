@@ -232,3 +232,16 @@ def test_perturb_real_pbmc_genes(shared_dir):
     observed = effects.groupby("group")["n_cells"].first()
     assert observed.to_dict() == per_type[per_type > 0].to_dict()
     assert np.isfinite(effects["mean_shift"]).all()
+
+
+def test_rank_encoded_models_are_refused(tiny_model_dir):
+    """Their values are within-cell ranks, not expression levels: nothing to impute or set."""
+    import dataclasses
+
+    model = Exceiver.load(tiny_model_dir)
+    model.module.config = dataclasses.replace(model.config, value_encoding="rank")
+    cells = synthetic_counts(n_cells=5)
+    with pytest.raises(ExceiverInputError, match="within-cell ranks"):
+        model.impute(cells, ["G0007"], progress=False)
+    with pytest.raises(ExceiverInputError, match="within-cell ranks"):
+        model.perturb(cells, "G0007", progress=False)

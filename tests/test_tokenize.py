@@ -178,3 +178,28 @@ def test_depth_tokens_state_total_counts_and_expressed_genes(cells_and_scaler):
                         salt=3)
     np.testing.assert_allclose(masked.values[:, 1].numpy(), expected[:, 1], rtol=1e-6)
     assert not np.allclose(masked.values[:, 0].numpy(), expected[:, 0])
+
+
+def test_rank_values_rank_tokens_among_visible_genes_and_targets_among_all(cells_and_scaler):
+    cells, scaler = cells_and_scaler
+    rows = np.arange(12)
+    kwargs = dict(pad_id=120, max_tokens=1000, mask_fraction=0.25, zero_query_ratio=1.0, salt=2, ranks=True)
+    batch = make_batch(cells, rows, scaler, **kwargs)
+    full = scaler.cell_values(cells, ranks=True)
+    for i, row in enumerate(rows):
+        tokens = batch.values[i][batch.token_mask[i]].numpy()
+        n = len(tokens)
+        np.testing.assert_allclose(np.sort(tokens), 2 * (np.arange(n) + 0.5) / n, rtol=1e-6)
+        start, end = cells.counts.indptr[row], cells.counts.indptr[row + 1]
+        rank_of = dict(zip(_row_genes(cells, row).tolist(), full[start:end]))
+        masked = batch.query_mask[i] & ~batch.query_is_zero[i]
+        for gene, target in zip(batch.query_ids[i][masked].tolist(), batch.targets[i][masked].tolist()):
+            assert target == pytest.approx(rank_of[gene], rel=1e-6)
+        assert (batch.targets[i][batch.query_mask[i] & batch.query_is_zero[i]] == 0).all()
+    # Masked counts still never reach the tokens.
+    boosted = cells.counts.copy().tolil()
+    for i in rows:
+        for g in batch.query_ids[i][batch.query_mask[i] & ~batch.query_is_zero[i]].tolist():
+            boosted[i, g] = boosted[i, g] * 50
+    changed = CellCounts(boosted.tocsr(), cells.measured, cells.source, cells.obs_names, cells.source_names)
+    np.testing.assert_array_equal(make_batch(changed, rows, scaler, **kwargs).values.numpy(), batch.values.numpy())

@@ -321,7 +321,7 @@ class Corpus(NamedTuple):
 
 
 def prepare_corpus(datasets: list[tuple[str, ad.AnnData]], *, genes, gene_key: str | None,
-                   layer: str | None, val_fraction: float, seed: int) -> Corpus:
+                   layer: str | None, val_fraction: float, seed: int, ranks: bool = False) -> Corpus:
     """Datasets -> vocabulary -> aligned, checked counts -> seeded split -> scaler fitted on the
     training cells. Genes that no training cell expresses are left out of the tokens (their
     embeddings would stay untrained), as `Exceiver.cells` does at inference."""
@@ -334,7 +334,7 @@ def prepare_corpus(datasets: list[tuple[str, ad.AnnData]], *, genes, gene_key: s
         parts.append(drop_empty_cells(part, name))
     cells = CellCounts.concat(parts)
     train_rows, val_rows = split_cells(cells.n_cells, val_fraction, seed)
-    scaler = GeneScaler.fit(cells.subset(train_rows))
+    scaler = GeneScaler.fit(cells.subset(train_rows), ranks=ranks)
     cells = cells.keep_genes(scaler.n_expressed > 0)
     for rows, split in ((train_rows, "training"), (val_rows, "validation")):
         if not (cells.n_genes_expressed[rows] >= 2).any():
@@ -417,7 +417,7 @@ def _in_memory_corpus(data, config: ExceiverConfig, training: TrainingConfig, ge
     """Vocabulary, scaler, batches and cell counts of datasets read into memory."""
     cells, vocab, scaler, train_rows, val_rows = prepare_corpus(
         read_datasets(data), genes=genes, gene_key=gene_key, layer=layer, val_fraction=training.val_fraction,
-        seed=training.seed)
+        seed=training.seed, ranks=config.value_encoding == "rank")
     config.n_genes = len(vocab)
     datamodule = PretrainDataModule(cells, scaler, config, train_rows, val_rows, batch_size=training.batch_size,
                                     num_workers=training.num_workers, seed=training.seed)
@@ -435,7 +435,8 @@ def _streamed_corpus(folder, config: ExceiverConfig, training: TrainingConfig, g
         raise ExceiverInputError(f"{folder} is a corpus folder: its genes and counts were fixed when it was "
                                  f"built; pass {', '.join(given)} to build-corpus instead")
     corpus = CorpusCells(folder)
-    scaler = fit_scaler(corpus, training.val_fraction, training.seed, progress=progress)
+    scaler = fit_scaler(corpus, training.val_fraction, training.seed, progress=progress,
+                        ranks=config.value_encoding == "rank")
     config.n_genes = len(corpus.vocab)
     datamodule = CorpusDataModule(corpus, scaler, config, batch_size=training.batch_size,
                                   val_fraction=training.val_fraction, num_workers=training.num_workers,

@@ -257,11 +257,12 @@ class CorpusDataModule(L.LightningDataModule):
         return EpochLoader(stream, num_workers=self.num_workers)
 
 
-def fit_scaler(corpus: CorpusCells, val_fraction: float, seed: int, progress: bool = True) -> GeneScaler:
+def fit_scaler(corpus: CorpusCells, val_fraction: float, seed: int, progress: bool = True,
+               ranks: bool = False) -> GeneScaler:
     """The scaler, fitted on the corpus's training cells in two streaming passes."""
     def training_chunks():
         for a, b in tqdm(corpus.blocks(), desc="fitting the scaler", unit="block", disable=not progress, leave=False):
             cells = corpus.read(int(a), int(b))
             yield cells.subset(np.flatnonzero(~is_validation(np.arange(a, b), val_fraction, seed)))
 
-    return GeneScaler.fit_chunks(training_chunks, len(corpus.vocab))
+    return GeneScaler.fit_chunks(training_chunks, len(corpus.vocab), ranks=ranks)

@@ -47,6 +47,7 @@ class CellBatcher:
             mask_fraction=config.mask_fraction if masked else 0.0,
             zero_query_ratio=config.zero_query_ratio if masked else 0.0,
             all_genes=config.paper_compatible, depth_tokens=config.depth_tokens,
+            ranks=config.value_encoding == "rank",
         )
 
     def __call__(self, rows: list[int]) -> CellBatch:

@@ -25,6 +25,7 @@ from torch import nn
 from exceiver.errors import ModelFileError
 
 POOLINGS = ("mean", "flatten", "cell")
+VALUE_ENCODINGS = ("zscore", "rank")
 
 
 @dataclass
@@ -65,6 +66,9 @@ class ExceiverConfig:
     # Depth made explicit: two extra tokens per cell carry its log total counts and log number of
     # expressed genes (gene ids n_genes + 2 and + 3), so that the latents need not encode depth.
     depth_tokens: bool = False
+    # Token values and targets: "zscore" (the paper's transform) or "rank": each gene's rank
+    # among the cell's expressed genes, which does not depend on the cell's depth.
+    value_encoding: str = "zscore"
 
     def __post_init__(self) -> None:
         sizes = dict(gene_dim=self.gene_dim, n_latents=self.n_latents, latent_dim=self.latent_dim,
@@ -92,6 +96,10 @@ class ExceiverConfig:
             raise ValueError("contrastive_weight must be >= 0, contrastive_keep in (0, 1], contrastive_temperature > 0")
         if self.detection_weight < 0 or (self.detection_weight > 0 and self.zero_query_ratio <= 0):
             raise ValueError("detection_weight must be >= 0 and needs zero_query_ratio > 0 (zero genes to detect)")
+        if self.value_encoding not in VALUE_ENCODINGS:
+            raise ValueError(f"value_encoding must be one of {VALUE_ENCODINGS}, got {self.value_encoding!r}")
+        if self.paper_compatible and self.value_encoding != "zscore":
+            raise ValueError("paper-compatible models use the original's z-scored values")
         if self.paper_compatible and self.depth_tokens:
             raise ValueError("depth tokens are not available in paper-compatible mode (the original has none)")
         if self.cell_query and not self.contrastive_weight:

@@ -83,6 +83,17 @@ def log_normalise(counts: np.ndarray, library_size: np.ndarray, target_sum: floa
     return np.log1p(counts * (target_sum / library_size))
 
 
+def within_cell_ranks(values: np.ndarray, entry_cell: np.ndarray, n_cells: int) -> np.ndarray:
+    """Each entry's rank among its cell's entries, as a quantile scaled to (0, 2): mean 1, like
+    the shifted z-scores. A cell's ranks do not depend on its depth, only on its genes' order."""
+    order = np.lexsort((values, entry_cell))
+    sizes = np.bincount(entry_cell, minlength=n_cells)
+    starts = np.cumsum(sizes) - sizes
+    rank = np.empty(len(values))
+    rank[order] = np.arange(len(values)) - starts[entry_cell[order]]
+    return (2 * (rank + 0.5) / np.maximum(sizes[entry_cell], 1)).astype(np.float32)
+
+
 def entry_library_size(cells: CellCounts) -> np.ndarray:
     """Each non-zero entry's cell library size, aligned with `cells.counts.data`."""
     return np.repeat(cells.library_size, cells.n_genes_expressed)
@@ -117,11 +128,16 @@ class GeneScaler:
         inverse of `values` below the clip; predictions are not clipped, so neither is this)."""
         return ((values - SHIFT) * self.std[gene_ids] + self.mean[gene_ids]).astype(np.float32)
 
-    def cell_values(self, cells: CellCounts) -> np.ndarray:
-        """Values of all non-zero entries of `cells`, aligned with `cells.counts.data`."""
+    def cell_values(self, cells: CellCounts, ranks: bool = False) -> np.ndarray:
+        """Values of all non-zero entries of `cells`, aligned with `cells.counts.data`; with
+        `ranks`, each value's within-cell rank (`within_cell_ranks`) instead."""
         counts = cells.counts
         x = log_normalise(counts.data, entry_library_size(cells), self.target_sum)
-        return self.values(counts.indices, x)
+        values = self.values(counts.indices, x)
+        if ranks:
+            values = within_cell_ranks(values, np.repeat(np.arange(cells.n_cells), cells.n_genes_expressed),
+                                       cells.n_cells)
+        return values
 
     @classmethod
     def fit(
@@ -131,11 +147,13 @@ class GeneScaler:
         target_sum: float = TARGET_SUM,
         max_value: float = MAX_VALUE,
         chunk_size: int = 8192,
+        ranks: bool = False,
     ) -> GeneScaler:
         """Streaming fit over sparse chunks of cells; a cell counts towards a gene's statistics
-        only if its dataset measured that gene (unmeasured is not zero)."""
+        only if its dataset measured that gene (unmeasured is not zero). `ranks`: the model's
+        values are within-cell ranks, so the gene-mean baseline averages those."""
         return cls.fit_chunks(lambda: _chunks(cells, chunk_size), cells.counts.shape[1],
-                              target_sum=target_sum, max_value=max_value)
+                              target_sum=target_sum, max_value=max_value, ranks=ranks)
 
     @classmethod
     def fit_chunks(
@@ -145,6 +163,7 @@ class GeneScaler:
         *,
         target_sum: float = TARGET_SUM,
         max_value: float = MAX_VALUE,
+        ranks: bool = False,
     ) -> GeneScaler:
         """`fit` over cells that arrive in chunks (e.g. read from disk): `chunks()` is called
         twice, once per pass, and must give the same cells both times."""
@@ -164,17 +183,17 @@ class GeneScaler:
             mean.astype(np.float32), std.astype(np.float32), n_cells,
             np.zeros(n_genes, dtype=np.float32), np.zeros(n_genes, dtype=np.int64), target_sum, max_value,
         )
-        scaler._fit_expressed_means(chunks())
+        scaler._fit_expressed_means(chunks(), ranks)
         return scaler
 
-    def _fit_expressed_means(self, chunks: Iterable[CellCounts]) -> None:
+    def _fit_expressed_means(self, chunks: Iterable[CellCounts], ranks: bool = False) -> None:
         """The gene-mean baseline: each gene's mean value over the training cells expressing it
         (genes never expressed in training fall back to the mean over all expressed entries)."""
         n_genes = len(self)
         total = np.zeros(n_genes)
         count = np.zeros(n_genes, dtype=np.int64)
         for chunk in chunks:
-            values = self.cell_values(chunk)
+            values = self.cell_values(chunk, ranks)
             total += np.bincount(chunk.counts.indices, weights=values, minlength=n_genes)
             count += np.bincount(chunk.counts.indices, minlength=n_genes)
         fallback = total.sum() / max(count.sum(), 1)

@@ -114,6 +114,7 @@ class _Stream(IterableDataset):
         self.kwargs = dict(
             pad_id=config.n_genes, max_tokens=config.max_tokens, all_genes=config.paper_compatible,
             depth_tokens=config.depth_tokens,
+            ranks=config.value_encoding == "rank",
             mask_fraction=config.mask_fraction if masked else 0.0,
             zero_query_ratio=config.zero_query_ratio if masked else 0.0,
         )

@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from exceiver.preprocess import GeneScaler, log_normalise
+from exceiver.preprocess import GeneScaler, log_normalise, within_cell_ranks
 from exceiver.vocab import CellCounts
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -86,9 +86,12 @@ def make_batch(
     salt: int = 0,
     all_genes: bool = False,
     depth_tokens: bool = False,
+    ranks: bool = False,
 ) -> CellBatch:
     """Tokenize cells `rows` of `cells` (vectorised over all their non-zero entries). With
-    `depth_tokens`, each cell's first two tokens state its depth (see `depth_token_values`)."""
+    `depth_tokens`, each cell's first two tokens state its depth (see `depth_token_values`). With
+    `ranks`, values are within-cell ranks: a token's among the cell's visible genes, a target's
+    among all its expressed genes (a zero-count gene's target is 0, below every expressed one)."""
     rows = np.asarray(rows, dtype=np.int64)
     counts = cells.counts
     starts, ends = counts.indptr[rows], counts.indptr[rows + 1]
@@ -117,6 +120,10 @@ def make_batch(
     for entries, cell_library in ((visible, token_library), (masked, library)):
         values[entries] = scaler.values(genes[entries], log_normalise(
             entry_counts[entries], cell_library[entry_cell[entries]], scaler.target_sum))
+    if ranks:
+        full = scaler.values(genes, log_normalise(entry_counts, library[entry_cell], scaler.target_sum))
+        values[masked] = within_cell_ranks(full, entry_cell, n_cells)[masked]
+        values[visible] = within_cell_ranks(values[visible], entry_cell[visible], n_cells)
 
     if all_genes:
         gene_ids, token_values, token_mask, token_zero = _all_gene_tokens(
@@ -157,7 +164,7 @@ def make_batch(
         zero_offsets = np.cumsum(n_zero) - n_zero
         slot_z = n_masked[zero_cell] + np.arange(len(zero_cell)) - zero_offsets[zero_cell]
         query_ids[zero_cell, slot_z] = zero_genes
-        targets[zero_cell, slot_z] = scaler.zero_values(zero_genes)
+        targets[zero_cell, slot_z] = 0.0 if ranks else scaler.zero_values(zero_genes)
         query_mask[zero_cell, slot_z] = True
         query_is_zero[zero_cell, slot_z] = True
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import anndata as ad
 import numpy as np
 
+from exceiver.regulation.edit import require_expression_values
 from exceiver.regulation.genes import resolve_genes
 from exceiver.vocab import dataset_genes
 
@@ -31,6 +32,7 @@ def impute(model, adata: ad.AnnData, genes: Sequence[str] | None = None, *, key:
     training cells) are NaN. A list of vocabulary genes: a [cells, genes] array, returned only.
     Cells are processed in batches and query genes in chunks; only the output is cells x genes.
     """
+    require_expression_values(model, "imputation")
     if genes is not None:
         ids = resolve_genes(model, genes, "genes to impute")
         return _log_expression(model, model.predict_values(
