@@ -24,7 +24,7 @@ def _devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
-def _model_option(text: str) -> tuple[str, int | float | bool]:
+def _model_option(text: str) -> tuple[str, int | float | bool | str]:
     """FIELD=VALUE for an ExceiverConfig field; the value's type is the field's."""
     from exceiver.model import ExceiverConfig
 
