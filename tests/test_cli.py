@@ -45,14 +45,18 @@ def test_pretrain_set_overrides_model_fields_and_refuses_bad_ones(counts_file, t
 
     out = tmp_path / "model"
     assert main(["-q", "pretrain", str(counts_file), "--out", str(out), "--max-epochs", "1", "--batch-size", "32",
-                 "--set", "n_latents=8", "--set", "latent_dim=16", "--set", "zero_query_ratio=0.5"]) == 0
+                 "--set", "n_latents=8", "--set", "latent_dim=16", "--set", "zero_query_ratio=0.5",
+                 "--set", "value_encoding=rank", "--set", "depth_tokens=true"]) == 0
     config = json.loads((out / "config.json").read_text())["model"]
     assert (config["n_latents"], config["latent_dim"], config["zero_query_ratio"]) == (8, 16, 0.5)
+    assert config["value_encoding"] == "rank" and config["depth_tokens"] is True
     with pytest.raises(SystemExit):
         main(["pretrain", str(counts_file), "--out", str(tmp_path / "x"), "--set", "n_latents=many"])
     assert "n_latents needs a int" in capsys.readouterr().err
     assert main(["-q", "pretrain", str(counts_file), "--out", str(tmp_path / "y"), "--set", "zero_query_ratio=0"]) == 2
     assert "needs zero_query_ratio" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    assert main(["-q", "pretrain", str(counts_file), "--out", str(tmp_path / "z"), "--set", "value_encoding=log"]) == 2
+    assert "value_encoding must be one of" in capsys.readouterr().err
 
 
 def test_training_options_reach_the_training_config():
