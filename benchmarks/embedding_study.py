@@ -65,6 +65,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
                                            {"max_epochs": 9, "patience": 9}),
     "detection_contrastive_w0.2_18epochs": ("default", {**DETECTION, "contrastive_weight": 0.2},
                                             {"max_epochs": 18, "patience": 18}),
+    "lr3e-3": ("default", {**DETECTION, "contrastive_weight": 0.2}, {"learning_rate": 3e-3}),
     "latents64": ("default", {**DETECTION, "contrastive_weight": 0.2, "n_latents": 64}, {}),
     "mask0.5": ("default", {**DETECTION, "contrastive_weight": 0.2, "mask_fraction": 0.5}, {}),
     "cell_query": ("default", {**DETECTION, "contrastive_weight": 0.2, "cell_query": True}, {}),
