@@ -206,6 +206,7 @@ def print_tables(results: dict) -> None:
                 f"{ours['silhouette']:.3f} / {pcas[best]['silhouette']:.3f} | "
                 f"{m['depth_r2']['exceiver']:.2f} / {m['depth_r2'][best]:.2f} |")
     print("\n".join(rows))
+    print_summary(results)
     print_readouts(results)
     genes = {}
     for key, m in results.items():
@@ -220,6 +221,28 @@ def print_tables(results: dict) -> None:
             for rep in ("exceiver", "pca_loadings", "random"):
                 print(f"| {variant} | {rep} | " + " | ".join(
                     f"{auroc[s][rep]:.3f}" if rep in auroc.get(s, {}) else "-" for s in sources) + " |")
+
+
+def print_summary(results: dict) -> None:
+    """One row per variant: means over its evaluated targets (the summary table of docs/evaluation.md)."""
+    rows: dict[str, list[dict]] = {}
+    for key, m in results.items():
+        rows.setdefault(key.split("/")[0], []).append(m)
+    print("\n| variant (targets) | val MSE ratio | held-out MSE ratio | kNN macro-F1 (flatten) | Leiden ARI | "
+          "Leiden NMI | silhouette | depth R^2 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for variant, ms in rows.items():
+        cells = [next(iter(m["cells"].values()))["representations"]["exceiver"] for m in ms]
+
+        def mean(values):
+            return sum(values) / len(values)
+
+        print(f"| {variant} ({len(ms)}) | {ms[0]['pretraining']['val_mse_ratio']:.3f} | "
+              f"{mean([m['reconstruction']['model']['mse_ratio'] for m in ms]):.2f} | "
+              f"{mean([c['knn_macro_f1'] for c in cells]):.3f} "
+              f"({mean([m['flatten_pooling']['knn_macro_f1'] for m in ms]):.3f}) | "
+              + " | ".join(f"{mean([c[k] for c in cells]):.3f}" for k in ("leiden_ari", "leiden_nmi", "silhouette"))
+              + f" | {mean([m['depth_r2']['exceiver'] for m in ms]):.2f} |")
 
 
 def print_readouts(results: dict) -> None:
