@@ -81,7 +81,8 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return ((pred - target) ** 2 * mask).sum() / n.clamp(min=1)
 
 
-def subset_tokens(token_mask: torch.Tensor, keep: float, cells: torch.Tensor | None = None, salt: int = 0) -> torch.Tensor:
+def subset_tokens(token_mask: torch.Tensor, keep: float, cells: torch.Tensor | None = None,
+                  salt: int = 0) -> torch.Tensor:
     """A random `keep` fraction of each cell's real tokens (at least one). With `cells` (each
     row's cell index), the draw is a hash of (cell, token slot, salt), not of the global random
     state: a cell gets the same subset whichever process or batch position it has (distributed
@@ -90,7 +91,8 @@ def subset_tokens(token_mask: torch.Tensor, keep: float, cells: torch.Tensor | N
         draw = torch.rand(token_mask.shape, device=token_mask.device)
     else:
         slots = torch.arange(token_mask.shape[1], device=token_mask.device)
-        draw = _uniform_hash(cells[:, None].long() * 1_000_003 + slots[None, :] + (salt * 7_919_000_000_017) % (1 << 62))
+        salt = (salt * 7_919_000_000_017) % (1 << 62)
+        draw = _uniform_hash(cells[:, None].long() * 1_000_003 + slots[None, :] + salt)
     subset = token_mask & (draw < keep)
     empty = ~subset.any(dim=1) & token_mask.any(dim=1)
     subset[empty, token_mask[empty].float().argmax(dim=1)] = True
@@ -171,7 +173,8 @@ class PretrainingPlan(L.LightningModule):
         negatives, so the embedding must say which cell this is from any part of its genes
         (identity), not how many genes it has (depth)."""
         config = self.module.config
-        subset = subset_tokens(batch.token_mask, config.contrastive_keep, batch.cells, salt=self.global_step)
+        salt = (self.training_config.seed << 32) + self.global_step  # fresh views every step and seed
+        subset = subset_tokens(batch.token_mask, config.contrastive_keep, batch.cells, salt=salt)
         other = self.module.encode(batch.gene_ids, batch.values, subset, batch.token_zero)
         z = [F.normalize(self.module.projection(self.module.pool(x)), dim=-1) for x in (latents, other)]
         (everyone_full, offset), (everyone_part, _) = (self._gather_cells(x) for x in z)
