@@ -38,6 +38,11 @@ def test_cli_errors_are_clear_and_leave_no_output(tiny_model_dir, tmp_path, caps
     assert not out.exists() and list(tmp_path.iterdir()) == [other]
     assert main(["-q", "embed", str(tmp_path / "no-model"), str(other), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    counts = tmp_path / "counts.h5ad"
+    synthetic_counts(n_cells=10).write_h5ad(counts)
+    assert main(["-q", "embed", str(tiny_model_dir), str(counts), "--out", str(out), "--pooling", "cell"]) == 2
+    assert "pooling 'cell' needs a model pretrained with a cell query" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_pretrain_set_overrides_model_fields_and_refuses_bad_ones(counts_file, tmp_path, capsys):

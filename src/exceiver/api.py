@@ -174,9 +174,9 @@ class Exceiver:
         or unavailable."""
         pooling = pooling or self.module.default_pooling
         if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+            raise ExceiverInputError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
         if pooling == "cell" and not self.config.cell_query:
-            raise ValueError("pooling 'cell' needs a model pretrained with a cell query (cell_query=True); "
+            raise ExceiverInputError("pooling 'cell' needs a model pretrained with a cell query (cell_query=True); "
                              "use 'mean' or 'flatten'")
         return pooling
 

@@ -86,8 +86,7 @@ def evaluate(
         log.warning("%s: %d cells have no counts in the model's trained genes and are left out", name, n_without)
     cells, adata = cells.subset(rows), adata[rows].copy()
     metrics: dict = {"dataset": name, "n_cells": len(rows), "n_cells_without_model_genes": int(n_without),
-                     "n_genes_shared": int(cells.measured.sum()), "model": repr(model),
-                     "pooling": pooling}
+                     "n_genes_shared": int(cells.measured.sum()), "model": repr(model), "pooling": pooling}
 
     torch_device = resolve_device(device)
     model.module.to(torch_device)
