@@ -27,7 +27,10 @@ def test_model_folder_has_the_documented_files(tiny_model_dir):
     assert metrics["n_train_cells"] + metrics["n_val_cells"] == 120
     assert metrics["epochs"] == 2 and metrics["stopped_by"] == "max_epochs"
     assert (tiny_model_dir / "logs" / "metrics.csv").is_file()
-    assert (tiny_model_dir / "checkpoints" / "last.ckpt").is_file()
+    # One best-weights mechanism (in memory): no Lightning checkpoints, and so no pickles, in the folder.
+    assert not any(p.suffix in (".ckpt", ".pt", ".pkl") for p in tiny_model_dir.rglob("*"))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["format_version"] == 2 and {"architecture", "tokenizer", "objectives", "training", "data"} <= set(config)
 
 
 def test_save_load_gives_identical_outputs(tiny_model_dir, tmp_path):

@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from exceiver import data
-from exceiver.data import LengthGroupedSampler, split_cells
+from conftest import synthetic_counts
+from exceiver.data import loaders
+from exceiver.data.corpus import build_corpus
+from exceiver.data.datamodule import CellDataModule, validation_cells
+from exceiver.data.loaders import LengthGroupedSampler
+from exceiver.errors import ExceiverInputError
+from exceiver.nn.config import pretraining_configs
+from exceiver.pretrain import pretraining_data
+from exceiver.train.config import TrainingConfig
 
 
 @pytest.fixture
@@ -45,7 +52,7 @@ def test_processes_get_disjoint_shares(lengths, monkeypatch, shuffle, n_cells):
     lengths = lengths[:n_cells]
     shares = []
     for rank in range(3):
-        monkeypatch.setattr(data, "_rank_and_world_size", lambda r=rank: (r, 3))
+        monkeypatch.setattr(loaders, "rank_and_world_size", lambda r=rank: (r, 3))
         sampler = LengthGroupedSampler(lengths, 64, shuffle=shuffle, seed=4)
         shares.append(sampler.batches())
     seen = np.concatenate([np.concatenate(s) for s in shares])
@@ -62,17 +69,51 @@ def test_processes_get_disjoint_shares(lengths, monkeypatch, shuffle, n_cells):
             assert np.all(np.diff(lengths[flat]) <= 0)
 
 
-def test_split_is_seeded_and_disjoint():
-    train, val = split_cells(100, 0.1, seed=3)
-    assert len(val) == 10 and not set(train) & set(val) and len(train) + len(val) == 100
-    np.testing.assert_array_equal(split_cells(100, 0.1, seed=3)[1], val)
-    assert not np.array_equal(split_cells(100, 0.1, seed=4)[1], val)
+def test_split_is_seeded_and_keeps_a_cell_on_each_side():
+    validation = validation_cells(10_000, 0.1, seed=3)
+    assert abs(validation.mean() - 0.1) < 0.01
+    np.testing.assert_array_equal(validation_cells(10_000, 0.1, seed=3), validation)
+    assert (validation_cells(10_000, 0.1, seed=4) != validation).mean() > 0.1
+    for n in (2, 3, 5):  # too few cells for the fraction: still one cell on each side
+        small = validation_cells(n, 0.1, seed=0)
+        assert 1 <= small.sum() < n
+    with pytest.raises(ExceiverInputError, match="at least 2 cells"):
+        validation_cells(1, 0.1, seed=0)
+
+
+def _cells_seen(data: CellDataModule) -> tuple[list[int], list[int]]:
+    """Cell rows of one training epoch and of one validation round."""
+    return [sorted(np.concatenate([b.cells.numpy() for b in loader]).tolist())
+            for loader in (data.train_dataloader(), data.val_dataloader())]
+
+
+def test_in_memory_and_corpus_pretraining_see_the_same_cells(tmp_path):
+    """The same files and seed: the same vocabulary, dropped cells, split and scaler, whether the
+    files are read into memory or converted to an on-disk corpus first."""
+    first, second = synthetic_counts(n_cells=150, seed=1), synthetic_counts(n_cells=90, seed=2, prefix="H")
+    first.X[7] = 0  # a cell without counts: dropped either way
+    paths = [tmp_path / "first.h5ad", tmp_path / "second.h5ad"]
+    for adata, path in zip((first, second), paths):
+        adata.write_h5ad(path)
+    build_corpus(paths, tmp_path / "corpus", shard_cells=64, progress=False)
+    settings = TrainingConfig(val_fraction=0.2, seed=5)
+    _, tokenizer, _ = pretraining_configs("default")
+    seen = []
+    for data in (paths, tmp_path / "corpus"):
+        cells = pretraining_data(data, settings, progress=False)
+        module = CellDataModule(cells.source, cells.scaler, tokenizer, cells.validation, batch_size=16,
+                                genes=cells.scaler.n_expressed > 0)
+        seen.append((cells.vocab, cells.scaler.mean, *_cells_seen(module)))
+    (vocab, mean, train, val), (corpus_vocab, corpus_mean, corpus_train, corpus_val) = seen
+    assert vocab == corpus_vocab and len(train) + len(val) == 239
+    np.testing.assert_allclose(mean, corpus_mean, rtol=1e-6)
+    assert train == corpus_train and val == corpus_val and not set(train) & set(val)
 
 
 def test_inference_order_covers_every_cell_inside_a_distributed_run(monkeypatch):
     """Training shares cells out between processes; inference (distributed=False) must not, or
     each process would leave the other processes' cells unwritten."""
-    monkeypatch.setattr(data, "_rank_and_world_size", lambda: (1, 2))
+    monkeypatch.setattr(loaders, "rank_and_world_size", lambda: (1, 2))
     lengths = np.arange(10)
     shared = LengthGroupedSampler(lengths, 4, shuffle=False)
     alone = LengthGroupedSampler(lengths, 4, shuffle=False, distributed=False)

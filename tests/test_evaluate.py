@@ -15,7 +15,7 @@ from exceiver.evaluate import evaluate
 from exceiver.evaluate.cells import batch_scores, depth_r2, knn_cross_validated, similarity_profile
 from exceiver.evaluate.genes import gene_scores, pair_auroc, read_annotations, sample_pairs
 from exceiver.evaluate.reconstruction import baseline_predictions, reconstruction_scores
-from exceiver.genemap import map_genes
+from exceiver.data.genemap import map_genes
 
 
 def _clusters(n_per: int = 40, seed: int = 0):

@@ -10,6 +10,7 @@ import exceiver
 from exceiver import Exceiver, ExceiverInputError, pretrain
 from exceiver.cli import main
 from exceiver.errors import TrainingError
+from exceiver.nn.network import ExceiverModule
 
 from conftest import TINY, synthetic_counts
 
@@ -104,11 +105,12 @@ def test_invalid_training_settings_are_named():
 
 
 def test_diverged_training_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
-    def nan_predictions(self, batch):
-        pred = self.module(batch.gene_ids, batch.values, batch.token_mask, batch.query_ids)
-        return pred * float("nan")
+    forward = ExceiverModule.forward
 
-    monkeypatch.setattr(exceiver.train.PretrainingPlan, "_predict", nan_predictions)
+    def nan_predictions(self, batch):
+        return forward(self, batch) * float("nan")
+
+    monkeypatch.setattr(ExceiverModule, "forward", nan_predictions)
     with pytest.raises(TrainingError, match="no finite validation loss"):
         pretrain(synthetic_counts(n_cells=40), tmp_path / "new" / "deep" / "model", model=TINY,
                  max_epochs=1, progress=False)
@@ -119,7 +121,7 @@ def test_zero_gene_queries_are_trained_and_reported():
     model = pretrain(synthetic_counts(n_cells=60), None, model={**TINY, "zero_query_ratio": 1.0,
                                                                  "detection_weight": 0.0}, max_epochs=2, progress=False)
     assert np.isfinite(model.metrics["val_zero_mse"])
-    assert model.config.zero_query_ratio == 1.0
+    assert model.tokenizer.zero_query_ratio == 1.0
 
 
 def test_validation_every_n_steps(tmp_path):

@@ -17,8 +17,8 @@ import torch
 
 from exceiver import Exceiver, ModelFileError, import_original
 from exceiver.cli import main
-from exceiver.original import imported_scaler, read_checkpoint
-from exceiver.tokenize import make_batch
+from exceiver.nn.original import imported_scaler, read_checkpoint
+from exceiver.data.tokenizer import TokenizerConfig, make_batch
 
 TOL = 2e-4  # the bound; what we reach in float64 is far tighter:
 TOL_INFERENCE = 1e-5  # from raw counts through our preprocessing (float32 token values)
@@ -79,8 +79,7 @@ def test_our_preprocessing_and_model_reproduce_the_original_inference(reference,
     model, z, adata = load(reference, kind)
     model.module.double()
     cells = model.cells(adata)
-    batch = make_batch(cells, np.arange(8), model.scaler, pad_id=model.config.n_genes,
-                       max_tokens=model.config.max_tokens, all_genes=True)
+    batch = make_batch(cells, np.arange(8), model.scaler, TokenizerConfig(max_tokens=model.config.max_tokens, all_genes=True))
     assert batch.gene_ids.shape == (8, 19067) and batch.token_mask.all()
     assert (~batch.token_zero).sum().item() == len(z["csr_data"])  # expressed genes are the non-zero ones
     np.testing.assert_allclose(batch.values.numpy(), z["inf_gene_vals"], rtol=0, atol=1e-5)

@@ -8,8 +8,9 @@ import scipy.sparse as sp
 from sklearn.preprocessing import StandardScaler
 
 from exceiver.errors import ExceiverInputError
-from exceiver.preprocess import GeneScaler, check_counts, drop_empty_cells, require_nonempty_cells
-from exceiver.vocab import CellCounts, GeneVocab, align
+from exceiver.data.preprocess import GeneScaler, check_counts, prepare_cells, report_dropped
+from exceiver.data.cells import CellCounts, align
+from exceiver.data.vocab import GeneVocab
 
 from conftest import synthetic_counts
 
@@ -28,7 +29,7 @@ def _dense_log_normalised(cells: CellCounts) -> np.ndarray:
 
 def test_streaming_scaler_equals_dense_standard_scaler():
     cells = align(synthetic_counts(n_cells=300, n_genes=150), GeneVocab([f"G{j:04d}" for j in range(150)]))
-    cells = drop_empty_cells(cells)
+    cells = prepare_cells(cells)
     dense = _dense_log_normalised(cells)
     reference = StandardScaler().fit(dense)
     scaler = GeneScaler.fit(cells, chunk_size=37)  # chunks that do not divide the cells evenly
@@ -88,28 +89,22 @@ def test_check_counts_refuses_non_finite_and_negative_values():
 def test_empty_cells_are_dropped_with_a_count_or_refused(caplog):
     cells = _cells([[1, 0], [0, 0], [0, 3]])
     with caplog.at_level(logging.WARNING):
-        kept = drop_empty_cells(cells, "toy")
+        kept = prepare_cells(cells, "toy")
+        report_dropped("toy", cells.n_cells, kept.n_cells)
     assert kept.n_cells == 2 and "dropped 1 of 3 cells" in caplog.text
     with pytest.raises(ExceiverInputError, match="1 of 3 cells have no counts"):
-        require_nonempty_cells(cells, "toy")
+        prepare_cells(cells, "toy", empty="refuse")
+    empty = prepare_cells(_cells([[0, 0], [0, 0]]), "toy")
     with pytest.raises(ExceiverInputError, match="none of its 2 cells has counts"):
-        drop_empty_cells(_cells([[0, 0], [0, 0]]), "toy")
+        report_dropped("toy", 2, empty.n_cells)
 
 
-def test_within_cell_ranks_are_quantiles_of_each_cell_alone():
-    from exceiver.preprocess import within_cell_ranks
-
-    values = np.array([3.0, 1.0, 2.0, 5.0, 4.0], dtype=np.float32)
-    cells = np.array([0, 0, 0, 1, 1])
-    np.testing.assert_allclose(within_cell_ranks(values, cells, 2), [5 / 3, 1 / 3, 1.0, 1.5, 0.5], rtol=1e-6)
-    # Scaled per cell by the model's scaler: each cell's ranks average 1, whatever its depth.
-    cells = align(synthetic_counts(n_cells=50, n_genes=80), GeneVocab([f"G{j:04d}" for j in range(80)]))
-    scaler = GeneScaler.fit(cells, ranks=True)
-    ranks = scaler.cell_values(cells, ranks=True)
-    owner = np.repeat(np.arange(cells.n_cells), cells.n_genes_expressed)
-    np.testing.assert_allclose(np.bincount(owner, ranks) / cells.n_genes_expressed, 1.0, rtol=1e-5)
-    assert 0 < ranks.min() and ranks.max() < 2
-    # The gene-mean baseline then averages ranks, not z-scores.
-    expected = np.bincount(cells.counts.indices, ranks, 80) / np.maximum(np.bincount(cells.counts.indices, minlength=80), 1)
-    expressed = scaler.n_expressed > 0
-    np.testing.assert_allclose(scaler.expressed_mean[expressed], expected[expressed], rtol=1e-5)
+def test_preparing_cells_keeps_only_the_given_genes_and_checks_counts():
+    cells = _cells([[1, 2], [0, 3], [4, 0]])
+    kept = prepare_cells(cells, "toy", genes=np.array([True, False]))
+    assert kept.n_cells == 2 and kept.counts.toarray().tolist() == [[1, 0], [4, 0]]
+    assert kept.measured.tolist() == [[True, False]]
+    with pytest.raises(ExceiverInputError, match="toy: 1 of 3 cells have no counts"):
+        prepare_cells(cells, "toy", genes=np.array([True, False]), empty="refuse")
+    with pytest.raises(ExceiverInputError, match="negative"):
+        prepare_cells(_cells([[1, -2]]), "toy")

@@ -9,9 +9,9 @@ import torch
 
 from exceiver import Exceiver, ExceiverInputError
 from exceiver.cli import main
-from exceiver.regulation import perturbation as perturb_module
-from exceiver.regulation.edit import knockout, set_value
-from exceiver.tokenize import make_batch
+from exceiver.tl import perturbation as perturb_module
+from exceiver.tl.edit import knockout, set_value
+from exceiver.data.tokenizer import TokenizerConfig, make_batch
 
 from conftest import TINY, synthetic_counts
 
@@ -28,8 +28,7 @@ def adata():
 
 def _batch(model, adata):
     cells = model.cells(adata)
-    return make_batch(cells, np.arange(cells.n_cells), model.scaler, pad_id=model.module.pad_id,
-                      max_tokens=model.config.max_tokens)
+    return make_batch(cells, np.arange(cells.n_cells), model.scaler, TokenizerConfig(max_tokens=model.config.max_tokens))
 
 
 def _tokens(batch, row):

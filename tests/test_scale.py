@@ -13,10 +13,10 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file
 
-from exceiver.data import CellBatcher
-from exceiver.model import ExceiverConfig
-from exceiver.preprocess import GeneScaler
-from exceiver.vocab import CellCounts
+from exceiver.data.loaders import CellBatcher
+from exceiver.nn.config import pretraining_configs
+from exceiver.data.preprocess import GeneScaler
+from exceiver.data.cells import CellCounts
 
 
 def equal_length_cells(n_cells: int = 80, n_genes: int = 60, n_expressed: int = 20, seed: int = 0) -> ad.AnnData:
@@ -35,16 +35,16 @@ def test_training_masks_do_not_depend_on_the_global_rng():
     adata = equal_length_cells(n_cells=10)
     cells = CellCounts(adata.X, np.ones((1, adata.n_vars), bool), np.zeros(10, np.int32),
                        np.asarray(adata.obs_names), ["cells"])
-    config = ExceiverConfig.preset("default", n_genes=adata.n_vars)
+    _, tokenizer, _ = pretraining_configs("default")
     scaler = GeneScaler.fit(cells)
     batches = []
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)
-        batcher = CellBatcher(cells, scaler, config, masked=True, seed=5)
+        batcher = CellBatcher(cells, scaler, tokenizer, masked=True, seed=5)
         batches.append([batcher(list(range(10))).query_ids for _ in range(2)])
     assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
     assert not torch.equal(batches[0][0], batches[0][1])  # each batch draws fresh masks
-    other_seed = CellBatcher(cells, scaler, config, masked=True, seed=6)(list(range(10))).query_ids
+    other_seed = CellBatcher(cells, scaler, tokenizer, masked=True, seed=6)(list(range(10))).query_ids
     assert not torch.equal(other_seed, batches[0][0])
 
 
@@ -80,10 +80,12 @@ def test_two_process_cpu_ddp_matches_one_process_with_the_same_global_batch(tmp_
 
 from exceiver import Exceiver, pretrain  # noqa: E402
 from exceiver.cli import main  # noqa: E402
-from exceiver.corpus import CorpusCells, build_corpus, fit_scaler, is_validation  # noqa: E402
+from exceiver.data.corpus import CorpusCells, build_corpus, fit_scaler  # noqa: E402
+from exceiver.data.datamodule import validation_cells  # noqa: E402
 from exceiver.errors import ExceiverInputError  # noqa: E402
-from exceiver.stream import ShuffledBatches  # noqa: E402
-from exceiver.vocab import GeneVocab, align  # noqa: E402
+from exceiver.data.streams import ShuffledBatches  # noqa: E402
+from exceiver.data.cells import align  # noqa: E402
+from exceiver.data.vocab import GeneVocab  # noqa: E402
 
 from conftest import TINY, synthetic_counts  # noqa: E402
 
@@ -142,11 +144,12 @@ def _epoch(stream: ShuffledBatches, epoch: int, rank: int, world: int, workers: 
 
 def test_training_stream_sees_every_cell_once_with_disjoint_shares(two_files, tmp_path):
     corpus = build_corpus(two_files[0], tmp_path / "corpus", shard_cells=128, progress=False)
-    scaler = fit_scaler(corpus, 0.1, seed=0, progress=False)
-    config = ExceiverConfig.preset("default", n_genes=len(corpus.vocab))
-    training = ~is_validation(np.arange(corpus.n_cells), 0.1, 0)
-    stream = ShuffledBatches(corpus, scaler, config, blocks=corpus.blocks(64), batch_size=16, seed=3,
-                             buffer_cells=64, keep=lambda rows: ~is_validation(rows, 0.1, 0))
+    validation = validation_cells(corpus.n_cells, 0.1, 0)
+    scaler = fit_scaler(corpus, validation, progress=False)
+    _, tokenizer, _ = pretraining_configs("default")
+    training = ~validation
+    stream = ShuffledBatches(corpus, scaler, tokenizer, blocks=corpus.blocks(64), batch_size=16, seed=3,
+                             buffer_cells=64, keep=lambda rows: training[rows])
     single = _epoch(stream, 0, 0, 1)
     assert sorted(np.concatenate(single).tolist()) == np.flatnonzero(training).tolist()
     assert all(len(b) == 16 for b in single[:-1])
@@ -169,7 +172,7 @@ def test_pretraining_streams_a_corpus_from_the_command_line(two_files, tmp_path,
     assert "499 cells, 200 genes, 5 shard(s)" in capsys.readouterr().out
     model = pretrain(corpus, tmp_path / "model", model=TINY, max_epochs=2, batch_size=32, num_workers=2,
                      progress=False)
-    n_val = int(is_validation(np.arange(499), 0.1, 0).sum())
+    n_val = int(validation_cells(499, 0.1, 0).sum())
     assert model.metrics["n_cells"] == 499 and model.metrics["n_val_cells"] == n_val
     assert model.metrics["steps"] == 2 * -(-(499 - n_val) // 32)
     assert np.isfinite(model.metrics["val_masked_mse"]) and model.metrics["datasets"] == {"first": 300, "second": 199}

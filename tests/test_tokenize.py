@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
-from exceiver.preprocess import GeneScaler
-from exceiver.tokenize import make_batch, masked_count
-from exceiver.vocab import CellCounts, GeneVocab, align
+from exceiver.data.preprocess import GeneScaler
+from exceiver.data.tokenizer import TokenizerConfig, make_batch, masked_count
+from exceiver.data.cells import CellCounts, align
+from exceiver.data.vocab import GeneVocab
 
 from conftest import synthetic_counts
 
@@ -23,7 +24,7 @@ def _row_genes(cells: CellCounts, row: int) -> np.ndarray:
 def test_only_expressed_genes_become_tokens(cells_and_scaler):
     cells, scaler = cells_and_scaler
     rows = np.arange(10)
-    batch = make_batch(cells, rows, scaler, pad_id=120, max_tokens=1000)
+    batch = make_batch(cells, rows, scaler, TokenizerConfig(max_tokens=1000))
     values = scaler.cell_values(cells)
     for i, row in enumerate(rows):
         tokens = batch.gene_ids[i][batch.token_mask[i]].numpy()
@@ -38,7 +39,7 @@ def test_only_expressed_genes_become_tokens(cells_and_scaler):
 def test_masked_genes_are_queries_and_never_tokens(cells_and_scaler):
     cells, scaler = cells_and_scaler
     rows = np.arange(cells.n_cells)
-    batch = make_batch(cells, rows, scaler, pad_id=120, max_tokens=1000, mask_fraction=0.15, salt=7)
+    batch = make_batch(cells, rows, scaler, TokenizerConfig(max_tokens=1000, mask_fraction=0.15), masked=True, salt=7)
     expected_masked = masked_count(cells.n_genes_expressed[rows], 0.15, 1000)
     np.testing.assert_array_equal(batch.query_mask.sum(1).numpy(), expected_masked)
     values = dict()
@@ -60,7 +61,7 @@ def _masked_set(batch, i):
 
 def test_mask_depends_on_the_cells_genes_and_salt_not_its_position_or_counts(cells_and_scaler):
     cells, scaler = cells_and_scaler
-    kwargs = dict(pad_id=120, max_tokens=1000, mask_fraction=0.3, salt=3)
+    kwargs = dict(tokenizer=TokenizerConfig(max_tokens=1000, mask_fraction=0.3), masked=True, salt=3)
     alone = make_batch(cells, [5], scaler, **kwargs)
     batched = make_batch(cells, [9, 5, 2, 5], scaler, **kwargs)
     assert _masked_set(alone, 0) == _masked_set(batched, 1) == _masked_set(batched, 3)
@@ -76,7 +77,7 @@ def test_masked_counts_never_reach_the_token_values(cells_and_scaler):
     used for the tokens excludes them), while the targets follow the new counts."""
     cells, scaler = cells_and_scaler
     rows = np.arange(cells.n_cells)
-    kwargs = dict(pad_id=120, max_tokens=1000, mask_fraction=0.2, salt=8)
+    kwargs = dict(tokenizer=TokenizerConfig(max_tokens=1000, mask_fraction=0.2), masked=True, salt=8)
     batch = make_batch(cells, rows, scaler, **kwargs)
     boosted = cells.counts.copy().tolil()
     for i in rows:
@@ -92,7 +93,7 @@ def test_masked_counts_never_reach_the_token_values(cells_and_scaler):
 def test_unmasked_tokens_use_the_full_library(cells_and_scaler):
     """Without masking, token values are exactly the scaler's transform of the cell's counts."""
     cells, scaler = cells_and_scaler
-    batch = make_batch(cells, [3], scaler, pad_id=120, max_tokens=1000)
+    batch = make_batch(cells, [3], scaler, TokenizerConfig(max_tokens=1000))
     np.testing.assert_allclose(np.sort(batch.values[0].numpy()), np.sort(scaler.cell_values(cells.subset([3]))), rtol=1e-6)
 
 
@@ -107,8 +108,8 @@ def test_long_cells_are_subsampled_to_max_tokens_deterministically(cells_and_sca
     cells, scaler = cells_and_scaler
     row = int(np.argmax(cells.n_genes_expressed))
     n = int(cells.n_genes_expressed[row])
-    first = make_batch(cells, [row], scaler, pad_id=120, max_tokens=n // 2, salt=1)
-    second = make_batch(cells, [row, 0], scaler, pad_id=120, max_tokens=n // 2, salt=1)
+    first = make_batch(cells, [row], scaler, TokenizerConfig(max_tokens=n // 2), salt=1)
+    second = make_batch(cells, [row, 0], scaler, TokenizerConfig(max_tokens=n // 2), salt=1)
     assert first.token_mask.sum() == n // 2
     assert set(first.gene_ids[0].tolist()) == set(second.gene_ids[0][second.token_mask[0]].tolist())
     assert set(first.gene_ids[0].tolist()) <= set(_row_genes(cells, row).tolist())
@@ -119,8 +120,7 @@ def test_zero_queries_are_measured_unexpressed_distinct_genes():
     vocab = GeneVocab(list(adata.var_names) + ["UNMEASURED1", "UNMEASURED2"])
     cells = align(adata, vocab)
     scaler = GeneScaler.fit(cells)
-    batch = make_batch(cells, np.arange(30), scaler, pad_id=len(vocab), max_tokens=1000,
-                       mask_fraction=0.2, zero_query_ratio=1.0, salt=11)
+    batch = make_batch(cells, np.arange(30), scaler, TokenizerConfig(max_tokens=1000, mask_fraction=0.2, zero_query_ratio=1.0), masked=True, salt=11)
     n_masked = masked_count(cells.n_genes_expressed, 0.2, 1000)
     for i in range(30):
         zeros = batch.query_ids[i][batch.query_mask[i] & batch.query_is_zero[i]].numpy()
@@ -140,7 +140,7 @@ def test_paper_compatible_batches_hold_every_measured_gene():
     cells = CellCounts.concat([align(a, vocab), align(b, vocab)])
     scaler = GeneScaler.fit(cells)
     rows = np.arange(cells.n_cells)
-    batch = make_batch(cells, rows, scaler, pad_id=60, max_tokens=4, mask_fraction=0.15, salt=3, all_genes=True)
+    batch = make_batch(cells, rows, scaler, TokenizerConfig(max_tokens=4, mask_fraction=0.15, all_genes=True), masked=True, salt=3)
     assert batch.gene_ids.shape == (20, 60)  # max_tokens does not apply: every gene is a token
     np.testing.assert_array_equal(batch.token_mask.sum(1).numpy(), [60] * 12 + [40] * 8)
     values = scaler.cell_values(cells)
@@ -160,46 +160,3 @@ def test_paper_compatible_batches_hold_every_measured_gene():
         start = cells.counts.indptr[row]
         by_gene = dict(zip(_row_genes(cells, row).tolist(), values[start:start + len(expressed)]))
         np.testing.assert_allclose(vals[seen], [by_gene[g] for g in ids[seen]], rtol=1e-6)
-
-
-def test_depth_tokens_state_total_counts_and_expressed_genes(cells_and_scaler):
-    cells, scaler = cells_and_scaler
-    rows = np.arange(8)
-    plain = make_batch(cells, rows, scaler, pad_id=120, max_tokens=1000)
-    batch = make_batch(cells, rows, scaler, pad_id=120, max_tokens=1000, depth_tokens=True)
-    assert (batch.gene_ids[:, :2].numpy() == [122, 123]).all() and batch.token_mask[:, :2].all()
-    library = np.asarray(cells.counts[rows].sum(1)).ravel()
-    expected = np.log1p(np.stack([library, cells.n_genes_expressed[rows]], 1)) / 10
-    np.testing.assert_allclose(batch.values[:, :2].numpy(), expected, rtol=1e-6)
-    # The gene tokens are unchanged, after the two depth tokens.
-    assert (batch.gene_ids[:, 2:] == plain.gene_ids).all() and (batch.values[:, 2:] == plain.values).all()
-    # With masked genes, the library is the unbiased estimate from visible counts (no masked count leaks).
-    masked = make_batch(cells, rows, scaler, pad_id=120, max_tokens=1000, depth_tokens=True, mask_fraction=0.3,
-                        salt=3)
-    np.testing.assert_allclose(masked.values[:, 1].numpy(), expected[:, 1], rtol=1e-6)
-    assert not np.allclose(masked.values[:, 0].numpy(), expected[:, 0])
-
-
-def test_rank_values_rank_tokens_among_visible_genes_and_targets_among_all(cells_and_scaler):
-    cells, scaler = cells_and_scaler
-    rows = np.arange(12)
-    kwargs = dict(pad_id=120, max_tokens=1000, mask_fraction=0.25, zero_query_ratio=1.0, salt=2, ranks=True)
-    batch = make_batch(cells, rows, scaler, **kwargs)
-    full = scaler.cell_values(cells, ranks=True)
-    for i, row in enumerate(rows):
-        tokens = batch.values[i][batch.token_mask[i]].numpy()
-        n = len(tokens)
-        np.testing.assert_allclose(np.sort(tokens), 2 * (np.arange(n) + 0.5) / n, rtol=1e-6)
-        start, end = cells.counts.indptr[row], cells.counts.indptr[row + 1]
-        rank_of = dict(zip(_row_genes(cells, row).tolist(), full[start:end]))
-        masked = batch.query_mask[i] & ~batch.query_is_zero[i]
-        for gene, target in zip(batch.query_ids[i][masked].tolist(), batch.targets[i][masked].tolist()):
-            assert target == pytest.approx(rank_of[gene], rel=1e-6)
-        assert (batch.targets[i][batch.query_mask[i] & batch.query_is_zero[i]] == 0).all()
-    # Masked counts still never reach the tokens.
-    boosted = cells.counts.copy().tolil()
-    for i in rows:
-        for g in batch.query_ids[i][batch.query_mask[i] & ~batch.query_is_zero[i]].tolist():
-            boosted[i, g] = boosted[i, g] * 50
-    changed = CellCounts(boosted.tocsr(), cells.measured, cells.source, cells.obs_names, cells.source_names)
-    np.testing.assert_array_equal(make_batch(changed, rows, scaler, **kwargs).values.numpy(), batch.values.numpy())

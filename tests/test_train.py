@@ -9,7 +9,9 @@ import torch
 
 from conftest import TINY
 from exceiver import ExceiverInputError, train
-from exceiver.train import TimeBudgetSchedule, lr_factor, subset_tokens
+from exceiver.nn.objectives import subset_tokens
+from exceiver.train.fit import TimeBudgetSchedule
+from exceiver.train.plans import lr_factor
 
 
 def test_lr_factor_warms_up_then_decays_to_the_floor():

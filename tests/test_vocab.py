@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 
 from exceiver.errors import ExceiverInputError
-from exceiver.vocab import CellCounts, GeneVocab, align, read_gene_list
+from exceiver.data.cells import CellCounts, align
+from exceiver.data.vocab import GeneVocab, read_gene_list
 
 
 def _adata(counts, genes, **var_columns):

@@ -8,10 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
 from exceiver.errors import ExceiverInputError, ModelFileError, TrainingError
-from exceiver.train import TrainingConfig
+from exceiver.train.config import TrainingConfig
 
 log = logging.getLogger("exceiver")
 
@@ -24,15 +22,19 @@ def _devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
+def training_options(args: argparse.Namespace) -> dict:
+    """The training options given on the command line (unset ones keep TrainingConfig's defaults)."""
+    return {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+
+
 def _model_option(text: str) -> tuple[str, int | float | bool | str]:
-    """FIELD=VALUE for an ExceiverConfig field; the value's type is the field's."""
-    from exceiver.model import ExceiverConfig
+    """FIELD=VALUE for a settable field of the preset's configs; the value's type is the field's."""
+    from exceiver.nn.config import settable_fields
 
     field, sep, value = text.partition("=")
-    kinds = {name: type(getattr(ExceiverConfig(), name)) for name in ExceiverConfig.__dataclass_fields__}
-    if not sep or field not in kinds or field in ("n_genes", "paper_compatible", "n_classes"):
-        settable = sorted(set(kinds) - {"n_genes", "paper_compatible", "n_classes"})
-        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE with FIELD one of {settable}")
+    kinds = settable_fields()
+    if not sep or field not in kinds:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE with FIELD one of {sorted(kinds)}")
     try:
         if kinds[field] is bool:
             if value.lower() not in ("true", "false", "1", "0"):
@@ -92,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restrict the vocabulary to these genes (one per line)")
     p.add_argument("--set", dest="model_options", action="append", default=[], type=_model_option,
                    metavar="FIELD=VALUE",
-                   help="override a field of the preset's ExceiverConfig, e.g. --set n_latents=64 "
-                        "--set zero_query_ratio=1 (repeat for several)")
+                   help="override a field of the preset (architecture, tokenizer or objective), e.g. "
+                        "--set n_latents=64 --set contrastive_weight=0 (repeat for several)")
     _add_data_options(p)
     _add_training_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
@@ -105,9 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", type=Path, metavar="DATA.h5ad")
     p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
     p.add_argument("--key", default="X_exceiver", help="obsm key of the embedding (default: X_exceiver)")
-    p.add_argument("--pooling", choices=["mean", "flatten", "cell"],
-                   help="the model's learned cell query ('cell'), the mean of the latents, or all latents "
-                        "flattened (the original's); default: 'cell' if the model has one, else 'mean'")
+    p.add_argument("--pooling", choices=["mean", "flatten"], default="mean",
+                   help="the mean of the latents, or all latents flattened (the original's) (default: mean)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loader processes reading cells (default: 0)")
     _add_inference_options(p)
 
@@ -190,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gene annotations: a TSV with gene_symbol, annotation_id, source (gzip allowed) or a GMT file")
     p.add_argument("--source", action="append", metavar="NAME",
                    help="annotation source to score (repeat; default: every source in the file)")
-    p.add_argument("--pooling", choices=["mean", "flatten", "cell"],
-                   help="cell embedding (default: the model's cell query if it has one, else the mean of the latents)")
+    p.add_argument("--pooling", choices=["mean", "flatten"], default="mean",
+                   help="cell embedding: the mean of the latents or all latents flattened (default: mean)")
     p.add_argument("--max-cells", type=int, default=10000, help="evaluate a seeded sample of at most N cells")
     p.add_argument("--seed", type=int, default=0)
     _add_data_options(p)
@@ -223,12 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_pretrain(args: argparse.Namespace) -> None:
-    from exceiver.api import pretrain
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    training = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+    from exceiver.pretrain import pretrain
+
     model = pretrain(args.data, args.out, preset=args.preset, model=dict(args.model_options), genes=args.genes,
                      gene_key=args.gene_key, layer=args.layer, overwrite=args.overwrite, progress=not args.quiet,
-                     **training)
+                     **training_options(args))
     if rank_zero_only.rank == 0:  # distributed runs execute this in every process
         print(f"wrote {args.out}: {model}")
 
@@ -236,12 +238,12 @@ def run_pretrain(args: argparse.Namespace) -> None:
 def run_embed(args: argparse.Namespace) -> None:
     import h5py
 
-    from exceiver.api import Exceiver
+    from exceiver.model import Exceiver
 
     if args.out.exists() and not args.overwrite:  # fail before the work, not after
         raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
     model = Exceiver.load(args.model)
-    model.embed_file(args.data, args.out, key=args.key, pooling=args.pooling, gene_key=args.gene_key,
+    model.embed_file(args.data, args.out, key_added=args.key, pooling=args.pooling, gene_key=args.gene_key,
                      layer=args.layer, batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
                      overwrite=args.overwrite, progress=not args.quiet)
     with h5py.File(args.out, "r") as written:
@@ -250,7 +252,7 @@ def run_embed(args: argparse.Namespace) -> None:
 
 
 def run_build_corpus(args: argparse.Namespace) -> None:
-    from exceiver.corpus import build_corpus
+    from exceiver.data.corpus import build_corpus
 
     corpus = build_corpus(args.data, args.out, genes=args.genes, gene_key=args.gene_key, layer=args.layer,
                           shard_cells=args.shard_cells, overwrite=args.overwrite, progress=not args.quiet)
@@ -258,13 +260,14 @@ def run_build_corpus(args: argparse.Namespace) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> None:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
     from exceiver.finetune import finetune
 
-    training = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
     mode = "freeze" if args.freeze else "scratch" if args.from_scratch else "full"
     model = finetune(args.model, args.data, args.label_key, args.out, mode=mode,
                      expression_loss_weight=args.expression_weight, gene_key=args.gene_key, layer=args.layer,
-                     overwrite=args.overwrite, progress=not args.quiet, **training)
+                     overwrite=args.overwrite, progress=not args.quiet, **training_options(args))
     if rank_zero_only.rank == 0:
         m = model.metrics
         print(f"wrote {args.out}: {len(model.classes)} classes, validation accuracy {m['val_accuracy']:.3f}, "
@@ -272,8 +275,9 @@ def run_finetune(args: argparse.Namespace) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from exceiver.api import Exceiver, read_datasets
+    from exceiver.data.sources import read_datasets
     from exceiver.io import write_h5ad
+    from exceiver.model import Exceiver
 
     if args.out.exists() and not args.overwrite:
         raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
@@ -290,14 +294,16 @@ def run_predict(args: argparse.Namespace) -> None:
 
 
 def run_impute(args: argparse.Namespace) -> None:
-    from exceiver.api import Exceiver, read_datasets
+    from exceiver.data.sources import read_datasets
     from exceiver.io import write_h5ad
+    from exceiver.model import Exceiver
+    from exceiver.tl import impute
 
     if args.out.exists() and not args.overwrite:
         raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
     model = Exceiver.load(args.model)
     [(_, adata)] = read_datasets(args.data)
-    model.impute(adata, key=args.key, gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
+    impute(model, adata, key_added=args.key, gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
                  device=args.device, progress=not args.quiet)
     write_h5ad(adata, args.out, overwrite=args.overwrite)
     n_genes = adata.uns["exceiver"][args.key]["n_imputed_genes"]
@@ -305,14 +311,16 @@ def run_impute(args: argparse.Namespace) -> None:
 
 
 def run_perturb(args: argparse.Namespace) -> None:
-    from exceiver.api import Exceiver, read_datasets
+    from exceiver.data.sources import read_datasets
     from exceiver.io import write_csv
+    from exceiver.model import Exceiver
+    from exceiver.tl import perturb
 
     if args.out.exists() and not args.overwrite:
         raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
     model = Exceiver.load(args.model)
     [(_, adata)] = read_datasets(args.data)
-    effects = model.perturb(adata, args.gene, args.mode, groupby=args.groupby, groups=args.group,
+    effects = perturb(model, adata, args.gene, args.mode, groupby=args.groupby, groups=args.group,
                             quantile=args.quantile, gene_key=args.gene_key, layer=args.layer,
                             batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     write_csv(effects, args.out, overwrite=args.overwrite)
@@ -322,10 +330,9 @@ def run_perturb(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from exceiver.api import read_datasets
-    from exceiver.evaluate import evaluate
-    from exceiver.evaluate.report import best_pca
-    from exceiver.genemap import map_genes
+    from exceiver.data.genemap import map_genes
+    from exceiver.data.sources import read_datasets
+    from exceiver.evaluate.report import best_pca, evaluate
     from exceiver.io import check_output_dir
 
     check_output_dir(args.out, overwrite=args.overwrite)  # fail before the work, not after
@@ -356,7 +363,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def run_import_original(args: argparse.Namespace) -> None:
     from exceiver.io import check_output_dir
-    from exceiver.original import import_original
+    from exceiver.model import import_original
 
     check_output_dir(args.out, overwrite=args.overwrite)
     model = import_original(args.checkpoint, genes=args.genes, scaler=args.scaler)

@@ -6,19 +6,17 @@ import json
 from pathlib import Path
 
 import anndata as ad
-import matplotlib
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+from matplotlib.figure import Figure
+from sklearn.model_selection import train_test_split
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import scanpy as sc  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
-
-from exceiver.api import pretrain  # noqa: E402
-from exceiver.evaluate import knn_scores, pca_embedding  # noqa: E402
-from exceiver.io import atomic_dir, check_output_dir  # noqa: E402
+from exceiver.evaluate.baselines import pca_embedding
+from exceiver.evaluate.cells import knn_scores
+from exceiver.io import atomic_dir, check_output_dir
+from exceiver.pretrain import pretrain
 
 LABEL = "cell_type"
 
@@ -77,7 +75,8 @@ def run_demo(out: str | Path = "exceiver_demo", *, max_minutes: float = 3.0, see
 
 
 def _plot_umaps(adata: ad.AnnData, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig = Figure(figsize=(13, 5.5))
+    axes = fig.subplots(1, 2)
     for ax, (key, title) in zip(axes, [("X_exceiver", "Exceiver (mean latent)"), ("X_pca", "PCA of log-normalised genes")]):
         sc.pp.neighbors(adata, use_rep=key, key_added=key)
         adata.obsm[f"X_umap_{key}"] = sc.tl.umap(adata, neighbors_key=key, copy=True).obsm["X_umap"]
@@ -85,7 +84,6 @@ def _plot_umaps(adata: ad.AnnData, path: Path) -> None:
                         legend_loc="right margin" if key == "X_pca" else None, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _report(model, scores: dict, n_train: int, n_test: int, out: Path) -> str:

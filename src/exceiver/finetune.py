@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 
 import anndata as ad
@@ -25,16 +24,18 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-import torchmetrics
+from typing_extensions import Unpack
 
-from exceiver.api import Exceiver, _output_folder, _stop_reason, read_datasets
-from exceiver.data import PretrainDataModule
+from exceiver.data.datamodule import CellDataModule
+from exceiver.data.sources import read_datasets
 from exceiver.errors import ExceiverInputError
 from exceiver.io import check_output_dir
-from exceiver.model import ExceiverModule
-from exceiver.tokenize import CellBatch
-from exceiver.train import PretrainingPlan, TrainingConfig, fit, masked_mse
+from exceiver.model import Exceiver
+from exceiver.nn.config import ObjectiveConfig
+from exceiver.nn.network import ExceiverModule
+from exceiver.train.config import TrainingOptions, training_config
+from exceiver.train.fit import FitResult, fit
+from exceiver.train.plans import ClassifierPlan
 
 log = logging.getLogger(__name__)
 
@@ -88,89 +89,19 @@ def balanced_class_weights(codes: np.ndarray, n_classes: int) -> np.ndarray:
     return (len(codes) / (n_classes * np.maximum(counts, 1))).astype(np.float32)
 
 
-class ClassifierPlan(PretrainingPlan):
-    """Cross-entropy on the class token (+ masked-expression MSE unless frozen); keeps the weights
-    of the round with the lowest class-balanced validation cross-entropy (on whole cells)."""
-
-    monitor = "val_class_loss"
-
-    def __init__(self, module: ExceiverModule, gene_means: torch.Tensor, training: TrainingConfig,
-                 labels: np.ndarray, class_weights: np.ndarray, *, freeze: bool, class_loss_weight: float,
-                 expression_loss_weight: float):
-        super().__init__(module, gene_means, training)
-        self.register_buffer("labels", torch.as_tensor(labels), persistent=False)
-        self.register_buffer("class_weights", torch.as_tensor(class_weights), persistent=False)
-        self.freeze, self.class_loss_weight, self.expression_loss_weight = freeze, class_loss_weight, expression_loss_weight
-        n = module.config.n_classes
-        self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
-        self.val_macro_f1 = torchmetrics.classification.MulticlassF1Score(n, average="macro")
-        self.val_class_loss = torchmetrics.MeanMetric()
-        for name, param in module.named_parameters():
-            if freeze:  # the latents stay the pretrained ones; the read-out learns
-                param.requires_grad = name.startswith(("class_head", "decoder")) or name == "gene_emb.weight"
-            elif expression_loss_weight == 0 and name.startswith(("value_head", "gene_bias")):
-                param.requires_grad = False  # unused without the expression loss (DDP wants no idle weights)
-
-    def on_train_batch_start(self, batch: CellBatch, batch_idx: int) -> None:
-        if self.freeze:  # frozen parts run in eval mode (no dropout): their latents are the pretrained ones
-            for part in (self.module.encoder, self.module.processor):
-                part.eval()
-
-    def _latents(self, batch: CellBatch) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            return self.module.encode(batch.gene_ids, batch.values, batch.token_mask, batch.token_zero)
-
-    def _losses(self, batch: CellBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(logits, per-cell class-weighted cross-entropy, predicted values of queried genes, labels)."""
-        latents = self._latents(batch)
-        logits = self.module.class_logits(latents)
-        labels = self.labels[batch.cells]
-        cell_losses = F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="none")
-        pred = self.module.predict_values(latents, batch.query_ids) if batch.query_ids.shape[1] else None
-        return logits, cell_losses, pred, labels
-
-    def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
-        logits, cell_losses, pred, labels = self._losses(batch)
-        class_loss = cell_losses.sum() / self.class_weights[labels].sum()  # the weighted mean
-        loss = self.class_loss_weight * class_loss
-        if pred is not None and self.expression_loss_weight > 0:
-            loss = loss + self.expression_loss_weight * masked_mse(pred, batch.targets, batch.query_mask)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch), sync_dist=True)
-        self.log("train_class_loss", class_loss, on_step=False, on_epoch=True, batch_size=len(batch), sync_dist=True)
-        self.log("train_accuracy", (logits.argmax(1) == labels).float().mean(), on_step=False, on_epoch=True,
-                 batch_size=len(batch), sync_dist=True)
-        return loss
-
-    def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
-        logits, cell_losses, _, labels = self._losses(batch)
-        weights = self.class_weights[labels]  # over the whole validation set: the weighted mean
-        self.val_class_loss.update(cell_losses / weights, weight=weights)
-        self.val_accuracy.update(logits, labels)
-        self.val_macro_f1.update(logits, labels)
-
-    def on_validation_epoch_end(self) -> None:
-        metrics = {"val_class_loss": self.val_class_loss.compute(), "val_accuracy": self.val_accuracy.compute(),
-                   "val_macro_f1": self.val_macro_f1.compute()}
-        for metric in (self.val_class_loss, self.val_accuracy, self.val_macro_f1):
-            metric.reset()
-        self.log_dict(metrics, prog_bar=True, sync_dist=True)
-        self.keep_if_best(metrics)
-
-
 def classifier_module(base: Exceiver, n_classes: int, *, from_scratch: bool, seed: int) -> ExceiverModule:
-    """The base model's architecture with a new class head of `n_classes` (and without the heads of
-    pretraining-only objectives); pretrained weights everywhere else unless `from_scratch`."""
-    # Pretraining-only objectives stay behind: the classifier trains cross-entropy + masked MSE.
-    config = dataclasses.replace(base.config, n_classes=n_classes, contrastive_weight=0.0, detection_weight=0.0,
-                                 zero_query_ratio=0.0, cell_query=False)
+    """The base model's architecture with a new class head of `n_classes` and without the heads of
+    pretraining-only objectives (the classifier trains cross-entropy + masked MSE); pretrained
+    weights everywhere else unless `from_scratch`."""
+    config = dataclasses.replace(base.config, n_classes=n_classes, detection_head=False, projection_head=False)
     torch.manual_seed(seed)
     module = ExceiverModule(config)
     if from_scratch:
         module.init_value_offsets(torch.from_numpy(base.scaler.expressed_mean), base.scaler.mean_expressed_value)
         return module
-    state = {k: v for k, v in base.module.state_dict().items()
-             if not k.startswith(("class_head", "projection", "detection_head", "cell_token", "cell_pool"))}
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    wanted = module.state_dict()
+    missing, unexpected = module.load_state_dict({k: v for k, v in base.module.state_dict().items() if k in wanted},
+                                                 strict=False)
     if unexpected or not all(k.startswith("class_head") for k in missing):
         raise ValueError(f"pretrained weights do not fit the classifier (missing {missing}, unexpected {unexpected})")
     return module
@@ -190,7 +121,7 @@ def finetune(
     layer: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    **training,
+    **training: Unpack[TrainingOptions],
 ) -> Exceiver:
     """Train a cell classifier from a pretrained model folder (or Exceiver) and labelled cells.
 
@@ -205,7 +136,7 @@ def finetune(
         raise ExceiverInputError(f"unknown fine-tuning mode {mode!r}; choose one of {MODES}")
     if class_loss_weight <= 0 or expression_loss_weight < 0:
         raise ExceiverInputError("class_loss_weight must be > 0 and expression_loss_weight >= 0")
-    training_config = TrainingConfig(**training)
+    settings = training_config(training)
     if out is not None:
         check_output_dir(out, overwrite=overwrite)
     base = model if isinstance(model, Exceiver) else Exceiver.load(model)
@@ -213,42 +144,40 @@ def finetune(
         [(_, adata)] = read_datasets(adata)
     codes, classes = encode_labels(adata, label_key, min_cells_per_class)
     cells = base.cells(adata, gene_key=gene_key, layer=layer)
-    train_rows, val_rows = split_by_class(codes, training_config.val_fraction, training_config.seed)
+    train_rows, val_rows = split_by_class(codes, settings.val_fraction, settings.seed)
     weights = balanced_class_weights(codes[train_rows], len(classes))
-    epoch_rows = np.resize(train_rows, max(len(train_rows), MIN_STEPS_PER_EPOCH * training_config.batch_size))
+    validation = np.zeros(len(codes), dtype=bool)
+    validation[val_rows] = True
 
-    L.seed_everything(training_config.seed, workers=True, verbose=False)
-    module = classifier_module(base, len(classes), from_scratch=mode == "scratch", seed=training_config.seed)
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    module = classifier_module(base, len(classes), from_scratch=mode == "scratch", seed=settings.seed)
     freeze = mode == "freeze"
     uses_expression = not freeze and expression_loss_weight > 0
-    plan = ClassifierPlan(module, torch.from_numpy(base.scaler.expressed_mean), training_config, codes, weights,
-                          freeze=freeze, class_loss_weight=class_loss_weight,
+    plan = ClassifierPlan(module, settings, codes, weights, freeze=freeze, class_loss_weight=class_loss_weight,
                           expression_loss_weight=expression_loss_weight if uses_expression else 0.0)
-    datamodule = PretrainDataModule(cells, base.scaler, module.config, epoch_rows, val_rows,
-                                    batch_size=training_config.batch_size, num_workers=training_config.num_workers,
-                                    seed=training_config.seed, masked=uses_expression, masked_validation=False)
-    with _output_folder(out, overwrite) as folder:
-        start = time.monotonic()
-        trainer = fit(plan, datamodule, training_config, Path(folder), progress=progress)
-        module.load_state_dict(plan.best_state)
+    # The classifier's masked-value term queries masked genes only: no zero genes, no detection.
+    tokenizer = dataclasses.replace(base.tokenizer, zero_query_ratio=0.0)
+    datamodule = CellDataModule(cells, base.scaler, tokenizer, validation, batch_size=settings.batch_size,
+                                num_workers=settings.num_workers, seed=settings.seed, masked=uses_expression,
+                                masked_validation=False, min_train_cells=MIN_STEPS_PER_EPOCH * settings.batch_size)
+    train_counts = np.bincount(codes[train_rows], minlength=len(classes))
+
+    def trained(result: FitResult) -> Exceiver:
         for param in module.parameters():
             param.requires_grad = True
-        module.cpu().eval()
-        train_counts = np.bincount(codes[train_rows], minlength=len(classes))
         metrics = {
-            **plan.best_metrics, "mode": mode, "label_key": label_key,
+            **result.summary(), "mode": mode, "label_key": label_key,
             "n_train_cells": len(train_rows), "n_val_cells": len(val_rows),
             "train_cells_per_class": {c: int(n) for c, n in zip(classes, train_counts)},
             "class_weights": {c: round(float(w), 4) for c, w in zip(classes, weights)},
-            "epochs": trainer.current_epoch, "steps": trainer.global_step,
-            "seconds": round(time.monotonic() - start, 1), "stopped_by": _stop_reason(trainer, training_config),
         }
-        settings = {**training_config.to_dict(), "mode": mode, "class_loss_weight": class_loss_weight,
-                    "expression_loss_weight": expression_loss_weight,
-                    "base_model": "in memory" if isinstance(model, Exceiver) else str(model)}
-        result = Exceiver(module, base.vocab, base.scaler, training=settings, metrics=metrics, classes=classes)
-        if out is not None and trainer.is_global_zero:
-            result._write(Path(folder))
-    log.info("validation accuracy %.3f, macro-F1 %.3f (%s, %d training cells)", metrics["val_accuracy"],
-             metrics["val_macro_f1"], mode, len(train_rows))
+        used = {**settings.to_dict(), "mode": mode, "class_loss_weight": class_loss_weight,
+                "expression_loss_weight": expression_loss_weight,
+                "base_model": "in memory" if isinstance(model, Exceiver) else str(model)}
+        return Exceiver(module, base.vocab, base.scaler, tokenizer, objectives=ObjectiveConfig(), training=used,
+                        metrics=metrics, classes=classes, gene_key=base.gene_key, layer=base.layer)
+
+    result = fit(plan, datamodule, settings, out, build=trained, overwrite=overwrite, progress=progress)
+    log.info("validation accuracy %.3f, macro-F1 %.3f (%s, %d training cells)", result.metrics["val_accuracy"],
+             result.metrics["val_macro_f1"], mode, len(train_rows))
     return result

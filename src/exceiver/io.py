@@ -1,9 +1,13 @@
-"""Model folders on disk, and atomic outputs.
+"""Model folders on disk, atomic outputs, and results streamed into a copy of an `.h5ad` file.
 
 A model folder holds `config.json`, `model.safetensors`, `genes.txt` (the vocabulary),
 `scaler.safetensors` (per-gene statistics) and `metrics.json`. Nothing is pickled, so a shared
 model cannot run code on load. Every output is written under a temporary name and renamed into
 place, so a failure never leaves a partial output behind.
+
+`config.json` format 2 holds one section per config (`architecture`, `tokenizer`, `objectives`,
+`training`, and `data`: the gene key and layer the model was trained with); format 1 (one `model`
+section mixing them, before exceiver 0.2) is migrated on load.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -25,12 +30,12 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
+from exceiver.data.preprocess import GeneScaler
+from exceiver.data.vocab import GeneVocab
 from exceiver.errors import ExceiverInputError, ModelFileError
-from exceiver.preprocess import GeneScaler
-from exceiver.vocab import GeneVocab
 
 FORMAT = "exceiver-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG, WEIGHTS, GENES, SCALER, METRICS = (
     "config.json", "model.safetensors", "genes.txt", "scaler.safetensors", "metrics.json",
 )
@@ -156,8 +161,10 @@ def load_model_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor],
     if config.pop("format", None) != FORMAT:
         raise ModelFileError(f"{folder / CONFIG} was not written by exceiver (no 'format': '{FORMAT}')")
     version = config.pop("format_version", None)
-    if version != FORMAT_VERSION:
-        raise ModelFileError(f"{folder / CONFIG} has format version {version}; this exceiver reads {FORMAT_VERSION}")
+    if version == 1:
+        config = _migrate_format_1(config, folder / CONFIG)
+    elif version != FORMAT_VERSION:
+        raise ModelFileError(f"{folder / CONFIG} has format version {version}; this exceiver reads 1 and {FORMAT_VERSION}")
     try:
         state_dict = load_torch(folder / WEIGHTS)
     except (SafetensorError, OSError, ValueError) as err:
@@ -172,6 +179,33 @@ def load_model_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor],
                              f"{folder / GENES} lists {len(vocab):,}")
     metrics = _read_json(folder / METRICS) if (folder / METRICS).is_file() else {}
     return config, state_dict, vocab, scaler, metrics
+
+
+# Options of format 1 that the embedding study refuted and exceiver 0.2 retired, with the value
+# that means "not used" (docs/evaluation.md has their numbers).
+RETIRED = {"cell_query": False, "depth_tokens": False, "value_encoding": "zscore"}
+_TOKENIZER_1 = ("max_tokens", "mask_fraction", "zero_query_ratio")
+_OBJECTIVES_1 = ("detection_weight", "contrastive_weight", "contrastive_keep", "contrastive_temperature")
+
+
+def _migrate_format_1(config: dict, path: Path) -> dict:
+    """Format 1's single `model` section -> the architecture (heads declared by the objectives
+    that had them), tokenizer and objectives sections of format 2."""
+    model = config.pop("model", None)
+    if not isinstance(model, dict):
+        raise ModelFileError(f"{path} has no 'model' section")
+    used = {k: model[k] for k, off in RETIRED.items() if k in model and model[k] != off}
+    if used:
+        raise ModelFileError(f"{path}: the model was pretrained with retired options {used} (removed in "
+                             "exceiver 0.2 after the embedding study refuted them); load it with exceiver 0.1")
+    model = {k: v for k, v in model.items() if k not in RETIRED}
+    tokenizer = {k: model.pop(k) for k in _TOKENIZER_1 if k in model}
+    objectives = {k: model.pop(k) for k in _OBJECTIVES_1 if k in model}
+    tokenizer["all_genes"] = bool(model.get("paper_compatible", False))
+    model["detection_head"] = objectives.get("detection_weight", 0) > 0
+    model["projection_head"] = objectives.get("contrastive_weight", 0) > 0
+    return {**config, "architecture": model, "tokenizer": tokenizer, "objectives": objectives,
+            "migrated_from_format": 1}
 
 
 def _read_json(path: Path) -> dict:
@@ -201,3 +235,46 @@ def _load_scaler(path: Path) -> GeneScaler:
     if not all(np.isfinite(a).all() for a in arrays.values()) or (scaler.std <= 0).any():
         raise ModelFileError(f"{path} is corrupt: non-finite values or non-positive standard deviations")
     return scaler
+
+
+class ObsmWriter:
+    """Callable writing rows of an `obsm` array (rows need not arrive in order), and `uns`."""
+
+    def __init__(self, file: h5py.File, key: str, shape: tuple[int, int]):
+        self.file, self.key = file, key
+        obsm = file.require_group("obsm")
+        if key in obsm:
+            del obsm[key]
+        self.array = obsm.create_dataset(key, shape=shape, dtype=np.float32,
+                                         chunks=(max(1, min(shape[0], 4096)), max(1, shape[1])))
+        self.array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        self.written = np.zeros(shape[0], dtype=bool)
+
+    def __call__(self, rows: np.ndarray, values: np.ndarray) -> None:
+        order = np.argsort(rows)  # h5py writes selections of increasing rows
+        self.array[rows[order]] = values[order]
+        self.written[rows] = True
+
+    def uns(self, entry: dict) -> None:
+        """Set `uns["exceiver"][key]` (other entries of `uns["exceiver"]` are kept)."""
+        uns = self.file.require_group("uns")
+        exceiver = ad.io.read_elem(uns["exceiver"]) if "exceiver" in uns else {}
+        exceiver[self.key] = entry
+        if "exceiver" in uns:
+            del uns["exceiver"]
+        ad.io.write_elem(uns, "exceiver", exceiver)
+
+
+@contextlib.contextmanager
+def h5ad_copy_with_obsm(source: str | Path, out: str | Path, key: str, shape: tuple[int, int], *,
+                        overwrite: bool = False) -> Iterator[ObsmWriter]:
+    """Yield a writer of `obsm[key]` into a staged copy of `source` that becomes `out` only if the
+    block succeeds and every row was written."""
+    with atomic_file(out, overwrite=overwrite) as tmp:
+        shutil.copyfile(source, tmp)
+        with h5py.File(tmp, "r+") as file:
+            writer = ObsmWriter(file, key, shape)
+            yield writer
+            missing = int((~writer.written).sum())
+            if missing:
+                raise RuntimeError(f"{missing:,} of {shape[0]:,} cells were not written")

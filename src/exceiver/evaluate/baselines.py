@@ -9,7 +9,7 @@ import scanpy as sc
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
-from exceiver.preprocess import TARGET_SUM
+from exceiver.data.preprocess import TARGET_SUM
 
 
 def log_normalised(adata: ad.AnnData, layer: str | None = None) -> ad.AnnData:

@@ -1,23 +1,22 @@
-"""Figures of an evaluation report (PNG, matplotlib's non-interactive backend)."""
+"""Figures of an evaluation report (PNG), drawn on standalone matplotlib Figures: no pyplot state
+and no backend switch, so a notebook that calls exceiver keeps its own plotting setup."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import anndata as ad
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import scanpy as sc  # noqa: E402
+import numpy as np
+import pandas as pd
+import scanpy as sc
+from matplotlib.figure import Figure
 
 
 def similarity_heatmaps(profiles: dict[str, pd.DataFrame], path: Path, title: str) -> None:
     """The paper's similarity profile (mean cosine similarity between label groups), one panel
     per representation, on a shared colour scale."""
-    fig, axes = plt.subplots(1, len(profiles), figsize=(4.6 * len(profiles), 4.2), squeeze=False)
+    fig = Figure(figsize=(4.6 * len(profiles), 4.2))
+    axes = fig.subplots(1, len(profiles), squeeze=False)
     low = min(np.nanmin(p.to_numpy()) for p in profiles.values())
     high = max(np.nanmax(p.to_numpy()) for p in profiles.values())
     for ax, (name, profile) in zip(axes[0], profiles.items()):
@@ -29,14 +28,13 @@ def similarity_heatmaps(profiles: dict[str, pd.DataFrame], path: Path, title: st
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def umaps(representations: dict[str, np.ndarray], labels: pd.DataFrame, path: Path, seed: int = 0) -> None:
     """UMAP of each representation (rows), coloured by each label column (columns)."""
     keys = list(labels.columns)
-    fig, axes = plt.subplots(len(representations), len(keys), figsize=(5.2 * len(keys), 4.2 * len(representations)),
-                             squeeze=False)
+    fig = Figure(figsize=(5.2 * len(keys), 4.2 * len(representations)))
+    axes = fig.subplots(len(representations), len(keys), squeeze=False)
     for row, (name, embedding) in enumerate(representations.items()):
         cells = ad.AnnData(np.zeros((len(embedding), 0), dtype=np.float32), obs=labels.astype("category"),
                            obsm={"rep": embedding})
@@ -46,12 +44,12 @@ def umaps(representations: dict[str, np.ndarray], labels: pd.DataFrame, path: Pa
             sc.pl.umap(cells, color=key, ax=axes[row][col], show=False, title=f"{name}: {key}", size=12)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def reconstruction_by_decile(deciles: list[dict], path: Path) -> None:
     """MSE of the model and the baselines in each decile of the true (masked) value."""
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.subplots()
     x = [d["decile"] for d in deciles]
     for method in ("model", "gene_mean", "knn"):
         ax.plot(x, [d[method]["mse"] for d in deciles], marker="o", label=method)
@@ -61,7 +59,6 @@ def reconstruction_by_decile(deciles: list[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def gene_aurocs(auroc: dict[str, dict[str, float]], path: Path) -> None:
@@ -69,7 +66,8 @@ def gene_aurocs(auroc: dict[str, dict[str, float]], path: Path) -> None:
     sources = list(auroc)
     names = list(next(iter(auroc.values())))
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(1.1 * len(sources) + 2, 3.8))
+    fig = Figure(figsize=(1.1 * len(sources) + 2, 3.8))
+    ax = fig.subplots()
     for i, name in enumerate(names):
         ax.bar(np.arange(len(sources)) + i * width, [auroc[s][name] for s in sources], width, label=name)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
@@ -79,4 +77,3 @@ def gene_aurocs(auroc: dict[str, dict[str, float]], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

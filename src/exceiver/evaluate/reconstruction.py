@@ -14,38 +14,34 @@ import scipy.sparse as sp
 import torch
 from sklearn.decomposition import TruncatedSVD
 from sklearn.neighbors import NearestNeighbors
-from tqdm.auto import tqdm
 
-from exceiver.data import CellBatcher, cell_loader
-from exceiver.model import ExceiverModule
-from exceiver.preprocess import GeneScaler
-from exceiver.vocab import CellCounts
+from exceiver.data.cells import CellCounts
+from exceiver.data.preprocess import GeneScaler
+from exceiver.data.tokenizer import TokenizerConfig
+from exceiver.inference import iterate_batches
+from exceiver.nn.network import ExceiverModule
 
 EVAL_SALT = 20221017  # fixed masks: every model is judged on the same masked genes
 
 
 @torch.inference_mode()
-def masked_predictions(module: ExceiverModule, cells: CellCounts, scaler: GeneScaler, *, device: torch.device,
-                       batch_size: int = 32, progress: bool = True) -> dict[str, np.ndarray]:
+def masked_predictions(module: ExceiverModule, cells: CellCounts, scaler: GeneScaler, tokenizer: TokenizerConfig,
+                       *, device: torch.device, batch_size: int = 32, progress: bool = True) -> dict[str, np.ndarray]:
     """Masked entries (cell, gene, target, model prediction) and visible entries (cell, gene,
     value) of every cell, from the same tokenisation the model is trained with."""
     module.eval()
-    batcher = CellBatcher(cells, scaler, module.config, masked=True, salt=EVAL_SALT)
-    loader = cell_loader(cells, np.arange(cells.n_cells), batcher, batch_size=batch_size, distributed=False)
     masked, visible = [], []
-    with tqdm(total=cells.n_cells, unit="cell", desc="reconstructing", disable=not progress) as bar:
-        for batch in loader:
-            batch = batch.to(device)
-            pred = module(batch.gene_ids, batch.values, batch.token_mask, batch.query_ids, batch.token_zero).float()
-            q = batch.query_mask & ~batch.query_is_zero
-            rows = batch.cells[:, None].expand_as(q)
-            masked.append(torch.stack([rows[q].double(), batch.query_ids[q].double(), batch.targets[q].double(),
-                                       pred[q].double()]).cpu().numpy())
-            t = batch.token_mask & ~batch.token_zero & (batch.gene_ids < module.config.n_genes)  # genes, not depth
-            rows = batch.cells[:, None].expand_as(t)
-            visible.append(torch.stack([rows[t].double(), batch.gene_ids[t].double(),
-                                        batch.values[t].double()]).cpu().numpy())
-            bar.update(len(batch))
+    for batch in iterate_batches(cells, scaler, tokenizer, batch_size=batch_size, device=device, progress=progress,
+                                 desc="reconstructing", masked=True, salt=EVAL_SALT):
+        pred = module(batch).float()
+        q = batch.query_mask & ~batch.query_is_zero
+        rows = batch.cells[:, None].expand_as(q)
+        masked.append(torch.stack([rows[q].double(), batch.query_ids[q].double(), batch.targets[q].double(),
+                                   pred[q].double()]).cpu().numpy())
+        t = batch.token_mask & ~batch.token_zero
+        rows = batch.cells[:, None].expand_as(t)
+        visible.append(torch.stack([rows[t].double(), batch.gene_ids[t].double(),
+                                    batch.values[t].double()]).cpu().numpy())
     m, v = np.concatenate(masked, axis=1), np.concatenate(visible, axis=1)
     return {"cell": m[0].astype(np.int64), "gene": m[1].astype(np.int64), "target": m[2], "model": m[3],
             "visible_cell": v[0].astype(np.int64), "visible_gene": v[1].astype(np.int64), "visible_value": v[2]}

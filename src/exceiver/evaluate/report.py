@@ -16,17 +16,22 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from exceiver.api import Exceiver, read_datasets
+from exceiver.data.cells import align
+from exceiver.data.preprocess import prepare_cells
+from exceiver.data.sources import read_datasets
+from exceiver.data.vocab import dataset_genes
 from exceiver.errors import ExceiverInputError
 from exceiver.evaluate import plots
 from exceiver.evaluate.baselines import cell_baselines, gene_loadings
 from exceiver.evaluate.cells import batch_scores, depth_r2, label_scores
 from exceiver.evaluate.genes import gene_scores, nearest_genes, read_annotations
-from exceiver.evaluate.reconstruction import baseline_predictions, masked_predictions, reconstruction_scores
-from exceiver.infer import resolve_device
+from exceiver.evaluate.reconstruction import (
+    baseline_predictions,
+    masked_predictions,
+    reconstruction_scores,
+)
 from exceiver.io import atomic_dir, check_output_dir, write_json
-from exceiver.preprocess import check_counts
-from exceiver.vocab import align, dataset_genes
+from exceiver.model import Exceiver, check_pooling
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,7 @@ def evaluate(
     layer: str | None = None,
     annotations: str | Path | pd.DataFrame | None = None,
     sources: Sequence[str] | None = None,
-    pooling: str | None = None,
+    pooling: str = "mean",
     max_cells: int = 10000,
     device: str | None = None,
     seed: int = 0,
@@ -60,7 +65,7 @@ def evaluate(
     name: the dataset's name in messages and the report (default: the file's name).
     """
     model = model if isinstance(model, Exceiver) else Exceiver.load(model)
-    pooling = model.resolve_pooling(pooling)
+    check_pooling(pooling)
     [(default_name, adata)] = read_datasets(data)
     name = name or default_name
     label_keys = list(label_keys)
@@ -73,29 +78,29 @@ def evaluate(
         annotations = read_annotations(annotations)
     check_output_dir(out, overwrite=overwrite)
 
-    cells = align(adata, model.vocab, gene_key=gene_key, layer=layer, name=name)
-    check_counts(cells, name)
-    cells = cells.keep_genes(model.scaler.trained_genes)
-    usable = np.flatnonzero(cells.n_genes_expressed > 0)
+    gene_key, layer = model.data_keys(adata.var.columns, adata.layers.keys(), gene_key, layer)
+    aligned = align(adata, model.vocab, gene_key=gene_key, layer=layer, name=name)
+    usable = np.flatnonzero(aligned.keep_genes(model.scaler.trained_genes).n_genes_expressed > 0)
     if not len(usable):
         raise ExceiverInputError(f"{name}: no cell has counts in the genes the model was trained on")
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(usable, max_cells, replace=False)) if len(usable) > max_cells else usable
-    n_without = cells.n_cells - len(usable)
+    n_without = aligned.n_cells - len(usable)
     if n_without:
         log.warning("%s: %d cells have no counts in the model's trained genes and are left out", name, n_without)
-    cells, adata = cells.subset(rows), adata[rows].copy()
+    picked = np.sort(np.random.default_rng(seed).choice(len(usable), max_cells, replace=False)) \
+        if len(usable) > max_cells else np.arange(len(usable))
+    rows = usable[picked]
+    cells = prepare_cells(aligned.subset(rows), name, genes=model.scaler.trained_genes, empty="refuse")
+    adata = adata[rows].copy()
     metrics: dict = {"dataset": name, "n_cells": len(rows), "n_cells_without_model_genes": int(n_without),
                      "n_genes_shared": int(cells.measured.sum()), "model": repr(model), "pooling": pooling}
 
-    torch_device = resolve_device(device)
-    model.module.to(torch_device)
-    entries = masked_predictions(model.module, cells, model.scaler, device=torch_device, progress=progress)
+    with model.on_device(device) as on:
+        entries = masked_predictions(model.module, cells, model.scaler, model.tokenizer, device=on, progress=progress)
     baselines = baseline_predictions(entries, cells.n_cells, len(model.vocab), seed=seed)
     metrics["reconstruction"] = reconstruction_scores(entries, baselines)
 
-    representations = {"exceiver": model.embed(adata, pooling=pooling, gene_key=gene_key, layer=layer,
-                                                device=device, progress=progress)}
+    representations = {"exceiver": model.embed(adata, pooling=pooling, inplace=False, gene_key=gene_key,
+                                                layer=layer, device=device, progress=progress)}
     representations |= cell_baselines(adata, layer=layer, seed=seed)
     log_depth = np.log1p(np.asarray(cells.counts.sum(axis=1)).ravel())
     metrics["depth_r2"] = {rep: depth_r2(x, log_depth, seed=seed) for rep, x in representations.items()}
@@ -140,8 +145,7 @@ def _check_labels(labels: pd.Series, key: str, name: str) -> pd.Series:
     return counts
 
 
-POOLING_WORDS = {"mean": "mean of the latents", "flatten": "all latents flattened",
-                 "cell": "the learned cell query over the latents"}
+POOLING_WORDS = {"mean": "mean of the latents", "flatten": "all latents flattened"}
 
 
 def _write_report(folder: Path, metrics: dict, representations: dict[str, np.ndarray],

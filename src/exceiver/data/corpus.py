@@ -11,8 +11,9 @@ A corpus folder (`exceiver build-corpus FILES... --out DIR`):
 | `shards/NNNNN.{indptr,genes,counts}.bin` | int64 row pointers, int32 gene ids, float32 counts |
 
 Genes are aligned once per file while building; counts are checked and cells without counts in
-the vocabulary's genes are dropped (and counted) then. A shard holds cells of one file only.
-Pretraining splits the cells into training and validation by a seeded hash of their row number.
+the vocabulary's genes are dropped (and counted) then, as `exceiver.data.preprocess.prepare_cells`
+drops them from data in memory. A shard holds cells of one file only. Pretraining splits the cells
+into training and validation by the same rule as data in memory (`exceiver.data.split`).
 """
 
 from __future__ import annotations
@@ -22,19 +23,16 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import scipy.sparse as sp
-import torch
 from tqdm.auto import tqdm
 
+from exceiver.data.cells import CellCounts
+from exceiver.data.preprocess import GeneScaler, prepare_cells, report_dropped
+from exceiver.data.sources import READ_CELLS, H5adCells, h5ad_var
+from exceiver.data.vocab import GeneVocab, build_vocab, gene_keys
 from exceiver.errors import ExceiverInputError
 from exceiver.io import atomic_dir
-from exceiver.model import ExceiverConfig
-from exceiver.preprocess import GeneScaler, check_counts
-from exceiver.stream import READ_CELLS, EpochLoader, H5adCells, OrderedBatches, ShuffledBatches, h5ad_var
-from exceiver.tokenize import CellBatch, _mix
-from exceiver.vocab import CellCounts, GeneVocab
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +50,6 @@ def build_corpus(files: Sequence[str | Path], out: str | Path, *, genes=None, ge
                  progress: bool = True) -> CorpusCells:
     """Convert `.h5ad` files of raw counts into a corpus folder, reading each file in row chunks
     (memory does not grow with the number of cells). genes, gene_key: as in `exceiver.pretrain`."""
-    from exceiver.api import build_vocab, gene_keys  # api imports this module
-
     paths = [Path(f) for f in files]
     if not paths:
         raise ExceiverInputError("no datasets given")
@@ -88,9 +84,8 @@ def _write_source(source: H5adCells, index: int, folder: Path, shards: list[dict
     """Append one file's non-empty cells to new shards; returns how many were kept."""
     kept, shard = 0, None
     for start in range(0, source.n_cells, READ_CELLS):
-        cells = source.read(start, min(start + READ_CELLS, source.n_cells))
-        check_counts(cells, source.name)
-        cells = cells.subset(np.flatnonzero(cells.n_genes_expressed > 0))
+        read = source.read(start, min(start + READ_CELLS, source.n_cells))
+        cells = prepare_cells(read, source.name)
         written = 0
         while written < cells.n_cells:
             if shard is None or shard.n_cells == shard_cells:
@@ -101,14 +96,10 @@ def _write_source(source: H5adCells, index: int, folder: Path, shards: list[dict
             shard.append(cells.counts[written:written + take])
             written += take
         kept += cells.n_cells
-        bar.update(cells.n_cells + (min(start + READ_CELLS, source.n_cells) - start - cells.n_cells))
+        bar.update(read.n_cells)
     if shard is not None:
         shards.append(shard.close())
-    if kept == 0:
-        raise ExceiverInputError(f"{source.name}: none of its {source.n_cells:,} cells has counts in the vocabulary's genes")
-    if kept < source.n_cells:
-        log.warning("%s: dropped %s of %s cells with no counts in the vocabulary's genes", source.name,
-                    f"{source.n_cells - kept:,}", f"{source.n_cells:,}")
+    report_dropped(source.name, source.n_cells, kept)
     return kept
 
 
@@ -192,77 +183,11 @@ class CorpusCells:
                            offset=int(start) * dtype.itemsize)
 
 
-def is_validation(rows: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """A seeded hash of the row number puts a cell in validation (about `val_fraction` of them)."""
-    keys = _mix(np.asarray(rows).astype(np.uint64) ^ _mix(np.uint64(seed)))
-    return (keys >> np.uint64(11)).astype(np.float64) * 2.0**-53 < val_fraction
-
-
-class _Split:
-    """Picklable (for loader workers): True for the rows of training or of validation cells."""
-
-    def __init__(self, val_fraction: float, seed: int, validation: bool):
-        self.val_fraction, self.seed, self.validation = val_fraction, seed, validation
-
-    def __call__(self, rows: np.ndarray) -> np.ndarray:
-        return is_validation(rows, self.val_fraction, self.seed) == self.validation
-
-
-class _TrainedGenes:
-    """Picklable: keep only genes expressed in training (the others have untrained embeddings)."""
-
-    def __init__(self, trained: np.ndarray):
-        self.trained = trained
-
-    def __call__(self, cells: CellCounts) -> CellCounts:
-        return cells.keep_genes(self.trained)
-
-
-class _KeptCells:
-    """A source's cells where `keep(rows)` holds and that still have tokens after `prepare`."""
-
-    def __init__(self, source, keep, prepare):
-        self.source, self.keep, self.prepare, self.n_cells = source, keep, prepare, source.n_cells
-
-    def read(self, start: int, stop: int) -> CellCounts:
-        cells = self.prepare(self.source.read(start, stop))
-        return cells.subset(np.flatnonzero(self.keep(np.arange(start, stop)) & (cells.n_genes_expressed > 0)))
-
-
-class CorpusDataModule(L.LightningDataModule):
-    """Training and validation batches streamed from a corpus folder (see `ShuffledBatches`)."""
-
-    def __init__(self, corpus: CorpusCells, scaler: GeneScaler, config: ExceiverConfig, *, batch_size: int,
-                 val_fraction: float, num_workers: int = 0, seed: int = 0):
-        super().__init__()
-        self.corpus, self.scaler, self.config = corpus, scaler, config
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.prepare = _TrainedGenes(scaler.n_expressed > 0)
-        self.validation_cells = _Split(val_fraction, seed, validation=True)
-        self.train = ShuffledBatches(corpus, scaler, config, blocks=corpus.blocks(),
-                                     keep=_Split(val_fraction, seed, validation=False),
-                                     batch_size=batch_size, seed=seed, prepare=self.prepare)
-        self.train_rows = range(self.train.n_cells)  # Trainer settings read its length
-
-    def transfer_batch_to_device(self, batch: CellBatch, device: torch.device, dataloader_idx: int) -> CellBatch:
-        return batch.to(device)
-
-    def train_dataloader(self) -> EpochLoader:
-        return EpochLoader(self.train, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> EpochLoader:
-        cells = _KeptCells(self.corpus, self.validation_cells, self.prepare)
-        stream = OrderedBatches(cells, self.scaler, self.config, batch_size=self.batch_size, masked=True,
-                                salt=self.seed + 1)
-        return EpochLoader(stream, num_workers=self.num_workers)
-
-
-def fit_scaler(corpus: CorpusCells, val_fraction: float, seed: int, progress: bool = True,
-               ranks: bool = False) -> GeneScaler:
-    """The scaler, fitted on the corpus's training cells in two streaming passes."""
+def fit_scaler(corpus: CorpusCells, validation: np.ndarray, progress: bool = True) -> GeneScaler:
+    """The scaler, fitted on the corpus's training cells (`validation` False) in two streaming passes."""
     def training_chunks():
         for a, b in tqdm(corpus.blocks(), desc="fitting the scaler", unit="block", disable=not progress, leave=False):
             cells = corpus.read(int(a), int(b))
-            yield cells.subset(np.flatnonzero(~is_validation(np.arange(a, b), val_fraction, seed)))
+            yield cells.subset(np.flatnonzero(~validation[a:b]))
 
-    return GeneScaler.fit_chunks(training_chunks, len(corpus.vocab), ranks=ranks)
+    return GeneScaler.fit_chunks(training_chunks, len(corpus.vocab))

@@ -11,23 +11,15 @@ from dataclasses import replace
 
 import torch
 
+from exceiver.data.tokenizer import CellBatch
 from exceiver.errors import ExceiverInputError
-from exceiver.tokenize import CellBatch
 
 
 def require_token_model(model) -> None:
-    """Edits assume that a cell's tokens are its expressed genes, which paper-compatible models break,
-    and that values are expression levels, which rank-encoded models break."""
+    """Edits assume that a cell's tokens are its expressed genes, which paper-compatible models break."""
     if model.config.paper_compatible:
         raise ExceiverInputError("perturbation needs a model whose tokens are a cell's expressed genes; a "
                                  "paper-compatible (imported original) model makes every measured gene a token")
-    require_expression_values(model, "perturbation")
-
-
-def require_expression_values(model, what: str) -> None:
-    if model.config.value_encoding != "zscore":
-        raise ExceiverInputError(f"{what} needs a model whose values are expression levels; this model's "
-                                 f"values are within-cell ranks (value_encoding={model.config.value_encoding!r})")
 
 
 def knockout(batch: CellBatch, gene_id: int, pad_id: int) -> tuple[CellBatch, torch.Tensor]:

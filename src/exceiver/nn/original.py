@@ -18,10 +18,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from exceiver.data.preprocess import GeneScaler
+from exceiver.data.tokenizer import TokenizerConfig
+from exceiver.data.vocab import GeneVocab, read_gene_list
 from exceiver.errors import ModelFileError
-from exceiver.model import ExceiverConfig, ExceiverModule
-from exceiver.preprocess import GeneScaler
-from exceiver.vocab import GeneVocab, read_gene_list
+from exceiver.nn.config import ExceiverConfig
+from exceiver.nn.network import ExceiverModule
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +87,13 @@ def original_config(hparams: dict, state_dict: dict[str, torch.Tensor]) -> Excei
         n_genes=int(hparams["seq_len"]), gene_dim=int(hparams["seq_dim"]), n_latents=int(hparams["query_len"]),
         latent_dim=int(hparams["query_dim"]), n_layers=int(hparams["num_layers"]), n_heads=int(hparams["nhead"]),
         cross_heads=ORIGINAL_CROSS_HEADS, ff_dim=int(hparams["dim_feedforward"]), cross_ff_mult=1, head_hidden=1,
-        dropout=float(hparams.get("dropout") or 0.0), n_classes=n_classes, mask_fraction=float(hparams.get("frac", 0.15)),
-        paper_compatible=True,
+        dropout=float(hparams.get("dropout") or 0.0), n_classes=n_classes, paper_compatible=True,
     )
+
+
+def original_tokenizer(hparams: dict) -> TokenizerConfig:
+    """The original's input: every measured gene a token, its masking fraction."""
+    return TokenizerConfig(mask_fraction=float(hparams.get("frac", 0.15)), all_genes=True)
 
 
 def map_weights(original: dict[str, torch.Tensor], config: ExceiverConfig) -> dict[str, torch.Tensor]:
@@ -179,9 +185,12 @@ def imported_scaler(mean: np.ndarray, scale: np.ndarray) -> GeneScaler:
                       np.zeros(len(mean), dtype=np.float32), zeros.copy())
 
 
-def import_original(ckpt_path: str | Path, genes: str | Path | Sequence[str] | None = None,
-                    scaler: str | Path | None = None):
-    """An Exceiver from an original checkpoint, computing exactly as the original code.
+def original_parts(ckpt_path: str | Path, genes: str | Path | Sequence[str] | None = None,
+                    scaler: str | Path | None = None) -> tuple[ExceiverModule, TokenizerConfig, GeneVocab, GeneScaler,
+                                                                dict, list[str] | None]:
+    """The parts of an Exceiver from an original checkpoint, computing exactly as the original code:
+    (network, tokenizer, vocabulary, scaler, training record, class names), which
+    `exceiver.import_original` assembles into a model.
 
     genes: the checkpoint's gene order (file, one gene per line, or a list). The released order is
         not recoverable: without it genes are named gene_00000, ... and the model cannot be applied
@@ -189,8 +198,6 @@ def import_original(ckpt_path: str | Path, genes: str | Path | Sequence[str] | N
     scaler: .npz with the original StandardScaler's `mean` and `scale` per gene; without it values
         are log-normalised expression + 1, not z-scored.
     """
-    from exceiver.api import Exceiver  # the API builds on this module, not the reverse
-
     state_dict, hparams = read_checkpoint(ckpt_path)
     try:
         config = original_config(hparams, state_dict)
@@ -226,4 +233,4 @@ def import_original(ckpt_path: str | Path, genes: str | Path | Sequence[str] | N
                 {k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool)) or v is None},
                 "scaler": "given" if scaler is not None else "none (identity)",
                 "genes": "given" if genes is not None else "placeholder names"}
-    return Exceiver(module, vocab, gene_scaler, training=training, classes=classes)
+    return module, original_tokenizer(hparams), vocab, gene_scaler, training, classes

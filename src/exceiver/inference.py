@@ -8,12 +8,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from exceiver.data import CellBatcher, cell_loader
-from exceiver.model import ExceiverModule
-from exceiver.preprocess import GeneScaler
-from exceiver.stream import EpochLoader, H5adCells, OrderedBatches
-from exceiver.tokenize import CellBatch
-from exceiver.vocab import CellCounts
+from exceiver.data.cells import CellCounts
+from exceiver.data.loaders import CellBatcher, cell_loader
+from exceiver.data.preprocess import GeneScaler
+from exceiver.data.sources import H5adCells
+from exceiver.data.streams import EpochLoader, OrderedBatches
+from exceiver.data.tokenizer import CellBatch, TokenizerConfig
+from exceiver.nn.network import ExceiverModule
 
 QUERY_CHUNK = 4096  # decoder queries per call when predicting many genes (bounds memory)
 
@@ -38,9 +39,9 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def iterate_batches(
-    module: ExceiverModule,
     cells: CellCounts | H5adCells,
     scaler: GeneScaler,
+    tokenizer: TokenizerConfig,
     *,
     batch_size: int | None = None,
     device: torch.device,
@@ -48,22 +49,24 @@ def iterate_batches(
     progress: bool = True,
     desc: str = "cells",
     prepare: Callable[[CellCounts], CellCounts] | None = None,
+    masked: bool = False,
+    salt: int = 0,
 ) -> Iterator[CellBatch]:
-    """Yield whole cells (nothing masked) as batches on `device`, with a progress bar.
+    """Yield whole cells (or, `masked`, cells with the pretraining task's masks drawn with `salt`)
+    as batches on `device`, with a progress bar.
 
     Cells in memory are visited longest first, so that batches hold cells of similar length
     (little padding) and peak memory is reached at once rather than at the end. Cells on disk (a
     cell source such as `H5adCells`) are read chunk by chunk in the loader's workers, longest
     first within a chunk, each chunk passed through `prepare` (checks; it must keep every row).
     """
-    module.eval()
     batch_size = batch_size or default_batch_size(device)
     if isinstance(cells, CellCounts):
-        batcher = CellBatcher(cells, scaler, module.config, masked=False, salt=0)
+        batcher = CellBatcher(cells, scaler, tokenizer, masked=masked, salt=salt)
         loader = cell_loader(cells, np.arange(cells.n_cells), batcher, batch_size=batch_size,
                              num_workers=num_workers, distributed=False)
     else:
-        stream = OrderedBatches(cells, scaler, module.config, batch_size=batch_size, masked=False,
+        stream = OrderedBatches(cells, scaler, tokenizer, batch_size=batch_size, masked=masked, salt=salt,
                                 prepare=prepare, distributed=False)
         loader = EpochLoader(stream, num_workers=num_workers)
     with tqdm(total=cells.n_cells, unit="cell", desc=desc, disable=not progress) as bar:
@@ -73,8 +76,9 @@ def iterate_batches(
 
 
 @torch.inference_mode()
-def iterate_latents(module: ExceiverModule, cells: CellCounts, scaler: GeneScaler, **kwargs
-                    ) -> Iterator[tuple[CellBatch, torch.Tensor]]:
+def iterate_latents(module: ExceiverModule, cells: CellCounts | H5adCells, scaler: GeneScaler,
+                    tokenizer: TokenizerConfig, **options) -> Iterator[tuple[CellBatch, torch.Tensor]]:
     """Yield (batch on device, processed latents) for all cells (options: `iterate_batches`)."""
-    for batch in iterate_batches(module, cells, scaler, **kwargs):
-        yield batch, module.encode(batch.gene_ids, batch.values, batch.token_mask, batch.token_zero)
+    module.eval()
+    for batch in iterate_batches(cells, scaler, tokenizer, **options):
+        yield batch, module.encode(batch)

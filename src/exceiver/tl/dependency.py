@@ -4,7 +4,6 @@ through the latents. Saved as tables and drawn as clustered heatmaps."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,14 +12,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 
 from exceiver.errors import ExceiverInputError
-from exceiver.infer import iterate_batches, resolve_device
+from exceiver.inference import iterate_batches
 from exceiver.io import atomic_dir, write_json
-from exceiver.model import CrossAttentionBlock, _split_heads
-from exceiver.regulation.edit import require_token_model
-from exceiver.regulation.genes import resolve_genes
-from exceiver.regulation.perturbation import perturb
+from exceiver.tl.edit import require_token_model
+from exceiver.tl.genes import resolve_genes
+from exceiver.tl.perturbation import perturb
 
 
 @dataclass
@@ -58,17 +57,22 @@ class GeneDependencies:
 
 
 def gene_dependencies(model, adata: ad.AnnData, genes: Sequence[str], *, mode: str | float = "knockout",
-                      **kwargs) -> GeneDependencies:
-    """Perturb each gene of `genes` in turn (options: `perturb`) and read the effects on the others,
-    beside the attention routes between the same genes."""
+                      groupby: str | None = None, groups: Sequence[str] | None = None, quantile: float = 0.95,
+                      min_shift: float = 0.1, gene_key: str | None = None, layer: str | None = None,
+                      batch_size: int | None = None, device: str | None = None,
+                      progress: bool = True) -> GeneDependencies:
+    """Perturb each gene of `genes` in turn (options as in `perturb`) and read the effects on the
+    others, beside the attention routes between the same genes (over all cells)."""
     genes = [str(g) for g in genes]
     if len(genes) < 2:
         raise ExceiverInputError("a dependency map needs at least 2 genes")
-    table = perturb(model, adata, genes, mode, query_genes=genes, **kwargs)
+    table = perturb(model, adata, genes, mode, query_genes=genes, groupby=groupby, groups=groups, quantile=quantile,
+                    min_shift=min_shift, gene_key=gene_key, layer=layer, batch_size=batch_size, device=device,
+                    progress=progress)
     effects = table.pivot(index="perturbed_gene", columns="gene", values="effect_size")
     effects = effects.reindex(index=genes, columns=genes)
-    attention_kwargs = {k: kwargs[k] for k in ("gene_key", "layer", "batch_size", "device", "progress") if k in kwargs}
-    attention = attention_routes(model, adata, genes, **attention_kwargs)
+    attention = attention_routes(model, adata, genes, gene_key=gene_key, layer=layer, batch_size=batch_size,
+                                 device=device, progress=progress)
     return GeneDependencies(effects, attention, str(mode))
 
 
@@ -77,54 +81,36 @@ def attention_routes(model, adata: ad.AnnData, genes: Sequence[str], *, gene_key
                      layer: str | None = None, batch_size: int | None = None, device: str | None = None,
                      progress: bool = True) -> pd.DataFrame:
     """[source gene, target gene]: decoder attention of the target's query on each latent times the
-    encoder attention of that latent on the source's token (heads averaged), summed over latents and
-    averaged over the cells expressing the source. It ignores the processor's mixing of latents:
-    a view of routing, not of causation."""
+    encoder attention of that latent on the source's token (the model's own attention weights,
+    heads averaged), summed over latents and averaged over the cells expressing the source. It
+    ignores the processor's mixing of latents: a view of routing, not of causation."""
     require_token_model(model)
     ids = torch.as_tensor(resolve_genes(model, genes, "genes"))
     cells = model.cells(adata, gene_key=gene_key, layer=layer)
     module = model.module
-    device = resolve_device(device)
-    module.to(device)
-    ids = ids.to(device)
-    total = torch.zeros(len(ids), len(ids), dtype=torch.float64, device=device)
-    n = torch.zeros(len(ids), dtype=torch.float64, device=device)
-    for batch in iterate_batches(module, cells, model.scaler, batch_size=batch_size, device=device,
-                                 progress=progress, desc="attention"):
-        tokens = module.gene_emb(batch.gene_ids) * batch.values.unsqueeze(-1)
-        encoder = _attention(module.encoder, module.latents, tokens, batch.token_mask)  # [B, latents, L]
-        latents = module.encode(batch.gene_ids, batch.values, batch.token_mask)
-        queries = module.gene_emb(ids).expand(len(batch), -1, -1)
-        decoder = _attention(module.decoder, queries, latents)  # [B, T, latents]
-        routes = decoder @ encoder  # [B, T, L]: target query -> token
-        source = (batch.gene_ids[:, :, None] == ids) & batch.token_mask[:, :, None]  # [B, L, S]
-        total += torch.einsum("btl,bls->st", routes.double(), source.double())
-        n += source.any(1).sum(0)
+    with model.on_device(device) as device:
+        module.eval()
+        ids = ids.to(device)
+        total = torch.zeros(len(ids), len(ids), dtype=torch.float64, device=device)
+        n = torch.zeros(len(ids), dtype=torch.float64, device=device)
+        for batch in iterate_batches(cells, model.scaler, model.tokenizer, batch_size=batch_size, device=device,
+                                     progress=progress, desc="attention"):
+            _, encoder = module.encode_tokens(batch.gene_ids, batch.values, batch.token_mask, need_weights=True)
+            latents = module.encode(batch)
+            _, decoder = module.decode(latents, ids.expand(len(batch), -1), need_weights=True)  # [B, heads, T, latents]
+            routes = decoder.mean(1) @ encoder.mean(1)  # [B, T, L]: target query -> token
+            source = (batch.gene_ids[:, :, None] == ids) & batch.token_mask[:, :, None]  # [B, L, S]
+            total += torch.einsum("btl,bls->st", routes.double(), source.double())
+            n += source.any(1).sum(0)
     names = [str(g) for g in genes]
     matrix = (total / n[:, None]).cpu().numpy()
     matrix[n.cpu().numpy() == 0] = np.nan
     return pd.DataFrame(matrix, index=pd.Index(names, name="source"), columns=pd.Index(names, name="target"))
 
 
-def _attention(block: CrossAttentionBlock, queries: torch.Tensor, kv: torch.Tensor,
-               kv_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The attention weights [B, Q, K] of a cross-attention block, averaged over heads."""
-    attn = block.attn
-    q = _split_heads(attn.q(block.norm_q(queries)), attn.n_heads)
-    if q.dim() == 3:
-        q = q.expand(kv.shape[0], *q.shape)
-    k, _ = _split_heads(attn.kv(block.norm_kv(kv)), 2 * attn.n_heads).chunk(2, dim=-3)
-    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if kv_mask is not None:
-        logits = logits.masked_fill(~kv_mask[:, None, None, :], float("-inf"))
-    return logits.softmax(-1).mean(1)
-
-
 def plot_dependencies(matrix: pd.DataFrame, path: str | Path, *, title: str = "", centre: bool = True) -> Path:
-    """A heatmap with rows and columns ordered by average-linkage clustering (diagonal left blank)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A heatmap with rows and columns ordered by average-linkage clustering (diagonal left blank),
+    drawn on a standalone Figure (no pyplot state, so notebooks keep their own backend)."""
     from scipy.cluster.hierarchy import leaves_list, linkage
 
     values = matrix.to_numpy(dtype=float, copy=True)
@@ -135,7 +121,8 @@ def plot_dependencies(matrix: pd.DataFrame, path: str | Path, *, title: str = ""
     values = values[np.ix_(order, cols)]
     limit = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 1.0
     size = 2 + 0.3 * max(values.shape)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    fig = Figure(figsize=(size + 1.5, size))
+    ax = fig.subplots()
     image = ax.imshow(values, cmap="RdBu_r" if centre else "viridis", vmin=-limit if centre else None,
                       vmax=limit if centre else None)
     ax.set_xticks(range(len(cols)), matrix.columns[cols], rotation=90, fontsize=7)
@@ -146,5 +133,4 @@ def plot_dependencies(matrix: pd.DataFrame, path: str | Path, *, title: str = ""
     fig.colorbar(image, ax=ax, shrink=0.7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)

@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from exceiver.data.cells import CellCounts
+from exceiver.data.preprocess import log_normalise
+from exceiver.data.tokenizer import CellBatch
 from exceiver.errors import ExceiverInputError
-from exceiver.infer import decode_values, iterate_batches, resolve_device
-from exceiver.preprocess import log_normalise
-from exceiver.regulation.edit import knockout, require_token_model, set_value
-from exceiver.regulation.genes import resolve_genes
-from exceiver.tokenize import CellBatch
-from exceiver.vocab import CellCounts
+from exceiver.inference import decode_values, iterate_batches
+from exceiver.tl.edit import knockout, require_token_model, set_value
+from exceiver.tl.genes import resolve_genes
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +117,22 @@ def perturbation_effects(model, cells: CellCounts, perturbations: list[Perturbat
     [P], `shift` (perturbed - unperturbed), `baseline` values, and cells shifted by > `min_shift`
     log-normalised units (`affected`)."""
     module = model.module
-    device = resolve_device(device)
-    module.to(device)
+    with model.on_device(device) as device:
+        module.eval()
+        return _effect_sums(model, cells, perturbations, query_ids, min_shift=min_shift, batch_size=batch_size,
+                            device=device, progress=progress, desc=desc)
+
+
+def _effect_sums(model, cells: CellCounts, perturbations: list[Perturbation], query_ids: np.ndarray, *,
+                 min_shift: float, batch_size: int | None, device: torch.device, progress: bool,
+                 desc: str) -> dict[str, np.ndarray]:
+    module = model.module
     query = torch.as_tensor(query_ids, device=device)
     std = torch.as_tensor(model.scaler.std[query_ids], device=device, dtype=torch.float64)
     n = torch.zeros(len(perturbations), dtype=torch.float64, device=device)
     sums = {k: torch.zeros(len(perturbations), len(query_ids), dtype=torch.float64, device=device)
             for k in ("shift", "baseline", "affected")}
-    for batch in iterate_batches(module, cells, model.scaler, batch_size=batch_size, device=device,
+    for batch in iterate_batches(cells, model.scaler, model.tokenizer, batch_size=batch_size, device=device,
                                  progress=progress, desc=desc):
         baseline = _predict(module, batch, query).double()
         for p, perturbation in enumerate(perturbations):
@@ -144,8 +152,7 @@ def perturbation_effects(model, cells: CellCounts, perturbations: list[Perturbat
 
 
 def _predict(module, batch: CellBatch, query: torch.Tensor) -> torch.Tensor:
-    latents = module.encode(batch.gene_ids, batch.values, batch.token_mask, batch.token_zero)
-    return decode_values(module, latents, query)
+    return decode_values(module, module.encode(batch), query)
 
 
 def _rows(batch: CellBatch, rows: torch.Tensor) -> CellBatch:

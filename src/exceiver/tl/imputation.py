@@ -13,26 +13,26 @@ from collections.abc import Sequence
 import anndata as ad
 import numpy as np
 
-from exceiver.regulation.edit import require_expression_values
-from exceiver.regulation.genes import resolve_genes
-from exceiver.vocab import dataset_genes
+from exceiver.data.vocab import dataset_genes
+from exceiver.tl.genes import resolve_genes
 
 log = logging.getLogger(__name__)
 
 IMPUTED_KEY = "exceiver_imputed"
 
 
-def impute(model, adata: ad.AnnData, genes: Sequence[str] | None = None, *, key: str = IMPUTED_KEY,
-           gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
-           device: str | None = None, progress: bool = True) -> np.ndarray:
+def impute(model, adata: ad.AnnData, genes: Sequence[str] | None = None, *, key_added: str = IMPUTED_KEY,
+           inplace: bool = True, gene_key: str | None = None, layer: str | None = None,
+           batch_size: int | None = None, device: str | None = None, progress: bool = True) -> np.ndarray | None:
     """Predicted log-normalised expression (log1p of counts per 1e4, >= 0), float32.
 
-    genes=None: every gene of `adata` (its var), written to `adata.layers[key]` and returned;
-    columns of genes the model cannot predict (outside its vocabulary, or never expressed in its
-    training cells) are NaN. A list of vocabulary genes: a [cells, genes] array, returned only.
-    Cells are processed in batches and query genes in chunks; only the output is cells x genes.
+    genes=None: every gene of `adata` (its var), written to `adata.layers[key_added]` (or returned
+    with `inplace=False`); columns of genes the model cannot predict (outside its vocabulary, or
+    never expressed in its training cells) are NaN. A list of vocabulary genes: a [cells, genes]
+    array, returned (a layer holds every gene of var). Cells are processed in batches and query
+    genes in chunks; only the output is cells x genes.
     """
-    require_expression_values(model, "imputation")
+    gene_key, layer = model.data_keys(adata.var.columns, adata.layers.keys(), gene_key, layer)
     if genes is not None:
         ids = resolve_genes(model, genes, "genes to impute")
         return _log_expression(model, model.predict_values(
@@ -47,14 +47,16 @@ def impute(model, adata: ad.AnnData, genes: Sequence[str] | None = None, *, key:
     predicted = _log_expression(model, predicted, ids[columns])
     if len(columns) < adata.n_vars:
         log.info("%s of %s genes cannot be imputed (not in the model's trained genes): NaN in layers[%r]",
-                 f"{adata.n_vars - len(columns):,}", f"{adata.n_vars:,}", key)
+                 f"{adata.n_vars - len(columns):,}", f"{adata.n_vars:,}", key_added)
         full = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
         full[:, columns] = predicted
         predicted = full
-    adata.layers[key] = predicted
-    adata.uns.setdefault("exceiver", {})[key] = {"scale": "log1p(counts / library x 1e4)",
-                                                 "n_imputed_genes": int(len(columns))}
-    return predicted
+    if not inplace:
+        return predicted
+    adata.layers[key_added] = predicted
+    adata.uns.setdefault("exceiver", {})[key_added] = {"scale": "log1p(counts / library x 1e4)",
+                                                       "n_imputed_genes": int(len(columns))}
+    return None
 
 
 def _log_expression(model, values: np.ndarray, ids: np.ndarray, chunk: int = 1024) -> np.ndarray:

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from exceiver.data.cells import counts_matrix
+from exceiver.data.vocab import dataset_genes
 from exceiver.errors import ExceiverInputError
-from exceiver.vocab import counts_matrix, dataset_genes
 
 
 def read_gene_map(path: str | Path) -> pd.DataFrame:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from exceiver.data.cells import CellCounts
 from exceiver.errors import ExceiverInputError
-from exceiver.vocab import CellCounts
 
 log = logging.getLogger(__name__)
 
@@ -50,48 +50,56 @@ def check_counts(cells: CellCounts, name: str = "dataset") -> None:
         )
 
 
-def drop_empty_cells(cells: CellCounts, name: str = "dataset") -> CellCounts:
-    """Cells with no counts in the vocabulary's genes have no tokens: drop them, and say so."""
-    empty = cells.n_genes_expressed == 0
-    if empty.all():
-        raise ExceiverInputError(
-            f"{name}: none of its {cells.n_cells:,} cells has counts in the vocabulary's genes"
-        )
-    if empty.any():
-        log.warning(
-            "%s: dropped %s of %s cells with no counts in the vocabulary's genes",
-            name, f"{int(empty.sum()):,}", f"{cells.n_cells:,}",
-        )
-        return cells.subset(np.flatnonzero(~empty))
-    return cells
+EMPTY_CELLS = ("drop", "refuse")
 
 
-def require_nonempty_cells(cells: CellCounts, name: str = "dataset") -> None:
-    """For outputs aligned with the user's cells, an empty cell is an error, not a silent drop."""
-    empty = np.flatnonzero(cells.n_genes_expressed == 0)
-    if len(empty):
+def prepare_cells(cells: CellCounts, name: str = "dataset", *, genes: np.ndarray | None = None,
+                  empty: str = "drop") -> CellCounts:
+    """The one way cells enter a model: counts checked, only `genes` kept (a bool mask over the
+    vocabulary, e.g. the genes a model saw expressed in training; the others become unmeasured),
+    and cells left without counts either dropped (training: they have no tokens) or refused
+    (outputs aligned with the user's cells, where a silent drop would misalign them)."""
+    if empty not in EMPTY_CELLS:
+        raise ValueError(f"empty must be one of {EMPTY_CELLS}, got {empty!r}")
+    check_counts(cells, name)
+    if genes is not None:
+        cells = cells.keep_genes(genes)
+    is_empty = cells.n_genes_expressed == 0
+    if not is_empty.any():
+        return cells
+    if empty == "refuse":
+        rows = np.flatnonzero(is_empty)
         raise ExceiverInputError(
-            f"{name}: {len(empty):,} of {cells.n_cells:,} cells have no counts in the model's "
-            f"vocabulary genes (e.g. {list(cells.obs_names[empty[:3]])}) and cannot be embedded; "
+            f"{name}: {len(rows):,} of {cells.n_cells:,} cells have no counts in the model's "
+            f"vocabulary genes (e.g. {list(cells.obs_names[rows[:3]])}) and cannot be embedded; "
             "remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1) after subsetting "
             "to the model's genes"
         )
+    return cells.subset(np.flatnonzero(~is_empty))
+
+
+class ModelCells:
+    """`prepare_cells` as a picklable callable (loader workers prepare the chunks they read)."""
+
+    def __init__(self, genes: np.ndarray | None, name: str, empty: str = "refuse"):
+        self.genes, self.name, self.empty = genes, name, empty
+
+    def __call__(self, cells: CellCounts) -> CellCounts:
+        return prepare_cells(cells, self.name, genes=self.genes, empty=self.empty)
+
+
+def report_dropped(name: str, before: int, after: int) -> None:
+    """Say how many of a dataset's cells `prepare_cells` dropped; refuse a dataset left empty."""
+    if after == 0:
+        raise ExceiverInputError(f"{name}: none of its {before:,} cells has counts in the vocabulary's genes")
+    if after < before:
+        log.warning("%s: dropped %s of %s cells with no counts in the vocabulary's genes", name,
+                    f"{before - after:,}", f"{before:,}")
 
 
 def log_normalise(counts: np.ndarray, library_size: np.ndarray, target_sum: float) -> np.ndarray:
     """log1p of counts scaled to `target_sum` per cell; `library_size` is given per entry."""
     return np.log1p(counts * (target_sum / library_size))
-
-
-def within_cell_ranks(values: np.ndarray, entry_cell: np.ndarray, n_cells: int) -> np.ndarray:
-    """Each entry's rank among its cell's entries, as a quantile scaled to (0, 2): mean 1, like
-    the shifted z-scores. A cell's ranks do not depend on its depth, only on its genes' order."""
-    order = np.lexsort((values, entry_cell))
-    sizes = np.bincount(entry_cell, minlength=n_cells)
-    starts = np.cumsum(sizes) - sizes
-    rank = np.empty(len(values))
-    rank[order] = np.arange(len(values)) - starts[entry_cell[order]]
-    return (2 * (rank + 0.5) / np.maximum(sizes[entry_cell], 1)).astype(np.float32)
 
 
 def entry_library_size(cells: CellCounts) -> np.ndarray:
@@ -128,16 +136,10 @@ class GeneScaler:
         inverse of `values` below the clip; predictions are not clipped, so neither is this)."""
         return ((values - SHIFT) * self.std[gene_ids] + self.mean[gene_ids]).astype(np.float32)
 
-    def cell_values(self, cells: CellCounts, ranks: bool = False) -> np.ndarray:
-        """Values of all non-zero entries of `cells`, aligned with `cells.counts.data`; with
-        `ranks`, each value's within-cell rank (`within_cell_ranks`) instead."""
+    def cell_values(self, cells: CellCounts) -> np.ndarray:
+        """Values of all non-zero entries of `cells`, aligned with `cells.counts.data`."""
         counts = cells.counts
-        x = log_normalise(counts.data, entry_library_size(cells), self.target_sum)
-        values = self.values(counts.indices, x)
-        if ranks:
-            values = within_cell_ranks(values, np.repeat(np.arange(cells.n_cells), cells.n_genes_expressed),
-                                       cells.n_cells)
-        return values
+        return self.values(counts.indices, log_normalise(counts.data, entry_library_size(cells), self.target_sum))
 
     @classmethod
     def fit(
@@ -147,13 +149,11 @@ class GeneScaler:
         target_sum: float = TARGET_SUM,
         max_value: float = MAX_VALUE,
         chunk_size: int = 8192,
-        ranks: bool = False,
     ) -> GeneScaler:
         """Streaming fit over sparse chunks of cells; a cell counts towards a gene's statistics
-        only if its dataset measured that gene (unmeasured is not zero). `ranks`: the model's
-        values are within-cell ranks, so the gene-mean baseline averages those."""
+        only if its dataset measured that gene (unmeasured is not zero)."""
         return cls.fit_chunks(lambda: _chunks(cells, chunk_size), cells.counts.shape[1],
-                              target_sum=target_sum, max_value=max_value, ranks=ranks)
+                              target_sum=target_sum, max_value=max_value)
 
     @classmethod
     def fit_chunks(
@@ -163,7 +163,6 @@ class GeneScaler:
         *,
         target_sum: float = TARGET_SUM,
         max_value: float = MAX_VALUE,
-        ranks: bool = False,
     ) -> GeneScaler:
         """`fit` over cells that arrive in chunks (e.g. read from disk): `chunks()` is called
         twice, once per pass, and must give the same cells both times."""
@@ -183,17 +182,17 @@ class GeneScaler:
             mean.astype(np.float32), std.astype(np.float32), n_cells,
             np.zeros(n_genes, dtype=np.float32), np.zeros(n_genes, dtype=np.int64), target_sum, max_value,
         )
-        scaler._fit_expressed_means(chunks(), ranks)
+        scaler._fit_expressed_means(chunks())
         return scaler
 
-    def _fit_expressed_means(self, chunks: Iterable[CellCounts], ranks: bool = False) -> None:
+    def _fit_expressed_means(self, chunks: Iterable[CellCounts]) -> None:
         """The gene-mean baseline: each gene's mean value over the training cells expressing it
         (genes never expressed in training fall back to the mean over all expressed entries)."""
         n_genes = len(self)
         total = np.zeros(n_genes)
         count = np.zeros(n_genes, dtype=np.int64)
         for chunk in chunks:
-            values = self.cell_values(chunk, ranks)
+            values = self.cell_values(chunk)
             total += np.bincount(chunk.counts.indices, weights=values, minlength=n_genes)
             count += np.bincount(chunk.counts.indices, minlength=n_genes)
         fallback = total.sum() / max(count.sum(), 1)

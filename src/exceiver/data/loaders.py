@@ -1,19 +1,17 @@
-"""Datasets and loaders: cell indices in, tokenized `CellBatch`es out (built in loader workers)."""
+"""Cells in memory by index: cell indices in, tokenized `CellBatch`es out (built in loader workers),
+in length-grouped batches that are the same global batches whatever the number of processes."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from exceiver.errors import ExceiverInputError
-from exceiver.model import ExceiverConfig
-from exceiver.preprocess import GeneScaler
-from exceiver.tokenize import CellBatch, make_batch
-from exceiver.vocab import CellCounts
+from exceiver.data.cells import CellCounts
+from exceiver.data.preprocess import GeneScaler
+from exceiver.data.streams import rank_and_world_size
+from exceiver.data.tokenizer import CellBatch, TokenizerConfig, make_batch
 
 
 class CellIndexDataset(Dataset):
@@ -37,18 +35,10 @@ class CellBatcher:
     reseeds that when a distributed run starts, and then each process's half of a global batch
     would be masked unlike the same cells in a one-process run."""
 
-    def __init__(self, cells: CellCounts, scaler: GeneScaler, config: ExceiverConfig, *,
+    def __init__(self, cells: CellCounts, scaler: GeneScaler, tokenizer: TokenizerConfig, *,
                  masked: bool, salt: int | None = None, seed: int = 0):
-        self.cells, self.scaler, self.salt = cells, scaler, salt
+        self.cells, self.scaler, self.tokenizer, self.masked, self.salt = cells, scaler, tokenizer, masked, salt
         self.seed, self.n_batches = seed, 0
-        self.kwargs = dict(
-            pad_id=config.n_genes,
-            max_tokens=config.max_tokens,
-            mask_fraction=config.mask_fraction if masked else 0.0,
-            zero_query_ratio=config.zero_query_ratio if masked else 0.0,
-            all_genes=config.paper_compatible, depth_tokens=config.depth_tokens,
-            ranks=config.value_encoding == "rank",
-        )
 
     def __call__(self, rows: list[int]) -> CellBatch:
         salt = self.salt
@@ -56,7 +46,7 @@ class CellBatcher:
             worker = get_worker_info()
             salt = int(np.random.default_rng([self.seed, worker.id if worker else 0, self.n_batches]).integers(2**62))
             self.n_batches += 1
-        return make_batch(self.cells, np.asarray(rows), self.scaler, salt=salt, **self.kwargs)
+        return make_batch(self.cells, np.asarray(rows), self.scaler, self.tokenizer, masked=self.masked, salt=salt)
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -83,7 +73,7 @@ class LengthGroupedSampler(Sampler[int]):
         """This process's batches of positions; only the last one may be short (so that the
         DataLoader, which cuts the order again, finds the same batches)."""
         n, size = len(self.lengths), self.batch_size
-        rank, world = _rank_and_world_size() if self.distributed else (0, 1)
+        rank, world = rank_and_world_size() if self.distributed else (0, 1)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch])
             order = rng.permutation(n)
@@ -109,12 +99,6 @@ class LengthGroupedSampler(Sampler[int]):
         return sum(len(b) for b in self.batches())
 
 
-def _rank_and_world_size() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def cell_loader(cells: CellCounts, rows: np.ndarray, batcher: CellBatcher, *, batch_size: int,
                 shuffle: bool = False, seed: int = 0, num_workers: int = 0, distributed: bool = True) -> DataLoader:
     """Batches of `rows` of `cells`, grouped by length (see `LengthGroupedSampler`); with
@@ -125,41 +109,3 @@ def cell_loader(cells: CellCounts, rows: np.ndarray, batcher: CellBatcher, *, ba
         CellIndexDataset(rows), batch_size=batch_size, sampler=sampler, collate_fn=batcher,
         num_workers=num_workers, persistent_workers=num_workers > 0,
     )
-
-
-def split_cells(n_cells: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random split of cell indices into training and validation."""
-    if n_cells < 2:
-        raise ExceiverInputError(f"pretraining needs at least 2 cells (training and validation), got {n_cells}")
-    order = np.random.default_rng(seed).permutation(n_cells)
-    n_val = min(max(1, round(val_fraction * n_cells)), n_cells - 1)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-class PretrainDataModule(L.LightningDataModule):
-    """Training and validation batches of cells; `masked=False` gives whole cells (no queries),
-    for objectives that need no masked genes; `masked_validation` (default: as `masked`) sets it for
-    validation alone (a classifier is judged on whole cells, as it will be used)."""
-
-    def __init__(self, cells: CellCounts, scaler: GeneScaler, config: ExceiverConfig,
-                 train_rows: np.ndarray, val_rows: np.ndarray, *, batch_size: int,
-                 num_workers: int = 0, seed: int = 0, masked: bool = True, masked_validation: bool | None = None):
-        super().__init__()
-        self.cells, self.scaler, self.config = cells, scaler, config
-        self.train_rows, self.val_rows = train_rows, val_rows
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.masked = masked
-        self.masked_validation = masked if masked_validation is None else masked_validation
-
-    def transfer_batch_to_device(self, batch: CellBatch, device: torch.device, dataloader_idx: int) -> CellBatch:
-        return batch.to(device)
-
-    def train_dataloader(self) -> DataLoader:
-        batcher = CellBatcher(self.cells, self.scaler, self.config, masked=self.masked, seed=self.seed)
-        return cell_loader(self.cells, self.train_rows, batcher, batch_size=self.batch_size,
-                           shuffle=True, seed=self.seed, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        batcher = CellBatcher(self.cells, self.scaler, self.config, masked=self.masked_validation, salt=self.seed + 1)
-        return cell_loader(self.cells, self.val_rows, batcher, batch_size=self.batch_size,
-                           num_workers=self.num_workers)

@@ -1,4 +1,4 @@
-"""Gene vocabulary and alignment: datasets meet the model through an ordered list of gene ids.
+"""Cells in vocabulary space: a dataset's counts moved onto the model's gene ids.
 
 A vocabulary gene that a dataset does not contain is *unmeasured*, which is not the same as a zero
 count: `CellCounts.measured` records, per source dataset, which vocabulary genes were measured, so
@@ -10,117 +10,21 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from exceiver.data.vocab import GeneVocab, dataset_genes
 from exceiver.errors import ExceiverInputError
 
 log = logging.getLogger(__name__)
 
 # Warn (rather than fail) when this little of a dataset, and of the vocabulary, overlaps.
 LOW_OVERLAP = 0.2
-
-
-class GeneVocab:
-    """An ordered list of unique gene identifiers; position i is the model's gene id i."""
-
-    def __init__(self, genes: Iterable[str]):
-        genes = [str(g) for g in genes]
-        if not genes:
-            raise ExceiverInputError("a gene vocabulary needs at least one gene")
-        index = pd.Index(genes)
-        if index.has_duplicates:
-            dups = index[index.duplicated()].unique()
-            raise ExceiverInputError(
-                f"gene vocabulary has {len(dups)} duplicated identifiers, e.g. {list(dups[:5])}"
-            )
-        bad = [g for g in genes if not g or g != g.strip() or any(c in g for c in "\t\r\n")]
-        if bad:
-            raise ExceiverInputError(
-                f"gene vocabulary has {len(bad)} identifiers that are empty, have surrounding "
-                f"whitespace or contain tabs/line breaks, e.g. {bad[:3]}"
-            )
-        self.genes = index
-
-    def __len__(self) -> int:
-        return len(self.genes)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, GeneVocab) and self.genes.equals(other.genes)
-
-    def __repr__(self) -> str:
-        return f"GeneVocab({len(self):,} genes: {', '.join(self.genes[:3])}, ...)"
-
-    def ids(self, genes: Sequence[str]) -> np.ndarray:
-        """Vocabulary ids of `genes` (-1 where a gene is not in the vocabulary)."""
-        return self.genes.get_indexer(pd.Index(genes, dtype=object)).astype(np.int64)
-
-    @classmethod
-    def from_gene_lists(
-        cls, gene_lists: Iterable[Sequence[str]], restrict_to: Sequence[str] | None = None
-    ) -> GeneVocab:
-        """Union of several datasets' genes, in order of first appearance, optionally restricted
-        to a list (e.g. protein-coding genes)."""
-        seen: dict[str, None] = {}
-        for genes in gene_lists:
-            seen.update(dict.fromkeys(g for g in genes if g))
-        genes = list(seen)
-        if restrict_to is not None:
-            allowed = set(restrict_to)
-            genes = [g for g in genes if g in allowed]
-            if not genes:
-                raise ExceiverInputError(
-                    f"none of the datasets' {len(seen):,} genes is in the gene list of "
-                    f"{len(allowed):,} genes; do the identifiers match (symbols vs Ensembl ids)?"
-                )
-        return cls(genes)
-
-    def save(self, path: str | Path) -> None:
-        """One identifier per line, verbatim (`load` reads it back exactly)."""
-        Path(path).write_text("\n".join(self.genes) + "\n", encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> GeneVocab:
-        text = Path(path).read_text(encoding="utf-8")
-        return cls(text[:-1].split("\n") if text.endswith("\n") else text.split("\n"))
-
-
-def read_gene_list(path: str | Path) -> list[str]:
-    """One gene per line (first tab- or comma-separated field); blank lines and '#' comments skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExceiverInputError(f"gene list {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ExceiverInputError(f"gene list {path} is not a UTF-8 text file") from err
-    genes = []
-    for line in text.splitlines():
-        field = line.split("\t")[0].split(",")[0].strip()
-        if field and not field.startswith("#"):
-            genes.append(field)
-    if not genes:
-        raise ExceiverInputError(f"gene list {path} holds no genes")
-    return list(dict.fromkeys(genes))
-
-
-def dataset_genes(adata: ad.AnnData, gene_key: str | None = None) -> np.ndarray:
-    """The gene identifiers of a dataset: `var_names`, or a `var` column (missing values -> '')."""
-    if gene_key is None:
-        return np.char.strip(np.asarray(adata.var_names, dtype=object).astype(str))
-    if gene_key not in adata.var.columns:
-        raise ExceiverInputError(
-            f"gene_key {gene_key!r} is not a column of var; available columns: "
-            f"{list(adata.var.columns)}"
-        )
-    column = adata.var[gene_key]
-    return np.where(column.isna(), "", column.astype(str).str.strip()).astype(str)
 
 
 @dataclass

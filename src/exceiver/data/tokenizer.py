@@ -20,20 +20,44 @@ in place as the zero padding vector with value 1, and tokens use the full librar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 
-from exceiver.preprocess import GeneScaler, log_normalise, within_cell_ranks
-from exceiver.vocab import CellCounts
+from exceiver.data.cells import CellCounts
+from exceiver.data.preprocess import GeneScaler, log_normalise
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """How cells become tokens and queries; saved with a model, since inference must tokenize as
+    training did."""
+
+    max_tokens: int = 4096  # expressed genes per cell beyond this are subsampled
+    mask_fraction: float = 0.15  # fraction of a cell's expressed genes masked in pretraining
+    zero_query_ratio: float = 0.0  # zero-count genes queried per masked gene (0: off)
+    all_genes: bool = False  # every measured gene is a token, as in the original release
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.mask_fraction < 1.0:
+            raise ValueError(f"mask_fraction must be in [0, 1), got {self.mask_fraction}")
+        if self.zero_query_ratio < 0:
+            raise ValueError(f"zero_query_ratio must be >= 0, got {self.zero_query_ratio}")
+        if self.all_genes and self.zero_query_ratio > 0:  # zero genes are tokens there: no leak allowed
+            raise ValueError("zero-gene queries are not available when every measured gene is a token (paper mode)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: uniform 64-bit keys from integers (wrapping arithmetic)."""
     with np.errstate(over="ignore"):
         x = x.astype(np.uint64) + _GOLDEN
@@ -78,20 +102,18 @@ def make_batch(
     cells: CellCounts,
     rows: np.ndarray,
     scaler: GeneScaler,
+    tokenizer: TokenizerConfig,
     *,
-    pad_id: int,
-    max_tokens: int,
-    mask_fraction: float = 0.0,
-    zero_query_ratio: float = 0.0,
+    masked: bool = False,
     salt: int = 0,
-    all_genes: bool = False,
-    depth_tokens: bool = False,
-    ranks: bool = False,
 ) -> CellBatch:
-    """Tokenize cells `rows` of `cells` (vectorised over all their non-zero entries). With
-    `depth_tokens`, each cell's first two tokens state its depth (see `depth_token_values`). With
-    `ranks`, values are within-cell ranks: a token's among the cell's visible genes, a target's
-    among all its expressed genes (a zero-count gene's target is 0, below every expressed one)."""
+    """Tokenize cells `rows` of `cells` (vectorised over all their non-zero entries); `masked`:
+    with the pretraining task's masked genes (and sampled zero genes) as queries, else whole cells.
+    The padding id is the vocabulary size (the model's fixed zero vector)."""
+    max_tokens, all_genes = tokenizer.max_tokens, tokenizer.all_genes
+    mask_fraction = tokenizer.mask_fraction if masked else 0.0
+    zero_query_ratio = tokenizer.zero_query_ratio if masked else 0.0
+    pad_id = cells.counts.shape[1]
     rows = np.asarray(rows, dtype=np.int64)
     counts = cells.counts
     starts, ends = counts.indptr[rows], counts.indptr[rows + 1]
@@ -106,10 +128,10 @@ def make_batch(
 
     n_masked = masked_count(n_expr, mask_fraction, max_tokens)
     n_visible = n_expr - n_masked if all_genes else np.minimum(n_expr - n_masked, max_tokens)
-    cell_keys = _mix(_cell_keys(genes, offsets, n_expr) ^ _mix(np.uint64(salt % 2**64)))
+    cell_keys = mix64(_cell_keys(genes, offsets, n_expr) ^ mix64(np.uint64(salt % 2**64)))
     if mask_fraction > 0 or (n_visible < n_expr - n_masked).any():
         # A random order per cell: the first genes are masked, the next ones are tokens.
-        order = np.lexsort((_mix(cell_keys[entry_cell] ^ genes.astype(np.uint64)), entry_cell))
+        order = np.lexsort((mix64(cell_keys[entry_cell] ^ genes.astype(np.uint64)), entry_cell))
         genes, entry_counts = genes[order], entry_counts[order]
     rank = np.arange(total) - offsets[entry_cell]
     masked = rank < n_masked[entry_cell]
@@ -120,10 +142,6 @@ def make_batch(
     for entries, cell_library in ((visible, token_library), (masked, library)):
         values[entries] = scaler.values(genes[entries], log_normalise(
             entry_counts[entries], cell_library[entry_cell[entries]], scaler.target_sum))
-    if ranks:
-        full = scaler.values(genes, log_normalise(entry_counts, library[entry_cell], scaler.target_sum))
-        values[masked] = within_cell_ranks(full, entry_cell, n_cells)[masked]
-        values[visible] = within_cell_ranks(values[visible], entry_cell[visible], n_cells)
 
     if all_genes:
         gene_ids, token_values, token_mask, token_zero = _all_gene_tokens(
@@ -138,12 +156,6 @@ def make_batch(
         gene_ids[cell_v, slot_v] = genes[visible]
         token_values[cell_v, slot_v] = values[visible]
         token_mask[cell_v, slot_v] = True
-        if depth_tokens:
-            depth = depth_token_values(token_library, n_expr)
-            gene_ids = np.concatenate([np.broadcast_to(pad_id + np.array([2, 3]), depth.shape), gene_ids], 1)
-            token_values = np.concatenate([depth, token_values], 1)
-            token_mask = np.concatenate([np.ones(depth.shape, dtype=bool), token_mask], 1)
-            token_zero = np.concatenate([np.zeros(depth.shape, dtype=bool), token_zero], 1)
 
     zero_cell, zero_genes = _sample_zero_genes(
         cells, rows, np.rint(zero_query_ratio * n_masked).astype(np.int64), genes, entry_cell,
@@ -164,7 +176,7 @@ def make_batch(
         zero_offsets = np.cumsum(n_zero) - n_zero
         slot_z = n_masked[zero_cell] + np.arange(len(zero_cell)) - zero_offsets[zero_cell]
         query_ids[zero_cell, slot_z] = zero_genes
-        targets[zero_cell, slot_z] = 0.0 if ranks else scaler.zero_values(zero_genes)
+        targets[zero_cell, slot_z] = scaler.zero_values(zero_genes)
         query_mask[zero_cell, slot_z] = True
         query_is_zero[zero_cell, slot_z] = True
 
@@ -173,13 +185,6 @@ def make_batch(
         torch.from_numpy(token_zero), torch.from_numpy(query_ids), torch.from_numpy(targets), torch.from_numpy(query_mask),
         torch.from_numpy(query_is_zero), torch.from_numpy(rows),
     )
-
-
-def depth_token_values(library: np.ndarray, n_expressed: np.ndarray) -> np.ndarray:
-    """Values of the two depth tokens [cells, 2]: log total counts and log expressed genes, / 10
-    (about 0.5-1.2, the scale of gene values), so that the latents need not infer depth from the
-    gene values. Ids `pad_id + 2` and `pad_id + 3` carry them."""
-    return (np.log1p(np.stack([library, n_expressed], 1)) / 10).astype(np.float32)
 
 
 def _all_gene_tokens(
@@ -219,7 +224,7 @@ def _cell_keys(genes: np.ndarray, offsets: np.ndarray, n_expr: np.ndarray) -> np
     keys = np.zeros(len(n_expr), dtype=np.uint64)
     nonempty = n_expr > 0
     if len(genes):
-        keys[nonempty] = np.add.reduceat(_mix(genes), offsets[nonempty])  # wraps modulo 2**64
+        keys[nonempty] = np.add.reduceat(mix64(genes), offsets[nonempty])  # wraps modulo 2**64
     return keys
 
 
@@ -241,7 +246,7 @@ def _sample_zero_genes(
     draw_cell = np.repeat(np.arange(len(rows)), n_draws)
     draw_index = np.arange(len(draw_cell)) - np.repeat(np.cumsum(n_draws) - n_draws, n_draws)
     pool_size = (measured_offsets[sources + 1] - measured_offsets[sources])[draw_cell]
-    pick = _mix(cell_keys[draw_cell] ^ _mix(draw_index.astype(np.uint64) + np.uint64(1)))
+    pick = mix64(cell_keys[draw_cell] ^ mix64(draw_index.astype(np.uint64) + np.uint64(1)))
     genes = pool[measured_offsets[sources][draw_cell] + (pick % pool_size.astype(np.uint64)).astype(np.int64)]
     keys = draw_cell * n_genes + genes
     expressed_keys = entry_cell * n_genes + expressed_genes

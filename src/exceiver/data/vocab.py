@@ -1,0 +1,135 @@
+"""Gene vocabularies: the ordered list of gene identifiers that is the model's input space, and
+how a training vocabulary is built from datasets (the union of their genes, optionally restricted
+to a list such as protein-coding genes)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from exceiver.errors import ExceiverInputError
+
+log = logging.getLogger(__name__)
+
+class GeneVocab:
+    """An ordered list of unique gene identifiers; position i is the model's gene id i."""
+
+    def __init__(self, genes: Iterable[str]):
+        genes = [str(g) for g in genes]
+        if not genes:
+            raise ExceiverInputError("a gene vocabulary needs at least one gene")
+        index = pd.Index(genes)
+        if index.has_duplicates:
+            dups = index[index.duplicated()].unique()
+            raise ExceiverInputError(
+                f"gene vocabulary has {len(dups)} duplicated identifiers, e.g. {list(dups[:5])}"
+            )
+        bad = [g for g in genes if not g or g != g.strip() or any(c in g for c in "\t\r\n")]
+        if bad:
+            raise ExceiverInputError(
+                f"gene vocabulary has {len(bad)} identifiers that are empty, have surrounding "
+                f"whitespace or contain tabs/line breaks, e.g. {bad[:3]}"
+            )
+        self.genes = index
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GeneVocab) and self.genes.equals(other.genes)
+
+    def __repr__(self) -> str:
+        return f"GeneVocab({len(self):,} genes: {', '.join(self.genes[:3])}, ...)"
+
+    def ids(self, genes: Sequence[str]) -> np.ndarray:
+        """Vocabulary ids of `genes` (-1 where a gene is not in the vocabulary)."""
+        return self.genes.get_indexer(pd.Index(genes, dtype=object)).astype(np.int64)
+
+    @classmethod
+    def from_gene_lists(
+        cls, gene_lists: Iterable[Sequence[str]], restrict_to: Sequence[str] | None = None
+    ) -> GeneVocab:
+        """Union of several datasets' genes, in order of first appearance, optionally restricted
+        to a list (e.g. protein-coding genes)."""
+        seen: dict[str, None] = {}
+        for genes in gene_lists:
+            seen.update(dict.fromkeys(g for g in genes if g))
+        genes = list(seen)
+        if restrict_to is not None:
+            allowed = set(restrict_to)
+            genes = [g for g in genes if g in allowed]
+            if not genes:
+                raise ExceiverInputError(
+                    f"none of the datasets' {len(seen):,} genes is in the gene list of "
+                    f"{len(allowed):,} genes; do the identifiers match (symbols vs Ensembl ids)?"
+                )
+        return cls(genes)
+
+    def save(self, path: str | Path) -> None:
+        """One identifier per line, verbatim (`load` reads it back exactly)."""
+        Path(path).write_text("\n".join(self.genes) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> GeneVocab:
+        text = Path(path).read_text(encoding="utf-8")
+        return cls(text[:-1].split("\n") if text.endswith("\n") else text.split("\n"))
+
+
+def read_gene_list(path: str | Path) -> list[str]:
+    """One gene per line (first tab- or comma-separated field); blank lines and '#' comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExceiverInputError(f"gene list {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ExceiverInputError(f"gene list {path} is not a UTF-8 text file") from err
+    genes = []
+    for line in text.splitlines():
+        field = line.split("\t")[0].split(",")[0].strip()
+        if field and not field.startswith("#"):
+            genes.append(field)
+    if not genes:
+        raise ExceiverInputError(f"gene list {path} holds no genes")
+    return list(dict.fromkeys(genes))
+
+
+def dataset_genes(adata: ad.AnnData, gene_key: str | None = None) -> np.ndarray:
+    """The gene identifiers of a dataset: `var_names`, or a `var` column (missing values -> '')."""
+    if gene_key is None:
+        return np.char.strip(np.asarray(adata.var_names, dtype=object).astype(str))
+    if gene_key not in adata.var.columns:
+        raise ExceiverInputError(
+            f"gene_key {gene_key!r} is not a column of var; available columns: "
+            f"{list(adata.var.columns)}"
+        )
+    column = adata.var[gene_key]
+    return np.where(column.isna(), "", column.astype(str).str.strip()).astype(str)
+
+
+def gene_keys(datasets: list[tuple[str, ad.AnnData]], gene_key: str | None) -> list[str | None]:
+    """`gene_key` for each dataset that has that var column, var_names for the others (files of
+    one corpus often differ: Ensembl-indexed with a symbol column beside symbol-indexed)."""
+    if gene_key is None:
+        return [None] * len(datasets)
+    keys = [gene_key if gene_key in a.var.columns else None for _, a in datasets]
+    if not any(keys):
+        raise ExceiverInputError(f"gene_key {gene_key!r} is not a column of var in any dataset")
+    for (name, _), key in zip(datasets, keys):
+        if key is None:
+            log.info("%s has no var column %r: its genes are taken from var_names", name, gene_key)
+    return keys
+
+
+def build_vocab(datasets: list[tuple[str, ad.AnnData]], genes: str | Path | Sequence[str] | GeneVocab | None,
+                keys: list[str | None]) -> GeneVocab:
+    """The training vocabulary: the union of the datasets' genes, optionally restricted to a list."""
+    if isinstance(genes, GeneVocab):
+        return genes
+    restrict = read_gene_list(genes) if isinstance(genes, (str, Path)) else genes
+    return GeneVocab.from_gene_lists([dataset_genes(a, key) for (_, a), key in zip(datasets, keys)], restrict)

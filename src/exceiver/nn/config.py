@@ -1,0 +1,148 @@
+"""What a model is: its architecture (`ExceiverConfig`, heads declared explicitly), the weights of
+its pretraining objectives (`ObjectiveConfig`), and the presets that choose both and the
+tokenizer's settings in one name."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from exceiver.data.tokenizer import TokenizerConfig
+from exceiver.errors import ModelFileError
+
+
+@dataclass(frozen=True)
+class ExceiverConfig:
+    """The architecture of an Exceiver network: sizes and which heads exist."""
+
+    n_genes: int = 0  # vocabulary size, set from the data
+    gene_dim: int = 32  # gene embedding width (also the decoder's width)
+    n_latents: int = 32
+    latent_dim: int = 64
+    n_layers: int = 2  # processor self-attention blocks
+    n_heads: int = 4  # processor heads
+    cross_heads: int = 4  # encoder and decoder cross-attention heads
+    ff_dim: int = 256  # processor feed-forward width
+    cross_ff_mult: int = 4  # cross-attention feed-forward width, as a multiple of its input width
+    head_hidden: int = 0  # hidden width of the value and detection heads (0: gene_dim)
+    gene_bias: bool = False  # a learned per-gene offset on predicted values (starts at gene means)
+    dropout: float = 0.0
+    n_classes: int = 0  # > 0 adds the class-token head
+    class_hidden: int = 0  # hidden width of the class head (0: n_classes, as the original)
+    detection_head: bool = False  # says whether a queried gene is expressed (the detection objective)
+    projection_head: bool = False  # projects cell embeddings for the contrastive objective
+    paper_compatible: bool = False  # compute exactly as the original release (imported checkpoints)
+
+    def __post_init__(self) -> None:
+        sizes = dict(gene_dim=self.gene_dim, n_latents=self.n_latents, latent_dim=self.latent_dim,
+                     n_heads=self.n_heads, cross_heads=self.cross_heads, ff_dim=self.ff_dim,
+                     cross_ff_mult=self.cross_ff_mult)
+        small = [name for name, value in sizes.items() if value < 1]
+        if small or min(self.n_genes, self.n_layers, self.head_hidden, self.n_classes, self.class_hidden) < 0:
+            raise ValueError(f"model sizes must be positive (got {small or 'a negative size'})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for dim, heads, what in [
+            (self.latent_dim, self.n_heads, "latent_dim / n_heads"),
+            (self.latent_dim, self.cross_heads, "latent_dim / cross_heads"),
+            (self.gene_dim, self.cross_heads, "gene_dim / cross_heads"),
+        ]:
+            if dim % heads:
+                raise ValueError(f"{what} must divide evenly, got {dim} / {heads}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Weights of the pretraining objectives beside masked-value prediction (0 turns one off)."""
+
+    # Detection: a head says whether each queried gene is expressed (masked expressed genes vs
+    # sampled zero-count genes); which genes are on is identity, whatever the depth. The value
+    # head is then trained on expressed genes only.
+    detection_weight: float = 0.0
+    # Invariance: two random subsets of a cell's tokens must give embeddings that pick each other
+    # out of the batch (InfoNCE on projected mean latents).
+    contrastive_weight: float = 0.0
+    contrastive_keep: float = 0.5  # fraction of a cell's tokens in each view
+    contrastive_temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.detection_weight < 0 or self.contrastive_weight < 0:
+            raise ValueError("objective weights must be >= 0")
+        if not 0 < self.contrastive_keep <= 1 or self.contrastive_temperature <= 0:
+            raise ValueError("contrastive_keep must be in (0, 1] and contrastive_temperature > 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Overrides of each config's defaults."""
+
+    architecture: dict
+    tokenizer: dict = dataclasses.field(default_factory=dict)
+    objectives: dict = dataclasses.field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    # The released configuration of the original Exceiver (Connell et al. 2022).
+    "paper": Preset(architecture=dict(gene_dim=4, n_latents=128, latent_dim=4, n_layers=8, n_heads=4, cross_heads=4,
+                                      ff_dim=2048, cross_ff_mult=1, head_hidden=1)),
+    # Width chosen for quality per CPU-minute (docs/presets.md); objectives chosen by the embedding
+    # study (docs/evaluation.md): masked values + detection of expressed vs zero genes + a light
+    # contrastive term gave the best zero-shot cell identity with masked MSE still < 0.6x gene mean.
+    "default": Preset(
+        architecture=dict(gene_dim=32, n_latents=32, latent_dim=64, n_layers=2, n_heads=4, cross_heads=4, ff_dim=256,
+                          cross_ff_mult=4, gene_bias=True, class_hidden=64),
+        tokenizer=dict(zero_query_ratio=1.0),
+        objectives=dict(detection_weight=1.0, contrastive_weight=0.2),
+    ),
+}
+
+# Fields a user may set (`--set FIELD=VALUE`): derived ones (sizes from the data, heads from the
+# objectives, the original's computation) are not theirs to set.
+DERIVED = ("n_genes", "n_classes", "detection_head", "projection_head", "paper_compatible", "all_genes")
+CONFIGS = (ExceiverConfig, TokenizerConfig, ObjectiveConfig)
+
+
+def settable_fields() -> dict[str, type]:
+    """Every settable field of the three configs, with its type (the names are distinct)."""
+    return {f.name: type(getattr(cls(), f.name)) for cls in CONFIGS for f in dataclasses.fields(cls)
+            if f.name not in DERIVED}
+
+
+def pretraining_configs(preset: str = "default", n_genes: int = 0,
+                        **overrides) -> tuple[ExceiverConfig, TokenizerConfig, ObjectiveConfig]:
+    """The three configs of a pretraining run: a preset with overrides of any settable field; the
+    heads follow the objectives that train them. Raises ValueError on anything impossible."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    unknown = sorted(set(overrides) - set(settable_fields()))
+    if unknown:
+        raise ValueError(f"unknown or derived fields {unknown}; settable: {sorted(settable_fields())}")
+    chosen = PRESETS[preset]
+    parts = []
+    for cls, defaults in zip(CONFIGS, (chosen.architecture, chosen.tokenizer, chosen.objectives)):
+        names = {f.name for f in dataclasses.fields(cls)}
+        parts.append({**defaults, **{k: v for k, v in overrides.items() if k in names}})
+    tokenizer, objectives = TokenizerConfig(**parts[1]), ObjectiveConfig(**parts[2])
+    if objectives.detection_weight and not tokenizer.zero_query_ratio:
+        raise ValueError("detection_weight > 0 needs zero_query_ratio > 0 (zero genes to detect)")
+    architecture = ExceiverConfig(**parts[0], n_genes=n_genes, detection_head=objectives.detection_weight > 0,
+                                  projection_head=objectives.contrastive_weight > 0)
+    return architecture, tokenizer, objectives
+
+
+def from_dict(cls, values: dict, where: str):
+    """A config from a model folder's JSON, refusing unknown fields with a ModelFileError."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ModelFileError(f"{where}: unknown {cls.__name__} fields {unknown}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ModelFileError(f"{where}: invalid {cls.__name__} ({err})") from err

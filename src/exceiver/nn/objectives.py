@@ -1,0 +1,91 @@
+"""Pretraining objectives, each a function of the network and a batch: masked-value prediction,
+detection of expressed genes, and the contrastive term; `pretraining_loss` combines them into one
+`LossRecord` (the total to optimise and each part, to log)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from exceiver.data.tokenizer import CellBatch
+from exceiver.nn.config import ObjectiveConfig
+from exceiver.nn.network import ExceiverModule
+
+# Rows of every process's cells (in rank order, gradients flowing back) and this process's offset.
+Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+@dataclass
+class LossRecord:
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    n = mask.sum()
+    return ((pred - target) ** 2 * mask).sum() / n.clamp(min=1)
+
+
+def pretraining_loss(module: ExceiverModule, batch: CellBatch, objectives: ObjectiveConfig, *, salt: int,
+                     gather: Gather | None = None) -> LossRecord:
+    """Masked values (+ detection) (+ contrastive), weighted by `objectives`. With a detection head
+    the value head learns expressed genes only: a zero is the detection head's to predict."""
+    latents = module.encode(batch)
+    parts = {}
+    if objectives.detection_weight:
+        decoded = module.decode(latents, batch.query_ids)
+        values = module.values_from_decoded(decoded, batch.query_ids)
+        parts["masked_values"] = masked_mse(values, batch.targets, batch.query_mask & ~batch.query_is_zero)
+        logits = module.detection_head(decoded).squeeze(-1)[batch.query_mask]
+        parts["detection"] = F.binary_cross_entropy_with_logits(
+            logits, (~batch.query_is_zero[batch.query_mask]).float())
+    else:
+        values = module.predict_values(latents, batch.query_ids)
+        parts["masked_values"] = masked_mse(values, batch.targets, batch.query_mask)
+    if objectives.contrastive_weight:
+        parts["contrastive"] = contrastive_loss(module, latents, batch, objectives, salt=salt, gather=gather)
+    total = (parts["masked_values"] + objectives.detection_weight * parts.get("detection", 0.0)
+             + objectives.contrastive_weight * parts.get("contrastive", 0.0))
+    return LossRecord(total, parts)
+
+
+def contrastive_loss(module: ExceiverModule, latents: torch.Tensor, batch: CellBatch, objectives: ObjectiveConfig,
+                     *, salt: int, gather: Gather | None = None) -> torch.Tensor:
+    """InfoNCE between each cell's embedding from its tokens and from a random subset of them: the
+    other cells of the global batch (`gather`ed from every process) are the negatives, so the
+    embedding must say which cell this is from any part of its genes (identity), not how many
+    genes it has (depth)."""
+    subset = subset_tokens(batch.token_mask, objectives.contrastive_keep, batch.cells, salt=salt)
+    other = module.encode(batch, subset)
+    z = [F.normalize(module.projection(module.pool(x)), dim=-1) for x in (latents, other)]
+    gather = gather or (lambda x: (x, 0))
+    (everyone_full, offset), (everyone_part, _) = (gather(x) for x in z)
+    cells = offset + torch.arange(len(latents), device=latents.device)
+    temperature = objectives.contrastive_temperature
+    return (F.cross_entropy(z[0] @ everyone_part.T / temperature, cells)
+            + F.cross_entropy(z[1] @ everyone_full.T / temperature, cells)) / 2
+
+
+def subset_tokens(token_mask: torch.Tensor, keep: float, cells: torch.Tensor, salt: int = 0) -> torch.Tensor:
+    """A random `keep` fraction of each cell's real tokens (at least one). The draw is a hash of
+    (cell, token slot, salt), not of the global random state: a cell gets the same subset whichever
+    process or batch position it has (distributed runs then compute what one process would)."""
+    slots = torch.arange(token_mask.shape[1], device=token_mask.device)
+    salt = (salt * 7_919_000_000_017) % (1 << 62)
+    draw = _uniform_hash(cells[:, None].long() * 1_000_003 + slots[None, :] + salt)
+    subset = token_mask & (draw < keep)
+    empty = ~subset.any(dim=1) & token_mask.any(dim=1)
+    subset[empty, token_mask[empty].float().argmax(dim=1)] = True
+    return subset
+
+
+def _uniform_hash(keys: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) floats from int64 keys (splitmix64-style mixing, wrapping arithmetic)."""
+    x = keys + 0x3C6EF372FE94F82A
+    for shift, multiplier in ((30, -4658895280553007687), (27, -7723592293110705685)):
+        x = (x ^ ((x >> shift) & ((1 << (64 - shift)) - 1))) * multiplier
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return ((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)

@@ -1,0 +1,1 @@
+"""Training: settings, plans (LightningModules) and the one driver that runs them."""

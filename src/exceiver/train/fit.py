@@ -1,0 +1,138 @@
+"""The one training driver, used by `pretrain` and `finetune`: a Lightning Trainer over a plan and
+a data module, a time budget that the schedule follows, early stopping, and the output folder
+staged so that it appears only when the run succeeded."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from exceiver.data.datamodule import CellDataModule
+from exceiver.errors import TrainingError
+from exceiver.io import atomic_dir, check_output_dir
+from exceiver.train.config import TrainingConfig
+from exceiver.train.plans import TrainingPlan
+
+
+class TimeBudgetSchedule(Callback):
+    """With a time budget, re-plan the cosine horizon from the measured step time, so that the
+    decay ends when the budget does. Speed is measured from step `every` on (start-up excluded);
+    the warm-up is never changed; rank 0's estimate is broadcast so that all processes agree."""
+
+    def __init__(self, max_seconds: float, every: int = 25):
+        self.max_seconds, self.every = max_seconds, every
+
+    def on_train_start(self, trainer: L.Trainer, plan: TrainingPlan) -> None:
+        self.start, self.step_budget, self.mark = time.monotonic(), plan.planned_steps, None
+
+    def on_train_batch_end(self, trainer: L.Trainer, plan: TrainingPlan, *args) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every:
+            return
+        now = time.monotonic()
+        if self.mark is None:
+            self.mark = (now, step)
+            return
+        seconds_per_step = (now - self.mark[0]) / (step - self.mark[1])
+        remaining = (self.max_seconds - (now - self.start)) / seconds_per_step
+        planned = int(min(self.step_budget, step + max(remaining, 0)))
+        planned = trainer.strategy.broadcast(planned, src=0)
+        plan.planned_steps = max(planned, step + 1, plan.warmup_steps + 1)
+
+
+@dataclass
+class FitResult:
+    """What a run did: its best validation metrics and how it ended."""
+
+    best_metrics: dict
+    epochs: int
+    steps: int
+    seconds: float
+    stopped_by: str
+
+    def summary(self) -> dict:
+        return {**self.best_metrics, "epochs": self.epochs, "steps": self.steps, "seconds": self.seconds,
+                "stopped_by": self.stopped_by}
+
+
+class Trained(Protocol):
+    def write(self, folder: Path) -> None: ...
+
+
+def fit(plan: TrainingPlan, data: CellDataModule, training: TrainingConfig, out: str | Path | None = None, *,
+        build: Callable[[FitResult], Trained], overwrite: bool = False, progress: bool = True) -> Trained:
+    """Train with Lightning, load the best validated weights into `plan.module` (on the CPU, in
+    eval mode) and return `build(result)`, the trained model. Logs go to `out` (a scratch folder
+    without one), where the model then writes itself: the staged folder replaces `out` only if
+    everything succeeded. In a distributed run every process trains; only rank 0 writes."""
+    if out is not None:
+        check_output_dir(out, overwrite=overwrite)
+    callbacks: list[Callback] = [EarlyStopping(monitor=plan.monitor, mode="min", patience=training.patience)]
+    max_time = None
+    if training.max_minutes is not None:
+        max_time = {"seconds": training.max_minutes * 60}
+        callbacks.append(TimeBudgetSchedule(training.max_minutes * 60))
+    validation = {}
+    if training.val_every_steps:
+        validation = dict(val_check_interval=training.val_every_steps, check_val_every_n_epoch=None)
+    with _output_folder(out, overwrite) as folder:
+        trainer = L.Trainer(
+            accelerator=training.accelerator, devices=training.devices, num_nodes=training.num_nodes,
+            strategy=training.strategy, precision=training.precision, max_epochs=training.max_epochs,
+            max_time=max_time, **validation, gradient_clip_val=training.grad_clip, callbacks=callbacks,
+            logger=CSVLogger(save_dir=folder, name="logs", version=""), enable_checkpointing=False,
+            log_every_n_steps=max(1, min(10, data.n_train_cells // training.batch_size)),
+            enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+            default_root_dir=folder,
+            use_distributed_sampler=False,  # the loaders deal batches to processes themselves
+        )
+        start = time.monotonic()
+        with warnings.catch_warnings():
+            # Lightning's own use of a torch API deprecated in torch 2.13: noise for users.
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            trainer.fit(plan, datamodule=data)
+            if plan.best_state is None:  # the budget ended before the first validation
+                trainer.validate(plan, datamodule=data, verbose=False)
+        if plan.best_state is None:
+            raise TrainingError(
+                "training produced no finite validation loss (the loss diverged to NaN or infinity): "
+                "try a lower learning_rate or 32-bit precision"
+            )
+        plan.module.load_state_dict(plan.best_state)
+        plan.module.cpu().eval()
+        result = FitResult(dict(plan.best_metrics), trainer.current_epoch, trainer.global_step,
+                           round(time.monotonic() - start, 1), _stop_reason(trainer, training))
+        model = build(result)
+        if out is not None and trainer.is_global_zero:
+            model.write(Path(folder))
+    return model
+
+
+def _output_folder(out: str | Path | None, overwrite: bool) -> contextlib.AbstractContextManager:
+    """The output folder is staged by the process of rank 0 only (distributed runs start one
+    process per device, each running this function); other processes work in a scratch folder."""
+    if out is not None and rank_zero_only.rank == 0:
+        return atomic_dir(out, overwrite=overwrite)
+    return tempfile.TemporaryDirectory(prefix="exceiver-")
+
+
+def _stop_reason(trainer: L.Trainer, training: TrainingConfig) -> str:
+    stopper = trainer.early_stopping_callback
+    reason = getattr(stopper, "stopping_reason", None)  # Lightning >= 2.5
+    stopped = reason.name != "NOT_STOPPED" if reason is not None else getattr(stopper, "stopped_epoch", 0) > 0
+    if stopped:
+        return "early_stopping"
+    if trainer.current_epoch >= training.max_epochs:
+        return "max_epochs"
+    return "max_minutes"

@@ -1,0 +1,223 @@
+"""Training plans (LightningModules) that own the optimisation of an `ExceiverModule`.
+
+`TrainingPlan` holds what every run shares: the optimiser and its parameter groups, the warm-up
+and cosine schedule, and the one mechanism that keeps the best validated weights. Subclasses say
+what a step computes and how validation judges it: `PretrainingPlan` (the pretraining objectives,
+judged against the gene-mean baseline) and `ClassifierPlan` (cross-entropy on the class token).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchmetrics
+
+from exceiver.data.tokenizer import CellBatch
+from exceiver.nn.config import ObjectiveConfig
+from exceiver.nn.network import ExceiverModule
+from exceiver.nn.objectives import masked_mse, pretraining_loss
+from exceiver.train.config import TrainingConfig
+
+
+def lr_factor(step: int, warmup: int, planned: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at step `planned`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, planned - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TrainingPlan(L.LightningModule):
+    """Optimisation shared by every run; subclasses set `monitor` (lower is better) and call
+    `keep_if_best` with each validation round's metrics."""
+
+    monitor: str
+
+    def __init__(self, module: ExceiverModule, training: TrainingConfig):
+        super().__init__()
+        self.module, self.training_config = module, training
+        self.planned_steps: int | None = None  # the schedule's horizon (a time budget re-plans it)
+        self.warmup_steps = 0
+        self.best_metrics: dict[str, float] = {}
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def log_losses(self, total: torch.Tensor, parts: dict[str, torch.Tensor], batch_size: int) -> None:
+        for name, value in parts.items():
+            self.log(f"train_{name}", value, on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        self.log("train_loss", total, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size,
+                 sync_dist=True)
+
+    def keep_if_best(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Keep the weights of the best validation round so far (by `monitor`) in memory.
+        torchmetrics already reduced the metrics over processes, so every process agrees."""
+        value = float(metrics[self.monitor])
+        best = self.best_metrics.get(self.monitor, math.inf)
+        if not self.trainer.sanity_checking and value < best:  # NaN never counts as best
+            self.best_metrics = {k: float(v) for k, v in metrics.items()}
+            self.best_metrics |= {"best_epoch": self.current_epoch, "best_step": self.global_step}
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def configure_optimizers(self):
+        """AdamW with weight decay on matrices only, and a larger rate for per-gene parameters."""
+        if self.planned_steps is None:
+            self.planned_steps = int(self.trainer.estimated_stepping_batches)
+        cfg = self.training_config
+        self.warmup_steps = min(cfg.warmup_steps, max(1, self.planned_steps // 10))
+        decay, no_decay, genes = [], [], []
+        for name, param in self.module.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith(("gene_emb", "gene_bias")):
+                genes.append(param)
+            else:
+                (decay if param.dim() >= 2 else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+             {"params": genes, "weight_decay": 0.0, "lr": cfg.learning_rate * cfg.gene_lr_mult}],
+            lr=cfg.learning_rate,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, self.warmup_steps, self.planned_steps, cfg.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class PretrainingPlan(TrainingPlan):
+    """The pretraining objectives; validation compares masked-value predictions with the gene-mean
+    baseline (each masked gene predicted by its mean value over the training cells that express
+    it) on exactly the same masked genes."""
+
+    monitor = "val_masked_mse"
+
+    def __init__(self, module: ExceiverModule, objectives: ObjectiveConfig, gene_means: torch.Tensor,
+                 training: TrainingConfig, *, zero_queries: bool = False):
+        super().__init__(module, training)
+        self.objectives = objectives
+        # Without a detection head the value head predicts zero genes too: judge that apart.
+        self.judge_zeros = zero_queries and not objectives.detection_weight
+        self.register_buffer("gene_means", torch.as_tensor(gene_means, dtype=torch.float32), persistent=False)
+        self.val_mse = torchmetrics.MeanSquaredError()
+        self.val_baseline_mse = torchmetrics.MeanSquaredError()
+        self.val_pearson = torchmetrics.PearsonCorrCoef()
+        self.val_explained_variance = torchmetrics.ExplainedVariance()
+        self.val_zero_mse = torchmetrics.MeanSquaredError()
+
+    def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
+        salt = (self.training_config.seed << 32) + self.global_step  # fresh contrastive views every step and seed
+        record = pretraining_loss(self.module, batch, self.objectives, salt=salt, gather=self._gather_cells)
+        self.log_losses(record.total, {k: v for k, v in record.parts.items() if k != "masked_values"}, len(batch))
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return record.total
+
+    def _gather_cells(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Rows of `x` from every process, in rank order, with gradients flowing back to each
+        process's own rows; and the offset of this process's rows. Processes may hold different
+        numbers of cells (a short last batch): rows are padded for the gather and dropped after."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return x, 0
+        sizes = self.all_gather(torch.tensor(len(x), device=x.device)).reshape(-1).tolist()
+        padded = F.pad(x, (0, 0, 0, max(sizes) - len(x)))
+        gathered = self.all_gather(padded, sync_grads=True)  # [world, max rows, dim]
+        rows = torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
+        return rows, sum(sizes[:self.global_rank])
+
+    def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
+        pred = self.module(batch).float()
+        masked = batch.query_mask & ~batch.query_is_zero
+        y, y_hat = batch.targets[masked], pred[masked]
+        self.val_mse.update(y_hat, y)
+        self.val_baseline_mse.update(self.gene_means[batch.query_ids[masked]], y)
+        if y.numel():  # PearsonCorrCoef refuses empty updates
+            self.val_pearson.update(y_hat, y)
+        self.val_explained_variance.update(y_hat, y)
+        zeros = batch.query_mask & batch.query_is_zero
+        self.val_zero_mse.update(pred[zeros], batch.targets[zeros])
+
+    def on_validation_epoch_end(self) -> None:
+        mse, baseline = self.val_mse.compute(), self.val_baseline_mse.compute()
+        metrics = {"val_masked_mse": mse, "val_gene_mean_mse": baseline, "val_mse_ratio": mse / baseline,
+                   "val_pearson": self.val_pearson.compute(),
+                   "val_explained_variance": self.val_explained_variance.compute()}
+        if self.judge_zeros:
+            metrics["val_zero_mse"] = self.val_zero_mse.compute()
+        for metric in (self.val_mse, self.val_baseline_mse, self.val_pearson, self.val_explained_variance,
+                       self.val_zero_mse):
+            metric.reset()
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)
+        self.keep_if_best(metrics)
+
+
+class ClassifierPlan(TrainingPlan):
+    """Class-weighted cross-entropy on the class token (+ masked-value MSE unless frozen); keeps
+    the weights of the round with the lowest class-balanced validation cross-entropy, judged on
+    whole cells as `predict` sees them.
+
+    freeze: the latents stay the pretrained ones (gene embeddings, latent array, encoder and
+    processor frozen, run in eval mode); the class token's embedding, the decoder and the class
+    head train on whole cells.
+    """
+
+    monitor = "val_class_loss"
+
+    def __init__(self, module: ExceiverModule, training: TrainingConfig, labels: np.ndarray,
+                 class_weights: np.ndarray, *, freeze: bool, class_loss_weight: float, expression_loss_weight: float):
+        super().__init__(module, training)
+        self.register_buffer("labels", torch.as_tensor(labels), persistent=False)
+        self.register_buffer("class_weights", torch.as_tensor(class_weights), persistent=False)
+        self.freeze, self.class_loss_weight, self.expression_loss_weight = freeze, class_loss_weight, expression_loss_weight
+        n = module.config.n_classes
+        self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
+        self.val_macro_f1 = torchmetrics.classification.MulticlassF1Score(n, average="macro")
+        self.val_class_loss = torchmetrics.MeanMetric()
+        for name, param in module.named_parameters():
+            if freeze:
+                param.requires_grad = name.startswith(("class_head", "decoder")) or name == "gene_emb.weight"
+            elif expression_loss_weight == 0 and name.startswith(("value_head", "gene_bias")):
+                param.requires_grad = False  # unused without the expression loss (DDP wants no idle weights)
+
+    def on_train_batch_start(self, batch: CellBatch, batch_idx: int) -> None:
+        if self.freeze:  # frozen parts run in eval mode (no dropout): their latents are the pretrained ones
+            for part in (self.module.encoder, self.module.processor):
+                part.eval()
+
+    def _losses(self, batch: CellBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(logits, per-cell class-weighted cross-entropy, predicted values of queried genes, labels)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            latents = self.module.encode(batch)
+        logits = self.module.class_logits(latents)
+        labels = self.labels[batch.cells]
+        cell_losses = F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="none")
+        pred = self.module.predict_values(latents, batch.query_ids) if batch.query_ids.shape[1] else None
+        return logits, cell_losses, pred, labels
+
+    def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
+        logits, cell_losses, pred, labels = self._losses(batch)
+        parts = {"class_loss": cell_losses.sum() / self.class_weights[labels].sum()}  # the weighted mean
+        loss = self.class_loss_weight * parts["class_loss"]
+        if pred is not None and self.expression_loss_weight > 0:
+            parts["masked_values"] = masked_mse(pred, batch.targets, batch.query_mask)
+            loss = loss + self.expression_loss_weight * parts["masked_values"]
+        self.log_losses(loss, parts, len(batch))
+        self.log("train_accuracy", (logits.argmax(1) == labels).float().mean(), on_step=False, on_epoch=True,
+                 batch_size=len(batch), sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
+        logits, cell_losses, _, labels = self._losses(batch)
+        weights = self.class_weights[labels]  # over the whole validation set: the weighted mean
+        self.val_class_loss.update(cell_losses / weights, weight=weights)
+        self.val_accuracy.update(logits, labels)
+        self.val_macro_f1.update(logits, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {"val_class_loss": self.val_class_loss.compute(), "val_accuracy": self.val_accuracy.compute(),
+                   "val_macro_f1": self.val_macro_f1.compute()}
+        for metric in (self.val_class_loss, self.val_accuracy, self.val_macro_f1):
+            metric.reset()
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)
+        self.keep_if_best(metrics)
