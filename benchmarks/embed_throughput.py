@@ -16,11 +16,12 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from exceiver.infer import iterate_latents
-from exceiver.model import ExceiverConfig, ExceiverModule
-from exceiver.preprocess import GeneScaler
-from exceiver.tokenize import make_batch
-from exceiver.vocab import CellCounts
+from exceiver.data.cells import CellCounts
+from exceiver.data.preprocess import GeneScaler
+from exceiver.data.tokenizer import TokenizerConfig, make_batch
+from exceiver.inference import iterate_latents
+from exceiver.nn.config import ExceiverConfig, pretraining_configs
+from exceiver.nn.network import ExceiverModule
 
 N_GENES = 19_067
 
@@ -79,10 +80,12 @@ def dense_cells_per_s(cells: CellCounts, scaler: GeneScaler, config: ExceiverCon
     return cells.n_cells / (time.perf_counter() - start)
 
 
-def sparse_cells_per_s(cells: CellCounts, scaler: GeneScaler, config: ExceiverConfig, batch_size: int) -> float:
+def sparse_cells_per_s(cells: CellCounts, scaler: GeneScaler, config: ExceiverConfig, tokenizer: TokenizerConfig,
+                       batch_size: int) -> float:
     module = ExceiverModule(config).eval()
     start = time.perf_counter()
-    for _ in iterate_latents(module, cells, scaler, batch_size=batch_size, device=torch.device("cpu"), progress=False):
+    for _ in iterate_latents(module, cells, scaler, tokenizer, batch_size=batch_size, device=torch.device("cpu"),
+                             progress=False):
         pass
     return cells.n_cells / (time.perf_counter() - start)
 
@@ -108,17 +111,19 @@ def processor_cells_per_s(config, batch_size: int, *, train: bool, steps: int = 
 
 
 @torch.inference_mode()
-def max_difference_from_dense(cells: CellCounts, scaler: GeneScaler, config: ExceiverConfig) -> float:
+def max_difference_from_dense(cells: CellCounts, scaler: GeneScaler, config: ExceiverConfig,
+                              tokenizer: TokenizerConfig) -> float:
     """The sparse encoder's latents vs the same module fed every vocabulary gene as a token with
     a boolean mask over the expressed ones: the semantics match, so the outputs must too."""
     module = ExceiverModule(config).eval()
-    sparse = make_batch(cells, np.arange(cells.n_cells), scaler, pad_id=config.n_genes, max_tokens=config.max_tokens)
+    sparse = make_batch(cells, np.arange(cells.n_cells), scaler, tokenizer)
     values = np.zeros((cells.n_cells, N_GENES), dtype=np.float32)
     r, c = cells.counts.nonzero()
     values[r, c] = scaler.cell_values(cells)
     gene_ids = torch.arange(N_GENES).expand(cells.n_cells, -1)
-    dense = module.encode(gene_ids, torch.from_numpy(values), torch.from_numpy(cells.counts.toarray() > 0))
-    return float((module.encode(sparse.gene_ids, sparse.values, sparse.token_mask) - dense).abs().max())
+    dense = module.process(module.encode_tokens(gene_ids, torch.from_numpy(values),
+                                                torch.from_numpy(cells.counts.toarray() > 0)))
+    return float((module.encode(sparse) - dense).abs().max())
 
 
 def main() -> None:
@@ -132,17 +137,18 @@ def main() -> None:
     scaler = GeneScaler.fit(cells)
     print(f"{cells.n_cells} synthetic cells, {N_GENES:,} genes, median {int(np.median(cells.n_genes_expressed))} "
           f"expressed genes per cell, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    paper = ExceiverConfig.preset("paper", n_genes=N_GENES)
+    paper, paper_tokenizer, _ = pretraining_configs("paper", n_genes=N_GENES)
     for batch_size in args.batch_sizes:
         dense = dense_cells_per_s(cells.subset(np.arange(args.dense_cells)), scaler, paper, batch_size)
         print(f"batch {batch_size:>4}  {'dense original formulation, paper':<38} {dense:8.1f} cells/s   1.0x")
         for preset in ("paper", "default"):
-            rate = sparse_cells_per_s(cells, scaler, ExceiverConfig.preset(preset, n_genes=N_GENES), batch_size)
+            config, tokenizer, _ = pretraining_configs(preset, n_genes=N_GENES)
+            rate = sparse_cells_per_s(cells, scaler, config, tokenizer, batch_size)
             print(f"batch {batch_size:>4}  {'exceiver sparse tokens, ' + preset:<38} {rate:8.1f} cells/s {rate / dense:6.1f}x")
         processor = processor_cells_per_s(paper, batch_size, train=False)
         print(f"batch {batch_size:>4}  {'processor alone, paper (in both)':<38} {processor:8.1f} cells/s "
               f"{processor / dense:6.1f}x = the most sparsity can gain at this preset")
-    equal = max_difference_from_dense(cells.subset(np.arange(16)), scaler, paper)
+    equal = max_difference_from_dense(cells.subset(np.arange(16)), scaler, paper, paper_tokenizer)
     print(f"sparse vs dense (every gene a token, boolean mask), same weights: max |latent difference| {equal:.1e}")
 
 

@@ -32,6 +32,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
 from exceiver import Exceiver
+from exceiver.tl import impute
 
 
 def hold_out(counts: sp.csr_matrix, fraction: float, rng) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
@@ -139,10 +140,10 @@ def main() -> None:
     for path, model in zip(paths, models):
         start = time.time()
         needed = np.unique(np.r_[cols, zero_cols])
-        imputed = model.impute(masked_adata, list(genes[needed]), progress=False)
+        imputed = impute(model, masked_adata, list(genes[needed]), progress=False)
         column = np.searchsorted(needed, cols)
         zero_column = np.searchsorted(needed, zero_cols)
-        name = f"exceiver {path.name} (zero_query_ratio {model.config.zero_query_ratio})"
+        name = f"exceiver {path.name} (zero_query_ratio {model.tokenizer.zero_query_ratio})"
         results[name] = scores(imputed[rows, column], truth, cols, imputed[rows, zero_column])
         print(f"imputed with {path} in {time.time() - start:.0f} s")
 

@@ -29,7 +29,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from exceiver import Exceiver
-from exceiver.regulation import gene_dependencies, perturb, plot_dependencies
+from exceiver.tl import gene_dependencies, perturb, plot_dependencies
 
 REGULATORS = ["STAT1", "STAT2", "IRF1", "IRF7", "IRF9"]
 HALLMARKS = ["HALLMARK_INTERFERON_ALPHA_RESPONSE", "HALLMARK_INTERFERON_GAMMA_RESPONSE"]
@@ -152,7 +152,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
 
     model = Exceiver.load(args.model)
-    print(f"model {args.model}: {model}; zero_query_ratio {model.config.zero_query_ratio}")
+    print(f"model {args.model}: {model}; zero_query_ratio {model.tokenizer.zero_query_ratio}")
     kang = ad.read_h5ad(shared / "data" / "kang2018_ifnb_harmony_2000.h5ad")
     ctrl_all = kang[kang.obs["condition"] == "ctrl"]
     ctrl = ctrl_all[np.sort(rng.choice(ctrl_all.n_obs, size=min(args.cells, ctrl_all.n_obs), replace=False))].copy()

@@ -50,7 +50,7 @@ def write_cells(path: Path, n_cells: int, per_cell: int, seed: int = 0, chunk: i
 def step(name: str, n_cells: int, work: Path) -> dict:
     """One measured step, run in this (fresh) process."""
     import exceiver
-    from exceiver.corpus import build_corpus
+    from exceiver.data.corpus import build_corpus
 
     data, corpus, model = work / f"cells_{n_cells}.h5ad", work / f"corpus_{n_cells}", work / f"model_{n_cells}"
     start = time.perf_counter()

@@ -18,36 +18,36 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from embed_throughput import N_GENES, DenseOriginal, processor_cells_per_s, tabula_sapiens_like
-from exceiver.data import CellBatcher
-from exceiver.model import ExceiverConfig, ExceiverModule
-from exceiver.preprocess import GeneScaler
-from exceiver.train import masked_mse
+from exceiver.data.loaders import CellBatcher
+from exceiver.data.preprocess import GeneScaler
+from exceiver.nn.config import pretraining_configs
+from exceiver.nn.network import ExceiverModule
+from exceiver.nn.objectives import masked_mse
 
 
-def batches(cells, scaler, config, batch_size):
-    batcher = CellBatcher(cells, scaler, config, masked=True, seed=0)
+def batches(cells, scaler, tokenizer, batch_size):
+    batcher = CellBatcher(cells, scaler, tokenizer, masked=True, seed=0)
     return [batcher(list(range(i, min(i + batch_size, cells.n_cells)))) for i in range(0, cells.n_cells, batch_size)]
 
 
-def loader_cells_per_s(cells, scaler, config, batch_size) -> float:
+def loader_cells_per_s(cells, scaler, tokenizer, batch_size) -> float:
     start = time.perf_counter()
-    batches(cells, scaler, config, batch_size)
+    batches(cells, scaler, tokenizer, batch_size)
     return cells.n_cells / (time.perf_counter() - start)
 
 
 def train_step(module: ExceiverModule, optimizer, batch) -> None:
-    latents = module.encode(batch.gene_ids, batch.values, batch.token_mask, batch.token_zero)
-    loss = masked_mse(module.predict_values(latents, batch.query_ids), batch.targets, batch.query_mask)
+    loss = masked_mse(module(batch), batch.targets, batch.query_mask)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
 
 
-def sparse_train(cells, scaler, config, batch_size) -> tuple[float, float]:
+def sparse_train(cells, scaler, config, tokenizer, batch_size) -> tuple[float, float]:
     """cells/s of training steps (tokenized beforehand) and FLOPs per cell."""
     module = ExceiverModule(config).train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-    prepared = batches(cells, scaler, config, batch_size)
+    prepared = batches(cells, scaler, tokenizer, batch_size)
     with FlopCounterMode(display=False) as counter:
         train_step(module, optimizer, prepared[0])
     flops_per_cell = counter.get_total_flops() / len(prepared[0])
@@ -97,13 +97,13 @@ def main() -> None:
     print(f"{cells.n_cells} synthetic cells, {N_GENES:,} genes, median {int(np.median(cells.n_genes_expressed))} "
           f"expressed genes per cell, batch {args.batch_size}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; float32 matmul: {peak / 1e9:.1f} GFLOP/s")
-    paper = ExceiverConfig.preset("paper", n_genes=N_GENES)
+    paper = pretraining_configs("paper", n_genes=N_GENES)[0]
     dense = dense_train(cells.subset(np.arange(args.dense_cells)), scaler, paper, args.batch_size)
     print(f"{'dense original formulation, paper (lower bound)':<50} train {dense:8.1f} cells/s   1.0x")
     for preset in ("paper", "default"):
-        config = ExceiverConfig.preset(preset, n_genes=N_GENES)
-        rate, flops = sparse_train(cells, scaler, config, args.batch_size)
-        loader = loader_cells_per_s(cells, scaler, config, args.batch_size)
+        config, tokenizer, _ = pretraining_configs(preset, n_genes=N_GENES)
+        rate, flops = sparse_train(cells, scaler, config, tokenizer, args.batch_size)
+        loader = loader_cells_per_s(cells, scaler, tokenizer, args.batch_size)
         mfu = rate * flops / peak
         print(f"{'exceiver sparse tokens, ' + preset:<50} train {rate:8.1f} cells/s {rate / dense:6.1f}x   "
               f"loader alone {loader:8.1f} cells/s   {flops / 1e9:.2f} GFLOP/cell, MFU {100 * mfu:.0f}%")

@@ -8,8 +8,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import exceiver
 from exceiver import Exceiver, ExceiverInputError, ModelFileError, pretrain
+from exceiver.train.plans import PretrainingPlan
 
 from conftest import TINY, synthetic_counts
 
@@ -40,7 +40,7 @@ def test_save_load_gives_identical_outputs(tiny_model_dir, tmp_path):
     model.save(tmp_path / "copy")
     again = Exceiver.load(tmp_path / "copy").embed(adata, progress=False)
     np.testing.assert_array_equal(first, again)
-    flat = model.embed(adata, key="X_flat", pooling="flatten", progress=False)
+    flat = model.embed(adata, key_added="X_flat", pooling="flatten", progress=False)
     assert flat.shape == (50, TINY["n_latents"] * TINY["latent_dim"])
     # The mean embedding is the mean of the flattened latents.
     np.testing.assert_allclose(flat.reshape(50, TINY["n_latents"], -1).mean(1), first, atol=1e-5)
@@ -129,7 +129,7 @@ def test_load_refuses_weights_from_another_model(tiny_model_dir, tmp_path):
                                              r"1 unexpected weights \(e.g. encoder.layer.0.weight\)"):
         Exceiver.load(folder)
     config = json.loads((tiny_model_dir / "config.json").read_text())
-    config["model"]["gene_dim"] = 16
+    config["architecture"]["gene_dim"] = 16
     (folder / "config.json").write_text(json.dumps(config))
     shutil.copy(tiny_model_dir / "model.safetensors", folder / "model.safetensors")
     with pytest.raises(ModelFileError, match=r"wrong shape.*gene_emb.weight \(202, 8\) vs \(202, 16\)"):
@@ -146,11 +146,11 @@ def test_pretrain_leaves_no_partial_folder_on_failure(tmp_path, monkeypatch):
         pretrain(bad, out, model=TINY, max_epochs=1, progress=False)
     assert not out.exists() and not _leftovers(tmp_path)
 
-    def broken_fit(plan, data, training, folder, progress):
+    def broken_write(self, folder):
         (folder / "half-written").write_text("x")
         raise RuntimeError("training crashed")
 
-    monkeypatch.setattr(exceiver.api, "fit", broken_fit)
+    monkeypatch.setattr(Exceiver, "write", broken_write)
     with pytest.raises(RuntimeError, match="training crashed"):
         pretrain(synthetic_counts(n_cells=30), out, model=TINY, max_epochs=1, progress=False)
     assert not out.exists() and not _leftovers(tmp_path)
@@ -207,13 +207,14 @@ def test_gene_key_applies_to_the_datasets_that_have_it(caplog):
         pretrain([symbols, ensembl], None, model=TINY, gene_key="symbol", max_epochs=1, progress=False)
 
 
+@pytest.mark.slow
 def test_stop_reasons_are_reported(monkeypatch):
     timed = pretrain(synthetic_counts(n_cells=200), None, model=TINY, max_epochs=1000, max_minutes=0.03,
                      batch_size=8, progress=False)
     assert timed.metrics["stopped_by"] == "max_minutes" and timed.metrics["epochs"] < 1000
 
-    original = exceiver.train.PretrainingPlan.training_step
-    monkeypatch.setattr(exceiver.train.PretrainingPlan, "training_step",
+    original = PretrainingPlan.training_step
+    monkeypatch.setattr(PretrainingPlan, "training_step",
                         lambda self, batch, i: 0.0 * original(self, batch, i))  # weights never move
     stuck = pretrain(synthetic_counts(n_cells=60), None, model=TINY, max_epochs=50, patience=2,
                      weight_decay=0.0, progress=False)
@@ -229,7 +230,7 @@ def test_predict_values_of_chosen_genes(tiny_model_dir, counts_adata):
     with pytest.raises(ExceiverInputError, match="not in the model's vocabulary"):
         model.predict_values(counts_adata, ["NOT_A_GENE"], progress=False)
     with pytest.raises(ExceiverInputError, match="no class head"):
-        model.predict_logits(counts_adata, progress=False)
+        model.predict_proba(counts_adata, progress=False)
 
 
 def test_paper_compatible_models_pretrain_save_and_load(tmp_path):
@@ -247,5 +248,39 @@ def test_pretraining_refuses_a_class_head_and_paper_mode_refuses_zero_queries(tm
     with pytest.raises(ExceiverInputError, match="use finetune"):
         pretrain(synthetic_counts(), tmp_path / "m", model={**TINY, "n_classes": 3}, max_epochs=1, progress=False)
     assert not (tmp_path / "m").exists()
-    with pytest.raises(ValueError, match="not available in paper-compatible mode"):
-        exceiver.ExceiverConfig(paper_compatible=True, zero_query_ratio=1.0)
+    with pytest.raises(ExceiverInputError, match="not available when every measured gene is a token"):
+        pretrain(synthetic_counts(), None, model={**TINY, "paper_compatible": True, "zero_query_ratio": 1.0})
+
+
+def test_a_model_remembers_its_gene_key_and_layer(tmp_path):
+    """Data shaped like the training data needs no gene_key / layer again; a call can override."""
+    adata = synthetic_counts(n_cells=60, seed=6, prefix="ENSG")
+    adata.var["symbol"] = [f"G{j:04d}" for j in range(adata.n_vars)]
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X * 0.5  # X holds something else than counts
+    pretrain(adata, tmp_path / "m", model=TINY, gene_key="symbol", layer="counts", max_epochs=1, progress=False)
+    model = Exceiver.load(tmp_path / "m")
+    assert (model.gene_key, model.layer) == ("symbol", "counts") and model.vocab.genes[0] == "G0000"
+    new = synthetic_counts(n_cells=20, seed=7, prefix="ENSG")
+    new.var["symbol"] = [f"G{j:04d}" for j in range(new.n_vars)]
+    new.layers["counts"] = new.X.copy()
+    remembered = model.embed(new, inplace=False, progress=False)
+    explicit = model.embed(new, inplace=False, gene_key="symbol", layer="counts", progress=False)
+    np.testing.assert_array_equal(remembered, explicit)
+    symbols = synthetic_counts(n_cells=20, seed=7)  # symbols as var_names, counts in X: no column, no layer
+    np.testing.assert_allclose(model.embed(symbols, inplace=False, progress=False), remembered, atol=1e-6)
+    no_symbols = new.copy()
+    del no_symbols.var["symbol"]  # Ensembl ids alone do not match the model's symbols
+    with pytest.raises(ExceiverInputError, match="none of its 200 genes is in the model's vocabulary"):
+        model.embed(no_symbols, inplace=False, progress=False)
+
+
+def test_embed_returns_or_writes_under_key_added(tiny_model_dir):
+    model = Exceiver.load(tiny_model_dir)
+    adata = synthetic_counts(n_cells=10, seed=8)
+    returned = model.embed(adata, inplace=False, progress=False)
+    assert "X_exceiver" not in adata.obsm and "exceiver" not in adata.uns
+    written = model.embed(adata, key_added="X_mine", progress=False)
+    np.testing.assert_array_equal(adata.obsm["X_mine"], returned)
+    np.testing.assert_array_equal(written, returned)
+    assert adata.uns["exceiver"]["X_mine"] == {"pooling": "mean", "n_genes": 200}

@@ -7,12 +7,21 @@ from exceiver.cli import main
 from conftest import synthetic_counts
 
 
-@pytest.mark.parametrize("command", ["pretrain", "embed", "demo"])
-def test_every_command_has_help(command, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main([command, "--help"])
-    assert exit_.value.code == 0
-    assert "usage: exceiver " + command in capsys.readouterr().out
+COMMANDS = ["pretrain", "embed", "build-corpus", "finetune", "predict", "impute", "perturb", "evaluate", "demo",
+            "import-original"]
+
+
+def test_every_command_has_help(capsys):
+    """Every subcommand the parser knows (read from the parser, so a new one cannot be missed)."""
+    from exceiver.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert sorted(subcommands) == sorted(COMMANDS)
+    for command in subcommands:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        assert "usage: exceiver " + command in capsys.readouterr().out
 
 
 def test_pretrain_then_embed_from_the_command_line(counts_file, tmp_path, capsys):
@@ -40,8 +49,9 @@ def test_cli_errors_are_clear_and_leave_no_output(tiny_model_dir, tmp_path, caps
     assert "does not exist" in capsys.readouterr().err
     counts = tmp_path / "counts.h5ad"
     synthetic_counts(n_cells=10).write_h5ad(counts)
-    assert main(["-q", "embed", str(tiny_model_dir), str(counts), "--out", str(out), "--pooling", "cell"]) == 2
-    assert "pooling 'cell' needs a model pretrained with a cell query" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the retired cell-query pooling
+        main(["-q", "embed", str(tiny_model_dir), str(counts), "--out", str(out), "--pooling", "cell"])
+    assert "invalid choice: 'cell'" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -51,25 +61,32 @@ def test_pretrain_set_overrides_model_fields_and_refuses_bad_ones(counts_file, t
     out = tmp_path / "model"
     assert main(["-q", "pretrain", str(counts_file), "--out", str(out), "--max-epochs", "1", "--batch-size", "32",
                  "--set", "n_latents=8", "--set", "latent_dim=16", "--set", "zero_query_ratio=0.5",
-                 "--set", "value_encoding=rank", "--set", "depth_tokens=true"]) == 0
-    config = json.loads((out / "config.json").read_text())["model"]
-    assert (config["n_latents"], config["latent_dim"], config["zero_query_ratio"]) == (8, 16, 0.5)
-    assert config["value_encoding"] == "rank" and config["depth_tokens"] is True
+                 "--set", "contrastive_weight=0", "--set", "gene_bias=false"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    architecture, tokenizer, objectives = config["architecture"], config["tokenizer"], config["objectives"]
+    assert (architecture["n_latents"], architecture["latent_dim"], tokenizer["zero_query_ratio"]) == (8, 16, 0.5)
+    assert objectives["contrastive_weight"] == 0 and not architecture["projection_head"]
+    assert architecture["gene_bias"] is False and architecture["detection_head"]
     with pytest.raises(SystemExit):
         main(["pretrain", str(counts_file), "--out", str(tmp_path / "x"), "--set", "n_latents=many"])
     assert "n_latents needs a int" in capsys.readouterr().err
     assert main(["-q", "pretrain", str(counts_file), "--out", str(tmp_path / "y"), "--set", "zero_query_ratio=0"]) == 2
     assert "needs zero_query_ratio" in capsys.readouterr().err and not (tmp_path / "y").exists()
-    assert main(["-q", "pretrain", str(counts_file), "--out", str(tmp_path / "z"), "--set", "value_encoding=log"]) == 2
-    assert "value_encoding must be one of" in capsys.readouterr().err
+    for retired in ("value_encoding=rank", "depth_tokens=true", "cell_query=true", "detection_head=false"):
+        with pytest.raises(SystemExit):
+            main(["pretrain", str(counts_file), "--out", str(tmp_path / "z"), "--set", retired])
+        assert "expected FIELD=VALUE with FIELD one of" in capsys.readouterr().err
 
 
 def test_training_options_reach_the_training_config():
-    from exceiver.cli import TRAINING_OPTIONS, build_parser
+    from exceiver.cli import build_parser, training_options
+    from exceiver.train.config import training_config
 
     args = build_parser().parse_args(["pretrain", "x.h5ad", "--out", "m", "--num-nodes", "2", "--devices", "4",
                                       "--strategy", "ddp", "--precision", "bf16-mixed"])
-    training = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+    training = training_options(args)
     assert training == {"num_nodes": 2, "devices": 4, "strategy": "ddp", "precision": "bf16-mixed"}
-    import exceiver
-    assert exceiver.TrainingConfig(**training).num_nodes == 2
+    assert training_config(training).num_nodes == 2
+    finetuning = build_parser().parse_args(["finetune", "m", "x.h5ad", "--label-key", "c", "--out", "f",
+                                            "--max-epochs", "3", "--learning-rate", "0.01"])
+    assert training_options(finetuning) == {"max_epochs": 3, "learning_rate": 0.01}

@@ -104,6 +104,7 @@ def test_reconstruction_baselines_use_only_visible_values():
     assert scores["model"]["mse_ratio"] == pytest.approx(0.125)
 
 
+@pytest.mark.slow
 def test_evaluate_writes_a_complete_report(tiny_model_dir, tmp_path):
     adata = synthetic_counts(n_cells=90, seed=5)
     adata.obs["batch"] = np.tile(["b1", "b2", "b3"], 30)
@@ -153,6 +154,7 @@ def test_gene_map_sums_counts_matches_case_insensitively_and_refuses_no_overlap(
         map_genes(adata, pairs.assign(data=["x", "y", "z", "w"]))
 
 
+@pytest.mark.slow
 def test_evaluate_from_the_command_line_with_a_gene_map(tiny_model_dir, tmp_path, capsys):
     adata = synthetic_counts(n_cells=60, seed=4, prefix="m")  # "mouse" names m0000 ...
     data = tmp_path / "mouse.h5ad"

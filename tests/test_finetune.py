@@ -87,6 +87,7 @@ def test_classifiers_start_from_the_pretrained_weights_or_from_scratch(tiny_mode
     assert clf.metrics["mode"] == "scratch" and clf.classes == ["type0", "type1", "type2"]
 
 
+@pytest.mark.slow
 def test_full_finetuning_learns_a_shared_dataset(shared_dir, tmp_path):
     """Four PBMC types of pbmc3k: the classifier's training loss falls and it fits its training
     cells (the logged epoch accuracy), from a briefly pretrained tiny model."""

@@ -79,7 +79,7 @@ def test_our_preprocessing_and_model_reproduce_the_original_inference(reference,
     model, z, adata = load(reference, kind)
     model.module.double()
     cells = model.cells(adata)
-    batch = make_batch(cells, np.arange(8), model.scaler, TokenizerConfig(max_tokens=model.config.max_tokens, all_genes=True))
+    batch = make_batch(cells, np.arange(8), model.scaler, TokenizerConfig(max_tokens=model.tokenizer.max_tokens, all_genes=True))
     assert batch.gene_ids.shape == (8, 19067) and batch.token_mask.all()
     assert (~batch.token_zero).sum().item() == len(z["csr_data"])  # expressed genes are the non-zero ones
     np.testing.assert_allclose(batch.values.numpy(), z["inf_gene_vals"], rtol=0, atol=1e-5)

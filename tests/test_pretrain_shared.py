@@ -2,9 +2,11 @@
 
 import csv
 
+import anndata as ad
 import pytest
 
 from exceiver import Exceiver, pretrain
+from exceiver.data.vocab import read_gene_list
 
 from conftest import TINY
 
@@ -34,4 +36,8 @@ def test_two_real_datasets_with_different_gene_sets(shared_dir, tmp_path):
     with pytest.warns(UserWarning, match="scde_mouse_esc_mef_40: only"):
         model = pretrain(files, None, model=TINY, genes=genes, max_epochs=1, progress=False)
     assert model.metrics["datasets"]["pbmc_small_seuratobject_80"] == 80
-    assert len(model.vocab) < 19218
+    # The vocabulary: both files' genes in order of first appearance, restricted to the gene list.
+    union = list(dict.fromkeys(g for f in files for g in ad.read_h5ad(f, backed="r").var_names))
+    allowed = set(read_gene_list(genes))
+    expected = [g for g in union if g in allowed]
+    assert list(model.vocab.genes) == expected and 0 < len(expected) < len(union)

@@ -8,10 +8,11 @@ import scipy.sparse as sp
 import torch
 
 from exceiver import Exceiver, ExceiverInputError
+from exceiver.tl import gene_dependencies, impute, perturb
 from exceiver.cli import main
 from exceiver.tl import perturbation as perturb_module
 from exceiver.tl.edit import knockout, set_value
-from exceiver.data.tokenizer import TokenizerConfig, make_batch
+from exceiver.data.tokenizer import make_batch
 
 from conftest import TINY, synthetic_counts
 
@@ -28,7 +29,7 @@ def adata():
 
 def _batch(model, adata):
     cells = model.cells(adata)
-    return make_batch(cells, np.arange(cells.n_cells), model.scaler, TokenizerConfig(max_tokens=model.config.max_tokens))
+    return make_batch(cells, np.arange(cells.n_cells), model.scaler, model.tokenizer)
 
 
 def _tokens(batch, row):
@@ -77,14 +78,14 @@ def test_overexpress_changes_only_the_intended_input(model, adata):
 def test_setting_a_gene_to_its_own_level_changes_nothing(model, adata):
     one = adata[[int(np.flatnonzero(adata[:, "G0003"].X.toarray().ravel())[0])]].copy()
     level = float(np.log1p(one[:, "G0003"].X.toarray()[0, 0] * 1e4 / one.X.sum()))
-    effects = model.perturb(one, "G0003", level, progress=False)
+    effects = perturb(model, one, "G0003", level, progress=False)
     assert effects["mode"].eq("set").all() and effects["n_cells"].eq(1).all()
     np.testing.assert_allclose(effects["mean_shift"], 0.0, atol=1e-4)
     assert effects["fraction_affected"].eq(0).all()
 
 
 def test_perturb_reports_per_gene_effects_consistent_with_predictions(model, adata):
-    effects = model.perturb(adata, ["G0003", "G0010"], "knockout", progress=False)
+    effects = perturb(model, adata, ["G0003", "G0010"], "knockout", progress=False)
     assert list(effects.columns) == ["perturbed_gene", "mode", "level", "gene", "n_cells", "baseline_mean",
                                      "perturbed_mean", "mean_shift", "effect_size", "fraction_affected"]
     assert len(effects) == 2 * 200 and set(effects["perturbed_gene"]) == {"G0003", "G0010"}
@@ -102,7 +103,7 @@ def test_perturb_reports_per_gene_effects_consistent_with_predictions(model, ada
 
 
 def test_overexpress_uses_a_high_quantile_of_expression(model, adata):
-    effects = model.perturb(adata, "G0003", "overexpress", quantile=0.9, progress=False)
+    effects = perturb(model, adata, "G0003", "overexpress", quantile=0.9, progress=False)
     x = adata[:, "G0003"].X.toarray().ravel()
     expressed = x > 0
     level = np.quantile(np.log1p(x[expressed] * 1e4 / np.asarray(adata.X.sum(1)).ravel()[expressed]), 0.9)
@@ -111,22 +112,23 @@ def test_overexpress_uses_a_high_quantile_of_expression(model, adata):
 
 
 def test_perturb_is_reproducible_across_batch_sizes_and_cell_order(model, adata):
-    first = model.perturb(adata, "G0003", "overexpress", batch_size=7, progress=False)
-    again = model.perturb(adata[::-1].copy(), "G0003", "overexpress", batch_size=64, progress=False)
+    first = perturb(model, adata, "G0003", "overexpress", batch_size=7, progress=False)
+    again = perturb(model, adata[::-1].copy(), "G0003", "overexpress", batch_size=64, progress=False)
     pd.testing.assert_frame_equal(first.set_index("gene").sort_index(), again.set_index("gene").sort_index(),
                                   atol=1e-5, check_exact=False)
 
 
 def test_perturb_by_group(model, adata):
-    effects = model.perturb(adata, "G0003", "overexpress", groupby="cell_type", progress=False)
+    effects = perturb(model, adata, "G0003", "overexpress", groupby="cell_type", progress=False)
     counts = adata.obs["cell_type"].value_counts()
     assert sorted(effects["group"].unique()) == sorted(counts.index)
     for group, part in effects.groupby("group"):
         assert part["n_cells"].iloc[0] == counts[group] and len(part) == 200
-    one = model.perturb(adata, "G0003", "overexpress", groupby="cell_type", groups=["type1"], progress=False)
+    one = perturb(model, adata, "G0003", "overexpress", groupby="cell_type", groups=["type1"], progress=False)
     assert set(one["group"]) == {"type1"}
 
 
+@pytest.mark.slow
 def test_memory_is_bounded_by_the_batch_not_the_cells(model, monkeypatch):
     shapes = []
     original = perturb_module.decode_values
@@ -137,49 +139,49 @@ def test_memory_is_bounded_by_the_batch_not_the_cells(model, monkeypatch):
 
     monkeypatch.setattr(perturb_module, "decode_values", recording)
     many = synthetic_counts(n_cells=600, seed=12)
-    effects = model.perturb(many, "G0003", "overexpress", batch_size=16, progress=False)
+    effects = perturb(model, many, "G0003", "overexpress", batch_size=16, progress=False)
     assert max(shapes) <= 16 and sum(shapes) == 2 * 600  # unperturbed + perturbed, batch by batch
     assert effects["n_cells"].iloc[0] == 600
 
 
 def test_perturb_errors(model, adata):
     with pytest.raises(ExceiverInputError, match="not in the model's vocabulary"):
-        model.perturb(adata, "NOTAGENE", progress=False)
+        perturb(model, adata, "NOTAGENE", progress=False)
     silent = adata.copy()
     x = silent.X.toarray()
     x[:, 3] = 0
     silent.X = sp.csr_matrix(x)
     with pytest.raises(ExceiverInputError, match="G0003 is not expressed in any of the 40 selected cells"):
-        model.perturb(silent, "G0003", "knockout", progress=False)
+        perturb(model, silent, "G0003", "knockout", progress=False)
     with pytest.raises(ExceiverInputError, match="pass a log-normalised level"):
-        model.perturb(silent, "G0003", "overexpress", progress=False)
-    assert model.perturb(silent, "G0003", 2.0, progress=False)["n_cells"].iloc[0] == 40
+        perturb(model, silent, "G0003", "overexpress", progress=False)
+    assert perturb(model, silent, "G0003", 2.0, progress=False)["n_cells"].iloc[0] == 40
     with pytest.raises(ExceiverInputError, match="unknown mode"):
-        model.perturb(adata, "G0003", "upregulate", progress=False)
+        perturb(model, adata, "G0003", "upregulate", progress=False)
     with pytest.raises(ExceiverInputError, match="finite number >= 0"):
-        model.perturb(adata, "G0003", -1.0, progress=False)
+        perturb(model, adata, "G0003", -1.0, progress=False)
     with pytest.raises(ExceiverInputError, match="not an obs column"):
-        model.perturb(adata, "G0003", groupby="tissue", progress=False)
+        perturb(model, adata, "G0003", groupby="tissue", progress=False)
     with pytest.raises(ExceiverInputError, match="not values of obs"):
-        model.perturb(adata, "G0003", groupby="cell_type", groups=["neuron"], progress=False)
+        perturb(model, adata, "G0003", groupby="cell_type", groups=["neuron"], progress=False)
     with pytest.raises(ExceiverInputError, match="more than once"):
-        model.perturb(adata, ["G0003", "G0003"], progress=False)
+        perturb(model, adata, ["G0003", "G0003"], progress=False)
 
 
 def test_untrained_genes_are_refused(tiny_model_dir):
     model = Exceiver.load(tiny_model_dir)
     model.scaler.n_expressed[7] = 0  # as if no training cell had expressed G0007
     with pytest.raises(ExceiverInputError, match="never expressed in the model's training cells"):
-        model.impute(synthetic_counts(n_cells=5), ["G0007"], progress=False)
+        impute(model, synthetic_counts(n_cells=5), ["G0007"], progress=False)
 
 
 def test_impute_writes_a_layer_on_the_log_normalised_scale(model, adata):
     extra = ad.AnnData(sp.hstack([adata.X, sp.csr_matrix(np.ones((40, 2), np.float32))], format="csr"),
                        obs=adata.obs, var=pd.DataFrame(index=list(adata.var_names) + ["X1", "X2"]))
-    imputed = model.impute(extra, progress=False)
+    imputed = impute(model, extra, progress=False)
     assert extra.layers["exceiver_imputed"] is imputed and imputed.shape == (40, 202) and imputed.dtype == np.float32
     assert np.isnan(imputed[:, 200:]).all() and (imputed[:, :200] >= 0).all()
-    subset = model.impute(adata, ["G0010", "G0002"], progress=False)
+    subset = impute(model, adata, ["G0010", "G0002"], progress=False)
     assert "exceiver_imputed" not in adata.layers and subset.shape == (40, 2)
     np.testing.assert_allclose(subset, imputed[:, [10, 2]], atol=1e-5)
     values = model.predict_values(adata, ["G0010"], progress=False)[:, 0]
@@ -189,7 +191,7 @@ def test_impute_writes_a_layer_on_the_log_normalised_scale(model, adata):
 
 def test_gene_dependencies_map(model, adata, tmp_path):
     genes = ["G0001", "G0003", "G0010", "G0020"]
-    deps = model.gene_dependencies(adata, genes, mode="overexpress", progress=False)
+    deps = gene_dependencies(model, adata, genes, mode="overexpress", progress=False)
     assert deps.effects.shape == (4, 4) and list(deps.effects.index) == genes
     assert deps.attention.shape == (4, 4) and np.isfinite(deps.attention.to_numpy()).all()
     assert (deps.attention.to_numpy() > 0).all() and (deps.attention.to_numpy() < 1).all()
@@ -199,7 +201,7 @@ def test_gene_dependencies_map(model, adata, tmp_path):
     assert {p.name for p in folder.iterdir()} >= {"effects.csv", "attention.csv", "partners.csv", "effects.png",
                                                   "attention.png"}
     with pytest.raises(ExceiverInputError, match="at least 2 genes"):
-        model.gene_dependencies(adata, ["G0001"], progress=False)
+        gene_dependencies(model, adata, ["G0001"], progress=False)
 
 
 def test_cli_perturb_and_impute(tiny_model_dir, counts_file, tmp_path, capsys):
@@ -226,21 +228,8 @@ def test_perturb_real_pbmc_genes(shared_dir):
     model = pretrain(data, None, model=TINY, max_epochs=1, progress=False)
     gene = "MS4A1"
     expressing = data[:, gene].X.toarray().ravel() > 0
-    effects = model.perturb(data, gene, "knockout", groupby="cell_type", progress=False)
+    effects = perturb(model, data, gene, "knockout", groupby="cell_type", progress=False)
     per_type = pd.Series(expressing).groupby(data.obs["cell_type"].astype(str).to_numpy()).sum()
     observed = effects.groupby("group")["n_cells"].first()
     assert observed.to_dict() == per_type[per_type > 0].to_dict()
     assert np.isfinite(effects["mean_shift"]).all()
-
-
-def test_rank_encoded_models_are_refused(tiny_model_dir):
-    """Their values are within-cell ranks, not expression levels: nothing to impute or set."""
-    import dataclasses
-
-    model = Exceiver.load(tiny_model_dir)
-    model.module.config = dataclasses.replace(model.config, value_encoding="rank")
-    cells = synthetic_counts(n_cells=5)
-    with pytest.raises(ExceiverInputError, match="within-cell ranks"):
-        model.impute(cells, ["G0007"], progress=False)
-    with pytest.raises(ExceiverInputError, match="within-cell ranks"):
-        model.perturb(cells, "G0007", progress=False)

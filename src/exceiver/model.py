@@ -1,6 +1,6 @@
 """The user-facing model: a network with its gene vocabulary, scaler and tokenizer, applied to
-AnnData (scverse conventions: results go to `obsm` / `obs` under `key_added`, or are returned
-with `inplace=False`).
+AnnData (scverse conventions: results are returned, and also written into the AnnData under
+`key_added` unless `inplace=False`).
 
 `exceiver.pretrain` and `exceiver.finetune` make models; `Exceiver.load` opens a model folder.
 Imputation, perturbation, dependencies and evaluation are functions of `exceiver.tl` that take a
@@ -131,20 +131,19 @@ class Exceiver:
     def embed(self, adata: ad.AnnData, *, key_added: str = "X_exceiver", pooling: str = "mean",
               inplace: bool = True, gene_key: str | None = None, layer: str | None = None,
               batch_size: int | None = None, device: str | None = None, num_workers: int = 0,
-              progress: bool = True) -> np.ndarray | None:
-        """Cell embeddings: the mean of the processed latents ("mean") or all of them flattened
-        ("flatten", the original's). Written to `adata.obsm[key_added]` (with the settings in
-        `adata.uns["exceiver"][key_added]`), or returned with `inplace=False`."""
+              progress: bool = True) -> np.ndarray:
+        """Cell embeddings [cells, width]: the mean of the processed latents ("mean") or all of them
+        flattened ("flatten", the original's); also written to `adata.obsm[key_added]` (with the
+        settings in `adata.uns["exceiver"][key_added]`) unless `inplace=False`."""
         check_pooling(pooling)
         embedding = np.empty((adata.n_obs, self.module.embedding_width(pooling)), dtype=np.float32)
         for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "embedding",
                                             num_workers):
             embedding[batch.cells.cpu().numpy()] = self.module.pool(latents, pooling).float().cpu().numpy()
-        if not inplace:
-            return embedding
-        adata.obsm[key_added] = embedding
-        adata.uns.setdefault("exceiver", {})[key_added] = {"pooling": pooling, "n_genes": len(self.vocab)}
-        return None
+        if inplace:
+            adata.obsm[key_added] = embedding
+            adata.uns.setdefault("exceiver", {})[key_added] = {"pooling": pooling, "n_genes": len(self.vocab)}
+        return embedding
 
     @torch.inference_mode()
     def embed_file(self, path: str | Path, out: str | Path, *, key_added: str = "X_exceiver", pooling: str = "mean",
@@ -189,15 +188,21 @@ class Exceiver:
         return out
 
     @torch.inference_mode()
-    def predict_proba(self, adata: ad.AnnData, *, gene_key: str | None = None, layer: str | None = None,
-                      batch_size: int | None = None, device: str | None = None, progress: bool = True) -> np.ndarray:
-        """Class probabilities [cells, classes] (softmax of the class token's logits; columns:
-        `self.classes`)."""
+    def predict_logits(self, adata: ad.AnnData, *, gene_key: str | None = None, layer: str | None = None,
+                       batch_size: int | None = None, device: str | None = None, progress: bool = True) -> np.ndarray:
+        """Class-token logits [cells, classes] (columns: `self.classes`)."""
         if self.module.class_head is None:
             raise ExceiverInputError("this model has no class head: it predicts expression, not classes")
         logits = np.empty((adata.n_obs, self.config.n_classes), dtype=np.float32)
         for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "classifying"):
             logits[batch.cells.cpu().numpy()] = self.module.class_logits(latents).float().cpu().numpy()
+        return logits
+
+    def predict_proba(self, adata: ad.AnnData, *, gene_key: str | None = None, layer: str | None = None,
+                      batch_size: int | None = None, device: str | None = None, progress: bool = True) -> np.ndarray:
+        """Class probabilities [cells, classes] (softmax of the logits; columns: `self.classes`)."""
+        logits = self.predict_logits(adata, gene_key=gene_key, layer=layer, batch_size=batch_size, device=device,
+                                     progress=progress)
         return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
 
     def predict(self, adata: ad.AnnData, *, key_added: str = "exceiver_prediction", inplace: bool = True,
@@ -213,12 +218,11 @@ class Exceiver:
         classes = np.asarray(self.classes)
         prediction = pd.Series(pd.Categorical(classes[proba.argmax(1)], categories=classes),
                                index=adata.obs_names, name=key_added)
-        if not inplace:
-            return prediction
-        adata.obs[key_added] = prediction
-        adata.obsm[f"{prefix}_probabilities"] = proba.astype(np.float32)
-        adata.uns[f"{prefix}_classes"] = classes
-        return None
+        if inplace:
+            adata.obs[key_added] = prediction
+            adata.obsm[f"{prefix}_probabilities"] = proba.astype(np.float32)
+            adata.uns[f"{prefix}_classes"] = classes
+        return prediction
 
     def gene_embeddings(self) -> pd.DataFrame:
         """The learned gene embedding of every vocabulary gene (rows indexed by gene)."""

@@ -104,7 +104,7 @@ PRESETS: dict[str, Preset] = {
 
 # Fields a user may set (`--set FIELD=VALUE`): derived ones (sizes from the data, heads from the
 # objectives, the original's computation) are not theirs to set.
-DERIVED = ("n_genes", "n_classes", "detection_head", "projection_head", "paper_compatible", "all_genes")
+DERIVED = ("n_genes", "n_classes", "detection_head", "projection_head", "all_genes")
 CONFIGS = (ExceiverConfig, TokenizerConfig, ObjectiveConfig)
 
 
@@ -120,6 +120,8 @@ def pretraining_configs(preset: str = "default", n_genes: int = 0,
     heads follow the objectives that train them. Raises ValueError on anything impossible."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if overrides.get("n_classes"):
+        raise ValueError("pretraining has no labels: leave n_classes at 0 and use finetune() for a classifier")
     unknown = sorted(set(overrides) - set(settable_fields()))
     if unknown:
         raise ValueError(f"unknown or derived fields {unknown}; settable: {sorted(settable_fields())}")
@@ -128,7 +130,9 @@ def pretraining_configs(preset: str = "default", n_genes: int = 0,
     for cls, defaults in zip(CONFIGS, (chosen.architecture, chosen.tokenizer, chosen.objectives)):
         names = {f.name for f in dataclasses.fields(cls)}
         parts.append({**defaults, **{k: v for k, v in overrides.items() if k in names}})
-    tokenizer, objectives = TokenizerConfig(**parts[1]), ObjectiveConfig(**parts[2])
+    # Paper-compatible models see every measured gene as a token, as the original release did.
+    tokenizer = TokenizerConfig(**parts[1], all_genes=bool(parts[0].get("paper_compatible")))
+    objectives = ObjectiveConfig(**parts[2])
     if objectives.detection_weight and not tokenizer.zero_query_ratio:
         raise ValueError("detection_weight > 0 needs zero_query_ratio > 0 (zero genes to detect)")
     architecture = ExceiverConfig(**parts[0], n_genes=n_genes, detection_head=objectives.detection_weight > 0,

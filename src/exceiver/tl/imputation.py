@@ -23,13 +23,13 @@ IMPUTED_KEY = "exceiver_imputed"
 
 def impute(model, adata: ad.AnnData, genes: Sequence[str] | None = None, *, key_added: str = IMPUTED_KEY,
            inplace: bool = True, gene_key: str | None = None, layer: str | None = None,
-           batch_size: int | None = None, device: str | None = None, progress: bool = True) -> np.ndarray | None:
-    """Predicted log-normalised expression (log1p of counts per 1e4, >= 0), float32.
+           batch_size: int | None = None, device: str | None = None, progress: bool = True) -> np.ndarray:
+    """Predicted log-normalised expression (log1p of counts per 1e4, >= 0), float32, returned.
 
-    genes=None: every gene of `adata` (its var), written to `adata.layers[key_added]` (or returned
-    with `inplace=False`); columns of genes the model cannot predict (outside its vocabulary, or
-    never expressed in its training cells) are NaN. A list of vocabulary genes: a [cells, genes]
-    array, returned (a layer holds every gene of var). Cells are processed in batches and query
+    genes=None: every gene of `adata` (its var), also written to `adata.layers[key_added]` unless
+    `inplace=False`; columns of genes the model cannot predict (outside its vocabulary, or never
+    expressed in its training cells) are NaN. A list of vocabulary genes: a [cells, genes] array
+    (returned only: a layer holds every gene of var). Cells are processed in batches and query
     genes in chunks; only the output is cells x genes.
     """
     gene_key, layer = model.data_keys(adata.var.columns, adata.layers.keys(), gene_key, layer)
@@ -51,12 +51,11 @@ def impute(model, adata: ad.AnnData, genes: Sequence[str] | None = None, *, key_
         full = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
         full[:, columns] = predicted
         predicted = full
-    if not inplace:
-        return predicted
-    adata.layers[key_added] = predicted
-    adata.uns.setdefault("exceiver", {})[key_added] = {"scale": "log1p(counts / library x 1e4)",
-                                                       "n_imputed_genes": int(len(columns))}
-    return None
+    if inplace:
+        adata.layers[key_added] = predicted
+        adata.uns.setdefault("exceiver", {})[key_added] = {"scale": "log1p(counts / library x 1e4)",
+                                                           "n_imputed_genes": int(len(columns))}
+    return predicted
 
 
 def _log_expression(model, values: np.ndarray, ids: np.ndarray, chunk: int = 1024) -> np.ndarray:

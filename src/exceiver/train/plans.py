@@ -45,9 +45,11 @@ class TrainingPlan(L.LightningModule):
         self.best_metrics: dict[str, float] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
 
-    def log_losses(self, total: torch.Tensor, parts: dict[str, torch.Tensor], batch_size: int) -> None:
+    def log_losses(self, total: torch.Tensor, parts: dict[str, torch.Tensor], batch_size: int, *,
+                   parts_on_step: bool = True) -> None:
         for name, value in parts.items():
-            self.log(f"train_{name}", value, on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
+            self.log(f"train_{name}", value, on_step=parts_on_step, on_epoch=True, batch_size=batch_size,
+                     sync_dist=True)
         self.log("train_loss", total, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size,
                  sync_dist=True)
 
@@ -202,7 +204,7 @@ class ClassifierPlan(TrainingPlan):
         if pred is not None and self.expression_loss_weight > 0:
             parts["masked_values"] = masked_mse(pred, batch.targets, batch.query_mask)
             loss = loss + self.expression_loss_weight * parts["masked_values"]
-        self.log_losses(loss, parts, len(batch))
+        self.log_losses(loss, parts, len(batch), parts_on_step=False)
         self.log("train_accuracy", (logits.argmax(1) == labels).float().mean(), on_step=False, on_epoch=True,
                  batch_size=len(batch), sync_dist=True)
         return loss
