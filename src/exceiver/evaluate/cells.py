@@ -13,14 +13,8 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 from sklearn.linear_model import RidgeCV
-from sklearn.metrics import (
-    accuracy_score,
-    adjusted_rand_score,
-    f1_score,
-    normalized_mutual_info_score,
-    r2_score,
-    silhouette_score,
-)
+from sklearn.metrics import (accuracy_score, adjusted_rand_score, f1_score, normalized_mutual_info_score, r2_score,
+                             silhouette_score)
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from sklearn.preprocessing import normalize
