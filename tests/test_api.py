@@ -264,9 +264,12 @@ def test_a_model_remembers_its_gene_key_and_layer(tmp_path):
     new = synthetic_counts(n_cells=20, seed=7, prefix="ENSG")
     new.var["symbol"] = [f"G{j:04d}" for j in range(new.n_vars)]
     new.layers["counts"] = new.X.copy()
+    new.X = new.X.power(2)  # X holds other values: only the remembered layer gives the right embedding
     remembered = model.embed(new, inplace=False, progress=False)
     explicit = model.embed(new, inplace=False, gene_key="symbol", layer="counts", progress=False)
     np.testing.assert_array_equal(remembered, explicit)
+    from_x = model.embed(new, inplace=False, layer="X", progress=False)  # the default, asked for by name
+    assert np.abs(from_x - remembered).max() > 1e-3
     symbols = synthetic_counts(n_cells=20, seed=7)  # symbols as var_names, counts in X: no column, no layer
     np.testing.assert_allclose(model.embed(symbols, inplace=False, progress=False), remembered, atol=1e-6)
     no_symbols = new.copy()
@@ -284,3 +287,28 @@ def test_embed_returns_or_writes_under_key_added(tiny_model_dir):
     np.testing.assert_array_equal(adata.obsm["X_mine"], returned)
     np.testing.assert_array_equal(written, returned)
     assert adata.uns["exceiver"]["X_mine"] == {"pooling": "mean", "n_genes": 200}
+
+
+def test_broken_model_configs_are_refused_in_one_line(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from exceiver.cli import main
+
+    counts = tmp_path / "cells.h5ad"
+    synthetic_counts(n_cells=5).write_h5ad(counts)
+    for name, edit in [("sizes", lambda c: c["architecture"].update(n_genes=0)),
+                       ("objectives", lambda c: c.update(objectives=None)),
+                       ("data", lambda c: c.update(data=[1])),
+                       ("tokenizer", lambda c: c.pop("tokenizer")),
+                       ("mode", lambda c: c["tokenizer"].update(all_genes=True))]:
+        folder = tmp_path / name
+        shutil.copytree(tiny_model_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ModelFileError, match="config.json"):
+            Exceiver.load(folder)
+        assert main(["-q", "embed", str(folder), str(counts), "--out", str(tmp_path / "out.h5ad")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("exceiver embed: error:") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out.h5ad").exists()

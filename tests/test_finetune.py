@@ -87,6 +87,20 @@ def test_classifiers_start_from_the_pretrained_weights_or_from_scratch(tiny_mode
     assert clf.metrics["mode"] == "scratch" and clf.classes == ["type0", "type1", "type2"]
 
 
+def test_a_classifier_can_be_finetuned_for_other_classes(tiny_model_dir, counts_adata):
+    """A classifier as the base: its encoder carries over, its class head (other classes) does not."""
+    base = finetune(tiny_model_dir, counts_adata, "cell_type", max_epochs=1, batch_size=32, progress=False)
+    for n_classes in (3, 5):
+        module = classifier_module(base, n_classes, from_scratch=False, seed=1).state_dict()
+        assert module["class_head.3.weight"].shape[0] == n_classes
+        assert not torch.equal(module["class_head.3.weight"][:3], base.module.state_dict()["class_head.3.weight"])
+        assert torch.equal(module["encoder.attn.q.weight"], base.module.state_dict()["encoder.attn.q.weight"])
+    relabelled = counts_adata.copy()
+    relabelled.obs["coarse"] = np.where(relabelled.obs["cell_type"] == "type0", "a", "b")
+    again = finetune(base, relabelled, "coarse", max_epochs=1, batch_size=32, progress=False)
+    assert again.classes == ["a", "b"]
+
+
 @pytest.mark.slow
 def test_full_finetuning_learns_a_shared_dataset(shared_dir, tmp_path):
     """Four PBMC types of pbmc3k: the classifier's training loss falls and it fits its training
@@ -122,6 +136,12 @@ def test_predict_round_trips_through_the_cli(tiny_model_dir, counts_adata, count
     assert (written.obs["exceiver_prediction"].astype(str).to_numpy() == expected).all()
     in_memory = clf.predict(counts_adata.copy(), progress=False)
     assert (in_memory.astype(str).to_numpy() == expected).all()
+    untouched = counts_adata.copy()
+    returned = clf.predict(untouched, inplace=False, progress=False)
+    assert (returned.astype(str).to_numpy() == expected).all() and "exceiver_prediction" not in untouched.obs
+    clf.predict(untouched, key_added="celltype_prediction", progress=False)
+    assert "celltype_prediction" in untouched.obs and untouched.obsm["celltype_probabilities"].shape == (120, 3)
+    assert list(untouched.uns["celltype_classes"]) == clf.classes
     # A model without classes is not a classifier.
     assert main(["-q", "predict", str(tiny_model_dir), str(counts_file), "--out", str(tmp_path / "x.h5ad")]) == 2
     assert "not a classifier" in capsys.readouterr().err and not (tmp_path / "x.h5ad").exists()

@@ -107,3 +107,11 @@ def test_detection_objective_learns_which_genes_are_expressed(counts_adata, tmp_
     detection = log["train_detection_epoch"].dropna().to_numpy()
     assert detection[-1] < 0.65 < np.log(2) < detection[0] + 0.02  # starts at chance, learns
     assert model.module.detection_head is not None and "val_zero_mse" not in model.metrics
+
+
+def test_typed_training_options_are_the_training_config_fields():
+    from exceiver.train.config import TrainingConfig, TrainingOptions, training_config
+
+    assert set(TrainingOptions.__annotations__) == set(TrainingConfig.__dataclass_fields__)
+    with pytest.raises(ExceiverInputError, match=r"unknown training options \['epochs'\]"):
+        training_config({"epochs": 3})

@@ -32,7 +32,7 @@ def _model_option(text: str) -> tuple[str, int | float | bool | str]:
     from exceiver.nn.config import settable_fields
 
     field, sep, value = text.partition("=")
-    kinds = settable_fields()
+    kinds = {k: v for k, v in settable_fields().items() if k != "paper_compatible"}  # import-original's alone
     if not sep or field not in kinds:
         raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE with FIELD one of {sorted(kinds)}")
     try:
@@ -304,7 +304,7 @@ def run_impute(args: argparse.Namespace) -> None:
     model = Exceiver.load(args.model)
     [(_, adata)] = read_datasets(args.data)
     impute(model, adata, key_added=args.key, gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
-                 device=args.device, progress=not args.quiet)
+           device=args.device, progress=not args.quiet)
     write_h5ad(adata, args.out, overwrite=args.overwrite)
     n_genes = adata.uns["exceiver"][args.key]["n_imputed_genes"]
     print(f"wrote {args.out}: layers[{args.key!r}] of {adata.n_obs:,} cells x {n_genes:,} imputed genes")
@@ -321,8 +321,8 @@ def run_perturb(args: argparse.Namespace) -> None:
     model = Exceiver.load(args.model)
     [(_, adata)] = read_datasets(args.data)
     effects = perturb(model, adata, args.gene, args.mode, groupby=args.groupby, groups=args.group,
-                            quantile=args.quantile, gene_key=args.gene_key, layer=args.layer,
-                            batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+                      quantile=args.quantile, gene_key=args.gene_key, layer=args.layer,
+                      batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     write_csv(effects, args.out, overwrite=args.overwrite)
     top = effects.loc[effects["gene"] != effects["perturbed_gene"]].head(3)
     print(f"wrote {args.out}: {len(effects):,} rows; strongest: "

@@ -99,11 +99,12 @@ def classifier_module(base: Exceiver, n_classes: int, *, from_scratch: bool, see
     if from_scratch:
         module.init_value_offsets(torch.from_numpy(base.scaler.expressed_mean), base.scaler.mean_expressed_value)
         return module
-    wanted = module.state_dict()
-    missing, unexpected = module.load_state_dict({k: v for k, v in base.module.state_dict().items() if k in wanted},
-                                                 strict=False)
-    if unexpected or not all(k.startswith("class_head") for k in missing):
-        raise ValueError(f"pretrained weights do not fit the classifier (missing {missing}, unexpected {unexpected})")
+    # A base that is itself a classifier brings a head for other classes: the new one starts afresh.
+    wanted = {k for k in module.state_dict() if not k.startswith("class_head")}
+    missing, _ = module.load_state_dict({k: v for k, v in base.module.state_dict().items() if k in wanted},
+                                        strict=False)
+    if not all(k.startswith("class_head") for k in missing):
+        raise ValueError(f"pretrained weights do not fit the classifier (missing {missing})")
     return module
 
 

@@ -204,8 +204,7 @@ def _migrate_format_1(config: dict, path: Path) -> dict:
     tokenizer["all_genes"] = bool(model.get("paper_compatible", False))
     model["detection_head"] = objectives.get("detection_weight", 0) > 0
     model["projection_head"] = objectives.get("contrastive_weight", 0) > 0
-    return {**config, "architecture": model, "tokenizer": tokenizer, "objectives": objectives,
-            "migrated_from_format": 1}
+    return {**config, "architecture": model, "tokenizer": tokenizer, "objectives": objectives}
 
 
 def _read_json(path: Path) -> dict:

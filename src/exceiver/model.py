@@ -78,12 +78,18 @@ class Exceiver:
         """Open a model folder (written by `save`, `pretrain` or `finetune`)."""
         config, state_dict, vocab, scaler, metrics = load_model_files(path)
         where = str(Path(path) / "config.json")
-        for section in ("architecture", "tokenizer"):
-            if not isinstance(config.get(section), dict):
-                raise ModelFileError(f"{where} has no '{section}' section")
-        module = ExceiverModule(from_dict(ExceiverConfig, config["architecture"], where))
+        for section, required in (("architecture", True), ("tokenizer", True), ("objectives", False), ("data", False)):
+            if (required and section not in config) or not isinstance(config.get(section, {}), dict):
+                raise ModelFileError(f"{where} has no valid '{section}' section")
+        architecture = from_dict(ExceiverConfig, config["architecture"], where)
         tokenizer = from_dict(TokenizerConfig, config["tokenizer"], where)
         objectives = from_dict(ObjectiveConfig, config.get("objectives", {}), where)
+        if architecture.paper_compatible != tokenizer.all_genes:
+            raise ModelFileError(f"{where}: paper_compatible and the tokenizer's all_genes disagree")
+        try:
+            module = ExceiverModule(architecture)
+        except ValueError as err:
+            raise ModelFileError(f"{where}: invalid architecture ({err})") from err
         _check_weights(module, state_dict, Path(path) / "model.safetensors")
         module.load_state_dict(state_dict, strict=True)
         bad = [name for name, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -120,12 +126,13 @@ class Exceiver:
                              genes=self.scaler.trained_genes, empty="refuse")
 
     def data_keys(self, var_columns, layers, gene_key: str | None, layer: str | None) -> tuple[str | None, str | None]:
-        """The gene key and layer of a call, else the model's own where the data has them."""
+        """The gene key and layer of a call, else the model's own where the data has them;
+        `gene_key="var_names"` and `layer="X"` ask for the defaults whatever the model remembers."""
         if gene_key is None and self.gene_key in var_columns:
             gene_key = self.gene_key
         if layer is None and self.layer in layers:
             layer = self.layer
-        return gene_key, layer
+        return (None if gene_key == "var_names" else gene_key), (None if layer == "X" else layer)
 
     @torch.inference_mode()
     def embed(self, adata: ad.AnnData, *, key_added: str = "X_exceiver", pooling: str = "mean",
@@ -207,11 +214,10 @@ class Exceiver:
 
     def predict(self, adata: ad.AnnData, *, key_added: str = "exceiver_prediction", inplace: bool = True,
                 gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
-                device: str | None = None, progress: bool = True) -> pd.Series | None:
-        """Predicted class of each cell: `obs[key_added]`, with the class probabilities in
-        `obsm["exceiver_probabilities"]` (columns: `uns["exceiver_classes"]`; "exceiver" is `key_added`
-        without its "_prediction" suffix); with
-        `inplace=False` the predictions are returned instead."""
+                device: str | None = None, progress: bool = True) -> pd.Series:
+        """Predicted class of each cell, returned; also written to `obs[key_added]`, with the class
+        probabilities in `obsm["exceiver_probabilities"]` (columns: `uns["exceiver_classes"]`;
+        "exceiver" is `key_added` without its "_prediction" suffix), unless `inplace=False`."""
         proba = self.predict_proba(adata, gene_key=gene_key, layer=layer, batch_size=batch_size, device=device,
                                    progress=progress)
         prefix = key_added.removesuffix("_prediction")
@@ -235,11 +241,13 @@ class Exceiver:
         """Run on `device` and leave the network where the user had it afterwards."""
         target = resolve_device(device)
         home = next(self.module.parameters()).device
-        self.module.to(target)
+        with torch.inference_mode(False):  # moved weights must stay usable by autograd afterwards
+            self.module.to(target)
         try:
             yield target
         finally:
-            self.module.to(home)
+            with torch.inference_mode(False):
+                self.module.to(home)
 
     def _latents(self, adata: ad.AnnData, gene_key: str | None = None, layer: str | None = None,
                  batch_size: int | None = None, device: str | None = None, progress: bool = True,

@@ -13,7 +13,7 @@ A corpus folder (`exceiver build-corpus FILES... --out DIR`):
 Genes are aligned once per file while building; counts are checked and cells without counts in
 the vocabulary's genes are dropped (and counted) then, as `exceiver.data.preprocess.prepare_cells`
 drops them from data in memory. A shard holds cells of one file only. Pretraining splits the cells
-into training and validation by the same rule as data in memory (`exceiver.data.split`).
+into training and validation by the same rule as data in memory (`exceiver.data.datamodule.validation_cells`).
 """
 
 from __future__ import annotations

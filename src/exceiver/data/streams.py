@@ -118,7 +118,10 @@ class ShuffledBatches(_Stream):
         return math.ceil(self.n_cells / self.world)
 
     def __len__(self) -> int:
-        """Batches per epoch in this process (the same in every process)."""
+        """Batches per epoch in this process (the same in every process). Lightning asks before
+        the first pass (to plan the schedule), so the world size is read here too."""
+        if self.distributed:
+            self.rank, self.world = rank_and_world_size()
         return math.ceil(self._share() / self.batch_size)
 
     def __iter__(self) -> Iterator[CellBatch]:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from exceiver.data.cells import align
-from exceiver.data.preprocess import prepare_cells
+from exceiver.data.preprocess import check_counts
 from exceiver.data.sources import read_datasets
 from exceiver.data.vocab import dataset_genes
 from exceiver.errors import ExceiverInputError
@@ -80,6 +80,7 @@ def evaluate(
 
     gene_key, layer = model.data_keys(adata.var.columns, adata.layers.keys(), gene_key, layer)
     aligned = align(adata, model.vocab, gene_key=gene_key, layer=layer, name=name)
+    check_counts(aligned, name)  # every cell, not only the sample
     usable = np.flatnonzero(aligned.keep_genes(model.scaler.trained_genes).n_genes_expressed > 0)
     if not len(usable):
         raise ExceiverInputError(f"{name}: no cell has counts in the genes the model was trained on")
@@ -89,7 +90,7 @@ def evaluate(
     picked = np.sort(np.random.default_rng(seed).choice(len(usable), max_cells, replace=False)) \
         if len(usable) > max_cells else np.arange(len(usable))
     rows = usable[picked]
-    cells = prepare_cells(aligned.subset(rows), name, genes=model.scaler.trained_genes, empty="refuse")
+    cells = aligned.subset(rows).keep_genes(model.scaler.trained_genes)
     adata = adata[rows].copy()
     metrics: dict = {"dataset": name, "n_cells": len(rows), "n_cells_without_model_genes": int(n_without),
                      "n_genes_shared": int(cells.measured.sum()), "model": repr(model), "pooling": pooling}

@@ -186,8 +186,8 @@ def imported_scaler(mean: np.ndarray, scale: np.ndarray) -> GeneScaler:
 
 
 def original_parts(ckpt_path: str | Path, genes: str | Path | Sequence[str] | None = None,
-                    scaler: str | Path | None = None) -> tuple[ExceiverModule, TokenizerConfig, GeneVocab, GeneScaler,
-                                                                dict, list[str] | None]:
+                   scaler: str | Path | None = None,
+                   ) -> tuple[ExceiverModule, TokenizerConfig, GeneVocab, GeneScaler, dict, list[str] | None]:
     """The parts of an Exceiver from an original checkpoint, computing exactly as the original code:
     (network, tokenizer, vocabulary, scaler, training record, class names), which
     `exceiver.import_original` assembles into a model.

@@ -95,8 +95,8 @@ def attention_routes(model, adata: ad.AnnData, genes: Sequence[str], *, gene_key
         n = torch.zeros(len(ids), dtype=torch.float64, device=device)
         for batch in iterate_batches(cells, model.scaler, model.tokenizer, batch_size=batch_size, device=device,
                                      progress=progress, desc="attention"):
-            _, encoder = module.encode_tokens(batch.gene_ids, batch.values, batch.token_mask, need_weights=True)
-            latents = module.encode(batch)
+            encoded, encoder = module.encode_tokens(batch.gene_ids, batch.values, batch.token_mask, need_weights=True)
+            latents = module.process(encoded)  # [B, latents, dim]; encoder weights [B, heads, latents, L]
             _, decoder = module.decode(latents, ids.expand(len(batch), -1), need_weights=True)  # [B, heads, T, latents]
             routes = decoder.mean(1) @ encoder.mean(1)  # [B, T, L]: target query -> token
             source = (batch.gene_ids[:, :, None] == ids) & batch.token_mask[:, :, None]  # [B, L, S]
