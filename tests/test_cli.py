@@ -72,7 +72,8 @@ def test_pretrain_set_overrides_model_fields_and_refuses_bad_ones(counts_file, t
     assert "n_latents needs a int" in capsys.readouterr().err
     assert main(["-q", "pretrain", str(counts_file), "--out", str(tmp_path / "y"), "--set", "zero_query_ratio=0"]) == 2
     assert "needs zero_query_ratio" in capsys.readouterr().err and not (tmp_path / "y").exists()
-    for retired in ("value_encoding=rank", "depth_tokens=true", "cell_query=true", "detection_head=false"):
+    for retired in ("value_encoding=rank", "depth_tokens=true", "cell_query=true", "detection_head=false",
+                    "paper_compatible=true"):  # retired, derived, or import-original's alone
         with pytest.raises(SystemExit):
             main(["pretrain", str(counts_file), "--out", str(tmp_path / "z"), "--set", retired])
         assert "expected FIELD=VALUE with FIELD one of" in capsys.readouterr().err
