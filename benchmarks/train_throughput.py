@@ -1,4 +1,10 @@
-"""Training throughput (cells/s) of the `paper` and `default` presets on synthetic cells with Tabula
+"""Training throughput (cells/s).
+
+1. End to end at pbmc3k statistics (`--baseline DIR`): `pretrain` on pbmc3k (the shared file) for
+   a fixed number of epochs with this tree and with another checkout of exceiver (e.g. the commit
+   an optimisation started from, in a git worktree), each in a fresh process with the same
+   threads, in the same run; prints both training cells/s and the ratio.
+2. The `paper` and `default` presets' training steps on synthetic cells with Tabula
 Sapiens statistics, beside the dense formulation of the original (every vocabulary gene a token;
 forward and backward of its encoder and processor only, so its cost is a lower bound), timed in
 the same run; the data loader's throughput alone (tokenizing masked batches); and the achieved
@@ -6,12 +12,19 @@ FLOP/s of a training step (FLOPs counted by torch's FlopCounterMode) against the
 large float32 matmul measured here (model FLOP utilisation, MFU).
 
     python benchmarks/train_throughput.py [--cells 512] [--dense-cells 64] [--batch-size 16]
+    git worktree add ../exceiver-start 5aabee0
+    EXCEIVER_SHARED=../shared python benchmarks/train_throughput.py --baseline ../exceiver-start --epochs 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +35,30 @@ from exceiver.data.loaders import CellBatcher
 from exceiver.data.preprocess import GeneScaler
 from exceiver.nn.config import pretraining_configs
 from exceiver.nn.network import ExceiverModule
-from exceiver.nn.objectives import masked_mse
+from exceiver.nn.objectives import pretraining_loss
+
+# One pretraining run in a fresh process, importing exceiver from the `src` folder it is given.
+END_TO_END = """
+import json, logging, sys, time, warnings
+sys.path.insert(0, sys.argv[1])
+import anndata as ad, torch
+from exceiver import pretrain
+warnings.filterwarnings("ignore"); logging.getLogger("lightning").setLevel(logging.ERROR)
+adata = ad.read_h5ad(sys.argv[2])
+model = pretrain(adata, None, max_epochs=int(sys.argv[3]), patience=100, progress=False)
+m = model.metrics
+print(json.dumps({"steps": m["steps"], "seconds": m["seconds"], "cells": m["steps"] * model.training["batch_size"],
+                  "threads": torch.get_num_threads()}))
+"""
+
+
+def end_to_end(src: Path, data: Path, epochs: int) -> dict:
+    """Training cells/s of `pretrain` (default preset) run from the exceiver source tree `src`."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run([sys.executable, "-c", END_TO_END, str(src), str(data), str(epochs)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    run = json.loads(out.strip().splitlines()[-1])
+    return {**run, "cells_per_s": run["cells"] / run["seconds"]}
 
 
 def batches(cells, scaler, tokenizer, batch_size):
@@ -36,24 +72,24 @@ def loader_cells_per_s(cells, scaler, tokenizer, batch_size) -> float:
     return cells.n_cells / (time.perf_counter() - start)
 
 
-def train_step(module: ExceiverModule, optimizer, batch) -> None:
-    loss = masked_mse(module(batch), batch.targets, batch.query_mask)
+def train_step(module: ExceiverModule, objectives, optimizer, batch) -> None:
+    loss = pretraining_loss(module, batch, objectives, salt=0).total
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
 
 
-def sparse_train(cells, scaler, config, tokenizer, batch_size) -> tuple[float, float]:
+def sparse_train(cells, scaler, config, tokenizer, objectives, batch_size) -> tuple[float, float]:
     """cells/s of training steps (tokenized beforehand) and FLOPs per cell."""
     module = ExceiverModule(config).train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
     prepared = batches(cells, scaler, tokenizer, batch_size)
     with FlopCounterMode(display=False) as counter:
-        train_step(module, optimizer, prepared[0])
+        train_step(module, objectives, optimizer, prepared[0])
     flops_per_cell = counter.get_total_flops() / len(prepared[0])
     start = time.perf_counter()
     for batch in prepared:
-        train_step(module, optimizer, batch)
+        train_step(module, objectives, optimizer, batch)
     return cells.n_cells / (time.perf_counter() - start), flops_per_cell
 
 
@@ -89,7 +125,19 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=512)
     parser.add_argument("--dense-cells", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--baseline", type=Path, help="another exceiver checkout to compare end to end")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the end-to-end runs")
     args = parser.parse_args()
+    if args.baseline:
+        data = Path(os.environ.get("EXCEIVER_SHARED", "../shared")) / "data" / "pbmc3k_seurat_2638.h5ad"
+        here = Path(__file__).resolve().parents[1] / "src"
+        runs = {name: end_to_end(src, data, args.epochs) for name, src in (("baseline", args.baseline / "src"),
+                                                                           ("this tree", here))}
+        for name, run in runs.items():
+            print(f"pbmc3k end to end, {name:<10} {run['cells_per_s']:8.1f} training cells/s "
+                  f"({run['steps']} steps in {run['seconds']:.1f} s, {run['threads']} threads)")
+        print(f"ratio: {runs['this tree']['cells_per_s'] / runs['baseline']['cells_per_s']:.1f}x")
+        return
     torch.manual_seed(0)
     cells = tabula_sapiens_like(args.cells)
     scaler = GeneScaler.fit(cells)
@@ -101,8 +149,8 @@ def main() -> None:
     dense = dense_train(cells.subset(np.arange(args.dense_cells)), scaler, paper, args.batch_size)
     print(f"{'dense original formulation, paper (lower bound)':<50} train {dense:8.1f} cells/s   1.0x")
     for preset in ("paper", "default"):
-        config, tokenizer, _ = pretraining_configs(preset, n_genes=N_GENES)
-        rate, flops = sparse_train(cells, scaler, config, tokenizer, args.batch_size)
+        config, tokenizer, objectives = pretraining_configs(preset, n_genes=N_GENES)
+        rate, flops = sparse_train(cells, scaler, config, tokenizer, objectives, args.batch_size)
         loader = loader_cells_per_s(cells, scaler, tokenizer, args.batch_size)
         mfu = rate * flops / peak
         print(f"{'exceiver sparse tokens, ' + preset:<50} train {rate:8.1f} cells/s {rate / dense:6.1f}x   "

@@ -43,8 +43,10 @@ def test_save_load_gives_identical_outputs(tiny_model_dir, tmp_path):
     flat = model.embed(adata, key_added="X_flat", pooling="flatten", progress=False)
     assert flat.shape == (50, TINY["n_latents"] * TINY["latent_dim"])
     # The mean embedding is the mean of the flattened latents.
-    np.testing.assert_allclose(flat.reshape(50, TINY["n_latents"], -1).mean(1), first, atol=1e-5)
-    assert adata.obsm["X_exceiver"].shape == (50, TINY["latent_dim"])
+    mean = model.embed(adata, key_added="X_mean", pooling="mean", progress=False)
+    np.testing.assert_allclose(flat.reshape(50, TINY["n_latents"], -1).mean(1), mean, atol=1e-5)
+    # The default embedding is the cell bottleneck that the count decoder reads.
+    assert adata.obsm["X_exceiver"].shape == (50, model.module.config.bottleneck_dim)
     assert adata.uns["exceiver"]["X_flat"]["pooling"] == "flatten"
 
 
@@ -173,7 +175,7 @@ def test_pretrain_on_several_datasets_with_different_genes(tmp_path):
     two = synthetic_counts(n_cells=30, n_genes=200, seed=2)[:, 50:].copy()  # genes 50..199
     genes = tmp_path / "genes.txt"
     genes.write_text("\n".join(f"G{j:04d}" for j in range(0, 200, 2)))  # even genes only
-    model = pretrain([one, two], None, model=TINY, genes=genes, max_epochs=1, progress=False)
+    model = pretrain([one, two], None, model=TINY, genes=genes, n_top_genes=0, max_epochs=1, progress=False)
     assert len(model.vocab) == 100 and all(int(g[1:]) % 2 == 0 for g in model.vocab.genes)
     assert model.metrics["datasets"] == {"adata0": 40, "adata1": 30}
     # Genes 150..199 were measured only in the second dataset (30 cells, of which some train).
@@ -286,7 +288,7 @@ def test_embed_returns_or_writes_under_key_added(tiny_model_dir):
     written = model.embed(adata, key_added="X_mine", progress=False)
     np.testing.assert_array_equal(adata.obsm["X_mine"], returned)
     np.testing.assert_array_equal(written, returned)
-    assert adata.uns["exceiver"]["X_mine"] == {"pooling": "mean", "n_genes": 200}
+    assert adata.uns["exceiver"]["X_mine"] == {"pooling": "bottleneck", "n_genes": 200}
 
 
 def test_broken_model_configs_are_refused_in_one_line(tiny_model_dir, tmp_path, capsys):

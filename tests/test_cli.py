@@ -61,16 +61,17 @@ def test_pretrain_set_overrides_model_fields_and_refuses_bad_ones(counts_file, t
     out = tmp_path / "model"
     assert main(["-q", "pretrain", str(counts_file), "--out", str(out), "--max-epochs", "1", "--batch-size", "32",
                  "--set", "n_latents=8", "--set", "latent_dim=16", "--set", "zero_query_ratio=0.5",
-                 "--set", "contrastive_weight=0", "--set", "gene_bias=false"]) == 0
+                 "--set", "detection_weight=1", "--set", "gene_bias=false", "--n-top-genes", "50"]) == 0
     config = json.loads((out / "config.json").read_text())
     architecture, tokenizer, objectives = config["architecture"], config["tokenizer"], config["objectives"]
     assert (architecture["n_latents"], architecture["latent_dim"], tokenizer["zero_query_ratio"]) == (8, 16, 0.5)
     assert objectives["contrastive_weight"] == 0 and not architecture["projection_head"]
     assert architecture["gene_bias"] is False and architecture["detection_head"]
+    assert len((out / "genes.txt").read_text().split()) == 50  # --n-top-genes
     with pytest.raises(SystemExit):
         main(["pretrain", str(counts_file), "--out", str(tmp_path / "x"), "--set", "n_latents=many"])
     assert "n_latents needs a int" in capsys.readouterr().err
-    assert main(["-q", "pretrain", str(counts_file), "--out", str(tmp_path / "y"), "--set", "zero_query_ratio=0"]) == 2
+    assert main(["-q", "pretrain", str(counts_file), "--out", str(tmp_path / "y"), "--set", "detection_weight=1"]) == 2
     assert "needs zero_query_ratio" in capsys.readouterr().err and not (tmp_path / "y").exists()
     for retired in ("value_encoding=rank", "depth_tokens=true", "cell_query=true", "detection_head=false",
                     "paper_compatible=true"):  # retired, derived, or import-original's alone

@@ -105,12 +105,12 @@ def test_invalid_training_settings_are_named():
 
 
 def test_diverged_training_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
-    forward = ExceiverModule.forward
+    encode = ExceiverModule.encode
 
-    def nan_predictions(self, batch):
-        return forward(self, batch) * float("nan")
+    def nan_latents(self, *args, **kwargs):  # every objective decodes from the latents
+        return encode(self, *args, **kwargs) * float("nan")
 
-    monkeypatch.setattr(ExceiverModule, "forward", nan_predictions)
+    monkeypatch.setattr(ExceiverModule, "encode", nan_latents)
     with pytest.raises(TrainingError, match="no finite validation loss"):
         pretrain(synthetic_counts(n_cells=40), tmp_path / "new" / "deep" / "model", model=TINY,
                  max_epochs=1, progress=False)

@@ -34,15 +34,20 @@ def test_presets_and_config_checks():
     assert (paper.gene_dim, paper.n_latents, paper.latent_dim, paper.n_layers, paper.n_heads, paper.ff_dim) == (4, 128, 4, 8, 4, 2048)
     assert from_dict(ExceiverConfig, paper.to_dict(), "test") == paper
     assert not (paper.detection_head or paper.projection_head or objectives.detection_weight)
-    default, tokenizer, objectives = pretraining_configs("default", n_genes=10, contrastive_weight=0.0, n_latents=8)
-    assert default.detection_head and not default.projection_head  # heads follow the objectives
-    assert (default.n_latents, tokenizer.zero_query_ratio, objectives.detection_weight) == (8, 1.0, 1.0)
+    assert not (paper.bottleneck_dim or paper.count_head or tokenizer.count_targets or tokenizer.train_tokens)
+    default, tokenizer, objectives = pretraining_configs("default", n_genes=10, n_latents=8)
+    assert default.count_head and not (default.detection_head or default.projection_head)  # heads follow objectives
+    assert (default.n_latents, default.bottleneck_dim, tokenizer.train_tokens, objectives.count_weight) == (8, 32, 256, 1.0)
+    assert tokenizer.count_targets and tokenizer.zero_query_ratio == 0
+    detection, tokenizer, _ = pretraining_configs("default", n_genes=10, detection_weight=1.0, zero_query_ratio=1.0,
+                                                  contrastive_weight=0.2)
+    assert detection.detection_head and detection.projection_head
     with pytest.raises(ValueError, match="unknown preset"):
         pretraining_configs("huge")
     with pytest.raises(ValueError, match=r"unknown or derived fields \['detection_head'\]"):
         pretraining_configs("default", detection_head=False)
     with pytest.raises(ValueError, match="needs zero_query_ratio > 0"):
-        pretraining_configs("default", zero_query_ratio=0.0)
+        pretraining_configs("default", detection_weight=1.0)
     with pytest.raises(ModelFileError, match=r"unknown ExceiverConfig fields \['cell_query'\]"):
         from_dict(ExceiverConfig, {**paper.to_dict(), "cell_query": True}, "test")
     with pytest.raises(ValueError, match="latent_dim / n_heads must divide evenly"):

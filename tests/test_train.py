@@ -99,7 +99,7 @@ def test_detection_objective_learns_which_genes_are_expressed(counts_adata, tmp_
     from exceiver import pretrain
 
     with pytest.raises(ExceiverInputError, match="needs zero_query_ratio"):
-        pretrain(counts_adata, None, model={**TINY, "zero_query_ratio": 0.0}, progress=False)
+        pretrain(counts_adata, None, model={**TINY, "detection_weight": 1.0}, progress=False)
     model = pretrain(counts_adata, tmp_path / "m", model={**TINY, "zero_query_ratio": 1.0, "detection_weight": 1.0,
                                                           "contrastive_weight": 0.0},
                      max_epochs=15, batch_size=16, learning_rate=3e-3, progress=False)

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default", choices=["default", "paper"])
     p.add_argument("--genes", type=Path, metavar="FILE",
                    help="restrict the vocabulary to these genes (one per line)")
+    p.add_argument("--n-top-genes", type=int, metavar="N",
+                   help="vocabulary: the N most variable genes of the training cells, 0 for all "
+                        "(default: the preset's, 2000 for default, all for paper)")
     p.add_argument("--set", dest="model_options", action="append", default=[], type=_model_option,
                    metavar="FIELD=VALUE",
                    help="override a field of the preset (architecture, tokenizer or objective), e.g. "
@@ -107,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", type=Path, metavar="DATA.h5ad")
     p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
     p.add_argument("--key", default="X_exceiver", help="obsm key of the embedding (default: X_exceiver)")
-    p.add_argument("--pooling", choices=["mean", "flatten"], default="mean",
-                   help="the mean of the latents, or all latents flattened (the original's) (default: mean)")
+    p.add_argument("--pooling", choices=["bottleneck", "mean", "flatten"],
+                   help="the cell bottleneck, the mean of the latents, or all latents flattened (the original's) "
+                        "(default: the bottleneck where the model has one, else the mean)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loader processes reading cells (default: 0)")
     _add_inference_options(p)
 
@@ -191,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gene annotations: a TSV with gene_symbol, annotation_id, source (gzip allowed) or a GMT file")
     p.add_argument("--source", action="append", metavar="NAME",
                    help="annotation source to score (repeat; default: every source in the file)")
-    p.add_argument("--pooling", choices=["mean", "flatten"], default="mean",
-                   help="cell embedding: the mean of the latents or all latents flattened (default: mean)")
+    p.add_argument("--pooling", choices=["bottleneck", "mean", "flatten"],
+                   help="cell embedding: the cell bottleneck, the mean of the latents or all latents flattened "
+                        "(default: the bottleneck where the model has one, else the mean)")
     p.add_argument("--max-cells", type=int, default=10000, help="evaluate a seeded sample of at most N cells")
     p.add_argument("--seed", type=int, default=0)
     _add_data_options(p)
@@ -229,7 +234,7 @@ def run_pretrain(args: argparse.Namespace) -> None:
     from exceiver.pretrain import pretrain
 
     model = pretrain(args.data, args.out, preset=args.preset, model=dict(args.model_options), genes=args.genes,
-                     gene_key=args.gene_key, layer=args.layer, overwrite=args.overwrite, progress=not args.quiet,
+                     n_top_genes=args.n_top_genes, gene_key=args.gene_key, layer=args.layer, overwrite=args.overwrite, progress=not args.quiet,
                      **training_options(args))
     if rank_zero_only.rank == 0:  # distributed runs execute this in every process
         print(f"wrote {args.out}: {model}")

@@ -135,14 +135,15 @@ class Exceiver:
         return (None if gene_key == "var_names" else gene_key), (None if layer == "X" else layer)
 
     @torch.inference_mode()
-    def embed(self, adata: ad.AnnData, *, key_added: str = "X_exceiver", pooling: str = "mean",
+    def embed(self, adata: ad.AnnData, *, key_added: str = "X_exceiver", pooling: str | None = None,
               inplace: bool = True, gene_key: str | None = None, layer: str | None = None,
               batch_size: int | None = None, device: str | None = None, num_workers: int = 0,
               progress: bool = True) -> np.ndarray:
-        """Cell embeddings [cells, width]: the mean of the processed latents ("mean") or all of them
-        flattened ("flatten", the original's); also written to `adata.obsm[key_added]` (with the
-        settings in `adata.uns["exceiver"][key_added]`) unless `inplace=False`."""
-        check_pooling(pooling)
+        """Cell embeddings [cells, width]: the cell bottleneck ("bottleneck", the default of models
+        that have one), the mean of the processed latents ("mean", the default of others) or all of
+        them flattened ("flatten", the original's); also written to `adata.obsm[key_added]` (with
+        the settings in `adata.uns["exceiver"][key_added]`) unless `inplace=False`."""
+        pooling = check_pooling(pooling, self.module)
         embedding = np.empty((adata.n_obs, self.module.embedding_width(pooling)), dtype=np.float32)
         for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "embedding",
                                             num_workers):
@@ -153,13 +154,13 @@ class Exceiver:
         return embedding
 
     @torch.inference_mode()
-    def embed_file(self, path: str | Path, out: str | Path, *, key_added: str = "X_exceiver", pooling: str = "mean",
+    def embed_file(self, path: str | Path, out: str | Path, *, key_added: str = "X_exceiver", pooling: str | None = None,
                    gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
                    device: str | None = None, num_workers: int = 0, overwrite: bool = False,
                    progress: bool = True) -> Path:
         """`embed` from an .h5ad file to a copy of it with `obsm[key_added]` added, streaming:
         neither the counts nor the embeddings are ever all in memory."""
-        check_pooling(pooling)
+        pooling = check_pooling(pooling, self.module)
         gene_key, layer = self.data_keys(h5ad_var(path).var.columns, h5ad_layers(path), gene_key, layer)
         cells = H5adCells(path, self.vocab, gene_key=gene_key, layer=layer)
         width = self.module.embedding_width(pooling)
@@ -274,9 +275,16 @@ def import_original(ckpt_path: str | Path, genes: str | Path | Sequence[str] | N
     return Exceiver(module, vocab, gene_scaler, tokenizer, training=training, classes=classes)
 
 
-def check_pooling(pooling: str) -> None:
+def check_pooling(pooling: str | None, module: ExceiverModule) -> str:
+    """The pooling to use: `module`'s default for None; refuses unknown ones and a bottleneck that
+    the model does not have."""
+    if pooling is None:
+        return module.default_pooling
     if pooling not in POOLINGS:
         raise ExceiverInputError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+    if pooling == "bottleneck" and module.bottleneck is None:
+        raise ExceiverInputError("this model has no cell bottleneck: use pooling 'mean' or 'flatten'")
+    return pooling
 
 
 def _check_weights(module: ExceiverModule, state_dict: dict[str, torch.Tensor], path: Path) -> None:

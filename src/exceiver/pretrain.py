@@ -23,7 +23,8 @@ from exceiver.data.vocab import GeneVocab, build_vocab, gene_keys
 from exceiver.errors import ExceiverInputError
 from exceiver.io import check_output_dir
 from exceiver.model import Exceiver
-from exceiver.nn.config import pretraining_configs
+from exceiver.data.variable_genes import highly_variable_genes
+from exceiver.nn.config import PRESETS, pretraining_configs
 from exceiver.nn.network import ExceiverModule
 from exceiver.train.config import TrainingConfig, TrainingOptions, training_config
 from exceiver.train.fit import FitResult, fit
@@ -51,6 +52,7 @@ def pretrain(
     preset: str = "default",
     model: dict | None = None,
     genes: str | Path | Sequence[str] | GeneVocab | None = None,
+    n_top_genes: int | None = None,
     gene_key: str | None = None,
     layer: str | None = None,
     overwrite: bool = False,
@@ -65,17 +67,23 @@ def pretrain(
     preset, model: the preset ("default" or "paper") and overrides of its fields (architecture,
         tokenizer and objective settings, e.g. {"n_latents": 64, "contrastive_weight": 0}).
     genes: restrict the vocabulary to this gene list (file, one gene per line) or use a vocabulary.
+    n_top_genes: keep the most variable genes of the training cells (seurat_v3 on raw counts, per
+        dataset); None: the preset's choice (default 2,000; paper: all genes); 0: all genes.
     gene_key: var column of gene identifiers, for the datasets that have it (others: var_names).
-    training: fields of `TrainingConfig` (max_epochs, max_minutes, batch_size, seed, ...).
+    training: fields of `TrainingConfig` (max_epochs, max_minutes, batch_size, seed, ...); the
+        preset's own defaults (docs/presets.md) apply to the fields not given.
     """
-    settings = training_config(training)
     try:
         architecture, tokenizer, objectives = pretraining_configs(preset, **(model or {}))
     except (TypeError, ValueError) as err:  # unknown preset or field, impossible combination
         raise ExceiverInputError(f"invalid model settings: {err}") from err
+    settings = training_config({**PRESETS[preset].training, **training})
+    if n_top_genes is None:
+        n_top_genes = PRESETS[preset].n_top_genes
     if out is not None:
         check_output_dir(out, overwrite=overwrite)  # fail before the work, not after
-    cells = pretraining_data(data, settings, genes=genes, gene_key=gene_key, layer=layer, progress=progress)
+    cells = pretraining_data(data, settings, genes=genes, n_top_genes=n_top_genes, gene_key=gene_key, layer=layer,
+                             progress=progress)
 
     L.seed_everything(settings.seed, workers=True, verbose=False)
     module = ExceiverModule(dataclasses.replace(architecture, n_genes=len(cells.vocab)))
@@ -99,19 +107,23 @@ def pretrain(
 
 
 def pretraining_data(data: DataInput | Sequence[DataInput], settings: TrainingConfig, *, genes=None,
-                     gene_key: str | None = None, layer: str | None = None, progress: bool = True) -> PretrainingData:
+                     n_top_genes: int = 0, gene_key: str | None = None, layer: str | None = None,
+                     progress: bool = True) -> PretrainingData:
     """Datasets read into memory, or a corpus folder streamed from disk: one split rule and one
-    scaler fit for both, so the same files and seed give the same training and validation cells."""
+    scaler fit for both, so the same files and seed give the same training and validation cells.
+    A corpus keeps the genes it was built with (`n_top_genes` applies to data read into memory)."""
     items = list(data) if isinstance(data, (list, tuple)) else [data]
     if any(is_corpus(item) for item in items):
         if len(items) > 1:
             raise ExceiverInputError("a corpus folder is pretrained on alone; build one corpus from all the files")
         return _corpus_on_disk(items[0], settings, genes, gene_key, layer, progress)
-    return _cells_in_memory(data, settings, genes, gene_key, layer)
+    return _cells_in_memory(data, settings, genes, n_top_genes, gene_key, layer)
 
 
-def _cells_in_memory(data, settings: TrainingConfig, genes, gene_key: str | None, layer: str | None) -> PretrainingData:
-    """Datasets read into memory, aligned to one vocabulary, checked, split and scaled."""
+def _cells_in_memory(data, settings: TrainingConfig, genes, n_top_genes: int, gene_key: str | None,
+                     layer: str | None) -> PretrainingData:
+    """Datasets read into memory, aligned to one vocabulary, checked, split, restricted to the
+    training cells' most variable genes (with `n_top_genes`) and scaled."""
     datasets = read_datasets(data)
     keys = gene_keys(datasets, gene_key)
     vocab = build_vocab(datasets, genes, keys)
@@ -122,6 +134,9 @@ def _cells_in_memory(data, settings: TrainingConfig, genes, gene_key: str | None
         report_dropped(name, aligned.n_cells, parts[-1].n_cells)
     cells = CellCounts.concat(parts)
     validation = validation_cells(cells.n_cells, settings.val_fraction, settings.seed)
+    if n_top_genes:  # cells left without counts stay, unbatched: the split does not move
+        chosen = highly_variable_genes(cells.subset(np.flatnonzero(~validation)), n_top_genes)
+        vocab, cells = vocab.subset(chosen), cells.select_genes(chosen)
     scaler = GeneScaler.fit(cells.subset(np.flatnonzero(~validation)))
     expressed = cells.keep_genes(scaler.n_expressed > 0).n_genes_expressed
     for side, split in ((~validation, "training"), (validation, "validation")):
@@ -130,7 +145,7 @@ def _cells_in_memory(data, settings: TrainingConfig, genes, gene_key: str | None
                 f"no {split} cell has 2 or more expressed genes (one to mask, one to see): "
                 "masked-expression pretraining needs richer cells or more of them"
             )
-    counts = {"n_cells": int(cells.n_cells), "n_train_cells": int((~validation).sum()),
+    counts = {"n_cells": int(cells.n_cells), "n_train_cells": int((~validation & (expressed > 0)).sum()),
               "n_val_cells": int((validation & (expressed > 0)).sum()),
               "datasets": {name: int(n) for name, n in zip(cells.source_names, np.bincount(cells.source))}}
     log.info("pretraining on %s cells (%s training, %s validation) from %d dataset(s), %s genes",

@@ -73,6 +73,11 @@ class CellCounts:
         counts.eliminate_zeros()
         return CellCounts(counts, self.measured & keep, self.source, self.obs_names, self.source_names)
 
+    def select_genes(self, ids: np.ndarray) -> CellCounts:
+        """The same cells in the vocabulary of genes `ids` (column i is old gene ids[i])."""
+        return CellCounts(self.counts[:, ids].tocsr(), self.measured[:, ids], self.source, self.obs_names,
+                          self.source_names)
+
     def subset(self, rows: np.ndarray) -> CellCounts:
         rows = np.asarray(rows)
         return CellCounts(

@@ -39,13 +39,18 @@ class TokenizerConfig:
     training did."""
 
     max_tokens: int = 4096  # expressed genes per cell beyond this are subsampled
+    # Tokens a cell contributes to one training step (0: max_tokens): a fresh random subset each
+    # step when it expresses more. Training cost follows it; inference keeps max_tokens.
+    train_tokens: int = 0
     mask_fraction: float = 0.15  # fraction of a cell's expressed genes masked in pretraining
     zero_query_ratio: float = 0.0  # zero-count genes queried per masked gene (0: off)
     all_genes: bool = False  # every measured gene is a token, as in the original release
+    count_targets: bool = False  # training batches carry each cell's raw counts (the count objective)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 1 or self.train_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 1 and train_tokens >= 0, got {self.max_tokens}, "
+                             f"{self.train_tokens}")
         if not 0.0 <= self.mask_fraction < 1.0:
             raise ValueError(f"mask_fraction must be in [0, 1), got {self.mask_fraction}")
         if self.zero_query_ratio < 0:
@@ -55,6 +60,10 @@ class TokenizerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def token_cap(self, masked: bool) -> int:
+        """Tokens per cell: `train_tokens` in training steps (masked batches), else `max_tokens`."""
+        return (self.train_tokens or self.max_tokens) if masked else self.max_tokens
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -79,6 +88,11 @@ class CellBatch:
     query_mask: torch.Tensor  # [B, Q] bool
     query_is_zero: torch.Tensor  # [B, Q] bool: a sampled zero-count gene, not a masked one
     cells: torch.Tensor  # [B] int64 index of each cell in its CellCounts
+    # The whole cell's raw counts, for the count objective (empty unless `count_targets`):
+    count_genes: torch.Tensor  # [B, E] int64: every expressed vocabulary gene (padding id elsewhere)
+    counts: torch.Tensor  # [B, E] float32: their raw counts (0 at padding)
+    library: torch.Tensor  # [B] float32: total counts over the vocabulary genes
+    measured: torch.Tensor  # [B, G] bool: the genes the cell's dataset measured
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CellBatch:
         return CellBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
@@ -110,7 +124,8 @@ def make_batch(
     """Tokenize cells `rows` of `cells` (vectorised over all their non-zero entries); `masked`:
     with the pretraining task's masked genes (and sampled zero genes) as queries, else whole cells.
     The padding id is the vocabulary size (the model's fixed zero vector)."""
-    max_tokens, all_genes = tokenizer.max_tokens, tokenizer.all_genes
+    max_tokens, all_genes = tokenizer.token_cap(masked), tokenizer.all_genes
+    want_counts = masked and tokenizer.count_targets
     mask_fraction = tokenizer.mask_fraction if masked else 0.0
     zero_query_ratio = tokenizer.zero_query_ratio if masked else 0.0
     pad_id = cells.counts.shape[1]
@@ -180,11 +195,30 @@ def make_batch(
         query_mask[zero_cell, slot_z] = True
         query_is_zero[zero_cell, slot_z] = True
 
+    whole = _count_targets(cells, rows, genes, entry_counts, entry_cell, rank, n_expr, library, pad_id,
+                           want_counts)
     return CellBatch(
         torch.from_numpy(gene_ids), torch.from_numpy(token_values), torch.from_numpy(token_mask),
         torch.from_numpy(token_zero), torch.from_numpy(query_ids), torch.from_numpy(targets), torch.from_numpy(query_mask),
-        torch.from_numpy(query_is_zero), torch.from_numpy(rows),
+        torch.from_numpy(query_is_zero), torch.from_numpy(rows), *(torch.from_numpy(x) for x in whole),
     )
+
+
+def _count_targets(cells: CellCounts, rows: np.ndarray, genes: np.ndarray, entry_counts: np.ndarray,
+                   entry_cell: np.ndarray, rank: np.ndarray, n_expr: np.ndarray, library: np.ndarray, pad_id: int,
+                   wanted: bool) -> tuple[np.ndarray, ...]:
+    """Every expressed gene of each cell with its raw count, the library and the measured genes:
+    what the count objective reconstructs (the whole cell, whichever genes were tokens)."""
+    n_cells = len(rows)
+    if not wanted:
+        return (np.zeros((n_cells, 0), np.int64), np.zeros((n_cells, 0), np.float32),
+                library.astype(np.float32), np.zeros((n_cells, 0), bool))
+    width = int(n_expr.max()) if n_cells else 0
+    count_genes = np.full((n_cells, width), pad_id, dtype=np.int64)
+    counts = np.zeros((n_cells, width), dtype=np.float32)
+    count_genes[entry_cell, rank] = genes
+    counts[entry_cell, rank] = entry_counts
+    return count_genes, counts, library.astype(np.float32), cells.measured[cells.source[rows]]
 
 
 def _all_gene_tokens(

@@ -50,6 +50,10 @@ class GeneVocab:
         """Vocabulary ids of `genes` (-1 where a gene is not in the vocabulary)."""
         return self.genes.get_indexer(pd.Index(genes, dtype=object)).astype(np.int64)
 
+    def subset(self, ids: np.ndarray) -> GeneVocab:
+        """The vocabulary of genes `ids`, in that order."""
+        return GeneVocab(self.genes[np.asarray(ids)])
+
     @classmethod
     def from_gene_lists(
         cls, gene_lists: Iterable[Sequence[str]], restrict_to: Sequence[str] | None = None

@@ -47,7 +47,7 @@ def evaluate(
     layer: str | None = None,
     annotations: str | Path | pd.DataFrame | None = None,
     sources: Sequence[str] | None = None,
-    pooling: str = "mean",
+    pooling: str | None = None,
     max_cells: int = 10000,
     device: str | None = None,
     seed: int = 0,
@@ -65,7 +65,7 @@ def evaluate(
     name: the dataset's name in messages and the report (default: the file's name).
     """
     model = model if isinstance(model, Exceiver) else Exceiver.load(model)
-    check_pooling(pooling)
+    pooling = check_pooling(pooling, model.module)
     [(default_name, adata)] = read_datasets(data)
     name = name or default_name
     label_keys = list(label_keys)
@@ -146,7 +146,8 @@ def _check_labels(labels: pd.Series, key: str, name: str) -> pd.Series:
     return counts
 
 
-POOLING_WORDS = {"mean": "mean of the latents", "flatten": "all latents flattened"}
+POOLING_WORDS = {"bottleneck": "the cell bottleneck", "mean": "mean of the latents",
+                 "flatten": "all latents flattened"}
 
 
 def _write_report(folder: Path, metrics: dict, representations: dict[str, np.ndarray],

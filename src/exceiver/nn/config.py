@@ -31,6 +31,11 @@ class ExceiverConfig:
     class_hidden: int = 0  # hidden width of the class head (0: n_classes, as the original)
     detection_head: bool = False  # says whether a queried gene is expressed (the detection objective)
     projection_head: bool = False  # projects cell embeddings for the contrastive objective
+    # The cell bottleneck: the mean latent -> LayerNorm -> Linear to this width (0: none). The
+    # count decoder must reconstruct the whole cell from it alone, so it is the cell embedding.
+    bottleneck_dim: int = 0
+    count_hidden: int = 128  # hidden width of the count decoder (bottleneck -> every gene's rate)
+    count_head: bool = False  # decodes the cell's counts from the bottleneck (the count objective)
     paper_compatible: bool = False  # compute exactly as the original release (imported checkpoints)
 
     def __post_init__(self) -> None:
@@ -38,7 +43,8 @@ class ExceiverConfig:
                      n_heads=self.n_heads, cross_heads=self.cross_heads, ff_dim=self.ff_dim,
                      cross_ff_mult=self.cross_ff_mult)
         small = [name for name, value in sizes.items() if value < 1]
-        if small or min(self.n_genes, self.n_layers, self.head_hidden, self.n_classes, self.class_hidden) < 0:
+        if small or min(self.n_genes, self.n_layers, self.head_hidden, self.n_classes, self.class_hidden,
+                        self.bottleneck_dim, self.count_hidden - 1) < 0:
             raise ValueError(f"model sizes must be positive (got {small or 'a negative size'})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -49,6 +55,8 @@ class ExceiverConfig:
         ]:
             if dim % heads:
                 raise ValueError(f"{what} must divide evenly, got {dim} / {heads}")
+        if self.count_head and not self.bottleneck_dim:
+            raise ValueError("the count objective decodes from the cell bottleneck: set bottleneck_dim > 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -56,12 +64,19 @@ class ExceiverConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Weights of the pretraining objectives beside masked-value prediction (0 turns one off)."""
+    """Weights of the pretraining objectives (0 turns one off)."""
+
+    # Masked values: the paper's context task, predicting masked genes' values from the latents.
+    value_weight: float = 1.0
 
     # Detection: a head says whether each queried gene is expressed (masked expressed genes vs
     # sampled zero-count genes); which genes are on is identity, whatever the depth. The value
     # head is then trained on expressed genes only.
     detection_weight: float = 0.0
+    # Counts: the whole cell's raw counts are decoded from the cell bottleneck under a negative
+    # binomial with mean = library size x predicted share and a learned dispersion per gene. Depth
+    # is given, so the bottleneck carries what the cell is, not how deeply it was sequenced.
+    count_weight: float = 0.0
     # Invariance: two random subsets of a cell's tokens must give embeddings that pick each other
     # out of the batch (InfoNCE on projected mean latents).
     contrastive_weight: float = 0.0
@@ -69,7 +84,7 @@ class ObjectiveConfig:
     contrastive_temperature: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.detection_weight < 0 or self.contrastive_weight < 0:
+        if min(self.value_weight, self.detection_weight, self.contrastive_weight, self.count_weight) < 0:
             raise ValueError("objective weights must be >= 0")
         if not 0 < self.contrastive_keep <= 1 or self.contrastive_temperature <= 0:
             raise ValueError("contrastive_keep must be in (0, 1] and contrastive_temperature > 0")
@@ -85,26 +100,30 @@ class Preset:
     architecture: dict
     tokenizer: dict = dataclasses.field(default_factory=dict)
     objectives: dict = dataclasses.field(default_factory=dict)
+    training: dict = dataclasses.field(default_factory=dict)  # TrainingConfig defaults of the preset
+    n_top_genes: int = 0  # vocabulary: the most variable genes of the training cells (0: all genes)
 
 
 PRESETS: dict[str, Preset] = {
     # The released configuration of the original Exceiver (Connell et al. 2022).
     "paper": Preset(architecture=dict(gene_dim=4, n_latents=128, latent_dim=4, n_layers=8, n_heads=4, cross_heads=4,
                                       ff_dim=2048, cross_ff_mult=1, head_hidden=1)),
-    # Width chosen for quality per CPU-minute (docs/presets.md); objectives chosen by the embedding
-    # study (docs/evaluation.md): masked values + detection of expressed vs zero genes + a light
-    # contrastive term gave the best zero-shot cell identity with masked MSE still < 0.6x gene mean.
+    # Chosen per CPU-minute against scVI and PCA (docs/presets.md, benchmarks/efficiency.py): the
+    # 2,000 most variable genes, at most 256 tokens per cell in a training step, and the whole cell's
+    # counts decoded from a 32-wide cell bottleneck beside the paper's masked values.
     "default": Preset(
-        architecture=dict(gene_dim=32, n_latents=32, latent_dim=64, n_layers=2, n_heads=4, cross_heads=4, ff_dim=256,
-                          cross_ff_mult=4, gene_bias=True, class_hidden=64),
-        tokenizer=dict(zero_query_ratio=1.0),
-        objectives=dict(detection_weight=1.0, contrastive_weight=0.2),
+        architecture=dict(gene_dim=32, n_latents=32, latent_dim=64, n_layers=2, n_heads=4, cross_heads=4, ff_dim=128,
+                          cross_ff_mult=4, gene_bias=True, class_hidden=64, bottleneck_dim=32, count_hidden=128),
+        tokenizer=dict(train_tokens=256),
+        objectives=dict(count_weight=1.0),
+        training=dict(learning_rate=2e-3, weight_decay=1e-4, warmup_steps=50),
+        n_top_genes=2000,
     ),
 }
 
 # Fields a user may set (`--set FIELD=VALUE`): derived ones (sizes from the data, heads from the
 # objectives, the original's computation) are not theirs to set.
-DERIVED = ("n_genes", "n_classes", "detection_head", "projection_head", "all_genes")
+DERIVED = ("n_genes", "n_classes", "detection_head", "projection_head", "count_head", "all_genes", "count_targets")
 CONFIGS = (ExceiverConfig, TokenizerConfig, ObjectiveConfig)
 
 
@@ -131,12 +150,14 @@ def pretraining_configs(preset: str = "default", n_genes: int = 0,
         names = {f.name for f in dataclasses.fields(cls)}
         parts.append({**defaults, **{k: v for k, v in overrides.items() if k in names}})
     # Paper-compatible models see every measured gene as a token, as the original release did.
-    tokenizer = TokenizerConfig(**parts[1], all_genes=bool(parts[0].get("paper_compatible")))
     objectives = ObjectiveConfig(**parts[2])
+    tokenizer = TokenizerConfig(**parts[1], all_genes=bool(parts[0].get("paper_compatible")),
+                                count_targets=objectives.count_weight > 0)
     if objectives.detection_weight and not tokenizer.zero_query_ratio:
         raise ValueError("detection_weight > 0 needs zero_query_ratio > 0 (zero genes to detect)")
     architecture = ExceiverConfig(**parts[0], n_genes=n_genes, detection_head=objectives.detection_weight > 0,
-                                  projection_head=objectives.contrastive_weight > 0)
+                                  projection_head=objectives.contrastive_weight > 0,
+                                  count_head=objectives.count_weight > 0)
     return architecture, tokenizer, objectives
 
 

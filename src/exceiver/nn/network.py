@@ -22,7 +22,7 @@ from exceiver.data.tokenizer import CellBatch
 from exceiver.nn.attention import CrossAttentionBlock, SelfAttentionBlock, mlp
 from exceiver.nn.config import ExceiverConfig
 
-POOLINGS = ("mean", "flatten")
+POOLINGS = ("bottleneck", "mean", "flatten")
 
 # The attention logit that the original's float padding mask adds to zero-count gene tokens.
 ZERO_TOKEN_LOGIT = 1.0
@@ -55,6 +55,14 @@ class ExceiverModule(nn.Module):
         self.class_head = mlp(c.gene_dim, c.class_hidden or c.n_classes, c.n_classes) if c.n_classes else None
         self.projection = mlp(c.latent_dim, c.latent_dim, c.latent_dim) if c.projection_head else None
         self.detection_head = mlp(c.gene_dim, head_hidden, 1) if c.detection_head else None
+        self.bottleneck = (nn.Sequential(nn.LayerNorm(c.latent_dim), nn.Linear(c.latent_dim, c.bottleneck_dim))
+                           if c.bottleneck_dim else None)
+        if c.count_head:  # bottleneck -> a share of the library per gene, and a dispersion per gene
+            self.count_decoder = nn.Sequential(nn.Linear(c.bottleneck_dim, c.count_hidden), nn.LayerNorm(c.count_hidden),
+                                               nn.ReLU(), nn.Linear(c.count_hidden, c.n_genes))
+            self.gene_log_dispersion = nn.Parameter(torch.zeros(c.n_genes))
+        else:
+            self.count_decoder = self.gene_log_dispersion = None
 
     @torch.no_grad()
     def init_value_offsets(self, gene_means: torch.Tensor, mean_value: float) -> None:
@@ -114,8 +122,24 @@ class ExceiverModule(nn.Module):
         """The pretraining computation: predicted values of the batch's query genes [B, Q]."""
         return self.predict_values(self.encode(batch), batch.query_ids)
 
+    def count_logits(self, cell: torch.Tensor) -> torch.Tensor:
+        """Bottleneck vectors [B, bottleneck_dim] -> unnormalised log shares of every gene [B, n_genes]."""
+        if self.count_decoder is None:
+            raise ValueError("this model has no count decoder (config.count_head is False)")
+        return self.count_decoder(cell)
+
+    @property
+    def default_pooling(self) -> str:
+        """The cell embedding users get: the bottleneck where there is one."""
+        return "bottleneck" if self.bottleneck is not None else "mean"
+
     def pool(self, latents: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-        """Cell embedding from latents: their mean, or all of them flattened (the original's)."""
+        """Cell embedding from latents: the cell bottleneck, their mean, or all of them flattened
+        (the original's)."""
+        if pooling == "bottleneck":
+            if self.bottleneck is None:
+                raise ValueError("this model has no cell bottleneck (config.bottleneck_dim == 0): use 'mean'")
+            return self.bottleneck(latents.mean(dim=1))
         if pooling == "mean":
             return latents.mean(dim=1)
         if pooling == "flatten":
@@ -124,6 +148,8 @@ class ExceiverModule(nn.Module):
 
     def embedding_width(self, pooling: str = "mean") -> int:
         c = self.config
+        if pooling == "bottleneck":
+            return c.bottleneck_dim
         return c.latent_dim * (c.n_latents if pooling == "flatten" else 1)
 
     def n_parameters(self) -> int:

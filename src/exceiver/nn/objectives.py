@@ -1,5 +1,6 @@
 """Pretraining objectives, each a function of the network and a batch: masked-value prediction,
-detection of expressed genes, and the contrastive term; `pretraining_loss` combines them into one
+the whole cell's counts through the cell bottleneck, detection of expressed genes, and the
+contrastive term; `pretraining_loss` combines them into one
 `LossRecord` (the total to optimise and each part, to log)."""
 
 from __future__ import annotations
@@ -45,11 +46,40 @@ def pretraining_loss(module: ExceiverModule, batch: CellBatch, objectives: Objec
     else:
         values = module.predict_values(latents, batch.query_ids)
         parts["masked_values"] = masked_mse(values, batch.targets, batch.query_mask)
+    if objectives.count_weight:
+        parts["counts"] = count_nll(module, latents, batch).mean()
     if objectives.contrastive_weight:
         parts["contrastive"] = contrastive_loss(module, latents, batch, objectives, salt=salt, gather=gather)
-    total = (parts["masked_values"] + objectives.detection_weight * parts.get("detection", 0.0)
+    total = (objectives.value_weight * parts["masked_values"] + objectives.detection_weight * parts.get("detection", 0.0)
+             + objectives.count_weight * parts.get("counts", 0.0)
              + objectives.contrastive_weight * parts.get("contrastive", 0.0))
     return LossRecord(total, parts)
+
+
+def count_nll(module: ExceiverModule, latents: torch.Tensor, batch: CellBatch) -> torch.Tensor:
+    """Negative-binomial negative log-likelihood of each cell's whole count vector [B], per
+    measured gene, decoded from the cell bottleneck: mean = library x softmax share over the genes
+    the cell's dataset measured, dispersion learned per gene.
+
+    The likelihood of a zero count, theta * (log theta - log(theta + mu)), is summed densely over
+    the measured genes (it needs no counts); expressed genes then add the difference between their
+    count's likelihood and a zero's. No dense counts matrix is ever built."""
+    logits = module.count_logits(module.pool(latents, "bottleneck")).float()
+    measured = batch.measured
+    log_share = torch.log_softmax(logits.masked_fill(~measured, float("-inf")), dim=-1)
+    log_mu = log_share + batch.library.clamp(min=1).log()[:, None]
+    log_theta = module.gene_log_dispersion.float()
+    theta = log_theta.exp()
+    log_theta_mu = torch.logaddexp(log_theta.expand_as(log_mu), log_mu)  # log(theta + mu)
+    zero_ll = (theta * (log_theta - log_theta_mu)).masked_fill(~measured, 0.0).sum(-1)
+    n_genes = log_mu.shape[1]
+    genes = batch.count_genes.clamp(max=n_genes - 1)  # padding entries have count 0 and add nothing
+    x = batch.counts
+    theta_x, log_mu_x, log_theta_mu_x = theta[genes], log_mu.gather(1, genes), log_theta_mu.gather(1, genes)
+    extra = (torch.lgamma(x + theta_x) - torch.lgamma(theta_x) - torch.lgamma(x + 1)
+             + x * (log_mu_x - log_theta_mu_x))
+    extra = extra.masked_fill(x == 0, 0.0).sum(-1)
+    return -(zero_ll + extra) / measured.sum(-1).clamp(min=1)
 
 
 def contrastive_loss(module: ExceiverModule, latents: torch.Tensor, batch: CellBatch, objectives: ObjectiveConfig,

@@ -19,7 +19,7 @@ import torchmetrics
 from exceiver.data.tokenizer import CellBatch
 from exceiver.nn.config import ObjectiveConfig
 from exceiver.nn.network import ExceiverModule
-from exceiver.nn.objectives import masked_mse, pretraining_loss
+from exceiver.nn.objectives import count_nll, masked_mse, pretraining_loss
 from exceiver.train.config import TrainingConfig
 
 
@@ -91,14 +91,14 @@ class TrainingPlan(L.LightningModule):
 class PretrainingPlan(TrainingPlan):
     """The pretraining objectives; validation compares masked-value predictions with the gene-mean
     baseline (each masked gene predicted by its mean value over the training cells that express
-    it) on exactly the same masked genes."""
-
-    monitor = "val_masked_mse"
+    it) on exactly the same masked genes. With the count objective the kept weights are those of
+    the lowest validation count loss (the bottleneck is the cell embedding users get)."""
 
     def __init__(self, module: ExceiverModule, objectives: ObjectiveConfig, gene_means: torch.Tensor,
                  training: TrainingConfig, *, zero_queries: bool = False):
         super().__init__(module, training)
         self.objectives = objectives
+        self.monitor = "val_counts" if objectives.count_weight else "val_masked_mse"
         # Without a detection head the value head predicts zero genes too: judge that apart.
         self.judge_zeros = zero_queries and not objectives.detection_weight
         self.register_buffer("gene_means", torch.as_tensor(gene_means, dtype=torch.float32), persistent=False)
@@ -107,6 +107,7 @@ class PretrainingPlan(TrainingPlan):
         self.val_pearson = torchmetrics.PearsonCorrCoef()
         self.val_explained_variance = torchmetrics.ExplainedVariance()
         self.val_zero_mse = torchmetrics.MeanSquaredError()
+        self.val_counts = torchmetrics.MeanMetric()
 
     def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
         salt = (self.training_config.seed << 32) + self.global_step  # fresh contrastive views every step and seed
@@ -129,7 +130,10 @@ class PretrainingPlan(TrainingPlan):
         return rows, sum(sizes[:self.global_rank])
 
     def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
-        pred = self.module(batch).float()
+        latents = self.module.encode(batch)
+        if self.objectives.count_weight:
+            self.val_counts.update(count_nll(self.module, latents, batch))
+        pred = self.module.predict_values(latents, batch.query_ids).float()
         masked = batch.query_mask & ~batch.query_is_zero
         y, y_hat = batch.targets[masked], pred[masked]
         self.val_mse.update(y_hat, y)
@@ -147,8 +151,10 @@ class PretrainingPlan(TrainingPlan):
                    "val_explained_variance": self.val_explained_variance.compute()}
         if self.judge_zeros:
             metrics["val_zero_mse"] = self.val_zero_mse.compute()
+        if self.objectives.count_weight:
+            metrics["val_counts"] = self.val_counts.compute()
         for metric in (self.val_mse, self.val_baseline_mse, self.val_pearson, self.val_explained_variance,
-                       self.val_zero_mse):
+                       self.val_zero_mse, self.val_counts):
             metric.reset()
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
         self.keep_if_best(metrics)

@@ -1,0 +1,166 @@
+"""Learning per CPU-minute: scVI and exceiver on the same file, for the same wall time, with the
+same threads, in the same run; PCA beside them.
+
+For each target, scVI (scvi-tools, its tutorial recipe: raw counts of the 2,000 seurat_v3 highly
+variable genes, the default model, the default number of epochs) trains first and its training
+time is measured; exceiver's `pretrain` (the `default` preset) then gets that same time as its
+budget (`max_minutes`). A target with a fixed budget (`pbmc3k_10min`) gives both that budget.
+Each embedding is judged with `exceiver.evaluate`'s metrics: kNN macro-F1 of cell type (k=15,
+5-fold), Leiden ARI, and depth R^2 (how much of the embedding is sequencing depth); and each
+run's training cells/s and steps. exceiver's masked-value MSE is reported against the gene-mean
+baseline (ratio < 1: better than each gene's mean).
+
+    pip install -c benchmarks/constraints.txt -e ".[bench]"
+    EXCEIVER_SHARED=../shared python benchmarks/efficiency.py --out efficiency --targets zeisel joost
+    python benchmarks/efficiency.py --out efficiency --table     # the table of what is done
+
+Results go to OUT/<target>.json (a rerun skips the targets that are done) and the table is
+printed with exceiver/scVI ratios. Run one target per core (`--threads 1`, two processes on
+two cores) or one at a time with all threads: never more heavy jobs than cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+import torch
+
+from exceiver import pretrain
+from exceiver.evaluate.cells import depth_r2, knn_cross_validated, leiden_clusters
+from sklearn.metrics import adjusted_rand_score
+
+# target: (file, label column, fixed budget in minutes or None for scVI's default training)
+TARGETS = {
+    "zeisel": ("gpsfish_zeisel_mouse_cortex_550", "cell_type", None),
+    "pbmc3k": ("pbmc3k_seurat_2638", "cell_type", None),
+    "cellbench": ("cellbench_lung_celllines_1408", "cell_type", None),
+    "joost": ("joost2016_mouse_skin_epidermis_720", "cell_type", None),
+    "pbmc3k_10min": ("pbmc3k_seurat_2638", "cell_type", 10.0),
+}
+
+
+def scores(embedding: np.ndarray, labels: np.ndarray, log_depth: np.ndarray) -> dict:
+    clusters = leiden_clusters(embedding)
+    return {**knn_cross_validated(embedding, labels), "leiden_ari": float(adjusted_rand_score(labels, clusters)),
+            "depth_r2": depth_r2(embedding, log_depth)}
+
+
+def hvg_counts(adata: ad.AnnData) -> ad.AnnData:
+    """scVI's input: raw counts of the 2,000 seurat_v3 highly variable genes."""
+    counts = ad.AnnData(adata.X.astype(np.float32), obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
+    counts = counts[:, np.asarray((counts.X > 0).sum(0)).ravel() > 0].copy()
+    sc.pp.highly_variable_genes(counts, flavor="seurat_v3", n_top_genes=2000, subset=True)
+    return counts
+
+
+def pca(adata: ad.AnnData) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    logn = ad.AnnData(adata.X.astype(np.float32))
+    sc.pp.normalize_total(logn, target_sum=1e4)
+    sc.pp.log1p(logn)
+    sc.pp.highly_variable_genes(logn, n_top_genes=2000, subset=True)
+    sc.pp.scale(logn, max_value=10)
+    sc.pp.pca(logn, n_comps=50, random_state=0)
+    return logn.obsm["X_pca"], time.perf_counter() - start
+
+
+def scvi_run(adata: ad.AnnData, minutes: float | None) -> dict:
+    import scvi  # the [bench] extra
+
+    scvi.settings.seed = 0
+    counts = hvg_counts(adata)
+    scvi.model.SCVI.setup_anndata(counts)
+    model = scvi.model.SCVI(counts)
+    budget = {"max_time": {"seconds": minutes * 60}, "max_epochs": 100_000} if minutes else {}
+    start = time.perf_counter()
+    model.train(accelerator="cpu", enable_progress_bar=False, **budget)
+    seconds = time.perf_counter() - start
+    trainer = model.trainer
+    n_train = int(round(counts.n_obs * 0.9))  # scVI's default train_size
+    epochs = int(trainer.current_epoch)
+    return {"seconds": seconds, "steps": int(trainer.global_step), "epochs": epochs,
+            "cells_per_s": epochs * n_train / seconds, "embedding": model.get_latent_representation()}
+
+
+def exceiver_run(adata: ad.AnnData, minutes: float) -> dict:
+    start = time.perf_counter()
+    model = pretrain(adata, None, max_minutes=minutes, max_epochs=100_000, patience=100_000, progress=False)
+    seconds = time.perf_counter() - start
+    metrics = model.metrics
+    embedding = model.embed(adata, inplace=False, progress=False)
+    return {"seconds": seconds, "steps": metrics["steps"], "epochs": metrics["epochs"],
+            "cells_per_s": metrics["steps"] * model.training["batch_size"] / metrics["seconds"],
+            "val_mse_ratio": metrics["val_mse_ratio"], "val_masked_mse": metrics["val_masked_mse"],
+            "val_gene_mean_mse": metrics["val_gene_mean_mse"], "embedding": embedding}
+
+
+def run_target(name: str, data: Path, out: Path) -> dict:
+    file, label_key, minutes = TARGETS[name]
+    adata = ad.read_h5ad(data / f"{file}.h5ad")
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    log_depth = np.log1p(np.asarray(adata.X.sum(1)).ravel())
+    result = {"target": name, "file": file, "n_cells": adata.n_obs, "n_types": len(set(labels)),
+              "threads": torch.get_num_threads(), "torch": torch.__version__}
+    x, seconds = pca(adata)
+    result["pca"] = {"seconds": seconds, **scores(x, labels, log_depth)}
+    runs = {"scvi": scvi_run(adata, minutes)}
+    budget = minutes or runs["scvi"]["seconds"] / 60
+    result["budget_minutes"] = budget
+    runs["exceiver"] = exceiver_run(adata, budget)
+    for key, run in runs.items():
+        embedding = run.pop("embedding")
+        result[key] = {**run, **scores(embedding, labels, log_depth)}
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table(out: Path) -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    print(f"{'target':<14}{'budget':>8}  {'method':<9}{'kNN F1':>8}{'ARI':>7}{'depth R2':>9}{'cells/s':>9}"
+          f"{'steps':>7}  notes")
+    for r in rows:
+        for method in ("pca", "scvi", "exceiver"):
+            m = r[method]
+            note = ""
+            if method == "exceiver":
+                note = (f"kNN {m['knn_macro_f1'] / r['scvi']['knn_macro_f1']:.2f}x scVI; masked MSE "
+                        f"{m['val_mse_ratio']:.2f}x gene mean")
+            rate = f"{m['cells_per_s']:9.0f}" if "cells_per_s" in m else " " * 9
+            steps = f"{m['steps']:7d}" if "steps" in m else " " * 7
+            first = method == "pca"
+            target, budget = (r["target"], f"{r['budget_minutes']:.1f}m") if first else ("", "")
+            print(f"{target:<14}{budget:>8}  {method:<9}{m['knn_macro_f1']:8.3f}{m['leiden_ari']:7.3f}"
+                  f"{m['depth_r2']:9.3f}{rate}{steps}  {note}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
+    parser.add_argument("--table", action="store_true", help="print the table of finished targets only")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        data = Path(os.environ.get("EXCEIVER_SHARED", "../shared")) / "data"
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        logging.getLogger("lightning").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore")
+        for name in args.targets:
+            if not (args.out / f"{name}.json").exists():
+                run_target(name, data, args.out)
+    table(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The vocabulary of a pretraining run: the most variable genes of its training cells.
+
+Cells differ by a few thousand variable genes; the rest add tokens (cost) and noise, not identity.
+Selection uses scanpy's `seurat_v3` rule on raw counts (the recipe scVI's users follow), per
+dataset when there are several (`batch_key`), so that one deep dataset cannot choose for all.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import torch
+
+from exceiver.data.cells import CellCounts
+from exceiver.errors import ExceiverInputError
+
+log = logging.getLogger(__name__)
+
+
+def highly_variable_genes(cells: CellCounts, n_top_genes: int) -> np.ndarray:
+    """Sorted vocabulary ids of the `n_top_genes` most variable genes of `cells` (all genes with
+    counts, if they are fewer)."""
+    if n_top_genes < 1:
+        raise ExceiverInputError(f"n_top_genes must be >= 1, got {n_top_genes}")
+    expressed = np.flatnonzero(np.bincount(cells.counts.indices, minlength=cells.counts.shape[1]))
+    if len(expressed) <= n_top_genes:
+        return expressed
+    try:
+        import skmisc  # noqa: F401  (seurat_v3's loess fit)
+    except ImportError as err:  # a declared dependency: only a broken install lacks it
+        raise ExceiverInputError("selecting variable genes needs scikit-misc: pip install scikit-misc") from err
+    adata = ad.AnnData(cells.counts[:, expressed].astype(np.float32))
+    batches = len(np.unique(cells.source)) > 1
+    if batches:
+        adata.obs["dataset"] = pd.Categorical(cells.source)
+    threads = torch.get_num_threads()
+    try:
+        table = sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top_genes, inplace=False,
+                                            batch_key="dataset" if batches else None)
+    finally:  # its numerical libraries reset the OpenMP team size that torch shares (measured: 1 -> 2)
+        torch.set_num_threads(threads)
+    chosen = np.sort(expressed[np.flatnonzero(table["highly_variable"].to_numpy())])
+    log.info("vocabulary: the %s most variable of %s expressed genes", f"{len(chosen):,}", f"{len(expressed):,}")
+    return chosen

@@ -1,0 +1,142 @@
+"""The count objective: whole-cell count targets in batches, the negative-binomial likelihood
+through the cell bottleneck, the token cap of training steps, the variable-gene vocabulary, and
+the bottleneck as the cell embedding users get."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+
+from exceiver import Exceiver, pretrain
+from exceiver.data.cells import CellCounts, align
+from exceiver.data.preprocess import GeneScaler
+from exceiver.data.tokenizer import TokenizerConfig, make_batch
+from exceiver.data.variable_genes import highly_variable_genes
+from exceiver.data.vocab import GeneVocab
+from exceiver.errors import ExceiverInputError
+from exceiver.nn.config import pretraining_configs
+from exceiver.nn.network import ExceiverModule
+from exceiver.nn.objectives import count_nll
+
+from conftest import TINY, synthetic_counts
+
+
+def two_datasets() -> CellCounts:
+    """Two datasets on one vocabulary; the second measures only the first 80 of 120 genes."""
+    first, second = synthetic_counts(n_cells=20, n_genes=120, seed=1), synthetic_counts(n_cells=20, n_genes=80, seed=2)
+    vocab = GeneVocab(first.var_names)
+    return CellCounts.concat([align(first, vocab, name="a"), align(second, vocab, name="b")])
+
+
+def test_count_targets_carry_the_whole_cell_whatever_the_tokens():
+    cells = two_datasets()
+    scaler = GeneScaler.fit(cells)
+    tokenizer = TokenizerConfig(train_tokens=10, mask_fraction=0.2, count_targets=True)
+    rows = np.arange(cells.n_cells)
+    batch = make_batch(cells, rows, scaler, tokenizer, masked=True, salt=3)
+    dense = cells.counts.toarray()
+    for i in rows:
+        real = batch.counts[i] > 0
+        genes = batch.count_genes[i][real].numpy()
+        np.testing.assert_array_equal(np.sort(genes), np.flatnonzero(dense[i]))
+        np.testing.assert_allclose(batch.counts[i][real].numpy(), dense[i, genes])
+        assert batch.library[i].item() == pytest.approx(dense[i].sum())
+    np.testing.assert_array_equal(batch.measured.numpy(), cells.measured[cells.source])
+    assert not batch.measured[cells.source == 1][:, 80:].any()
+    inference = make_batch(cells, rows, scaler, tokenizer)  # whole cells: no count targets needed
+    assert inference.counts.shape[1] == 0 and inference.measured.shape[1] == 0
+
+
+def test_training_steps_see_a_fresh_capped_subset_and_inference_every_gene():
+    adata = synthetic_counts(n_cells=30, n_genes=400)
+    cells = align(adata, GeneVocab(adata.var_names))
+    scaler = GeneScaler.fit(cells)
+    tokenizer = TokenizerConfig(max_tokens=1000, train_tokens=20, mask_fraction=0.15)
+    rows = np.flatnonzero(cells.n_genes_expressed > 40)[:5]
+    assert len(rows) == 5
+    one, two = (make_batch(cells, rows, scaler, tokenizer, masked=True, salt=s) for s in (1, 2))
+    assert (one.query_mask.sum(1) == 3).all()  # 15% of the 20-token cap is masked
+    assert (one.token_mask.sum(1) == 20).all()  # the cap is filled from the unmasked genes
+    tokens = [set(b.gene_ids[0][b.token_mask[0]].tolist()) for b in (one, two)]
+    assert tokens[0] != tokens[1]  # each step draws its own subset
+    whole = make_batch(cells, rows, scaler, tokenizer)
+    np.testing.assert_array_equal(whole.token_mask.sum(1).numpy(), cells.n_genes_expressed[rows])
+
+
+def test_count_loss_is_the_negative_binomial_likelihood_of_the_measured_genes():
+    cells = two_datasets()
+    scaler = GeneScaler.fit(cells)
+    config, tokenizer, _ = pretraining_configs("default", n_genes=120, **TINY, bottleneck_dim=4, count_hidden=16)
+    torch.manual_seed(0)
+    module = ExceiverModule(config)
+    with torch.no_grad():
+        module.gene_log_dispersion.normal_()
+    rows = np.arange(cells.n_cells)
+    batch = make_batch(cells, rows, scaler, tokenizer, masked=True, salt=5)
+    latents = module.encode(batch)
+    loss = count_nll(module, latents, batch)
+
+    logits = module.count_logits(module.pool(latents, "bottleneck"))
+    dense = torch.from_numpy(cells.counts.toarray())
+    theta = module.gene_log_dispersion.exp()
+    for i in rows:
+        measured = torch.from_numpy(cells.measured[cells.source[i]])
+        share = torch.softmax(logits[i][measured], dim=0)
+        mu = dense[i].sum() * share
+        # torch's NegativeBinomial(total_count=theta, logits=log(mu / theta)) has mean mu
+        nb = torch.distributions.NegativeBinomial(total_count=theta[measured], logits=(mu / theta[measured]).log())
+        expected = -nb.log_prob(dense[i][measured]).sum() / measured.sum()
+        assert loss[i].item() == pytest.approx(expected.item(), rel=1e-4)
+    loss.mean().backward()
+    grads = [p.grad for p in (module.gene_log_dispersion, module.count_decoder[0].weight, module.bottleneck[1].weight)]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_vocabulary_is_the_training_cells_most_variable_genes():
+    adata = synthetic_counts(n_cells=150, n_genes=300)
+    model = pretrain(adata, None, model=TINY, n_top_genes=60, max_epochs=1, progress=False)
+    assert len(model.vocab) == 60
+    from exceiver.data.datamodule import validation_cells
+
+    cells = align(adata, GeneVocab(adata.var_names))
+    train = np.flatnonzero(~validation_cells(cells.n_cells, 0.1, 0))
+    chosen = highly_variable_genes(cells.subset(train), 60)
+    assert list(model.vocab.genes) == list(adata.var_names[chosen])
+    assert len(pretrain(adata, None, model=TINY, n_top_genes=0, max_epochs=1, progress=False).vocab) == 300
+    paper = pretrain(adata, None, preset="paper", model=dict(n_latents=4, n_layers=1, ff_dim=8), max_epochs=1,
+                     progress=False)
+    assert len(paper.vocab) == 300  # the paper preset keeps every gene, as published
+
+
+def test_variable_gene_selection_leaves_torch_threads_alone():
+    cells = align(synthetic_counts(n_cells=80, n_genes=200), GeneVocab(synthetic_counts(n_genes=200).var_names))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert len(highly_variable_genes(cells, 50)) == 50
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ExceiverInputError, match="n_top_genes must be >= 1"):
+        highly_variable_genes(cells, 0)
+
+
+def test_the_cell_embedding_is_the_bottleneck(tmp_path):
+    adata = synthetic_counts(n_cells=60)
+    model = pretrain(adata, tmp_path / "m", model={**TINY, "bottleneck_dim": 6}, max_epochs=2, progress=False)
+    assert model.objectives.count_weight > 0 and model.config.count_head
+    embedding = model.embed(adata, progress=False)
+    assert embedding.shape == (60, 6) and adata.uns["exceiver"]["X_exceiver"]["pooling"] == "bottleneck"
+    again = Exceiver.load(tmp_path / "m")
+    np.testing.assert_allclose(again.embed(adata, inplace=False, progress=False), embedding, atol=1e-5)
+    assert model.embed(adata, pooling="mean", inplace=False, progress=False).shape == (60, 16)
+    assert "val_counts" in model.metrics and model.metrics["val_counts"] > 0
+    no_bottleneck = pretrain(adata, None, model={**TINY, "count_weight": 0.0, "bottleneck_dim": 0}, max_epochs=1,
+                             progress=False)
+    assert no_bottleneck.embed(adata, inplace=False, progress=False).shape == (60, 16)  # the mean latent
+    with pytest.raises(ExceiverInputError, match="no cell bottleneck"):
+        no_bottleneck.embed(adata, pooling="bottleneck", progress=False)
+    with pytest.raises(ExceiverInputError, match="bottleneck_dim > 0"):
+        pretrain(adata, None, model={**TINY, "bottleneck_dim": 0}, max_epochs=1, progress=False)
