@@ -14,8 +14,9 @@ baseline (ratio < 1: better than each gene's mean).
     EXCEIVER_SHARED=../shared python benchmarks/efficiency.py --out efficiency --targets zeisel joost
     python benchmarks/efficiency.py --out efficiency --table     # the table of what is done
 
-Results go to OUT/<target>.json (a rerun skips the targets that are done) and the table is
-printed with exceiver/scVI ratios. Run one target per core (`--threads 1`, two processes on
+Results go to OUT/<target>/baselines.json (PCA and scVI, run once) and OUT/<target>/<variant>.json
+(an exceiver run: `--variant NAME --set FIELD=VALUE ...` for ablations against the same scVI run);
+a rerun skips what is done, and the table is printed with exceiver/scVI ratios. Run one target per core (`--threads 1`, two processes on
 two cores) or one at a time with all threads: never more heavy jobs than cores.
 """
 
@@ -35,6 +36,7 @@ import scanpy as sc
 import torch
 
 from exceiver import pretrain
+from exceiver.cli import model_option
 from exceiver.evaluate.cells import depth_r2, knn_cross_validated, leiden_clusters
 from sklearn.metrics import adjusted_rand_score
 
@@ -91,55 +93,77 @@ def scvi_run(adata: ad.AnnData, minutes: float | None) -> dict:
             "cells_per_s": epochs * n_train / seconds, "embedding": model.get_latent_representation()}
 
 
-def exceiver_run(adata: ad.AnnData, minutes: float) -> dict:
+def exceiver_run(adata: ad.AnnData, minutes: float, model: dict) -> dict:
     start = time.perf_counter()
-    model = pretrain(adata, None, max_minutes=minutes, max_epochs=100_000, patience=100_000, progress=False)
+    fitted = pretrain(adata, None, model=model, max_minutes=minutes, max_epochs=100_000, patience=100_000,
+                      progress=False)
     seconds = time.perf_counter() - start
-    metrics = model.metrics
-    embedding = model.embed(adata, inplace=False, progress=False)
+    metrics = fitted.metrics
+    embedding = fitted.embed(adata, inplace=False, progress=False)
     return {"seconds": seconds, "steps": metrics["steps"], "epochs": metrics["epochs"],
-            "cells_per_s": metrics["steps"] * model.training["batch_size"] / metrics["seconds"],
+            "cells_per_s": metrics["steps"] * fitted.training["batch_size"] / metrics["seconds"],
             "val_mse_ratio": metrics["val_mse_ratio"], "val_masked_mse": metrics["val_masked_mse"],
-            "val_gene_mean_mse": metrics["val_gene_mean_mse"], "embedding": embedding}
+            "val_gene_mean_mse": metrics["val_gene_mean_mse"], "model": model, "embedding": embedding}
 
 
-def run_target(name: str, data: Path, out: Path) -> dict:
-    file, label_key, minutes = TARGETS[name]
+def run_target(name: str, data: Path, out: Path, threads: int | None, variant: str, model: dict,
+               minutes: float | None) -> None:
+    """PCA and scVI once per target (OUT/<target>/baselines.json), then exceiver's `variant` with
+    the `model` overrides for scVI's time or `minutes` (OUT/<target>/<variant>.json)."""
+    file, label_key, fixed = TARGETS[name]
     adata = ad.read_h5ad(data / f"{file}.h5ad")
     labels = adata.obs[label_key].astype(str).to_numpy()
     log_depth = np.log1p(np.asarray(adata.X.sum(1)).ravel())
-    result = {"target": name, "file": file, "n_cells": adata.n_obs, "n_types": len(set(labels)),
-              "threads": torch.get_num_threads(), "torch": torch.__version__}
-    x, seconds = pca(adata)
-    result["pca"] = {"seconds": seconds, **scores(x, labels, log_depth)}
-    runs = {"scvi": scvi_run(adata, minutes)}
-    budget = minutes or runs["scvi"]["seconds"] / 60
-    result["budget_minutes"] = budget
-    runs["exceiver"] = exceiver_run(adata, budget)
-    for key, run in runs.items():
-        embedding = run.pop("embedding")
-        result[key] = {**run, **scores(embedding, labels, log_depth)}
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    return result
+    folder = out / name
+    folder.mkdir(exist_ok=True)
+    baselines = folder / "baselines.json"
+    if not baselines.exists():
+        result = {"target": name, "file": file, "n_cells": adata.n_obs, "n_types": len(set(labels)),
+                  "threads": threads or torch.get_num_threads(), "torch": torch.__version__}
+        x, seconds = pca(adata)
+        result["pca"] = {"seconds": seconds, **scores(x, labels, log_depth)}
+        _threads(threads)  # scanpy's numerical libraries reset torch's thread count
+        run = scvi_run(adata, fixed)
+        result["scvi"] = {**run, **scores(run.pop("embedding"), labels, log_depth)}
+        result["budget_minutes"] = fixed or run["seconds"] / 60
+        _write(baselines, result)
+    budget = minutes or json.loads(baselines.read_text())["budget_minutes"]
+    _threads(threads)
+    run = exceiver_run(adata, budget, model)
+    _write(folder / f"{variant}.json", {"budget_minutes": budget, **run, **scores(run.pop("embedding"), labels, log_depth)})
+
+
+def _threads(threads: int | None) -> None:
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # what `pretrain` sizes its threads by
+        torch.set_num_threads(threads)
+
+
+def _write(path: Path, result: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
 
 
 def table(out: Path) -> None:
-    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-    print(f"{'target':<14}{'budget':>8}  {'method':<9}{'kNN F1':>8}{'ARI':>7}{'depth R2':>9}{'cells/s':>9}"
+    print(f"{'target':<14}{'budget':>8}  {'method':<22}{'kNN F1':>8}{'ARI':>7}{'depth R2':>9}{'cells/s':>9}"
           f"{'steps':>7}  notes")
-    for r in rows:
-        for method in ("pca", "scvi", "exceiver"):
-            m = r[method]
+    for baselines in sorted(out.glob("*/baselines.json")):
+        r = json.loads(baselines.read_text())
+        rows = [("pca", r["pca"], None), ("scvi", r["scvi"], r["budget_minutes"])]
+        rows += [(p.stem, json.loads(p.read_text()), None) for p in sorted(baselines.parent.glob("*.json"))
+                 if p.name != "baselines.json"]
+        for i, (method, m, budget) in enumerate(rows):
             note = ""
-            if method == "exceiver":
+            if "val_mse_ratio" in m:
+                budget = m["budget_minutes"]
                 note = (f"kNN {m['knn_macro_f1'] / r['scvi']['knn_macro_f1']:.2f}x scVI; masked MSE "
                         f"{m['val_mse_ratio']:.2f}x gene mean")
             rate = f"{m['cells_per_s']:9.0f}" if "cells_per_s" in m else " " * 9
             steps = f"{m['steps']:7d}" if "steps" in m else " " * 7
-            first = method == "pca"
-            target, budget = (r["target"], f"{r['budget_minutes']:.1f}m") if first else ("", "")
-            print(f"{target:<14}{budget:>8}  {method:<9}{m['knn_macro_f1']:8.3f}{m['leiden_ari']:7.3f}"
-                  f"{m['depth_r2']:9.3f}{rate}{steps}  {note}")
+            when = f"{budget:.1f}m" if budget else ""
+            print(f"{r['target'] if i == 0 else '':<14}{when:>8}  {method:<22}{m['knn_macro_f1']:8.3f}"
+                  f"{m['leiden_ari']:7.3f}{m['depth_r2']:9.3f}{rate}{steps}  {note}")
 
 
 def main() -> None:
@@ -147,18 +171,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
-    parser.add_argument("--table", action="store_true", help="print the table of finished targets only")
+    parser.add_argument("--variant", default="exceiver", help="name of this exceiver run (default: exceiver)")
+    parser.add_argument("--set", dest="model", action="append", default=[], type=model_option,
+                        help="FIELD=VALUE override of the default preset for this variant (repeatable)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="exceiver's budget instead of scVI's time (ablations; say so when reporting)")
+    parser.add_argument("--table", action="store_true", help="print the table of finished runs only")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.table:
         data = Path(os.environ.get("EXCEIVER_SHARED", "../shared")) / "data"
-        if args.threads:
-            torch.set_num_threads(args.threads)
         logging.getLogger("lightning").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore")
         for name in args.targets:
-            if not (args.out / f"{name}.json").exists():
-                run_target(name, data, args.out)
+            if not (args.out / name / f"{args.variant}.json").exists():
+                run_target(name, data, args.out, args.threads, args.variant, dict(args.model), args.minutes)
     table(args.out)
 
 

@@ -123,6 +123,28 @@ def test_variable_gene_selection_leaves_torch_threads_alone():
         highly_variable_genes(cells, 0)
 
 
+def test_few_cells_widen_the_loess_span_or_give_a_clear_error(shared_dir, monkeypatch):
+    """240 PBMCs make scanpy's seurat_v3 loess singular at its default span 0.3: a wider span ranks them."""
+    import anndata as ad
+    import scanpy as sc
+
+    adata = ad.read_h5ad(shared_dir / "data" / "pbmc3k_seurat_2638.h5ad")
+    adata = adata[adata.obs["cell_type"].isin(["B", "CD14+ Mono", "NK", "Naive CD4 T"])]
+    adata = adata[np.sort(np.random.default_rng(0).choice(adata.n_obs, 240, replace=False))].copy()
+    cells = align(adata, GeneVocab(adata.var_names))
+    with pytest.raises(ValueError, match="singularities"):
+        sc.pp.highly_variable_genes(ad.AnnData(cells.counts.astype(np.float32)), flavor="seurat_v3", n_top_genes=2000)
+    chosen = highly_variable_genes(cells, 2000)
+    assert len(chosen) == 2000 and np.all(np.diff(chosen) > 0)
+
+    def singular(*args, **kwargs):
+        raise ValueError("b'There are other near singularities as well.'")
+
+    monkeypatch.setattr(sc.pp, "highly_variable_genes", singular)
+    with pytest.raises(ExceiverInputError, match="cannot rank variable genes.*n_top_genes=0"):
+        highly_variable_genes(cells, 2000)
+
+
 def test_the_cell_embedding_is_the_bottleneck(tmp_path):
     adata = synthetic_counts(n_cells=60)
     model = pretrain(adata, tmp_path / "m", model={**TINY, "bottleneck_dim": 6}, max_epochs=2, progress=False)
@@ -140,3 +162,22 @@ def test_the_cell_embedding_is_the_bottleneck(tmp_path):
         no_bottleneck.embed(adata, pooling="bottleneck", progress=False)
     with pytest.raises(ExceiverInputError, match="bottleneck_dim > 0"):
         pretrain(adata, None, model={**TINY, "bottleneck_dim": 0}, max_epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_a_detached_value_head_learns_without_moving_the_encoder(detach):
+    from exceiver.nn.objectives import pretraining_loss
+
+    cells = two_datasets()
+    scaler = GeneScaler.fit(cells)
+    config, tokenizer, objectives = pretraining_configs("default", n_genes=120, **TINY, count_weight=0.0,
+                                                        value_detach=detach)
+    torch.manual_seed(0)
+    module = ExceiverModule(config)
+    batch = make_batch(cells, np.arange(cells.n_cells), scaler, tokenizer, masked=True, salt=1)
+    record = pretraining_loss(module, batch, objectives, salt=1)
+    record.total.backward()
+    encoder = [module.latents, *module.encoder.parameters(), *module.processor.parameters()]
+    moved = any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder)
+    assert moved != detach
+    assert module.value_head[-1].weight.grad.abs().sum() > 0  # the head itself learns either way

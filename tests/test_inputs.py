@@ -181,5 +181,6 @@ def test_demo_writes_its_report_model_embedding_and_umap(tmp_path):
     assert {"model", "pbmc68k_exceiver.h5ad", "umap.png", "report.md", "demo_metrics.json"} <= names
     assert "kNN (k=15)" in report and "gene-mean baseline" in report
     embedded = ad.read_h5ad(tmp_path / "demo" / "pbmc68k_exceiver.h5ad")
-    assert embedded.obsm["X_exceiver"].shape == (700, 64)
+    bottleneck = Exceiver.load(tmp_path / "demo" / "model").module.config.bottleneck_dim
+    assert embedded.obsm["X_exceiver"].shape == (700, bottleneck) and bottleneck > 0
     run_demo(tmp_path / "demo", max_minutes=0.05, progress=False)  # an earlier demo is replaced

@@ -27,7 +27,7 @@ def training_options(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
 
 
-def _model_option(text: str) -> tuple[str, int | float | bool | str]:
+def model_option(text: str) -> tuple[str, int | float | bool | str]:
     """FIELD=VALUE for a settable field of the preset's configs; the value's type is the field's."""
     from exceiver.nn.config import settable_fields
 
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-top-genes", type=int, metavar="N",
                    help="vocabulary: the N most variable genes of the training cells, 0 for all "
                         "(default: the preset's, 2000 for default, all for paper)")
-    p.add_argument("--set", dest="model_options", action="append", default=[], type=_model_option,
+    p.add_argument("--set", dest="model_options", action="append", default=[], type=model_option,
                    metavar="FIELD=VALUE",
                    help="override a field of the preset (architecture, tokenizer or objective), e.g. "
                         "--set n_latents=64 --set contrastive_weight=0 (repeat for several)")

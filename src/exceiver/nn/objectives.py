@@ -35,16 +35,17 @@ def pretraining_loss(module: ExceiverModule, batch: CellBatch, objectives: Objec
     """Masked values (+ detection) (+ contrastive), weighted by `objectives`. With a detection head
     the value head learns expressed genes only: a zero is the detection head's to predict."""
     latents = module.encode(batch)
+    read = latents.detach() if objectives.value_detach else latents  # what the value head reads
     parts = {}
     if objectives.detection_weight:
-        decoded = module.decode(latents, batch.query_ids)
+        decoded = module.decode(read, batch.query_ids)
         values = module.values_from_decoded(decoded, batch.query_ids)
         parts["masked_values"] = masked_mse(values, batch.targets, batch.query_mask & ~batch.query_is_zero)
         logits = module.detection_head(decoded).squeeze(-1)[batch.query_mask]
         parts["detection"] = F.binary_cross_entropy_with_logits(
             logits, (~batch.query_is_zero[batch.query_mask]).float())
     else:
-        values = module.predict_values(latents, batch.query_ids)
+        values = module.predict_values(read, batch.query_ids)
         parts["masked_values"] = masked_mse(values, batch.targets, batch.query_mask)
     if objectives.count_weight:
         parts["counts"] = count_nll(module, latents, batch).mean()
