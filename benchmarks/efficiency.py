@@ -124,13 +124,15 @@ def run_target(name: str, data: Path, out: Path, threads: int | None, variant: s
         result["pca"] = {"seconds": seconds, **scores(x, labels, log_depth)}
         _threads(threads)  # scanpy's numerical libraries reset torch's thread count
         run = scvi_run(adata, fixed)
-        result["scvi"] = {**run, **scores(run.pop("embedding"), labels, log_depth)}
+        embedding = run.pop("embedding")
+        result["scvi"] = {**run, **scores(embedding, labels, log_depth)}
         result["budget_minutes"] = fixed or run["seconds"] / 60
         _write(baselines, result)
     budget = minutes or json.loads(baselines.read_text())["budget_minutes"]
     _threads(threads)
     run = exceiver_run(adata, budget, model)
-    _write(folder / f"{variant}.json", {"budget_minutes": budget, **run, **scores(run.pop("embedding"), labels, log_depth)})
+    embedding = run.pop("embedding")
+    _write(folder / f"{variant}.json", {"budget_minutes": budget, **run, **scores(embedding, labels, log_depth)})
 
 
 def _threads(threads: int | None) -> None:
