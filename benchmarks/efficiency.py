@@ -23,6 +23,7 @@ two cores) or one at a time with all threads: never more heavy jobs than cores.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import numpy as np
 import scanpy as sc
 import torch
 
-from exceiver import pretrain
+from exceiver import TrainingConfig, pretrain
 from exceiver.cli import model_option
 from exceiver.evaluate.cells import depth_r2, knn_cross_validated, leiden_clusters
 from sklearn.metrics import adjusted_rand_score
@@ -93,21 +94,22 @@ def scvi_run(adata: ad.AnnData, minutes: float | None) -> dict:
             "cells_per_s": epochs * n_train / seconds, "embedding": model.get_latent_representation()}
 
 
-def exceiver_run(adata: ad.AnnData, minutes: float, model: dict) -> dict:
+def exceiver_run(adata: ad.AnnData, minutes: float, model: dict, training: dict) -> dict:
     start = time.perf_counter()
     fitted = pretrain(adata, None, model=model, max_minutes=minutes, max_epochs=100_000, patience=100_000,
-                      progress=False)
+                      progress=False, **training)
     seconds = time.perf_counter() - start
     metrics = fitted.metrics
     embedding = fitted.embed(adata, inplace=False, progress=False)
     return {"seconds": seconds, "steps": metrics["steps"], "epochs": metrics["epochs"],
             "cells_per_s": metrics["steps"] * fitted.training["batch_size"] / metrics["seconds"],
             "val_mse_ratio": metrics["val_mse_ratio"], "val_masked_mse": metrics["val_masked_mse"],
-            "val_gene_mean_mse": metrics["val_gene_mean_mse"], "model": model, "embedding": embedding}
+            "val_gene_mean_mse": metrics["val_gene_mean_mse"], "model": model, "training": training,
+            "embedding": embedding}
 
 
 def run_target(name: str, data: Path, out: Path, threads: int | None, variant: str, model: dict,
-               minutes: float | None) -> None:
+               training: dict, minutes: float | None) -> None:
     """PCA and scVI once per target (OUT/<target>/baselines.json), then exceiver's `variant` with
     the `model` overrides for scVI's time or `minutes` (OUT/<target>/<variant>.json)."""
     file, label_key, fixed = TARGETS[name]
@@ -130,7 +132,7 @@ def run_target(name: str, data: Path, out: Path, threads: int | None, variant: s
         _write(baselines, result)
     budget = minutes or json.loads(baselines.read_text())["budget_minutes"]
     _threads(threads)
-    run = exceiver_run(adata, budget, model)
+    run = exceiver_run(adata, budget, model, training)
     embedding = run.pop("embedding")
     _write(folder / f"{variant}.json", {"budget_minutes": budget, **run, **scores(embedding, labels, log_depth)})
 
@@ -168,6 +170,15 @@ def table(out: Path) -> None:
                   f"{m['leiden_ari']:7.3f}{m['depth_r2']:9.3f}{rate}{steps}  {note}")
 
 
+def training_option(text: str) -> tuple[str, float]:
+    """FIELD=VALUE of a numeric TrainingConfig field."""
+    field, _, value = text.partition("=")
+    if field not in {f.name for f in dataclasses.fields(TrainingConfig)}:
+        raise argparse.ArgumentTypeError(f"{field!r} is not a TrainingConfig field")
+    number = float(value)
+    return field, int(number) if number.is_integer() and "." not in value and "e" not in value else number
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -176,6 +187,8 @@ def main() -> None:
     parser.add_argument("--variant", default="exceiver", help="name of this exceiver run (default: exceiver)")
     parser.add_argument("--set", dest="model", action="append", default=[], type=model_option,
                         help="FIELD=VALUE override of the default preset for this variant (repeatable)")
+    parser.add_argument("--train", action="append", default=[], type=training_option,
+                        help="FIELD=VALUE of TrainingConfig for this variant, e.g. learning_rate=4e-3 (repeatable)")
     parser.add_argument("--minutes", type=float, default=None,
                         help="exceiver's budget instead of scVI's time (ablations; say so when reporting)")
     parser.add_argument("--table", action="store_true", help="print the table of finished runs only")
@@ -187,7 +200,8 @@ def main() -> None:
         warnings.filterwarnings("ignore")
         for name in args.targets:
             if not (args.out / name / f"{args.variant}.json").exists():
-                run_target(name, data, args.out, args.threads, args.variant, dict(args.model), args.minutes)
+                run_target(name, data, args.out, args.threads, args.variant, dict(args.model),
+                           dict(args.train), args.minutes)
     table(args.out)
 
 

@@ -77,7 +77,7 @@ def run_demo(out: str | Path = "exceiver_demo", *, max_minutes: float = 3.0, see
 def _plot_umaps(adata: ad.AnnData, path: Path) -> None:
     fig = Figure(figsize=(13, 5.5))
     axes = fig.subplots(1, 2)
-    for ax, (key, title) in zip(axes, [("X_exceiver", "Exceiver (mean latent)"), ("X_pca", "PCA of log-normalised genes")]):
+    for ax, (key, title) in zip(axes, [("X_exceiver", "Exceiver (cell bottleneck)"), ("X_pca", "PCA of log-normalised genes")]):
         sc.pp.neighbors(adata, use_rep=key, key_added=key)
         adata.obsm[f"X_umap_{key}"] = sc.tl.umap(adata, neighbors_key=key, copy=True).obsm["X_umap"]
         sc.pl.embedding(adata, basis=f"X_umap_{key}", color=LABEL, ax=ax, show=False, title=title,
