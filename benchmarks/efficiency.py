@@ -101,7 +101,9 @@ def exceiver_run(adata: ad.AnnData, minutes: float, model: dict, training: dict)
     seconds = time.perf_counter() - start
     metrics = fitted.metrics
     embedding = fitted.embed(adata, inplace=False, progress=False)
-    return {"seconds": seconds, "steps": metrics["steps"], "epochs": metrics["epochs"],
+    others = {pooling: fitted.embed(adata, inplace=False, pooling=pooling, progress=False)
+              for pooling in ("mean", "flatten")}
+    return {"other_poolings": others, "seconds": seconds, "steps": metrics["steps"], "epochs": metrics["epochs"],
             "cells_per_s": metrics["steps"] * fitted.training["batch_size"] / metrics["seconds"],
             "val_mse_ratio": metrics["val_mse_ratio"], "val_masked_mse": metrics["val_masked_mse"],
             "val_gene_mean_mse": metrics["val_gene_mean_mse"], "model": model, "training": training,
@@ -134,6 +136,8 @@ def run_target(name: str, data: Path, out: Path, threads: int | None, variant: s
     _threads(threads)
     run = exceiver_run(adata, budget, model, training)
     embedding = run.pop("embedding")
+    run["other_poolings"] = {pooling: knn_cross_validated(x, labels)["knn_macro_f1"]
+                             for pooling, x in run["other_poolings"].items()}  # kNN macro-F1 of the other readouts
     _write(folder / f"{variant}.json", {"budget_minutes": budget, **run, **scores(embedding, labels, log_depth)})
 
 
@@ -163,6 +167,7 @@ def table(out: Path) -> None:
                 budget = m["budget_minutes"]
                 note = (f"kNN {m['knn_macro_f1'] / r['scvi']['knn_macro_f1']:.2f}x scVI; masked MSE "
                         f"{m['val_mse_ratio']:.2f}x gene mean")
+                note += "".join(f"; {k} {v:.3f}" for k, v in m.get("other_poolings", {}).items())
             rate = f"{m['cells_per_s']:9.0f}" if "cells_per_s" in m else " " * 9
             steps = f"{m['steps']:7d}" if "steps" in m else " " * 7
             when = f"{budget:.1f}m" if budget else ""
