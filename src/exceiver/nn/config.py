@@ -31,11 +31,9 @@ class ExceiverConfig:
     class_hidden: int = 0  # hidden width of the class head (0: n_classes, as the original)
     detection_head: bool = False  # says whether a queried gene is expressed (the detection objective)
     projection_head: bool = False  # projects cell embeddings for the contrastive objective
-    # The cell bottleneck: the latents pooled by `bottleneck_input` ("mean", or "flatten": every
-    # latent, so that each keeps what it attended to) -> LayerNorm -> Linear to this width (0: none).
-    # The count decoder must reconstruct the whole cell from it alone, so it is the cell embedding.
+    # The cell bottleneck: the mean latent -> LayerNorm -> Linear to this width (0: none). The
+    # count decoder must reconstruct the whole cell from it alone, so it is the cell embedding.
     bottleneck_dim: int = 0
-    bottleneck_input: str = "mean"
     count_hidden: int = 128  # hidden width of the count decoder (bottleneck -> every gene's rate)
     count_head: bool = False  # decodes the cell's counts from the bottleneck (the count objective)
     paper_compatible: bool = False  # compute exactly as the original release (imported checkpoints)
@@ -57,8 +55,6 @@ class ExceiverConfig:
         ]:
             if dim % heads:
                 raise ValueError(f"{what} must divide evenly, got {dim} / {heads}")
-        if self.bottleneck_input not in ("mean", "flatten"):
-            raise ValueError(f"bottleneck_input must be 'mean' or 'flatten', got {self.bottleneck_input!r}")
         if self.count_head and not self.bottleneck_dim:
             raise ValueError("the count objective decodes from the cell bottleneck: set bottleneck_dim > 0")
 
