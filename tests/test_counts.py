@@ -155,8 +155,8 @@ def test_the_cell_embedding_is_the_bottleneck(tmp_path):
     np.testing.assert_allclose(again.embed(adata, inplace=False, progress=False), embedding, atol=1e-5)
     assert model.embed(adata, pooling="mean", inplace=False, progress=False).shape == (60, 16)
     assert "val_counts" in model.metrics and model.metrics["val_counts"] > 0
-    no_bottleneck = pretrain(adata, None, model={**TINY, "count_weight": 0.0, "bottleneck_dim": 0}, max_epochs=1,
-                             progress=False)
+    no_bottleneck = pretrain(adata, None, model={**TINY, "count_weight": 0.0}, max_epochs=1, progress=False)
+    assert no_bottleneck.module.bottleneck is None  # nothing would train it
     assert no_bottleneck.embed(adata, inplace=False, progress=False).shape == (60, 16)  # the mean latent
     with pytest.raises(ExceiverInputError, match="no cell bottleneck"):
         no_bottleneck.embed(adata, pooling="bottleneck", progress=False)

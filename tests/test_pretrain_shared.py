@@ -16,7 +16,8 @@ def test_validation_loss_falls_on_real_pbmc_counts(shared_dir, tmp_path):
     data = shared_dir / "data" / "pbmc3k_seurat_2638.h5ad"
     out = tmp_path / "pbmc"
     small = dict(gene_dim=16, n_latents=16, latent_dim=32, n_layers=2, n_heads=4, cross_heads=4, ff_dim=64,
-                 zero_query_ratio=0.0, detection_weight=0.0, contrastive_weight=0.0)  # the masked-value task alone
+                 zero_query_ratio=0.0, detection_weight=0.0, contrastive_weight=0.0, count_weight=0.0,
+                 value_detach=False)  # the masked-value task alone
     model = pretrain(data, out, model=small, max_epochs=4, learning_rate=3e-3, progress=False)
     with open(out / "logs" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["val_masked_mse"]]

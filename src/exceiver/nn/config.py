@@ -31,8 +31,9 @@ class ExceiverConfig:
     class_hidden: int = 0  # hidden width of the class head (0: n_classes, as the original)
     detection_head: bool = False  # says whether a queried gene is expressed (the detection objective)
     projection_head: bool = False  # projects cell embeddings for the contrastive objective
-    # The cell bottleneck: the mean latent -> LayerNorm -> Linear to this width (0: none). The
-    # count decoder must reconstruct the whole cell from it alone, so it is the cell embedding.
+    # The cell bottleneck: the mean latent -> LayerNorm -> Linear to this width (0: none; built only
+    # with the count head, which trains it). The count decoder must reconstruct the whole cell from
+    # it alone, so it is the cell embedding.
     bottleneck_dim: int = 0
     count_hidden: int = 128  # hidden width of the count decoder (bottleneck -> every gene's rate)
     count_head: bool = False  # decodes the cell's counts from the bottleneck (the count objective)

@@ -55,8 +55,10 @@ class ExceiverModule(nn.Module):
         self.class_head = mlp(c.gene_dim, c.class_hidden or c.n_classes, c.n_classes) if c.n_classes else None
         self.projection = mlp(c.latent_dim, c.latent_dim, c.latent_dim) if c.projection_head else None
         self.detection_head = mlp(c.gene_dim, head_hidden, 1) if c.detection_head else None
+        # Only the count objective trains the bottleneck: without it, none (an untrained projection
+        # would be a misleading cell embedding).
         self.bottleneck = (nn.Sequential(nn.LayerNorm(c.latent_dim), nn.Linear(c.latent_dim, c.bottleneck_dim))
-                           if c.bottleneck_dim else None)
+                           if c.bottleneck_dim and c.count_head else None)
         if c.count_head:  # bottleneck -> a share of the library per gene, and a dispersion per gene
             self.count_decoder = nn.Sequential(nn.Linear(c.bottleneck_dim, c.count_hidden), nn.LayerNorm(c.count_hidden),
                                                nn.ReLU(), nn.Linear(c.count_hidden, c.n_genes))
