@@ -52,7 +52,7 @@ SOURCES = ["GO_BP", "GO_CC", "GO_MF", "MSigDB_H", "MSigDB_REACTOME", "CORUM"]
 # variant: (preset, model overrides, training overrides). Every objective is spelled out, so that a
 # variant means the same whatever the `default` preset is (which this study chose: see docs/evaluation.md).
 MSE_ONLY = {"zero_query_ratio": 0.0, "detection_weight": 0.0, "contrastive_weight": 0.0, "count_weight": 0.0,
-            "value_detach": False}
+            "value_detach": False, "values": "zscore", "bottleneck_input": "mean"}
 DETECTION = {"zero_query_ratio": 1.0, "detection_weight": 1.0}
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "masked_mse": ("default", MSE_ONLY, {}),
@@ -72,6 +72,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     # The whole cell's counts through the cell bottleneck (issue 15's objective; see docs/presets.md).
     "counts": ("default", {**MSE_ONLY, "count_weight": 1.0}, {}),
     "counts_detached_values": ("default", {**MSE_ONLY, "count_weight": 1.0, "value_detach": True}, {}),
+    "counts_log_values_flat_bottleneck": ("default", {**MSE_ONLY, "count_weight": 1.0, "value_detach": True,
+                                                      "values": "log", "bottleneck_input": "flatten"}, {}),
 }
 # The variants cell_query, depth_tokens and rank_values of docs/evaluation.md used options that were
 # retired since (a learned cell query, depth tokens, rank values): their numbers stay in the docs.

@@ -181,3 +181,28 @@ def test_a_detached_value_head_learns_without_moving_the_encoder(detach):
     moved = any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder)
     assert moved != detach
     assert module.value_head[-1].weight.grad.abs().sum() > 0  # the head itself learns either way
+
+
+def test_log_values_and_a_flattened_bottleneck_round_trip(tmp_path):
+    """Token values "log" are the log-normalised expression itself, remembered by the saved scaler;
+    a "flatten" bottleneck reads every latent."""
+    from exceiver.data.preprocess import entry_library_size, log_normalise
+
+    adata = synthetic_counts(n_cells=60)
+    model = pretrain(adata, tmp_path / "m", model={**TINY, "values": "log", "bottleneck_input": "flatten"},
+                     max_epochs=1, progress=False)
+    cells = align(adata, model.vocab)
+    expected = log_normalise(cells.counts.data, entry_library_size(cells), model.scaler.target_sum)
+    np.testing.assert_allclose(model.scaler.cell_values(cells), expected, rtol=1e-6)
+    ids = np.arange(5)
+    np.testing.assert_array_equal(model.scaler.log_expression(ids, np.full(5, 2.5, np.float32)), np.full(5, 2.5))
+    assert model.module.bottleneck[1].in_features == TINY["n_latents"] * TINY["latent_dim"]
+    again = Exceiver.load(tmp_path / "m")
+    assert not again.scaler.standardise and again.tokenizer.values == "log"
+    np.testing.assert_allclose(again.embed(adata, inplace=False, progress=False),
+                               model.embed(adata, inplace=False, progress=False), atol=1e-5)
+    assert GeneScaler.fit(cells).standardise  # the paper's z-scores otherwise
+    with pytest.raises(ValueError, match="values must be 'zscore' or 'log'"):
+        pretraining_configs("default", values="rank")
+    with pytest.raises(ValueError, match="bottleneck_input must be"):
+        pretraining_configs("default", bottleneck_input="max")

@@ -38,7 +38,9 @@ def test_presets_and_config_checks():
     default, tokenizer, objectives = pretraining_configs("default", n_genes=10, n_latents=8)
     assert default.count_head and not (default.detection_head or default.projection_head)  # heads follow objectives
     assert (default.n_latents, default.bottleneck_dim, tokenizer.train_tokens, objectives.count_weight) == (8, 16, 256, 1.0)
-    assert objectives.value_detach
+    assert objectives.value_detach and default.bottleneck_input == "flatten" and tokenizer.values == "log"
+    paper, paper_tokens, _ = pretraining_configs("paper", n_genes=10)
+    assert paper.bottleneck_dim == 0 and paper_tokens.values == "zscore"  # the published transform
     assert tokenizer.count_targets and tokenizer.zero_query_ratio == 0
     detection, tokenizer, _ = pretraining_configs("default", n_genes=10, detection_weight=1.0, zero_query_ratio=1.0,
                                                   contrastive_weight=0.2)

@@ -144,7 +144,7 @@ def save_model_files(folder: Path, *, config: dict, state_dict: dict[str, torch.
         {name: np.ascontiguousarray(getattr(scaler, name)) for name in SCALER_ARRAYS},
         str(folder / SCALER),
         metadata={"format": FORMAT, "target_sum": repr(scaler.target_sum),
-                  "max_value": repr(scaler.max_value)},
+                  "max_value": repr(scaler.max_value), "standardise": str(int(scaler.standardise))},
     )
     write_json(metrics, folder / METRICS)
 
@@ -226,7 +226,8 @@ def _load_scaler(path: Path) -> GeneScaler:
                 raise ModelFileError(f"{path} is not an exceiver scaler (missing {missing or 'format'})")
             arrays = {name: f.get_tensor(name) for name in SCALER_ARRAYS}
         scaler = GeneScaler(**arrays, target_sum=float(metadata["target_sum"]),
-                            max_value=float(metadata["max_value"]))
+                            max_value=float(metadata["max_value"]),
+                            standardise={"1": True, "0": False}[metadata.get("standardise", "1")])  # older: z-scores
     except (SafetensorError, OSError, ValueError, KeyError) as err:
         raise ModelFileError(f"{path} is corrupt or truncated ({err})") from err
     if len({len(a) for a in arrays.values()}) != 1:

@@ -83,7 +83,7 @@ def pretrain(
     if out is not None:
         check_output_dir(out, overwrite=overwrite)  # fail before the work, not after
     cells = pretraining_data(data, settings, genes=genes, n_top_genes=n_top_genes, gene_key=gene_key, layer=layer,
-                             progress=progress)
+                             standardise=tokenizer.values == "zscore", progress=progress)
 
     L.seed_everything(settings.seed, workers=True, verbose=False)
     module = ExceiverModule(dataclasses.replace(architecture, n_genes=len(cells.vocab)))
@@ -108,7 +108,7 @@ def pretrain(
 
 def pretraining_data(data: DataInput | Sequence[DataInput], settings: TrainingConfig, *, genes=None,
                      n_top_genes: int = 0, gene_key: str | None = None, layer: str | None = None,
-                     progress: bool = True) -> PretrainingData:
+                     standardise: bool = True, progress: bool = True) -> PretrainingData:
     """Datasets read into memory, or a corpus folder streamed from disk: one split rule and one
     scaler fit for both, so the same files and seed give the same training and validation cells.
     A corpus keeps the genes it was built with (`n_top_genes` applies to data read into memory)."""
@@ -116,12 +116,12 @@ def pretraining_data(data: DataInput | Sequence[DataInput], settings: TrainingCo
     if any(is_corpus(item) for item in items):
         if len(items) > 1:
             raise ExceiverInputError("a corpus folder is pretrained on alone; build one corpus from all the files")
-        return _corpus_on_disk(items[0], settings, genes, gene_key, layer, progress)
-    return _cells_in_memory(data, settings, genes, n_top_genes, gene_key, layer)
+        return _corpus_on_disk(items[0], settings, genes, gene_key, layer, standardise, progress)
+    return _cells_in_memory(data, settings, genes, n_top_genes, gene_key, layer, standardise)
 
 
 def _cells_in_memory(data, settings: TrainingConfig, genes, n_top_genes: int, gene_key: str | None,
-                     layer: str | None) -> PretrainingData:
+                     layer: str | None, standardise: bool = True) -> PretrainingData:
     """Datasets read into memory, aligned to one vocabulary, checked, split, restricted to the
     training cells' most variable genes (with `n_top_genes`) and scaled."""
     datasets = read_datasets(data)
@@ -137,7 +137,7 @@ def _cells_in_memory(data, settings: TrainingConfig, genes, n_top_genes: int, ge
     if n_top_genes:  # cells left without counts stay, unbatched: the split does not move
         chosen = highly_variable_genes(cells.subset(np.flatnonzero(~validation)), n_top_genes)
         vocab, cells = vocab.subset(chosen), cells.select_genes(chosen)
-    scaler = GeneScaler.fit(cells.subset(np.flatnonzero(~validation)))
+    scaler = GeneScaler.fit(cells.subset(np.flatnonzero(~validation)), standardise=standardise)
     expressed = cells.keep_genes(scaler.n_expressed > 0).n_genes_expressed
     for side, split in ((~validation, "training"), (validation, "validation")):
         if not (expressed[side] >= 2).any():
@@ -155,7 +155,7 @@ def _cells_in_memory(data, settings: TrainingConfig, genes, n_top_genes: int, ge
 
 
 def _corpus_on_disk(folder, settings: TrainingConfig, genes, gene_key: str | None, layer: str | None,
-                    progress: bool) -> PretrainingData:
+                    standardise: bool, progress: bool) -> PretrainingData:
     """The same from a corpus folder (`build_corpus`), streamed from disk: memory does not grow
     with the number of cells."""
     given = [name for name, value in (("genes", genes), ("gene_key", gene_key), ("layer", layer)) if value]
@@ -164,7 +164,7 @@ def _corpus_on_disk(folder, settings: TrainingConfig, genes, gene_key: str | Non
                                  f"built; pass {', '.join(given)} to build-corpus instead")
     corpus = CorpusCells(folder)
     validation = validation_cells(corpus.n_cells, settings.val_fraction, settings.seed)
-    scaler = fit_scaler(corpus, validation, progress=progress)
+    scaler = fit_scaler(corpus, validation, standardise=standardise, progress=progress)
     n_val = int(validation.sum())
     counts = {"n_cells": corpus.n_cells, "n_train_cells": corpus.n_cells - n_val, "n_val_cells": n_val,
               "datasets": {d["name"]: d["n_cells"] for d in corpus.meta["datasets"]}}

@@ -183,11 +183,12 @@ class CorpusCells:
                            offset=int(start) * dtype.itemsize)
 
 
-def fit_scaler(corpus: CorpusCells, validation: np.ndarray, progress: bool = True) -> GeneScaler:
+def fit_scaler(corpus: CorpusCells, validation: np.ndarray, *, standardise: bool = True,
+               progress: bool = True) -> GeneScaler:
     """The scaler, fitted on the corpus's training cells (`validation` False) in two streaming passes."""
     def training_chunks():
         for a, b in tqdm(corpus.blocks(), desc="fitting the scaler", unit="block", disable=not progress, leave=False):
             cells = corpus.read(int(a), int(b))
             yield cells.subset(np.flatnonzero(~validation[a:b]))
 
-    return GeneScaler.fit_chunks(training_chunks, len(corpus.vocab))
+    return GeneScaler.fit_chunks(training_chunks, len(corpus.vocab), standardise=standardise)

@@ -118,12 +118,15 @@ class GeneScaler:
     n_expressed: np.ndarray  # int64: training cells that express the gene
     target_sum: float = TARGET_SUM
     max_value: float = MAX_VALUE
+    standardise: bool = True  # False: values are the log-normalised expression itself
 
     def __len__(self) -> int:
         return len(self.mean)
 
     def values(self, gene_ids: np.ndarray, log_expression: np.ndarray) -> np.ndarray:
-        """The model's token value: clip((x - mean) / std, max 10) + 1."""
+        """The model's token value: clip((x - mean) / std, max 10) + 1, or x unstandardised."""
+        if not self.standardise:
+            return np.asarray(log_expression, dtype=np.float32)
         z = (log_expression - self.mean[gene_ids]) / self.std[gene_ids]
         return (np.minimum(z, self.max_value) + SHIFT).astype(np.float32)
 
@@ -134,6 +137,8 @@ class GeneScaler:
     def log_expression(self, gene_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Back from model values to log-normalised expression: (value - 1) x std + mean (the
         inverse of `values` below the clip; predictions are not clipped, so neither is this)."""
+        if not self.standardise:
+            return np.asarray(values, dtype=np.float32)
         return ((values - SHIFT) * self.std[gene_ids] + self.mean[gene_ids]).astype(np.float32)
 
     def cell_values(self, cells: CellCounts) -> np.ndarray:
@@ -148,12 +153,13 @@ class GeneScaler:
         *,
         target_sum: float = TARGET_SUM,
         max_value: float = MAX_VALUE,
+        standardise: bool = True,
         chunk_size: int = 8192,
     ) -> GeneScaler:
         """Streaming fit over sparse chunks of cells; a cell counts towards a gene's statistics
         only if its dataset measured that gene (unmeasured is not zero)."""
         return cls.fit_chunks(lambda: _chunks(cells, chunk_size), cells.counts.shape[1],
-                              target_sum=target_sum, max_value=max_value)
+                              target_sum=target_sum, max_value=max_value, standardise=standardise)
 
     @classmethod
     def fit_chunks(
@@ -163,6 +169,7 @@ class GeneScaler:
         *,
         target_sum: float = TARGET_SUM,
         max_value: float = MAX_VALUE,
+        standardise: bool = True,
     ) -> GeneScaler:
         """`fit` over cells that arrive in chunks (e.g. read from disk): `chunks()` is called
         twice, once per pass, and must give the same cells both times."""
@@ -181,6 +188,7 @@ class GeneScaler:
         scaler = cls(
             mean.astype(np.float32), std.astype(np.float32), n_cells,
             np.zeros(n_genes, dtype=np.float32), np.zeros(n_genes, dtype=np.int64), target_sum, max_value,
+            standardise,
         )
         scaler._fit_expressed_means(chunks())
         return scaler

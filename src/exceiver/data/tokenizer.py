@@ -46,8 +46,14 @@ class TokenizerConfig:
     zero_query_ratio: float = 0.0  # zero-count genes queried per masked gene (0: off)
     all_genes: bool = False  # every measured gene is a token, as in the original release
     count_targets: bool = False  # training batches carry each cell's raw counts (the count objective)
+    # Token values: "zscore" (the paper's: log-normalised expression z-scored per gene, clipped at
+    # 10, plus 1) or "log" (log-normalised expression itself: a rare gene's token does not outweigh
+    # a common one's by up to 10x). The fitted GeneScaler carries it to inference.
+    values: str = "zscore"
 
     def __post_init__(self) -> None:
+        if self.values not in ("zscore", "log"):
+            raise ValueError(f"values must be 'zscore' or 'log', got {self.values!r}")
         if self.max_tokens < 1 or self.train_tokens < 0:
             raise ValueError(f"max_tokens must be >= 1 and train_tokens >= 0, got {self.max_tokens}, "
                              f"{self.train_tokens}")

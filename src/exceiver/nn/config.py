@@ -31,10 +31,12 @@ class ExceiverConfig:
     class_hidden: int = 0  # hidden width of the class head (0: n_classes, as the original)
     detection_head: bool = False  # says whether a queried gene is expressed (the detection objective)
     projection_head: bool = False  # projects cell embeddings for the contrastive objective
-    # The cell bottleneck: the mean latent -> LayerNorm -> Linear to this width (0: none; built only
-    # with the count head, which trains it). The count decoder must reconstruct the whole cell from
-    # it alone, so it is the cell embedding.
+    # The cell bottleneck: the latents pooled by `bottleneck_input` ("mean", or "flatten": every
+    # latent, so that each keeps what it attended to) -> LayerNorm -> Linear to this width (0: none;
+    # built only with the count head, which trains it). The count decoder must reconstruct the
+    # whole cell from it alone, so it is the cell embedding.
     bottleneck_dim: int = 0
+    bottleneck_input: str = "mean"
     count_hidden: int = 128  # hidden width of the count decoder (bottleneck -> every gene's rate)
     count_head: bool = False  # decodes the cell's counts from the bottleneck (the count objective)
     paper_compatible: bool = False  # compute exactly as the original release (imported checkpoints)
@@ -56,6 +58,8 @@ class ExceiverConfig:
         ]:
             if dim % heads:
                 raise ValueError(f"{what} must divide evenly, got {dim} / {heads}")
+        if self.bottleneck_input not in ("mean", "flatten"):
+            raise ValueError(f"bottleneck_input must be 'mean' or 'flatten', got {self.bottleneck_input!r}")
         if self.count_head and not self.bottleneck_dim:
             raise ValueError("the count objective decodes from the cell bottleneck: set bottleneck_dim > 0")
 
@@ -114,12 +118,14 @@ PRESETS: dict[str, Preset] = {
     "paper": Preset(architecture=dict(gene_dim=4, n_latents=128, latent_dim=4, n_layers=8, n_heads=4, cross_heads=4,
                                       ff_dim=2048, cross_ff_mult=1, head_hidden=1)),
     # Chosen per CPU-minute against scVI and PCA (docs/presets.md, benchmarks/efficiency.py): the
-    # 2,000 most variable genes, at most 256 tokens per cell in a training step, and the whole cell's
-    # counts decoded from a 16-wide cell bottleneck; the masked-value head reads detached latents.
+    # 2,000 most variable genes, log-normalised token values, at most 256 tokens per cell in a
+    # training step, and the whole cell's counts decoded from a 16-wide cell bottleneck that reads
+    # every latent; the masked-value head reads detached latents.
     "default": Preset(
         architecture=dict(gene_dim=32, n_latents=16, latent_dim=64, n_layers=2, n_heads=4, cross_heads=4, ff_dim=128,
-                          cross_ff_mult=4, gene_bias=True, class_hidden=64, bottleneck_dim=16, count_hidden=128),
-        tokenizer=dict(train_tokens=256),
+                          cross_ff_mult=4, gene_bias=True, class_hidden=64, bottleneck_dim=16,
+                          bottleneck_input="flatten", count_hidden=128),
+        tokenizer=dict(train_tokens=256, values="log"),
         objectives=dict(count_weight=1.0, value_detach=True),
         training=dict(learning_rate=2e-3, weight_decay=1e-4, warmup_steps=50),
         n_top_genes=2000,

@@ -57,7 +57,8 @@ class ExceiverModule(nn.Module):
         self.detection_head = mlp(c.gene_dim, head_hidden, 1) if c.detection_head else None
         # Only the count objective trains the bottleneck: without it, none (an untrained projection
         # would be a misleading cell embedding).
-        self.bottleneck = (nn.Sequential(nn.LayerNorm(c.latent_dim), nn.Linear(c.latent_dim, c.bottleneck_dim))
+        pooled = c.latent_dim * (c.n_latents if c.bottleneck_input == "flatten" else 1)
+        self.bottleneck = (nn.Sequential(nn.LayerNorm(pooled), nn.Linear(pooled, c.bottleneck_dim))
                            if c.bottleneck_dim and c.count_head else None)
         if c.count_head:  # bottleneck -> a share of the library per gene, and a dispersion per gene
             self.count_decoder = nn.Sequential(nn.Linear(c.bottleneck_dim, c.count_hidden), nn.LayerNorm(c.count_hidden),
@@ -141,7 +142,7 @@ class ExceiverModule(nn.Module):
         if pooling == "bottleneck":
             if self.bottleneck is None:
                 raise ValueError("this model has no cell bottleneck (config.bottleneck_dim == 0): use 'mean'")
-            return self.bottleneck(latents.mean(dim=1))
+            return self.bottleneck(self.pool(latents, self.config.bottleneck_input))
         if pooling == "mean":
             return latents.mean(dim=1)
         if pooling == "flatten":
