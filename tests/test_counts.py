@@ -201,7 +201,10 @@ def test_log_values_and_a_flattened_bottleneck_round_trip(tmp_path):
     assert not again.scaler.standardise and again.tokenizer.values == "log"
     np.testing.assert_allclose(again.embed(adata, inplace=False, progress=False),
                                model.embed(adata, inplace=False, progress=False), atol=1e-5)
-    assert GeneScaler.fit(cells).standardise  # the paper's z-scores otherwise
+    zscores = GeneScaler.fit(cells)
+    assert zscores.standardise  # the paper's z-scores otherwise
+    np.testing.assert_array_equal(zscores.value_scale(ids), zscores.std[ids])  # value units -> log units
+    np.testing.assert_array_equal(model.scaler.value_scale(ids), np.ones(5))
     with pytest.raises(ValueError, match="values must be 'zscore' or 'log'"):
         pretraining_configs("default", values="rank")
     with pytest.raises(ValueError, match="bottleneck_input must be"):

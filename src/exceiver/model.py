@@ -180,7 +180,8 @@ class Exceiver:
                        device: str | None = None, progress: bool = True) -> np.ndarray:
         """The decoder's predicted value of each query gene in each cell, from the cell's tokens
         (nothing masked; cells with more than `max_tokens` expressed genes are subsampled as in
-        `embed`), in the model's value space (z-score + 1): [cells, query genes].
+        `embed`), in the model's value space (z-score + 1, or log-normalised expression for models with
+        `values="log"`; `scaler.log_expression` maps either back): [cells, query genes].
         query_genes: vocabulary genes to predict (default: all, in vocabulary order)."""
         if query_genes is None:
             ids = np.arange(len(self.vocab))

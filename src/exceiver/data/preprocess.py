@@ -141,6 +141,11 @@ class GeneScaler:
             return np.asarray(values, dtype=np.float32)
         return ((values - SHIFT) * self.std[gene_ids] + self.mean[gene_ids]).astype(np.float32)
 
+    def value_scale(self, gene_ids: np.ndarray) -> np.ndarray:
+        """Log-normalised expression per unit of model value, per gene: a shift in model values
+        times this is a shift in log-normalised expression."""
+        return self.std[gene_ids] if self.standardise else np.ones(len(gene_ids), dtype=np.float32)
+
     def cell_values(self, cells: CellCounts) -> np.ndarray:
         """Values of all non-zero entries of `cells`, aligned with `cells.counts.data`."""
         counts = cells.counts

@@ -128,7 +128,7 @@ def _effect_sums(model, cells: CellCounts, perturbations: list[Perturbation], qu
                  desc: str) -> dict[str, np.ndarray]:
     module = model.module
     query = torch.as_tensor(query_ids, device=device)
-    std = torch.as_tensor(model.scaler.std[query_ids], device=device, dtype=torch.float64)
+    std = torch.as_tensor(model.scaler.value_scale(query_ids), device=device, dtype=torch.float64)
     n = torch.zeros(len(perturbations), dtype=torch.float64, device=device)
     sums = {k: torch.zeros(len(perturbations), len(query_ids), dtype=torch.float64, device=device)
             for k in ("shift", "baseline", "affected")}
@@ -162,7 +162,7 @@ def _rows(batch: CellBatch, rows: torch.Tensor) -> CellBatch:
 def _effects_table(model, perturbations: list[Perturbation], query_ids: np.ndarray, stats: dict[str, np.ndarray],
                    group: str | None) -> pd.DataFrame:
     """Sums -> one row per (perturbation, query gene) on the log-normalised scale, largest |effect| first."""
-    std, mean = model.scaler.std[query_ids], model.scaler.mean[query_ids]
+    std = model.scaler.value_scale(query_ids)
     genes = np.asarray(model.vocab.genes)[query_ids]
     tables = []
     for p, perturbation in enumerate(perturbations):
@@ -172,7 +172,7 @@ def _effects_table(model, perturbations: list[Perturbation], query_ids: np.ndarr
                         perturbation.gene, group)
             continue
         effect = stats["shift"][p] / n
-        baseline = mean + (stats["baseline"][p] / n - 1.0) * std
+        baseline = model.scaler.log_expression(query_ids, stats["baseline"][p] / n).astype(np.float64)
         table = pd.DataFrame({
             "perturbed_gene": perturbation.gene, "mode": perturbation.mode, "level": perturbation.level,
             "group": group, "gene": genes, "n_cells": int(n), "baseline_mean": baseline,
