@@ -69,7 +69,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "lr3e-3": ("default", {**DETECTION, "contrastive_weight": 0.2}, {"learning_rate": 3e-3}),
     "latents64": ("default", {**DETECTION, "contrastive_weight": 0.2, "n_latents": 64}, {}),
     "mask0.5": ("default", {**DETECTION, "contrastive_weight": 0.2, "mask_fraction": 0.5}, {}),
-    # The whole cell's counts through the cell bottleneck (issue 15's objective; see docs/presets.md).
+    # The whole cell's counts through the cell bottleneck (see docs/presets.md, measurement 4).
     "counts": ("default", {**MSE_ONLY, "count_weight": 1.0}, {}),
     "counts_detached_values": ("default", {**MSE_ONLY, "count_weight": 1.0, "value_detach": True}, {}),
     "counts_log_values_flat_bottleneck": ("default", {**MSE_ONLY, "count_weight": 1.0, "value_detach": True,
