@@ -15,7 +15,7 @@ from conftest import TINY, synthetic_counts
 
 
 def _leftovers(folder):
-    return [p.name for p in folder.iterdir() if ".partial" in p.name or ".old" in p.name]
+    return [p.name for p in folder.iterdir() if any(s in p.name for s in (".partial", ".old", ".lock", ".exceiver-run"))]
 
 
 def test_model_folder_has_the_documented_files(tiny_model_dir):
@@ -158,15 +158,24 @@ def test_pretrain_leaves_no_partial_folder_on_failure(tmp_path, monkeypatch):
     assert not out.exists() and not _leftovers(tmp_path)
 
 
-def test_pretrain_refuses_to_overwrite_unless_asked(tmp_path):
+def test_pretrain_overwrites_only_what_exceiver_wrote(tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(ExceiverInputError, match="already exists"):
         pretrain(synthetic_counts(n_cells=30), out, model=TINY, max_epochs=1, progress=False)
-    assert (out / "precious.txt").read_text() == "keep me"
-    pretrain(synthetic_counts(n_cells=30), out, model=TINY, max_epochs=1, progress=False, overwrite=True)
-    assert not (out / "precious.txt").exists() and (out / "config.json").is_file()
+    with pytest.raises(ExceiverInputError, match=r"model holds files exceiver did not write \(precious.txt\)"):
+        pretrain(synthetic_counts(n_cells=30), out, model=TINY, max_epochs=1, progress=False, overwrite=True)
+    assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+    (out / "precious.txt").unlink()
+    pretrain(synthetic_counts(n_cells=30), out, model=TINY, max_epochs=1, progress=False)  # an empty folder is fine
+    first = (out / "model.safetensors").read_bytes()
+    pretrain(synthetic_counts(n_cells=30), out, model=TINY, max_epochs=1, progress=False, overwrite=True, seed=3)
+    assert (out / "model.safetensors").read_bytes() != first  # exceiver's own output is replaced
+    (out / "logs" / "notes.md").write_text("my analysis")  # ... until the user adds to it
+    with pytest.raises(ExceiverInputError, match="logs/notes.md"):
+        pretrain(synthetic_counts(n_cells=30), out, model=TINY, max_epochs=1, progress=False, overwrite=True)
+    assert (out / "logs" / "notes.md").read_text() == "my analysis"
     assert not _leftovers(tmp_path)
 
 

@@ -145,7 +145,12 @@ def test_outputs_never_clobber_files_or_folders(tmp_path, tiny_model_dir, counts
     existing.write_text("keep")
     assert main(["-q", "embed", str(tiny_model_dir), str(counts_file), "--out", str(existing)]) == 2
     assert "already exists" in capsys.readouterr().err and existing.read_text() == "keep"
-    assert main(["-q", "embed", str(tiny_model_dir), str(counts_file), "--out", str(existing), "--overwrite"]) == 0
+    # --overwrite replaces only what exceiver wrote: not the user's file, but an earlier embedding
+    assert main(["-q", "embed", str(tiny_model_dir), str(counts_file), "--out", str(existing), "--overwrite"]) == 2
+    assert "was not written by exceiver" in capsys.readouterr().err and existing.read_text() == "keep"
+    existing.unlink()
+    for _ in range(2):
+        assert main(["-q", "embed", str(tiny_model_dir), str(counts_file), "--out", str(existing), "--overwrite"]) == 0
     assert ad.read_h5ad(existing).obsm["X_exceiver"].shape[0] == 120
 
 
@@ -164,8 +169,10 @@ def test_demo_refuses_a_folder_that_is_not_an_earlier_demo(tmp_path):
     from exceiver.demo import run_demo
 
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ExceiverInputError, match="not empty"):
+    with pytest.raises(ExceiverInputError, match="already exists"):
         run_demo(tmp_path, max_minutes=0.01, progress=False)
+    with pytest.raises(ExceiverInputError, match=r"holds files exceiver did not write \(notes.txt\)"):
+        run_demo(tmp_path, max_minutes=0.01, progress=False, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file
 
-from exceiver.data.loaders import CellBatcher
+from exceiver.data.loaders import CellBatcher, training_loader
 from exceiver.nn.config import pretraining_configs
 from exceiver.data.preprocess import GeneScaler
 from exceiver.data.cells import CellCounts
@@ -32,21 +32,29 @@ def equal_length_cells(n_cells: int = 80, n_genes: int = 60, n_expressed: int = 
                       var=pd.DataFrame(index=[f"G{j}" for j in range(n_genes)]))
 
 
-def test_training_masks_do_not_depend_on_the_global_rng():
-    adata = equal_length_cells(n_cells=10)
-    cells = CellCounts(adata.X, np.ones((1, adata.n_vars), bool), np.zeros(10, np.int32),
+def test_training_masks_depend_only_on_seed_epoch_and_batch():
+    adata = equal_length_cells(n_cells=40)
+    cells = CellCounts(adata.X, np.ones((1, adata.n_vars), bool), np.zeros(40, np.int32),
                        np.asarray(adata.obs_names), ["cells"])
     _, tokenizer, _ = pretraining_configs("default")
     scaler = GeneScaler.fit(cells)
-    batches = []
-    for global_seed in (1, 2):
+    batcher = CellBatcher(cells, scaler, tokenizer, masked=True)
+
+    def epoch(seed: int, number: int, global_seed: int, skip: int = 0) -> list[torch.Tensor]:
         torch.manual_seed(global_seed)
-        batcher = CellBatcher(cells, scaler, tokenizer, masked=True, seed=5)
-        batches.append([batcher(list(range(10))).query_ids for _ in range(2)])
-    assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
-    assert not torch.equal(batches[0][0], batches[0][1])  # each batch draws fresh masks
-    other_seed = CellBatcher(cells, scaler, tokenizer, masked=True, seed=6)(list(range(10))).query_ids
-    assert not torch.equal(other_seed, batches[0][0])
+        loader = training_loader(cells, np.arange(40), batcher, batch_size=8, seed=seed, consumed=lambda: 0)
+        loader.batch_sampler.set_epoch(number)
+        loader.load_state_dict({"epoch": number, "batches": skip})
+        return [batch.query_ids for batch in loader]
+
+    first = epoch(5, 0, global_seed=1)
+    assert len(first) == 5
+    assert all(torch.equal(a, b) for a, b in zip(first, epoch(5, 0, global_seed=2)))  # not the global RNG
+    assert not torch.equal(first[0], first[1])  # each batch draws fresh masks
+    assert not torch.equal(first[0], epoch(5, 1, global_seed=1)[0])  # each epoch too
+    assert not torch.equal(first[0], epoch(6, 0, global_seed=1)[0])  # and each seed
+    resumed = epoch(5, 0, global_seed=3, skip=2)  # a run resumed after 2 batches sees the rest as they were
+    assert len(resumed) == 3 and all(torch.equal(a, b) for a, b in zip(first[2:], resumed))
 
 
 def _pretrain_cli(data, out, *extra: str) -> dict:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from exceiver.errors import ExceiverInputError, ModelFileError, TrainingError
+from exceiver import errors
+from exceiver.errors import ExceiverInputError, Interrupted, ModelFileError, TrainingError
+from exceiver.outputs import claim
 from exceiver.train.config import TrainingConfig
 
 log = logging.getLogger("exceiver")
@@ -25,6 +29,12 @@ def _devices(value: str) -> int | str:
 def training_options(args: argparse.Namespace) -> dict:
     """The training options given on the command line (unset ones keep TrainingConfig's defaults)."""
     return {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """How a training run guards against interruption: resume, checkpoint interval, keep."""
+    return {"resume": args.resume, "checkpoint_minutes": args.checkpoint_minutes,
+            "keep_checkpoints": args.keep_checkpoints}
 
 
 def model_option(text: str) -> tuple[str, int | float | bool | str]:
@@ -68,6 +78,14 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-nodes", type=int, help="machines, for multi-node DDP (SLURM, torchrun) " + _default("num_nodes"))
     p.add_argument("--strategy", help="Lightning strategy: auto, ddp, ... " + _default("strategy"))
     p.add_argument("--precision", help="Lightning precision: 32-true, bf16-mixed, ... " + _default("precision"))
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run of --out (same data and settings) from its checkpoint")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0, metavar="M",
+                   help="save a resumable checkpoint every M minutes of training; SIGTERM and Ctrl+C save one "
+                        "too (default: 10)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the last checkpoint in OUT/checkpoints/ (a pickle; by default the finished folder "
+                        "holds only safetensors, JSON and text)")
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
@@ -234,8 +252,8 @@ def run_pretrain(args: argparse.Namespace) -> None:
     from exceiver.pretrain import pretrain
 
     model = pretrain(args.data, args.out, preset=args.preset, model=dict(args.model_options), genes=args.genes,
-                     n_top_genes=args.n_top_genes, gene_key=args.gene_key, layer=args.layer, overwrite=args.overwrite, progress=not args.quiet,
-                     **training_options(args))
+                     n_top_genes=args.n_top_genes, gene_key=args.gene_key, layer=args.layer, overwrite=args.overwrite,
+                     progress=not args.quiet, **run_options(args), **training_options(args))
     if rank_zero_only.rank == 0:  # distributed runs execute this in every process
         print(f"wrote {args.out}: {model}")
 
@@ -245,12 +263,11 @@ def run_embed(args: argparse.Namespace) -> None:
 
     from exceiver.model import Exceiver
 
-    if args.out.exists() and not args.overwrite:  # fail before the work, not after
-        raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
-    model = Exceiver.load(args.model)
-    model.embed_file(args.data, args.out, key_added=args.key, pooling=args.pooling, gene_key=args.gene_key,
-                     layer=args.layer, batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
-                     overwrite=args.overwrite, progress=not args.quiet)
+    with claim(args.out, overwrite=args.overwrite, folder=False):  # refused now, not after the work
+        model = Exceiver.load(args.model)
+        model.embed_file(args.data, args.out, key_added=args.key, pooling=args.pooling, gene_key=args.gene_key,
+                         layer=args.layer, batch_size=args.batch_size, device=args.device,
+                         num_workers=args.num_workers, overwrite=args.overwrite, progress=not args.quiet)
     with h5py.File(args.out, "r") as written:
         n_cells, width = written["obsm"][args.key].shape
     print(f"wrote {args.out}: obsm[{args.key!r}] of {n_cells:,} cells x {width}")
@@ -272,7 +289,7 @@ def run_finetune(args: argparse.Namespace) -> None:
     mode = "freeze" if args.freeze else "scratch" if args.from_scratch else "full"
     model = finetune(args.model, args.data, args.label_key, args.out, mode=mode,
                      expression_loss_weight=args.expression_weight, gene_key=args.gene_key, layer=args.layer,
-                     overwrite=args.overwrite, progress=not args.quiet, **training_options(args))
+                     overwrite=args.overwrite, progress=not args.quiet, **run_options(args), **training_options(args))
     if rank_zero_only.rank == 0:
         m = model.metrics
         print(f"wrote {args.out}: {len(model.classes)} classes, validation accuracy {m['val_accuracy']:.3f}, "
@@ -284,15 +301,14 @@ def run_predict(args: argparse.Namespace) -> None:
     from exceiver.io import write_h5ad
     from exceiver.model import Exceiver
 
-    if args.out.exists() and not args.overwrite:
-        raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
-    model = Exceiver.load(args.model)
-    if not model.classes:
-        raise ExceiverInputError(f"{args.model} is not a classifier (no classes); fine-tune it first")
-    [(_, adata)] = read_datasets(args.data)
-    prediction = model.predict(adata, gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
-                               device=args.device, progress=not args.quiet)
-    write_h5ad(adata, args.out, overwrite=args.overwrite)
+    with claim(args.out, overwrite=args.overwrite, folder=False):
+        model = Exceiver.load(args.model)
+        if not model.classes:
+            raise ExceiverInputError(f"{args.model} is not a classifier (no classes); fine-tune it first")
+        [(_, adata)] = read_datasets(args.data)
+        prediction = model.predict(adata, gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
+                                   device=args.device, progress=not args.quiet)
+        write_h5ad(adata, args.out, overwrite=args.overwrite)
     counts = prediction.value_counts()
     print(f"wrote {args.out}: {adata.n_obs:,} cells predicted; most frequent: "
           + ", ".join(f"{k} ({v})" for k, v in counts.head(3).items()))
@@ -304,13 +320,12 @@ def run_impute(args: argparse.Namespace) -> None:
     from exceiver.model import Exceiver
     from exceiver.tl import impute
 
-    if args.out.exists() and not args.overwrite:
-        raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
-    model = Exceiver.load(args.model)
-    [(_, adata)] = read_datasets(args.data)
-    impute(model, adata, key_added=args.key, gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
-           device=args.device, progress=not args.quiet)
-    write_h5ad(adata, args.out, overwrite=args.overwrite)
+    with claim(args.out, overwrite=args.overwrite, folder=False):
+        model = Exceiver.load(args.model)
+        [(_, adata)] = read_datasets(args.data)
+        impute(model, adata, key_added=args.key, gene_key=args.gene_key, layer=args.layer,
+               batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+        write_h5ad(adata, args.out, overwrite=args.overwrite)
     n_genes = adata.uns["exceiver"][args.key]["n_imputed_genes"]
     print(f"wrote {args.out}: layers[{args.key!r}] of {adata.n_obs:,} cells x {n_genes:,} imputed genes")
 
@@ -321,14 +336,13 @@ def run_perturb(args: argparse.Namespace) -> None:
     from exceiver.model import Exceiver
     from exceiver.tl import perturb
 
-    if args.out.exists() and not args.overwrite:
-        raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
-    model = Exceiver.load(args.model)
-    [(_, adata)] = read_datasets(args.data)
-    effects = perturb(model, adata, args.gene, args.mode, groupby=args.groupby, groups=args.group,
-                      quantile=args.quantile, gene_key=args.gene_key, layer=args.layer,
-                      batch_size=args.batch_size, device=args.device, progress=not args.quiet)
-    write_csv(effects, args.out, overwrite=args.overwrite)
+    with claim(args.out, overwrite=args.overwrite, folder=False):
+        model = Exceiver.load(args.model)
+        [(_, adata)] = read_datasets(args.data)
+        effects = perturb(model, adata, args.gene, args.mode, groupby=args.groupby, groups=args.group,
+                          quantile=args.quantile, gene_key=args.gene_key, layer=args.layer,
+                          batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+        write_csv(effects, args.out, overwrite=args.overwrite)
     top = effects.loc[effects["gene"] != effects["perturbed_gene"]].head(3)
     print(f"wrote {args.out}: {len(effects):,} rows; strongest: "
           + ", ".join(f"{g} {s:+.3f}" for g, s in zip(top["gene"], top["mean_shift"])))
@@ -338,17 +352,16 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from exceiver.data.genemap import map_genes
     from exceiver.data.sources import read_datasets
     from exceiver.evaluate.report import best_pca, evaluate
-    from exceiver.io import check_output_dir
-
-    check_output_dir(args.out, overwrite=args.overwrite)  # fail before the work, not after
-    [(name, adata)] = read_datasets(args.data)
-    gene_key = args.gene_key
-    if args.gene_map:
-        adata, gene_key = map_genes(adata, args.gene_map, gene_key=gene_key, layer=args.layer, name=name), None
-    metrics = evaluate(args.model, adata, args.out, label_keys=args.label_key, batch_key=args.batch_key,
-                       gene_key=gene_key, layer=None if args.gene_map else args.layer, annotations=args.annotations,
-                       sources=args.source, pooling=args.pooling, max_cells=args.max_cells, device=args.device,
-                       seed=args.seed, overwrite=args.overwrite, progress=not args.quiet, name=name)
+    with claim(args.out, overwrite=args.overwrite, folder=True):  # refused now, not after the work
+        [(name, adata)] = read_datasets(args.data)
+        gene_key = args.gene_key
+        if args.gene_map:
+            adata, gene_key = map_genes(adata, args.gene_map, gene_key=gene_key, layer=args.layer, name=name), None
+        metrics = evaluate(args.model, adata, args.out, label_keys=args.label_key, batch_key=args.batch_key,
+                           gene_key=gene_key, layer=None if args.gene_map else args.layer,
+                           annotations=args.annotations, sources=args.source, pooling=args.pooling,
+                           max_cells=args.max_cells, device=args.device, seed=args.seed, overwrite=args.overwrite,
+                           progress=not args.quiet, name=name)
     rec = metrics["reconstruction"]["model"]
     summary = [f"masked MSE {rec['mse']:.4f} ({rec['mse_ratio']:.3f} x gene mean)"]
     for key, cell in metrics["cells"].items():
@@ -367,18 +380,23 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def run_import_original(args: argparse.Namespace) -> None:
-    from exceiver.io import check_output_dir
     from exceiver.model import import_original
 
-    check_output_dir(args.out, overwrite=args.overwrite)
-    model = import_original(args.checkpoint, genes=args.genes, scaler=args.scaler)
-    model.save(args.out, overwrite=args.overwrite)
+    with claim(args.out, overwrite=args.overwrite, folder=True):
+        model = import_original(args.checkpoint, genes=args.genes, scaler=args.scaler)
+        model.save(args.out, overwrite=args.overwrite)
     kind = f"classifier of {len(model.classes)} classes" if model.classes else "masked-expression model"
     print(f"wrote {args.out}: {model} ({kind}, paper-compatible)")
 
 
+def _stop(signum: int, frame) -> None:
+    """SIGTERM outside training (where it saves a checkpoint first): stop, leaving no partial output."""
+    raise Interrupted(signum, "stopped; nothing was written")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    errors.interface = "cli"
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for name in ("lightning.pytorch", "lightning.fabric"):  # they set up their own INFO handlers
@@ -387,11 +405,23 @@ def main(argv: list[str] | None = None) -> int:
                "evaluate": run_evaluate,
                "impute": run_impute, "perturb": run_perturb,
                "demo": run_demo, "import-original": run_import_original, "build-corpus": run_build_corpus}
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None
     try:
         runners[args.command](args)
     except (ExceiverInputError, ModelFileError, TrainingError) as err:
         print(f"exceiver {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"exceiver {args.command}: {signal.Signals(err.signum).name}: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except KeyboardInterrupt:
+        print(f"exceiver {args.command}: SIGINT: stopped; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        errors.interface = "python"
     return 0
 
 

@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 
 from exceiver.evaluate.baselines import pca_embedding
 from exceiver.evaluate.cells import knn_scores
-from exceiver.io import atomic_dir, check_output_dir
+from exceiver.outputs import atomic_dir, foreign_files
 from exceiver.pretrain import pretrain
 
 LABEL = "cell_type"
@@ -50,14 +50,14 @@ def run_demo(out: str | Path = "exceiver_demo", *, max_minutes: float = 3.0, see
              overwrite: bool = False, progress: bool = True) -> str:
     """Pretrain on 80% of the cells, embed all, and compare cell-type kNN accuracy on the held-out
     20% with PCA of the same cells. Writes the model, the embedded .h5ad, a UMAP and a report.
-    An earlier demo's output folder is replaced; any other non-empty folder only with `overwrite`."""
+    An earlier demo's output folder is replaced; another output of exceiver only with
+    `overwrite`; a folder holding anything else never."""
     out = Path(out)
-    earlier_demo = (out / "demo_metrics.json").is_file()
-    check_output_dir(out, overwrite=overwrite or earlier_demo)
-    adata = pbmc68k_counts()
-    train, test = train_test_split(np.arange(adata.n_obs), test_size=0.2, random_state=seed,
-                                   stratify=adata.obs[LABEL])
-    with atomic_dir(out, overwrite=True) as folder:  # checked above
+    earlier_demo = out.is_dir() and (out / "demo_metrics.json").is_file() and not foreign_files(out)
+    with atomic_dir(out, overwrite=overwrite or earlier_demo) as folder:
+        adata = pbmc68k_counts()
+        train, test = train_test_split(np.arange(adata.n_obs), test_size=0.2, random_state=seed,
+                                       stratify=adata.obs[LABEL])
         model = pretrain(adata[np.sort(train)].copy(), folder / "model", max_minutes=max_minutes,
                          seed=seed, progress=progress)
         model.embed(adata, progress=progress)

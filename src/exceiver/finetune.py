@@ -29,11 +29,11 @@ from typing_extensions import Unpack
 from exceiver.data.datamodule import CellDataModule
 from exceiver.data.sources import read_datasets
 from exceiver.errors import ExceiverInputError
-from exceiver.io import check_output_dir
 from exceiver.model import Exceiver
 from exceiver.nn.config import ObjectiveConfig
 from exceiver.nn.network import ExceiverModule
 from exceiver.train.config import TrainingOptions, training_config
+from exceiver.train.checkpoints import Checkpointing, training_output
 from exceiver.train.fit import FitResult, fit
 from exceiver.train.plans import ClassifierPlan
 
@@ -121,6 +121,9 @@ def finetune(
     gene_key: str | None = None,
     layer: str | None = None,
     overwrite: bool = False,
+    resume: bool = False,
+    checkpoint_minutes: float = 10.0,
+    keep_checkpoints: bool = False,
     progress: bool = True,
     **training: Unpack[TrainingOptions],
 ) -> Exceiver:
@@ -131,6 +134,8 @@ def finetune(
         from the base model's) or "scratch" (random initialisation, same architecture).
     class_loss_weight, expression_loss_weight: weights of cross-entropy and masked-expression MSE
         (the MSE term is not used when frozen).
+    overwrite, resume, checkpoint_minutes, keep_checkpoints: as for `pretrain` (replace an
+        output exceiver wrote; continue an interrupted run; checkpoint this often).
     training: fields of `TrainingConfig` (max_epochs, max_minutes, batch_size, seed, ...).
     """
     if mode not in MODES:
@@ -138,47 +143,52 @@ def finetune(
     if class_loss_weight <= 0 or expression_loss_weight < 0:
         raise ExceiverInputError("class_loss_weight must be > 0 and expression_loss_weight >= 0")
     settings = training_config(training)
-    if out is not None:
-        check_output_dir(out, overwrite=overwrite)
-    base = model if isinstance(model, Exceiver) else Exceiver.load(model)
-    if isinstance(adata, (str, Path)):
-        [(_, adata)] = read_datasets(adata)
-    codes, classes = encode_labels(adata, label_key, min_cells_per_class)
-    cells = base.cells(adata, gene_key=gene_key, layer=layer)
-    train_rows, val_rows = split_by_class(codes, settings.val_fraction, settings.seed)
-    weights = balanced_class_weights(codes[train_rows], len(classes))
-    validation = np.zeros(len(codes), dtype=bool)
-    validation[val_rows] = True
+    checkpointing = Checkpointing(resume=resume, every_minutes=checkpoint_minutes, keep=keep_checkpoints)
+    with training_output(out, overwrite=overwrite, resume=resume) as run:  # refused now, not after the work
+        base = model if isinstance(model, Exceiver) else Exceiver.load(model)
+        if isinstance(adata, (str, Path)):
+            [(_, adata)] = read_datasets(adata)
+        codes, classes = encode_labels(adata, label_key, min_cells_per_class)
+        cells = base.cells(adata, gene_key=gene_key, layer=layer)
+        train_rows, val_rows = split_by_class(codes, settings.val_fraction, settings.seed)
+        weights = balanced_class_weights(codes[train_rows], len(classes))
+        validation = np.zeros(len(codes), dtype=bool)
+        validation[val_rows] = True
 
-    L.seed_everything(settings.seed, workers=True, verbose=False)
-    module = classifier_module(base, len(classes), from_scratch=mode == "scratch", seed=settings.seed)
-    freeze = mode == "freeze"
-    uses_expression = not freeze and expression_loss_weight > 0
-    plan = ClassifierPlan(module, settings, codes, weights, freeze=freeze, class_loss_weight=class_loss_weight,
-                          expression_loss_weight=expression_loss_weight if uses_expression else 0.0)
-    # The classifier's masked-value term queries masked genes only: no zero genes, no detection.
-    tokenizer = dataclasses.replace(base.tokenizer, zero_query_ratio=0.0)
-    datamodule = CellDataModule(cells, base.scaler, tokenizer, validation, batch_size=settings.batch_size,
-                                num_workers=settings.num_workers, seed=settings.seed, masked=uses_expression,
-                                masked_validation=False, min_train_cells=MIN_STEPS_PER_EPOCH * settings.batch_size)
-    train_counts = np.bincount(codes[train_rows], minlength=len(classes))
+        L.seed_everything(settings.seed, workers=True, verbose=False)
+        module = classifier_module(base, len(classes), from_scratch=mode == "scratch", seed=settings.seed)
+        freeze = mode == "freeze"
+        uses_expression = not freeze and expression_loss_weight > 0
+        plan = ClassifierPlan(module, settings, codes, weights, freeze=freeze, class_loss_weight=class_loss_weight,
+                              expression_loss_weight=expression_loss_weight if uses_expression else 0.0)
+        # The classifier's masked-value term queries masked genes only: no zero genes, no detection.
+        tokenizer = dataclasses.replace(base.tokenizer, zero_query_ratio=0.0)
+        datamodule = CellDataModule(cells, base.scaler, tokenizer, validation, batch_size=settings.batch_size,
+                                    num_workers=settings.num_workers, seed=settings.seed, masked=uses_expression,
+                                    masked_validation=False, min_train_cells=MIN_STEPS_PER_EPOCH * settings.batch_size)
+        train_counts = np.bincount(codes[train_rows], minlength=len(classes))
 
-    def trained(result: FitResult) -> Exceiver:
-        for param in module.parameters():
-            param.requires_grad = True
-        metrics = {
-            **result.summary(), "mode": mode, "label_key": label_key,
-            "n_train_cells": len(train_rows), "n_val_cells": len(val_rows),
-            "train_cells_per_class": {c: int(n) for c, n in zip(classes, train_counts)},
-            "class_weights": {c: round(float(w), 4) for c, w in zip(classes, weights)},
-        }
-        used = {**settings.to_dict(), "mode": mode, "class_loss_weight": class_loss_weight,
-                "expression_loss_weight": expression_loss_weight,
-                "base_model": "in memory" if isinstance(model, Exceiver) else str(model)}
-        return Exceiver(module, base.vocab, base.scaler, tokenizer, objectives=ObjectiveConfig(), training=used,
-                        metrics=metrics, classes=classes, gene_key=base.gene_key, layer=base.layer)
+        def trained(result: FitResult) -> Exceiver:
+            for param in module.parameters():
+                param.requires_grad = True
+            metrics = {
+                **result.summary(), "mode": mode, "label_key": label_key,
+                "n_train_cells": len(train_rows), "n_val_cells": len(val_rows),
+                "train_cells_per_class": {c: int(n) for c, n in zip(classes, train_counts)},
+                "class_weights": {c: round(float(w), 4) for c, w in zip(classes, weights)},
+            }
+            used = {**settings.to_dict(), "mode": mode, "class_loss_weight": class_loss_weight,
+                    "expression_loss_weight": expression_loss_weight,
+                    "base_model": "in memory" if isinstance(model, Exceiver) else str(model)}
+            return Exceiver(module, base.vocab, base.scaler, tokenizer, objectives=ObjectiveConfig(), training=used,
+                            metrics=metrics, classes=classes, gene_key=base.gene_key, layer=base.layer)
 
-    result = fit(plan, datamodule, settings, out, build=trained, overwrite=overwrite, progress=progress)
+        identity = {"command": "finetune", "mode": mode, "label_key": label_key, "classes": classes,
+                    "class_loss_weight": class_loss_weight, "expression_loss_weight": expression_loss_weight,
+                    "training": settings.to_dict(), "n_cells": int(len(codes)), "genes": base.vocab.fingerprint(),
+                    "base_weights": base.fingerprint()}
+        result = fit(plan, datamodule, settings, run, identity=identity, build=trained, overwrite=overwrite,
+                     checkpointing=checkpointing, progress=progress)
     log.info("validation accuracy %.3f, macro-F1 %.3f (%s, %d training cells)", result.metrics["val_accuracy"],
              result.metrics["val_macro_f1"], mode, len(train_rows))
     return result

@@ -1,9 +1,9 @@
-"""Model folders on disk, atomic outputs, and results streamed into a copy of an `.h5ad` file.
+"""Model folders on disk, and results written into `.h5ad` and CSV outputs (atomically and
+safely: `exceiver.outputs`).
 
 A model folder holds `config.json`, `model.safetensors`, `genes.txt` (the vocabulary),
 `scaler.safetensors` (per-gene statistics) and `metrics.json`. Nothing is pickled, so a shared
-model cannot run code on load. Every output is written under a temporary name and renamed into
-place, so a failure never leaves a partial output behind.
+model cannot run code on load.
 
 `config.json` format 2 holds one section per config (`architecture`, `tokenizer`, `objectives`,
 `training`, and `data`: the gene key and layer the model was trained with); format 1 (one `model`
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from safetensors.torch import save_file as save_torch
 from exceiver.data.preprocess import GeneScaler
 from exceiver.data.vocab import GeneVocab
 from exceiver.errors import ExceiverInputError, ModelFileError
+from exceiver.outputs import atomic_file
 
 FORMAT = "exceiver-model"
 FORMAT_VERSION = 2
@@ -42,81 +41,6 @@ CONFIG, WEIGHTS, GENES, SCALER, METRICS = (
 SCALER_ARRAYS = ("mean", "std", "n_cells", "expressed_mean", "n_expressed")
 
 
-def check_output_dir(path: str | Path, *, overwrite: bool = False) -> Path:
-    """Refuse an output folder that would clobber something: a file, or (without `overwrite`) a
-    folder that is not empty."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ExceiverInputError(f"{path} is a file; the output must be a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ExceiverInputError(f"{path} already exists and is not empty; choose another output or pass overwrite")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds."""
-    path = check_output_dir(path, overwrite=overwrite)
-    with _new_parents(path):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-        try:
-            yield tmp
-            _share(tmp)
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                path.rename(old)
-                tmp.rename(path)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-
-
-@contextlib.contextmanager
-def _new_parents(path: Path) -> Iterator[None]:
-    """Create the missing parent folders of `path`, and remove them again if the block fails."""
-    missing = [p for p in reversed(path.parents) if not p.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        for folder in reversed(missing):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if still empty
-        raise
-
-
-def _share(folder: Path) -> None:
-    """Give staged outputs the permissions of normally created files (temp files are private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for item in [folder, *folder.rglob("*")]:
-        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path beside `path`; it replaces `path` only if the block succeeds
-    (an existing file only with `overwrite`)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ExceiverInputError(f"{path} is a folder; the output must be a file")
-    if path.exists() and not overwrite:
-        raise ExceiverInputError(f"{path} already exists; choose another output or pass overwrite")
-    with _new_parents(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=path.suffix, dir=path.parent)
-        os.close(fd)
-        try:
-            yield Path(tmp)
-            _share(Path(tmp))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
 def write_h5ad(adata: ad.AnnData, path: str | Path, *, overwrite: bool = False) -> None:
     """Write an AnnData to `path` atomically; an existing file is replaced only with `overwrite`."""
     with atomic_file(path, overwrite=overwrite) as tmp:
@@ -124,8 +48,15 @@ def write_h5ad(adata: ad.AnnData, path: str | Path, *, overwrite: bool = False) 
 
 
 def write_csv(table: pd.DataFrame, path: str | Path, *, overwrite: bool = False, index: bool = False) -> None:
-    """Write a table to `path` atomically, as write_h5ad does."""
-    with atomic_file(path, overwrite=overwrite) as tmp:
+    """Write a table to `path` atomically, as write_h5ad does; an existing file is replaced
+    only if it is a table with the same columns (an earlier result of the same kind)."""
+    header = ",".join(map(str, ([table.index.name or ""] if index else []) + list(table.columns)))
+
+    def same_table(existing: Path) -> bool:
+        with open(existing, encoding="utf-8", errors="replace") as f:
+            return f.readline().rstrip("\r\n") == header
+
+    with atomic_file(path, overwrite=overwrite, recognise=same_table) as tmp:
         table.to_csv(tmp, index=index)
 
 

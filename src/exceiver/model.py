@@ -10,6 +10,7 @@ model explicitly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,12 +26,8 @@ from exceiver.data.tokenizer import CellBatch, TokenizerConfig
 from exceiver.data.vocab import GeneVocab
 from exceiver.errors import ExceiverInputError, ModelFileError
 from exceiver.inference import decode_values, iterate_latents, resolve_device
-from exceiver.io import (
-    atomic_dir,
-    h5ad_copy_with_obsm,
-    load_model_files,
-    save_model_files,
-)
+from exceiver.io import h5ad_copy_with_obsm, load_model_files, save_model_files
+from exceiver.outputs import atomic_dir, claim
 from exceiver.nn.config import ExceiverConfig, ObjectiveConfig, from_dict
 from exceiver.nn.network import POOLINGS, ExceiverModule
 from exceiver.nn.original import original_parts
@@ -101,6 +98,14 @@ class Exceiver:
                    metrics=metrics, classes=config.get("classes"), gene_key=data.get("gene_key"),
                    layer=data.get("layer"))
 
+    def fingerprint(self) -> str:
+        """A digest of the weights (a resumed fine-tuning run must start from the same base)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write a model folder (atomically: it appears only when complete)."""
         with atomic_dir(path, overwrite=overwrite) as tmp:
@@ -161,8 +166,15 @@ class Exceiver:
         """`embed` from an .h5ad file to a copy of it with `obsm[key_added]` added, streaming:
         neither the counts nor the embeddings are ever all in memory."""
         pooling = check_pooling(pooling, self.module)
-        gene_key, layer = self.data_keys(h5ad_var(path).var.columns, h5ad_layers(path), gene_key, layer)
-        cells = H5adCells(path, self.vocab, gene_key=gene_key, layer=layer)
+        with claim(out, overwrite=overwrite, folder=False):  # refused now, not after the work
+            gene_key, layer = self.data_keys(h5ad_var(path).var.columns, h5ad_layers(path), gene_key, layer)
+            cells = H5adCells(path, self.vocab, gene_key=gene_key, layer=layer)
+            self._embed_cells(cells, path, out, key_added, pooling, batch_size, device, num_workers, overwrite,
+                              progress)
+        return Path(out)
+
+    def _embed_cells(self, cells: H5adCells, path, out, key_added: str, pooling: str, batch_size: int | None,
+                     device: str | None, num_workers: int, overwrite: bool, progress: bool) -> None:
         width = self.module.embedding_width(pooling)
         with self.on_device(device) as on, \
                 h5ad_copy_with_obsm(path, out, key_added, (cells.n_cells, width), overwrite=overwrite) as write:
@@ -172,7 +184,6 @@ class Exceiver:
                     prepare=ModelCells(self.scaler.trained_genes, cells.name)):
                 write(batch.cells.cpu().numpy(), self.module.pool(latents, pooling).float().cpu().numpy())
             write.uns({"pooling": pooling, "n_genes": len(self.vocab)})
-        return Path(out)
 
     @torch.inference_mode()
     def predict_values(self, adata: ad.AnnData, query_genes: Sequence[str] | None = None, *,

@@ -20,13 +20,13 @@ from exceiver.data.datamodule import CellDataModule, validation_cells
 from exceiver.data.preprocess import GeneScaler, prepare_cells, report_dropped
 from exceiver.data.sources import DataInput, read_datasets
 from exceiver.data.vocab import GeneVocab, build_vocab, gene_keys
-from exceiver.errors import ExceiverInputError
-from exceiver.io import check_output_dir
+from exceiver.errors import ExceiverInputError, option
 from exceiver.model import Exceiver
 from exceiver.data.variable_genes import highly_variable_genes
 from exceiver.nn.config import PRESETS, pretraining_configs
 from exceiver.nn.network import ExceiverModule
 from exceiver.train.config import TrainingConfig, TrainingOptions, training_config
+from exceiver.train.checkpoints import Checkpointing, training_output
 from exceiver.train.fit import FitResult, fit
 from exceiver.train.plans import PretrainingPlan
 
@@ -56,6 +56,9 @@ def pretrain(
     gene_key: str | None = None,
     layer: str | None = None,
     overwrite: bool = False,
+    resume: bool = False,
+    checkpoint_minutes: float = 10.0,
+    keep_checkpoints: bool = False,
     progress: bool = True,
     **training: Unpack[TrainingOptions],
 ) -> Exceiver:
@@ -70,6 +73,12 @@ def pretrain(
     n_top_genes: keep the most variable genes of the training cells (seurat_v3 on raw counts, per
         dataset); None: the preset's choice (default 2,000; paper: all genes); 0: all genes.
     gene_key: var column of gene identifiers, for the datasets that have it (others: var_names).
+    overwrite: replace `out` if exceiver wrote it (never a folder holding other files), and
+        discard an interrupted run of it.
+    resume: continue the interrupted run of `out` (same data and settings) from its checkpoint;
+        it finishes as the uninterrupted run would.
+    checkpoint_minutes, keep_checkpoints: save a resumable checkpoint this often while training
+        (SIGTERM and Ctrl+C save one too); keep the last in `out/checkpoints/` when done.
     training: fields of `TrainingConfig` (max_epochs, max_minutes, batch_size, seed, ...); the
         preset's own defaults (docs/presets.md) apply to the fields not given.
     """
@@ -78,32 +87,50 @@ def pretrain(
     except (TypeError, ValueError) as err:  # unknown preset or field, impossible combination
         raise ExceiverInputError(f"invalid model settings: {err}") from err
     settings = training_config({**PRESETS[preset].training, **training})
+    checkpointing = Checkpointing(resume=resume, every_minutes=checkpoint_minutes, keep=keep_checkpoints)
     if n_top_genes is None:
         n_top_genes = PRESETS[preset].n_top_genes
-    if out is not None:
-        check_output_dir(out, overwrite=overwrite)  # fail before the work, not after
-    cells = pretraining_data(data, settings, genes=genes, n_top_genes=n_top_genes, gene_key=gene_key, layer=layer,
-                             standardise=tokenizer.values == "zscore", progress=progress)
+    with training_output(out, overwrite=overwrite, resume=resume) as run:  # refused now, not after the work
+        cells = pretraining_data(data, settings, genes=genes, n_top_genes=n_top_genes, gene_key=gene_key,
+                                 layer=layer, standardise=tokenizer.values == "zscore", progress=progress)
 
-    L.seed_everything(settings.seed, workers=True, verbose=False)
-    module = ExceiverModule(dataclasses.replace(architecture, n_genes=len(cells.vocab)))
-    gene_means = torch.from_numpy(cells.scaler.expressed_mean)
-    module.init_value_offsets(gene_means, cells.scaler.mean_expressed_value)
-    plan = PretrainingPlan(module, objectives, gene_means, settings, zero_queries=tokenizer.zero_query_ratio > 0)
-    datamodule = CellDataModule(cells.source, cells.scaler, tokenizer, cells.validation,
-                                batch_size=settings.batch_size, num_workers=settings.num_workers, seed=settings.seed,
-                                genes=cells.scaler.n_expressed > 0)
+        L.seed_everything(settings.seed, workers=True, verbose=False)
+        module = ExceiverModule(dataclasses.replace(architecture, n_genes=len(cells.vocab)))
+        gene_means = torch.from_numpy(cells.scaler.expressed_mean)
+        module.init_value_offsets(gene_means, cells.scaler.mean_expressed_value)
+        plan = PretrainingPlan(module, objectives, gene_means, settings, zero_queries=tokenizer.zero_query_ratio > 0)
+        datamodule = CellDataModule(cells.source, cells.scaler, tokenizer, cells.validation,
+                                    batch_size=settings.batch_size, num_workers=settings.num_workers,
+                                    seed=settings.seed, genes=cells.scaler.n_expressed > 0)
 
-    def trained(result: FitResult) -> Exceiver:
-        metrics = {**result.summary(), **cells.counts, "n_genes": len(cells.vocab),
-                   "n_parameters": module.n_parameters()}
-        return Exceiver(module, cells.vocab, cells.scaler, tokenizer, objectives=objectives,
-                        training=settings.to_dict(), metrics=metrics, gene_key=cells.gene_key, layer=cells.layer)
+        def trained(result: FitResult) -> Exceiver:
+            metrics = {**result.summary(), **cells.counts, "n_genes": len(cells.vocab),
+                       "n_parameters": module.n_parameters(), **learned_context(result.best_metrics)}
+            return Exceiver(module, cells.vocab, cells.scaler, tokenizer, objectives=objectives,
+                            training=settings.to_dict(), metrics=metrics, gene_key=cells.gene_key, layer=cells.layer)
 
-    model = fit(plan, datamodule, settings, out, build=trained, overwrite=overwrite, progress=progress)
-    log.info("val masked MSE %.4f vs gene-mean baseline %.4f (ratio %.3f)", model.metrics["val_masked_mse"],
-             model.metrics["val_gene_mean_mse"], model.metrics["val_mse_ratio"])
+        identity = {"command": "pretrain", "preset": preset, "architecture": architecture.to_dict(),
+                    "tokenizer": tokenizer.to_dict(), "objectives": objectives.to_dict(),
+                    "training": settings.to_dict(), "n_cells": cells.counts["n_cells"],
+                    "genes": cells.vocab.fingerprint()}
+        model = fit(plan, datamodule, settings, run, identity=identity, build=trained, overwrite=overwrite,
+                    checkpointing=checkpointing, progress=progress)
+    m = model.metrics
+    log.info("val masked MSE %.4f vs gene-mean baseline %.4f (ratio %.3f)", m["val_masked_mse"],
+             m["val_gene_mean_mse"], m["val_mse_ratio"])
+    if not m["learned_context"]:
+        log.warning("THE MODEL LEARNED NO CONTEXT: its validation error is %.2fx that of predicting each gene's "
+                    "mean (%s steps in %.0f s). Train longer (%s, %s) or on more cells before using it.",
+                    m["val_mse_ratio"], f"{m['steps']:,}", m["seconds"], option("max_minutes"),
+                    option("max_epochs"))
     return model
+
+
+def learned_context(best_metrics: dict) -> dict:
+    """Whether the model predicts masked values better than each gene's mean value (what a model
+    that learned nothing from a cell's other genes does): `learned_context` in metrics.json."""
+    ratio = best_metrics.get("val_mse_ratio", float("nan"))
+    return {"learned_context": bool(ratio < 1.0)}
 
 
 def pretraining_data(data: DataInput | Sequence[DataInput], settings: TrainingConfig, *, genes=None,

@@ -32,7 +32,7 @@ from exceiver.data.preprocess import GeneScaler, prepare_cells, report_dropped
 from exceiver.data.sources import READ_CELLS, H5adCells, h5ad_var
 from exceiver.data.vocab import GeneVocab, build_vocab, gene_keys
 from exceiver.errors import ExceiverInputError
-from exceiver.io import atomic_dir
+from exceiver.outputs import atomic_dir
 
 log = logging.getLogger(__name__)
 

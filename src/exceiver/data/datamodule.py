@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from exceiver.data.cells import CellCounts
-from exceiver.data.loaders import CellBatcher, cell_loader
+from exceiver.data.loaders import CellBatcher, cell_loader, training_loader
 from exceiver.data.preprocess import GeneScaler
 from exceiver.data.streams import EpochLoader, OrderedBatches, ShuffledBatches
 from exceiver.data.tokenizer import CellBatch, TokenizerConfig, mix64
@@ -108,10 +108,15 @@ class CellDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if not self.in_memory:
-            return EpochLoader(self.train_stream, num_workers=self.num_workers)
-        batcher = CellBatcher(self.source, self.scaler, self.tokenizer, masked=self.masked, seed=self.seed)
-        return cell_loader(self.source, self.train_rows, batcher, batch_size=self.batch_size, shuffle=True,
-                           seed=self.seed, num_workers=self.num_workers)
+            return EpochLoader(self.train_stream, num_workers=self.num_workers, consumed=self._consumed)
+        batcher = CellBatcher(self.source, self.scaler, self.tokenizer, masked=self.masked)
+        return training_loader(self.source, self.train_rows, batcher, batch_size=self.batch_size, seed=self.seed,
+                               consumed=self._consumed, num_workers=self.num_workers)
+
+    def _consumed(self) -> int:
+        """Training batches of the current epoch that the trainer has taken (for checkpoints,
+        which are saved after a step)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         salt = self.seed + 1  # fixed masks: every validation round judges the same queries

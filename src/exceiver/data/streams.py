@@ -177,13 +177,31 @@ class ShuffledBatches(_Stream):
 
 class EpochLoader(DataLoader):
     """A DataLoader over a `_Stream` that tells it which pass this is (its shuffle and masks
-    depend on it); workers are started afresh each pass, with the updated stream."""
+    depend on it); workers are started afresh each pass, with the updated stream.
 
-    def __init__(self, stream: _Stream, *, num_workers: int = 0):
+    For training it is resumable mid-epoch (`consumed()` says how many batches of the current
+    pass training took): Lightning stores `state_dict()` in each checkpoint and hands it back on
+    resume; the next pass is then that epoch, and its batches up to there are read and dropped
+    (a stream cannot seek, and its order and masks depend only on seed, epoch, process and worker)."""
+
+    def __init__(self, stream: _Stream, *, num_workers: int = 0, consumed: Callable[[], int] | None = None):
         super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
-        self.passes = 0
+        self.passes, self.consumed, self.skipped = 0, consumed, 0
+        if consumed is not None:  # Lightning resumes loaders that have these two methods
+            self.state_dict = self._state_dict
+            self.load_state_dict = self._load_state_dict
+
+    def _state_dict(self) -> dict:
+        return {"epoch": self.passes - 1, "batches": int(self.consumed())}
+
+    def _load_state_dict(self, state: dict) -> None:
+        self.passes, self.skipped = int(state["epoch"]), int(state["batches"])
 
     def __iter__(self):
         self.dataset.start_epoch(self.passes)
         self.passes += 1
-        return super().__iter__()
+        batches = super().__iter__()
+        skipped, self.skipped = self.skipped, 0
+        for _ in range(skipped):
+            next(batches, None)
+        return batches

@@ -4,6 +4,7 @@ to a list such as protein-coding genes)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -39,6 +40,10 @@ class GeneVocab:
 
     def __len__(self) -> int:
         return len(self.genes)
+
+    def fingerprint(self) -> str:
+        """A short digest of the genes in order (two vocabularies agree iff their digests do)."""
+        return f"{len(self)} genes, sha256 " + hashlib.sha256("\n".join(self.genes).encode()).hexdigest()[:16]
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GeneVocab) and self.genes.equals(other.genes)

@@ -30,7 +30,8 @@ from exceiver.evaluate.reconstruction import (
     masked_predictions,
     reconstruction_scores,
 )
-from exceiver.io import atomic_dir, check_output_dir, write_json
+from exceiver.io import write_json
+from exceiver.outputs import atomic_dir, check_output_dir
 from exceiver.model import Exceiver, check_pooling
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from matplotlib.figure import Figure
 
 from exceiver.errors import ExceiverInputError
 from exceiver.inference import iterate_batches
-from exceiver.io import atomic_dir, write_json
+from exceiver.io import write_json
+from exceiver.outputs import atomic_dir
 from exceiver.tl.edit import require_token_model
 from exceiver.tl.genes import resolve_genes
 from exceiver.tl.perturbation import perturb

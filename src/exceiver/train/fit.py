@@ -1,6 +1,7 @@
 """The one training driver, used by `pretrain` and `finetune`: a Lightning Trainer over a plan and
-a data module, a time budget that the schedule follows, early stopping, and the output folder
-staged so that it appears only when the run succeeded."""
+a data module, a time budget that the schedule follows, early stopping, checkpoints and clean
+stops on signals (train/checkpoints.py), and the output folder staged so that it appears only
+when the run succeeded."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from exceiver.data.datamodule import CellDataModule
 from exceiver.errors import TrainingError
-from exceiver.io import atomic_dir, check_output_dir
+from exceiver.outputs import atomic_dir
+from exceiver.train.checkpoints import Checkpointing, RunGuard, RunState
 from exceiver.train.config import TrainingConfig
 from exceiver.train.plans import TrainingPlan
 
@@ -34,9 +36,18 @@ class TimeBudgetSchedule(Callback):
 
     def __init__(self, max_seconds: float, every: int = 25):
         self.max_seconds, self.every = max_seconds, every
+        self.step_budget, self.elapsed = None, 0.0  # a resumed run continues the interrupted one's
 
     def on_train_start(self, trainer: L.Trainer, plan: TrainingPlan) -> None:
-        self.start, self.step_budget, self.mark = time.monotonic(), plan.planned_steps, None
+        self.start, self.mark = time.monotonic() - self.elapsed, None
+        if self.step_budget is None:
+            self.step_budget = plan.planned_steps
+
+    def state_dict(self) -> dict:
+        return {"step_budget": self.step_budget, "elapsed": time.monotonic() - self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_budget, self.elapsed = state["step_budget"], state["elapsed"]
 
     def on_train_batch_end(self, trainer: L.Trainer, plan: TrainingPlan, *args) -> None:
         step = trainer.global_step
@@ -60,27 +71,31 @@ class FitResult:
     best_metrics: dict
     epochs: int
     steps: int
-    seconds: float
+    seconds: float  # of this session (a resumed run's earlier sessions are not counted)
     stopped_by: str
+    extra: dict  # resumed_from_step where a run was resumed
 
     def summary(self) -> dict:
         return {**self.best_metrics, "epochs": self.epochs, "steps": self.steps, "seconds": self.seconds,
-                "stopped_by": self.stopped_by}
+                "stopped_by": self.stopped_by, **self.extra}
 
 
 class Trained(Protocol):
     def write(self, folder: Path) -> None: ...
 
 
-def fit(plan: TrainingPlan, data: CellDataModule, training: TrainingConfig, out: str | Path | None = None, *,
-        build: Callable[[FitResult], Trained], overwrite: bool = False, progress: bool = True) -> Trained:
+def fit(plan: TrainingPlan, data: CellDataModule, training: TrainingConfig, run: RunState | None = None, *,
+        identity: dict, build: Callable[[FitResult], Trained], overwrite: bool = False,
+        checkpointing: Checkpointing | None = None, progress: bool = True) -> Trained:
     """Train with Lightning, load the best validated weights into `plan.module` (on the CPU, in
-    eval mode) and return `build(result)`, the trained model. Logs go to `out` (a scratch folder
-    without one), where the model then writes itself: the staged folder replaces `out` only if
-    everything succeeded. In a distributed run every process trains; only rank 0 writes."""
-    if out is not None:
-        check_output_dir(out, overwrite=overwrite)
-    callbacks: list[Callback] = [EarlyStopping(monitor=plan.monitor, mode="min", patience=training.patience)]
+    eval mode) and return `build(result)`, the trained model. With a run state (the run writes
+    an output folder, claimed by `training_output`) the run checkpoints and logs beside it,
+    resumes from it when asked, and the model writes itself into the folder, which appears only
+    if everything succeeded. `identity` says what the run is (a resume must match it). In a
+    distributed run every process trains; only rank 0 writes."""
+    checkpointing = checkpointing or Checkpointing()
+    callbacks: list[Callback] = [EarlyStopping(monitor=plan.monitor, mode="min", patience=training.patience),
+                                 RunGuard(run, checkpointing.every_minutes * 60)]
     max_time = None
     if training.max_minutes is not None:
         max_time = {"seconds": training.max_minutes * 60}
@@ -88,7 +103,11 @@ def fit(plan: TrainingPlan, data: CellDataModule, training: TrainingConfig, out:
     validation = {}
     if training.val_every_steps:
         validation = dict(val_check_interval=training.val_every_steps, check_val_every_n_epoch=None)
-    with _output_folder(out, overwrite) as folder:
+    resume_from = None
+    if run is not None:  # rank 0 records or checks the run; the others read its checkpoint
+        resume_from = run.begin(identity, resume=checkpointing.resume) if _writes() else \
+            (run.checkpoint if checkpointing.resume else None)
+    with _log_folder(run) as folder:
         trainer = L.Trainer(
             accelerator=training.accelerator, devices=training.devices, num_nodes=training.num_nodes,
             strategy=training.strategy, precision=training.precision, max_epochs=training.max_epochs,
@@ -103,22 +122,33 @@ def fit(plan: TrainingPlan, data: CellDataModule, training: TrainingConfig, out:
         with warnings.catch_warnings(), _compute_threads(training.num_workers):
             # Lightning's own use of a torch API deprecated in torch 2.13: noise for users.
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            trainer.fit(plan, datamodule=data)
+            trainer.fit(plan, datamodule=data, ckpt_path=resume_from, weights_only=True)
             if plan.best_state is None:  # the budget ended before the first validation
                 trainer.validate(plan, datamodule=data, verbose=False)
-        if plan.best_state is None:
-            raise TrainingError(
-                "training produced no finite validation loss (the loss diverged to NaN or infinity): "
-                "try a lower learning_rate or 32-bit precision"
-            )
-        plan.module.load_state_dict(plan.best_state)
-        plan.module.cpu().eval()
-        result = FitResult(dict(plan.best_metrics), trainer.current_epoch, trainer.global_step,
-                           round(time.monotonic() - start, 1), _stop_reason(trainer, training))
-        model = build(result)
-        if out is not None and trainer.is_global_zero:
-            model.write(Path(folder))
+    if plan.best_state is None:
+        raise TrainingError(
+            "training produced no finite validation loss (the loss diverged to NaN or infinity): "
+            "try a lower learning_rate or 32-bit precision"
+        )
+    plan.module.load_state_dict(plan.best_state)
+    plan.module.cpu().eval()
+    seconds = time.monotonic() - start
+    summary = {}
+    if run is not None and resume_from is not None:
+        summary["resumed_from_step"] = run.resumed_from_steps()[-1]
+    result = FitResult(dict(plan.best_metrics), trainer.current_epoch, trainer.global_step,
+                       round(seconds, 1), _stop_reason(trainer, training), summary)
+    model = build(result)
+    if run is not None and trainer.is_global_zero:
+        with atomic_dir(run.out, overwrite=overwrite) as staged:
+            model.write(staged)
+            run.finish(staged, keep_checkpoint=checkpointing.keep)
+        run.remove()
     return model
+
+
+def _writes() -> bool:
+    return rank_zero_only.rank == 0
 
 
 @contextlib.contextmanager
@@ -139,11 +169,12 @@ def _compute_threads(num_workers: int):
         torch.set_num_threads(before)
 
 
-def _output_folder(out: str | Path | None, overwrite: bool) -> contextlib.AbstractContextManager:
-    """The output folder is staged by the process of rank 0 only (distributed runs start one
-    process per device, each running this function); other processes work in a scratch folder."""
-    if out is not None and rank_zero_only.rank == 0:
-        return atomic_dir(out, overwrite=overwrite)
+def _log_folder(run: RunState | None) -> contextlib.AbstractContextManager:
+    """Training logs go to the run's folder (they survive an interruption and move into the
+    output at the end); runs without an output, and processes other than rank 0, log to a
+    scratch folder."""
+    if run is not None and _writes():
+        return contextlib.nullcontext(run.folder)
     return tempfile.TemporaryDirectory(prefix="exceiver-")
 
 

@@ -63,12 +63,23 @@ class TrainingPlan(L.LightningModule):
             self.best_metrics |= {"best_epoch": self.current_epoch, "best_step": self.global_step}
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """What a resumed run needs beyond the weights and optimiser: the schedule's horizon
+        (a time budget re-plans it) and the best validated weights so far."""
+        checkpoint["exceiver_plan"] = {"planned_steps": self.planned_steps, "warmup_steps": self.warmup_steps,
+                                       "best_metrics": self.best_metrics, "best_state": self.best_state}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["exceiver_plan"]
+        self.planned_steps, self.warmup_steps = state["planned_steps"], state["warmup_steps"]
+        self.best_metrics, self.best_state = state["best_metrics"], state["best_state"]
+
     def configure_optimizers(self):
         """AdamW with weight decay on matrices only, and a larger rate for per-gene parameters."""
-        if self.planned_steps is None:
-            self.planned_steps = int(self.trainer.estimated_stepping_batches)
         cfg = self.training_config
-        self.warmup_steps = min(cfg.warmup_steps, max(1, self.planned_steps // 10))
+        if self.planned_steps is None:  # a fresh run (a resumed one has its own)
+            self.planned_steps = int(self.trainer.estimated_stepping_batches)
+            self.warmup_steps = min(cfg.warmup_steps, max(1, self.planned_steps // 10))
         decay, no_decay, genes = [], [], []
         for name, param in self.module.named_parameters():
             if not param.requires_grad:
