@@ -28,8 +28,9 @@ interface = "python"
 
 
 def option(name: str, value=None) -> str:
-    """An option (and value) as the user would write it in the interface they are using."""
+    """An option (and value) as the user would write it in the interface they are using; a
+    value of True is a flag (`--resume`, `resume=True`)."""
     if interface == "cli":
         flag = "--" + name.replace("_", "-")
-        return flag if value is None else f"{flag} {value}"
-    return f"{name}=True" if value is None else f"{name}={value!r}"
+        return flag if value is None or value is True else f"{flag} {value}"
+    return name if value is None else f"{name}={value!r}"

@@ -89,12 +89,12 @@ class RunState:
         if resume:
             if info is None:
                 raise ExceiverInputError(f"nothing to resume: {self.out} has no interrupted run "
-                                         f"(no checkpoint in {self.folder}); start it without {option('resume')}")
+                                         f"(no checkpoint in {self.folder}); start it without {option('resume', True)}")
             return
         if info is not None and not overwrite:
             raise ExceiverInputError(
-                f"{self.out} has an interrupted run ({self.describe(info)}): add {option('resume')} to continue it, "
-                f"or {option('overwrite')} to start afresh and discard it")
+                f"{self.out} has an interrupted run ({self.describe(info)}): add {option('resume', True)} to continue it, "
+                f"or {option('overwrite', True)} to start afresh and discard it")
         if self.folder.exists():  # a discarded run, or one killed before its first checkpoint
             shutil.rmtree(self.folder)
 
@@ -113,9 +113,11 @@ class RunState:
                 f"cannot resume {self.out}: this run differs from the interrupted one ({'; '.join(differences[:4])}); "
                 "resume with the same data and settings")
         log.info("resuming %s from its checkpoint (%s)", self.out, self.describe(info))
+        step = int(info.get("step", 0))
         previous = self.folder / "logs" / "metrics.csv"
         if previous.is_file():  # Lightning's CSV logger would delete it: keep it for the final logs
-            previous.replace(self.folder / f"metrics-until-step-{info.get('step', 0)}.csv")
+            previous.replace(self.folder / f"metrics-until-step-{step}.csv")
+        self._write_info({**info, "resumed_from_steps": [*info.get("resumed_from_steps", []), step]})
         return self.checkpoint
 
     def save(self, trainer: L.Trainer, reason: str) -> None:
@@ -136,7 +138,7 @@ class RunState:
         return sorted(parts, key=lambda part: part[1])
 
     def resumed_from_steps(self) -> list[int]:
-        return [step for _, step in self._log_parts()]
+        return list((self.info() or {}).get("resumed_from_steps", []))
 
     def finish(self, folder: Path, *, keep_checkpoint: bool) -> None:
         """Move the run's logs (one table across resumes) and, on request, its checkpoint into
@@ -186,7 +188,7 @@ def training_output(out: str | Path | None, *, overwrite: bool, resume: bool) ->
     writes; the others share its run state (for checkpoints on a shared file system)."""
     if out is None:
         if resume:
-            raise ExceiverInputError(f"{option('resume')} needs the output folder of the interrupted run")
+            raise ExceiverInputError(f"{option('resume', True)} needs the output folder of the interrupted run")
         yield None
         return
     if rank_zero_only.rank != 0:
@@ -197,14 +199,14 @@ def training_output(out: str | Path | None, *, overwrite: bool, resume: bool) ->
         run.prepare(resume=resume, overwrite=overwrite)
         try:
             yield run
-        except Interrupted:
-            raise  # its checkpoint is the point of the run state
+        except (Interrupted, ExceiverInputError):
+            raise  # a checkpoint is the point of the run state; a refused resume leaves it as it was
         except BaseException:
             if run.info() is None or isinstance(sys.exc_info()[1], TrainingError):
                 run.remove()  # nothing to resume, or nothing worth resuming (a diverged run)
             else:
                 log.warning("the run failed; its last checkpoint remains in %s (%s continues it, %s discards it)",
-                            run.folder, option("resume"), option("overwrite"))
+                            run.folder, option("resume", True), option("overwrite", True))
             raise
 
 
@@ -262,7 +264,7 @@ class RunGuard(Callback):
                                                   "(no output folder)")
             raise Interrupted(
                 signum, f"stopped at step {trainer.global_step}; checkpoint saved in {self.run.folder}: "
-                        f"run the same command with {option('resume')} to continue", checkpoint=self.run.checkpoint)
+                        f"run the same command with {option('resume', True)} to continue", checkpoint=self.run.checkpoint)
 
     def on_train_end(self, trainer: L.Trainer, plan: L.LightningModule) -> None:
         self._restore()
