@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import numpy as np
 import pandas as pd
@@ -16,6 +18,7 @@ from exceiver.evaluate.cells import (DEPTH_ALPHAS, batch_scores, depth_r2, knn_c
                                      similarity_profile)
 from exceiver.evaluate.genes import gene_scores, pair_auroc, read_annotations, sample_pairs
 from exceiver.evaluate.reconstruction import baseline_predictions, reconstruction_scores
+from exceiver.evaluate.report import Phases
 from exceiver.data.genemap import map_genes
 
 
@@ -122,7 +125,8 @@ def test_reconstruction_baselines_use_only_visible_values():
 
 
 @pytest.mark.slow
-def test_evaluate_writes_a_complete_report(tiny_model_dir, tmp_path):
+def test_evaluate_writes_a_complete_report(tiny_model_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="exceiver")
     adata = synthetic_counts(n_cells=90, seed=5)
     adata.obs["batch"] = np.tile(["b1", "b2", "b3"], 30)
     genes = list(adata.var_names)
@@ -144,6 +148,24 @@ def test_evaluate_writes_a_complete_report(tiny_model_dir, tmp_path):
     assert set(metrics["genes"]["auroc"]["toy"]) == {"exceiver", "pca_loadings", "random"}
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| exceiver |" in report and "kNN macro-F1" in report
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluate:")]
+    assert said[:7] == ["evaluate: reconstruction (1/7)...", "evaluate: cell embeddings (2/7)...",
+                        "evaluate: depth R^2 (3/7)...", "evaluate: cell embeddings vs 'cell_type' (4/7)...",
+                        "evaluate: batch mixing (5/7)...", "evaluate: gene embeddings (6/7)...",
+                        "evaluate: report and figures (7/7)..."]
+    assert said[7].startswith("evaluate: done in") and "depth R^2" in said[7]
+
+
+def test_phases_say_which_runs_and_how_long_each_took(caplog):
+    caplog.set_level(logging.INFO, logger="exceiver")
+    phases = Phases(2)
+    phases.start("reconstruction")
+    phases.start("cell embeddings vs 'cell_type'")
+    phases.finish()
+    said = [r.getMessage() for r in caplog.records]
+    assert said[:2] == ["evaluate: reconstruction (1/2)...", "evaluate: cell embeddings vs 'cell_type' (2/2)..."]
+    assert re.fullmatch(r"evaluate: done in \d+ s \(reconstruction [\d.]+ s, cell embeddings vs 'cell_type' [\d.]+ s\)",
+                        said[2])
 
 
 def test_evaluate_errors_name_the_problem_and_leave_nothing(tiny_model_dir, tmp_path):
