@@ -1,8 +1,15 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pytest
 
+import exceiver
 from exceiver.cli import main
+from exceiver.version import __version__
 
 from conftest import synthetic_counts
 
@@ -22,6 +29,46 @@ def test_every_command_has_help(capsys):
             main([command, "--help"])
         assert exit_.value.code == 0
         assert "usage: exceiver " + command in capsys.readouterr().out
+
+
+# What `exceiver --help` must not load: each costs seconds, and all of them together 6-9 s.
+HEAVY_MODULES = ("torch", "lightning", "anndata", "scanpy", "numpy", "scipy", "pandas", "sklearn", "matplotlib",
+                 "h5py")
+
+STARTUP = """
+import sys
+from exceiver.cli import build_parser, main
+
+for argv in (["--help"], ["--version"], ["pretrain", "--help"], ["evaluate", "--help"], ["evaluate"],
+             ["pretrain", "x.h5ad", "--out", "m", "--set", "no_such_field=1"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+build_parser().parse_args(["pretrain", "x.h5ad", "--out", "m", "--set", "n_layers=3", "--set", "values=log"])
+print(" ".join(m for m in {heavy} if m in sys.modules))
+"""
+
+
+def test_help_version_and_argument_errors_load_no_heavy_module():
+    """The command line starts at once: torch, Lightning, scanpy and friends load inside the
+    command that needs them, never for help, --version, --set checks or an argument error
+    (checked by what is imported in a fresh interpreter, not by a clock)."""
+    src = str(Path(exceiver.__file__).parents[1])
+    code = STARTUP.format(heavy=HEAVY_MODULES)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": src})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage: exceiver" in out.stdout and f"exceiver {__version__}" in out.stdout
+    assert "no_such_field=1" in out.stderr  # the --set error was reached
+    assert out.stdout.splitlines()[-1] == "", f"loaded for --help: {out.stdout.splitlines()[-1]}"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"exceiver {__version__}\n"
 
 
 def test_pretrain_then_embed_from_the_command_line(counts_file, tmp_path, capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import numpy as np
 import pandas as pd
@@ -12,9 +14,11 @@ from conftest import synthetic_counts
 from exceiver import ExceiverInputError
 from exceiver.cli import main
 from exceiver.evaluate import evaluate
-from exceiver.evaluate.cells import batch_scores, depth_r2, knn_cross_validated, similarity_profile
+from exceiver.evaluate.cells import (DEPTH_ALPHAS, batch_scores, depth_r2, knn_cross_validated, ridge_loo_predict,
+                                     similarity_profile)
 from exceiver.evaluate.genes import gene_scores, pair_auroc, read_annotations, sample_pairs
 from exceiver.evaluate.reconstruction import baseline_predictions, reconstruction_scores
+from exceiver.evaluate.report import Phases
 from exceiver.data.genemap import map_genes
 
 
@@ -55,6 +59,22 @@ def test_depth_r2_reads_depth_from_an_embedding_that_holds_it():
     depth = rng.normal(size=200)
     holds = np.c_[depth + 0.1 * rng.normal(size=200), rng.normal(size=(200, 3))]
     assert depth_r2(holds, depth) > 0.95 and depth_r2(rng.normal(size=(200, 4)), depth) < 0.1
+
+
+@pytest.mark.parametrize("n_cells, n_features, noise", [(150, 20, 1.0), (60, 200, 1.0), (80, 80, 1.0), (200, 10, 0.0)])
+def test_ridge_loo_predict_is_sklearns_ridgecv(n_cells, n_features, noise):
+    """depth_r2's ridge picks the alpha RidgeCV picks and predicts what it predicts (tall, wide and
+    square representations, rank-deficient; without noise the smallest alpha wins)."""
+    from sklearn.linear_model import RidgeCV
+
+    rng = np.random.default_rng(n_features)
+    x = rng.normal(size=(n_cells, n_features)) @ np.diag(rng.lognormal(0, 2, n_features))
+    x[:, -1] = x[:, 0]  # rank-deficient
+    y = x[:, :5] @ rng.normal(size=5) + noise * rng.normal(size=n_cells)
+    train, test = np.arange(n_cells) < 0.8 * n_cells, np.arange(n_cells) >= 0.8 * n_cells
+    reference = RidgeCV(alphas=DEPTH_ALPHAS).fit(x[train], y[train]).predict(x[test])
+    scale = np.abs(reference).max()  # RidgeCV's own error is ~1e-7 of it when the smallest alpha wins
+    np.testing.assert_allclose(ridge_loo_predict(x[train], y[train], x[test]), reference, atol=1e-6 * scale)
 
 
 def test_gene_pairs_auroc_is_high_when_sets_share_directions_and_chance_for_random_vectors():
@@ -105,7 +125,8 @@ def test_reconstruction_baselines_use_only_visible_values():
 
 
 @pytest.mark.slow
-def test_evaluate_writes_a_complete_report(tiny_model_dir, tmp_path):
+def test_evaluate_writes_a_complete_report(tiny_model_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="exceiver")
     adata = synthetic_counts(n_cells=90, seed=5)
     adata.obs["batch"] = np.tile(["b1", "b2", "b3"], 30)
     genes = list(adata.var_names)
@@ -127,6 +148,24 @@ def test_evaluate_writes_a_complete_report(tiny_model_dir, tmp_path):
     assert set(metrics["genes"]["auroc"]["toy"]) == {"exceiver", "pca_loadings", "random"}
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| exceiver |" in report and "kNN macro-F1" in report
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluate:")]
+    assert said[:7] == ["evaluate: reconstruction (1/7)...", "evaluate: cell embeddings (2/7)...",
+                        "evaluate: depth R^2 (3/7)...", "evaluate: cell embeddings vs 'cell_type' (4/7)...",
+                        "evaluate: batch mixing (5/7)...", "evaluate: gene embeddings (6/7)...",
+                        "evaluate: report and figures (7/7)..."]
+    assert said[7].startswith("evaluate: done in") and "depth R^2" in said[7]
+
+
+def test_phases_say_which_runs_and_how_long_each_took(caplog):
+    caplog.set_level(logging.INFO, logger="exceiver")
+    phases = Phases(2)
+    phases.start("reconstruction")
+    phases.start("cell embeddings vs 'cell_type'")
+    phases.finish()
+    said = [r.getMessage() for r in caplog.records]
+    assert said[:2] == ["evaluate: reconstruction (1/2)...", "evaluate: cell embeddings vs 'cell_type' (2/2)..."]
+    assert re.fullmatch(r"evaluate: done in \d+ s \(reconstruction [\d.]+ s, cell embeddings vs 'cell_type' [\d.]+ s\)",
+                        said[2])
 
 
 def test_evaluate_errors_name_the_problem_and_leave_nothing(tiny_model_dir, tmp_path):

@@ -170,3 +170,16 @@ def test_stale_staging_of_a_killed_writer_is_cleared(tmp_path, tiny_model_dir, c
     foreign.write_text("mine")
     assert main(["-q", "embed", str(tiny_model_dir), str(counts_file), "--out", str(tmp_path / "out.h5ad")]) == 0
     assert not stale.exists() and foreign.read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_a_streamed_corpus_resumes_mid_epoch_to_the_same_run(cells_file, tmp_path):
+    corpus = tmp_path / "corpus"
+    assert main(["-q", "build-corpus", str(cells_file), "--out", str(corpus), "--shard-cells", "100"]) == 0
+    whole = tmp_path / "whole"
+    assert main(["-q", *_command(corpus, whole)]) == 0
+    out = tmp_path / "model"
+    stopped = _interrupt(corpus, out, signal.SIGTERM)
+    assert stopped.returncode == 143, stopped.stderr
+    assert main(["-q", *_command(corpus, out, "--resume")]) == 0
+    _same_run(out, whole)

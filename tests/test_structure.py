@@ -2,8 +2,10 @@
 stay readable, and importing exceiver leaves the user's plotting setup alone."""
 
 import ast
+import importlib
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,26 @@ def test_importing_exceiver_leaves_the_matplotlib_backend_alone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "svg"
+
+
+@pytest.mark.parametrize("package", ["exceiver", "exceiver.tl", "exceiver.evaluate"])
+def test_public_names_load_on_first_use_and_star_import_gives_all(package):
+    """The packages import their public names lazily (so that the command line starts at once);
+    every name of `__all__` still resolves, is listed by dir(), and `import *` gives exactly them."""
+    module = importlib.import_module(package)
+    namespace: dict = {}
+    exec(f"from {package} import *", namespace)
+    assert set(namespace) - {"__builtins__"} == set(module.__all__)
+    assert set(module.__all__) <= set(dir(module))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        module.no_such_name
+
+
+def test_pretrain_and_finetune_are_the_functions_though_modules_share_their_names():
+    importlib.import_module("exceiver.pretrain")
+    importlib.import_module("exceiver.finetune")
+    assert exceiver.Exceiver.__name__ == "Exceiver"
+    for name in ("pretrain", "finetune"):
+        assert isinstance(getattr(exceiver, name), types.FunctionType), name
+    from exceiver import finetune, pretrain
+    assert pretrain.__module__ == "exceiver.pretrain" and finetune.__module__ == "exceiver.finetune"

@@ -14,6 +14,7 @@ from exceiver import errors
 from exceiver.errors import ExceiverInputError, Interrupted, ModelFileError, TrainingError
 from exceiver.outputs import claim
 from exceiver.train.config import TrainingConfig
+from exceiver.version import __version__
 
 log = logging.getLogger("exceiver")
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exceiver", description="Exceiver: a single-cell gene expression language model.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--version", action="version", version=f"exceiver {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("pretrain", help="pretrain a model on raw counts (.h5ad)",
@@ -402,9 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lightning.pytorch", "lightning.fabric"):  # they set up their own INFO handlers
         logging.getLogger(name).setLevel(level)
     runners = {"pretrain": run_pretrain, "embed": run_embed, "finetune": run_finetune, "predict": run_predict,
-               "evaluate": run_evaluate,
-               "impute": run_impute, "perturb": run_perturb,
-               "demo": run_demo, "import-original": run_import_original, "build-corpus": run_build_corpus}
+               "evaluate": run_evaluate, "impute": run_impute, "perturb": run_perturb, "demo": run_demo,
+               "import-original": run_import_original, "build-corpus": run_build_corpus}
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None
     try:

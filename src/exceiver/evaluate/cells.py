@@ -12,7 +12,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scanpy as sc
-from sklearn.linear_model import RidgeCV
 from sklearn.metrics import (accuracy_score, adjusted_rand_score, f1_score, normalized_mutual_info_score, r2_score,
                              silhouette_score)
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
@@ -110,9 +109,44 @@ def batch_scores(embedding: np.ndarray, batches: np.ndarray, *, k: int = K_NEIGH
     return {"batch_entropy": float(entropy.mean()), "batch_asw": float(1 - abs(asw))}
 
 
+DEPTH_ALPHAS = np.logspace(-3, 3, 7)
+
+
 def depth_r2(embedding: np.ndarray, log_depth: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:
     """Cross-validated R^2 of a ridge regression of log total counts on the embedding: how much of
     a representation is sequencing depth rather than identity."""
     splitter = KFold(n_splits=min(folds, len(log_depth)), shuffle=True, random_state=seed)
-    predicted = cross_val_predict(RidgeCV(alphas=np.logspace(-3, 3, 7)), embedding, log_depth, cv=splitter)
-    return float(r2_score(log_depth, predicted))
+    x, y = np.asarray(embedding, dtype=np.float64), np.asarray(log_depth, dtype=np.float64)
+    predicted = np.empty_like(y)
+    for train, test in splitter.split(x):
+        predicted[test] = ridge_loo_predict(x[train], y[train], x[test])
+    return float(r2_score(y, predicted))
+
+
+def ridge_loo_predict(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alphas: np.ndarray = DEPTH_ALPHAS) -> np.ndarray:
+    """Predictions of a ridge regression (with intercept) whose alpha has the least leave-one-out
+    squared error: sklearn's RidgeCV, from one eigendecomposition. RidgeCV solves a features^3
+    system per alpha, which made the 2,000 HVGs' depth R^2 most of an evaluation's time."""
+    x_mean, y_mean = x.mean(0), y.mean()
+    xc, yc = x - x_mean, y - y_mean
+    # scores: the cells on the principal axes (column norms^2 = eigvals), from the smaller Gram
+    # matrix; the coefficients of a shrinkage are basis @ (shrink * weights).
+    if xc.shape[1] <= xc.shape[0]:
+        eigvals, axes = np.linalg.eigh(xc.T @ xc)
+        scores = xc @ axes
+        basis, weights = axes, scores.T @ yc
+    else:
+        eigvals, cells = np.linalg.eigh(xc @ xc.T)
+        eigvals = np.clip(eigvals, 0, None)
+        scores = cells * np.sqrt(eigvals)
+        basis, weights = xc.T @ cells, cells.T @ yc
+    projected = scores.T @ yc
+    best_error, best = None, None
+    for alpha in alphas:
+        shrink = 1.0 / (eigvals + alpha)
+        residual = yc - scores @ (shrink * projected)
+        leverage = (scores**2) @ shrink + 1.0 / len(y)  # the intercept's share of each fit
+        error = np.mean((residual / (1.0 - leverage)) ** 2)
+        if best is None or error < best_error:  # the first of equals, as RidgeCV
+            best_error, best = error, shrink
+    return (x_new - x_mean) @ (basis @ (best * weights)) + y_mean

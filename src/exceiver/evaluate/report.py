@@ -9,12 +9,14 @@ identically, (3) gene embeddings vs annotation sources beside PCA loadings and a
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from exceiver.data.cells import align
 from exceiver.data.preprocess import check_counts
@@ -93,35 +95,44 @@ def evaluate(
     rows = usable[picked]
     cells = aligned.subset(rows).keep_genes(model.scaler.trained_genes)
     adata = adata[rows].copy()
+    # reconstruction, cell embeddings, depth R^2, each label key, batch mixing, gene embeddings, report
+    phases = Phases(4 + len(label_keys) + bool(batch_key) + (annotations is not None))
     metrics: dict = {"dataset": name, "n_cells": len(rows), "n_cells_without_model_genes": int(n_without),
                      "n_genes_shared": int(cells.measured.sum()), "model": repr(model), "pooling": pooling}
 
+    phases.start("reconstruction")
     with model.on_device(device) as on:
         entries = masked_predictions(model.module, cells, model.scaler, model.tokenizer, device=on, progress=progress)
     baselines = baseline_predictions(entries, cells.n_cells, len(model.vocab), seed=seed)
     metrics["reconstruction"] = reconstruction_scores(entries, baselines)
 
+    phases.start("cell embeddings")
     representations = {"exceiver": model.embed(adata, pooling=pooling, inplace=False, gene_key=gene_key,
                                                 layer=layer, device=device, progress=progress)}
     representations |= cell_baselines(adata, layer=layer, seed=seed)
     log_depth = np.log1p(np.asarray(cells.counts.sum(axis=1)).ravel())
-    metrics["depth_r2"] = {rep: depth_r2(x, log_depth, seed=seed) for rep, x in representations.items()}
+    phases.start("depth R^2")
+    metrics["depth_r2"] = {rep: depth_r2(x, log_depth, seed=seed)
+                           for rep, x in _each(representations, "depth R^2", progress)}
     metrics["cells"], profiles = {}, {}
     for key in label_keys:
+        phases.start(f"cell embeddings vs {key!r}")
         labels = adata.obs[key]
         known = labels.notna().to_numpy()
         counts = _check_labels(labels, key, name)  # again: a sample of cells may thin a label out
         scores = {rep: label_scores(x[known], labels[known].astype(str).to_numpy(), seed=seed)
-                  for rep, x in representations.items()}
+                  for rep, x in _each(representations, key, progress)}
         profiles[key] = {rep: s.pop("profile") for rep, s in scores.items()}
         metrics["cells"][key] = {"n_cells": int(known.sum()), "n_labels": len(counts), "representations": scores}
     if batch_key:
+        phases.start("batch mixing")
         batches = adata.obs[batch_key].astype(str).to_numpy()
         metrics["batch"] = {"key": batch_key, **{rep: batch_scores(x, batches, seed=seed)
-                                                 for rep, x in representations.items()}}
+                                                 for rep, x in _each(representations, batch_key, progress)}}
 
     neighbours = None
     if annotations is not None:
+        phases.start("gene embeddings")
         gene_vectors = model.gene_embeddings()[model.scaler.trained_genes]
         loadings = gene_loadings(adata, dataset_genes(adata, gene_key), layer=layer, seed=seed)
         genes = gene_vectors.index.intersection(loadings.index)
@@ -133,9 +144,39 @@ def evaluate(
         metrics["genes"] = gene_scores(vectors, pd.Index(genes), annotations, sources=sources, seed=seed)
         neighbours = nearest_genes(gene_vectors.to_numpy(), gene_vectors.index)
 
+    phases.start("report and figures")
     with atomic_dir(out, overwrite=overwrite) as folder:
         _write_report(folder, metrics, representations, profiles, adata.obs[label_keys], neighbours, seed)
+    phases.finish()
     return metrics
+
+
+class Phases:
+    """Log lines through a long evaluation: which phase runs (n of N), and at the end how long
+    each took, so that minutes of metrics are not minutes of silence."""
+
+    def __init__(self, n_phases: int) -> None:
+        self.n_phases, self.seconds = n_phases, []
+        self.current, self.started = None, time.perf_counter()
+
+    def start(self, name: str) -> None:
+        self._stop()
+        self.current, self.started = name, time.perf_counter()
+        log.info("evaluate: %s (%d/%d)...", name, len(self.seconds) + 1, self.n_phases)
+
+    def finish(self) -> None:
+        self._stop()
+        log.info("evaluate: done in %.0f s (%s)", sum(s for _, s in self.seconds),
+                 ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds))
+
+    def _stop(self) -> None:
+        if self.current is not None:
+            self.seconds.append((self.current, time.perf_counter() - self.started))
+
+
+def _each(representations: dict[str, np.ndarray], what: str, progress: bool):
+    """The representations one by one, with a progress bar (each takes seconds on 10,000 cells)."""
+    return tqdm(representations.items(), desc=what, unit="representation", disable=not progress, leave=False)
 
 
 def _check_labels(labels: pd.Series, key: str, name: str) -> pd.Series:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from exceiver.data.tokenizer import TokenizerConfig
+from exceiver.data.tokenizer_config import TokenizerConfig
 from exceiver.errors import ModelFileError
 
 

@@ -5,15 +5,21 @@ Imputed values and effects are on the log-normalised scale (log1p of counts scal
 cell): model values are mapped back through the scaler (value - 1 -> z-score -> log1p).
 """
 
-from exceiver.evaluate.report import evaluate
-from exceiver.tl.dependency import (
-           GeneDependencies,
-           attention_routes,
-           gene_dependencies,
-           plot_dependencies,
-)
-from exceiver.tl.imputation import impute
-from exceiver.tl.perturbation import perturb
+from __future__ import annotations
 
-__all__ = ["GeneDependencies", "attention_routes", "evaluate", "gene_dependencies", "impute", "perturb",
-           "plot_dependencies"]
+from typing import TYPE_CHECKING
+
+from exceiver.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from exceiver.evaluate.report import evaluate
+    from exceiver.tl.dependency import GeneDependencies, attention_routes, gene_dependencies, plot_dependencies
+    from exceiver.tl.imputation import impute
+    from exceiver.tl.perturbation import perturb
+
+_EXPORTS = {"GeneDependencies": "exceiver.tl.dependency", "attention_routes": "exceiver.tl.dependency",
+            "evaluate": "exceiver.evaluate.report", "gene_dependencies": "exceiver.tl.dependency",
+            "impute": "exceiver.tl.imputation", "perturb": "exceiver.tl.perturbation",
+            "plot_dependencies": "exceiver.tl.dependency"}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
