@@ -403,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for name in ("lightning.pytorch", "lightning.fabric"):  # they set up their own INFO handlers
         logging.getLogger(name).setLevel(level)
+    logging.getLogger("lightning").propagate = False  # it prints its lines itself: not twice
     runners = {"pretrain": run_pretrain, "embed": run_embed, "finetune": run_finetune, "predict": run_predict,
                "evaluate": run_evaluate, "impute": run_impute, "perturb": run_perturb, "demo": run_demo,
                "import-original": run_import_original, "build-corpus": run_build_corpus}

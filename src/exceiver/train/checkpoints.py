@@ -123,7 +123,7 @@ class RunState:
     def save(self, trainer: L.Trainer, reason: str) -> None:
         """Save a checkpoint (every process calls this; rank 0 writes), atomically."""
         staged = self.checkpoint.with_name(f".{CHECKPOINT}.partial")
-        trainer.save_checkpoint(staged)
+        trainer.save_checkpoint(staged, weights_only=False)  # the whole training state
         if trainer.is_global_zero:
             os.replace(staged, self.checkpoint)
             info = json.loads(self.info_path.read_text(encoding="utf-8"))
