@@ -32,10 +32,11 @@ def _command(data: Path, out: Path, *extra: str) -> list[str]:
             "--accelerator", "cpu", *options, *extra]
 
 
-def _interrupt(data: Path, out: Path, signum: int | None) -> subprocess.CompletedProcess:
-    """Start pretraining in a subprocess (a checkpoint every step), wait for its first checkpoint,
-    then send `signum` (SIGKILL where None)."""
-    command = [sys.executable, "-m", "exceiver.cli", "-q", *_command(data, out, "--checkpoint-minutes", "0.0001")]
+def _interrupt(data: Path, out: Path, signum: int | None, arguments: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Start pretraining (or the command of `arguments`) in a subprocess, a checkpoint every
+    step, wait for its first checkpoint, then send `signum` (SIGKILL where None)."""
+    arguments = arguments or _command(data, out)
+    command = [sys.executable, "-m", "exceiver.cli", "-q", *arguments, "--checkpoint-minutes", "0.0001"]
     process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     checkpoint = out.with_name(f".{out.name}.exceiver-run") / "last.ckpt"
@@ -62,13 +63,13 @@ def uninterrupted(cells_file, tmp_path_factory) -> Path:
     return out
 
 
-def _same_run(resumed: Path, whole: Path) -> dict:
+def _same_run(resumed: Path, whole: Path, monitor: str = "val_counts") -> dict:
     metrics, expected = (json.loads((p / "metrics.json").read_text()) for p in (resumed, whole))
     assert metrics["steps"] == expected["steps"] and metrics["epochs"] == expected["epochs"]
     assert 0 < metrics["resumed_from_step"] < metrics["steps"] and "resumed_from_step" not in expected
     a, b = load_file(resumed / "model.safetensors"), load_file(whole / "model.safetensors")
     assert all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6) for k in b)  # the same run, step for step
-    assert metrics["val_counts"] == pytest.approx(expected["val_counts"], rel=1e-5)
+    assert metrics[monitor] == pytest.approx(expected[monitor], rel=1e-5)
     return metrics
 
 
@@ -183,3 +184,20 @@ def test_a_streamed_corpus_resumes_mid_epoch_to_the_same_run(cells_file, tmp_pat
     assert stopped.returncode == 143, stopped.stderr
     assert main(["-q", *_command(corpus, out, "--resume")]) == 0
     _same_run(out, whole)
+
+
+@pytest.mark.slow
+def test_finetuning_resumes_to_the_same_classifier(tiny_model_dir, counts_file, tmp_path):
+    def finetuning(out: Path, *extra: str) -> list[str]:
+        return ["finetune", str(tiny_model_dir), str(counts_file), "--label-key", "cell_type", "--out", str(out),
+                "--max-epochs", "4", "--batch-size", "8", "--seed", "1", *extra]
+
+    whole = tmp_path / "whole"
+    assert main(["-q", *finetuning(whole)]) == 0
+    out = tmp_path / "clf"
+    stopped = _interrupt(counts_file, out, signal.SIGTERM, finetuning(out))
+    assert stopped.returncode == 143, stopped.stderr
+    assert main(["-q", *finetuning(out, "--from-scratch", "--resume")]) == 2  # another mode: not this run
+    assert main(["-q", *finetuning(out, "--resume")]) == 0
+    metrics = _same_run(out, whole, monitor="val_class_loss")
+    assert metrics["mode"] == "full"
