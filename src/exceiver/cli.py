@@ -22,8 +22,9 @@ def run_pretrain(args: argparse.Namespace) -> None:
     from exceiver.pretrain import pretrain
 
     model = pretrain(args.data, args.out, preset=args.preset, model=dict(args.model_options), genes=args.genes,
-                     n_top_genes=args.n_top_genes, gene_key=args.gene_key, layer=args.layer, overwrite=args.overwrite,
-                     progress=not args.quiet, **run_options(args), **training_options(args))
+                     n_top_genes=args.n_top_genes, gene_key=args.gene_key, layer=args.layer, gene_map=args.gene_map,
+                     init=args.init, extend_genes=args.extend_genes, batch_key=args.batch_key,
+                     overwrite=args.overwrite, progress=not args.quiet, **run_options(args), **training_options(args))
     if rank_zero_only.rank == 0:  # distributed runs execute this in every process
         print(f"wrote {args.out}: {model}")
 
@@ -37,7 +38,8 @@ def run_embed(args: argparse.Namespace) -> None:
         model = Exceiver.load(args.model)
         model.embed_file(args.data, args.out, key_added=args.key, pooling=args.pooling, gene_key=args.gene_key,
                          layer=args.layer, batch_size=args.batch_size, device=args.device,
-                         num_workers=args.num_workers, overwrite=args.overwrite, progress=not args.quiet)
+                         num_workers=args.num_workers, gene_map=args.gene_map, overwrite=args.overwrite,
+                         progress=not args.quiet)
     with h5py.File(args.out, "r") as written:
         n_cells, width = written["obsm"][args.key].shape
     print(f"wrote {args.out}: obsm[{args.key!r}] of {n_cells:,} cells x {width}")
@@ -169,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     errors.interface = "cli"
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("lightning.pytorch", "lightning.fabric"):  # they set up their own INFO handlers
+    if args.command in ("pretrain", "finetune", "demo"):
+        import lightning  # noqa: F401  (its import sets its loggers' levels: set ours after it)
+    for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(level)
     logging.getLogger("lightning").propagate = False  # it prints its lines itself: not twice
     runners = {"pretrain": run_pretrain, "embed": run_embed, "finetune": run_finetune, "predict": run_predict,

@@ -106,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-top-genes", type=int, metavar="N",
                    help="vocabulary: the N most variable genes of the training cells, 0 for all "
                         "(default: the preset's, 2000 for default, all for paper)")
+    p.add_argument("--init", type=Path, metavar="MODEL_DIR",
+                   help="continue training this pretrained model on DATA (its vocabulary, normalisation, "
+                        "architecture and objectives)")
+    p.add_argument("--extend-genes", action="store_true",
+                   help="with --init: add DATA's genes outside the model's vocabulary (at most --n-top-genes, "
+                        "the most variable) with fresh embeddings")
+    p.add_argument("--batch-key", metavar="COL",
+                   help="obs column of batches (assay, donor, ...): a learned batch embedding conditions the "
+                        "count decoder, so the cell embedding need not carry the batch")
+    p.add_argument("--gene-map", type=Path, metavar="FILE",
+                   help="translate datasets whose genes are the map's dataset genes: CSV of model gene, dataset "
+                        "gene (e.g. human,mouse orthologs); other datasets are read as they are")
     p.add_argument("--set", dest="model_options", action="append", default=[], type=model_option,
                    metavar="FIELD=VALUE",
                    help="override a field of the preset (architecture, tokenizer or objective), e.g. "
@@ -125,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cell bottleneck, the mean of the latents, or all latents flattened (the original's) "
                         "(default: the bottleneck where the model has one, else the mean)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loader processes reading cells (default: 0)")
+    p.add_argument("--gene-map", type=Path, metavar="FILE",
+                   help="translate the dataset's genes first: CSV of model gene, dataset gene (e.g. human,mouse)")
     _add_inference_options(p)
 
     p = commands.add_parser("build-corpus", help="convert .h5ad files into an on-disk corpus for pretraining",

@@ -181,7 +181,8 @@ def finetune(
                     "expression_loss_weight": expression_loss_weight,
                     "base_model": "in memory" if isinstance(model, Exceiver) else str(model)}
             return Exceiver(module, base.vocab, base.scaler, tokenizer, objectives=ObjectiveConfig(), training=used,
-                            metrics=metrics, classes=classes, gene_key=base.gene_key, layer=base.layer)
+                            metrics=metrics, classes=classes, gene_key=base.gene_key, layer=base.layer,
+                            batches=base.batches)
 
         identity = {"command": "finetune", "mode": mode, "label_key": label_key, "classes": classes,
                     "class_loss_weight": class_loss_weight, "expression_loss_weight": expression_loss_weight,

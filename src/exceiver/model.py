@@ -21,12 +21,13 @@ import torch
 
 from exceiver.data.cells import CellCounts, align
 from exceiver.data.preprocess import GeneScaler, ModelCells, prepare_cells
-from exceiver.data.sources import H5adCells, h5ad_layers, h5ad_var
+from exceiver.data.sources import H5adCells, h5ad_layers, h5ad_var, read_datasets
 from exceiver.data.tokenizer import CellBatch, TokenizerConfig
 from exceiver.data.vocab import GeneVocab
 from exceiver.errors import ExceiverInputError, ModelFileError
 from exceiver.inference import decode_values, iterate_latents, resolve_device
-from exceiver.io import h5ad_copy_with_obsm, load_model_files, save_model_files
+from exceiver.data.genemap import map_genes
+from exceiver.io import h5ad_copy_with_obsm, load_model_files, save_model_files, write_h5ad
 from exceiver.outputs import atomic_dir, claim
 from exceiver.nn.config import ExceiverConfig, ObjectiveConfig, from_dict
 from exceiver.nn.network import POOLINGS, ExceiverModule
@@ -44,7 +45,7 @@ class Exceiver:
     def __init__(self, module: ExceiverModule, vocab: GeneVocab, scaler: GeneScaler, tokenizer: TokenizerConfig, *,
                  objectives: ObjectiveConfig | None = None, training: dict | None = None,
                  metrics: dict | None = None, classes: Sequence[str] | None = None,
-                 gene_key: str | None = None, layer: str | None = None):
+                 gene_key: str | None = None, layer: str | None = None, batches: dict | None = None):
         if not len(vocab) == module.config.n_genes == len(scaler):
             raise ModelFileError(
                 f"vocabulary ({len(vocab):,} genes), network ({module.config.n_genes:,}) and "
@@ -54,7 +55,11 @@ class Exceiver:
         n_classes = module.config.n_classes
         if len(names) != n_classes or len(set(names)) != n_classes:
             raise ModelFileError(f"the model has {n_classes} classes but {len(set(names))} unique class names")
+        n_batches = len(batches["categories"]) if batches else 0
+        if n_batches != module.config.n_batches:
+            raise ModelFileError(f"the model has {module.config.n_batches} batches but {n_batches} batch names")
         self.module, self.vocab, self.scaler, self.tokenizer = module, vocab, scaler, tokenizer
+        self.batches = batches
         self.objectives = objectives or ObjectiveConfig()
         self.classes = names or None
         self.training = training or {}
@@ -94,9 +99,12 @@ class Exceiver:
             raise ModelFileError(f"{Path(path) / 'model.safetensors'} holds non-finite weights in {bad[:3]}")
         module.eval()
         data = config.get("data") or {}
+        batches = config.get("batches")
+        if batches is not None and not (isinstance(batches, dict) and isinstance(batches.get("categories"), list)):
+            raise ModelFileError(f"{where} has no valid 'batches' section")
         return cls(module, vocab, scaler, tokenizer, objectives=objectives, training=config.get("training"),
                    metrics=metrics, classes=config.get("classes"), gene_key=data.get("gene_key"),
-                   layer=data.get("layer"))
+                   layer=data.get("layer"), batches=batches)
 
     def fingerprint(self) -> str:
         """A digest of the weights (a resumed fine-tuning run must start from the same base)."""
@@ -119,6 +127,8 @@ class Exceiver:
                   "training": self.training, "data": {"gene_key": self.gene_key, "layer": self.layer}}
         if self.classes:
             config["classes"] = self.classes
+        if self.batches:
+            config["batches"] = self.batches
         save_model_files(folder, config=config, state_dict=self.module.state_dict(), vocab=self.vocab,
                          scaler=self.scaler, metrics=self.metrics)
 
@@ -143,15 +153,20 @@ class Exceiver:
     def embed(self, adata: ad.AnnData, *, key_added: str = "X_exceiver", pooling: str | None = None,
               inplace: bool = True, gene_key: str | None = None, layer: str | None = None,
               batch_size: int | None = None, device: str | None = None, num_workers: int = 0,
-              progress: bool = True) -> np.ndarray:
+              gene_map: str | Path | pd.DataFrame | None = None, progress: bool = True) -> np.ndarray:
         """Cell embeddings [cells, width]: the cell bottleneck ("bottleneck", the default of models
         that have one), the mean of the processed latents ("mean", the default of others) or all of
         them flattened ("flatten", the original's); also written to `adata.obsm[key_added]` (with
-        the settings in `adata.uns["exceiver"][key_added]`) unless `inplace=False`."""
+        the settings in `adata.uns["exceiver"][key_added]`) unless `inplace=False`. `gene_map`
+        translates the dataset's genes into the model's first (e.g. mouse data, human model:
+        `exceiver.data.genemap`)."""
         pooling = check_pooling(pooling, self.module)
         embedding = np.empty((adata.n_obs, self.module.embedding_width(pooling)), dtype=np.float32)
-        for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "embedding",
-                                            num_workers):
+        source, keys = adata, (gene_key, layer)
+        if gene_map is not None:
+            gene_key, layer = self.data_keys(adata.var.columns, adata.layers.keys(), gene_key, layer)
+            source, keys = map_genes(adata, gene_map, gene_key=gene_key, layer=layer), ("var_names", "X")
+        for batch, latents in self._latents(source, *keys, batch_size, device, progress, "embedding", num_workers):
             embedding[batch.cells.cpu().numpy()] = self.module.pool(latents, pooling).float().cpu().numpy()
         if inplace:
             adata.obsm[key_added] = embedding
@@ -161,12 +176,20 @@ class Exceiver:
     @torch.inference_mode()
     def embed_file(self, path: str | Path, out: str | Path, *, key_added: str = "X_exceiver", pooling: str | None = None,
                    gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
-                   device: str | None = None, num_workers: int = 0, overwrite: bool = False,
-                   progress: bool = True) -> Path:
+                   device: str | None = None, num_workers: int = 0, gene_map: str | Path | None = None,
+                   overwrite: bool = False, progress: bool = True) -> Path:
         """`embed` from an .h5ad file to a copy of it with `obsm[key_added]` added, streaming:
-        neither the counts nor the embeddings are ever all in memory."""
+        neither the counts nor the embeddings are ever all in memory (with a `gene_map` the
+        file is read into memory, to be translated)."""
         pooling = check_pooling(pooling, self.module)
         with claim(out, overwrite=overwrite, folder=False):  # refused now, not after the work
+            if gene_map is not None:
+                [(_, adata)] = read_datasets(path)
+                self.embed(adata, key_added=key_added, pooling=pooling, gene_key=gene_key, layer=layer,
+                           batch_size=batch_size, device=device, num_workers=num_workers, gene_map=gene_map,
+                           progress=progress)
+                write_h5ad(adata, out, overwrite=overwrite)
+                return Path(out)
             gene_key, layer = self.data_keys(h5ad_var(path).var.columns, h5ad_layers(path), gene_key, layer)
             cells = H5adCells(path, self.vocab, gene_key=gene_key, layer=layer)
             self._embed_cells(cells, path, out, key_added, pooling, batch_size, device, num_workers, overwrite,

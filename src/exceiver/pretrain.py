@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from typing_extensions import Unpack
 
@@ -19,6 +20,7 @@ from exceiver.data.corpus import CorpusCells, fit_scaler, is_corpus
 from exceiver.data.datamodule import CellDataModule, validation_cells
 from exceiver.data.preprocess import GeneScaler, prepare_cells, report_dropped
 from exceiver.data.sources import DataInput, read_datasets
+from exceiver.data.genemap import translate_datasets
 from exceiver.data.vocab import GeneVocab, build_vocab, gene_keys
 from exceiver.errors import ExceiverInputError, option
 from exceiver.model import Exceiver
@@ -29,6 +31,7 @@ from exceiver.train.config import TrainingConfig, TrainingOptions, training_conf
 from exceiver.train.checkpoints import Checkpointing, training_output
 from exceiver.train.fit import FitResult, fit
 from exceiver.train.plans import PretrainingPlan
+from exceiver.warm_start import check_base, merged_scaler, model_vocabulary, new_gene_offsets, warm_module
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class PretrainingData(NamedTuple):
     counts: dict  # cell counts for metrics.json
     gene_key: str | None
     layer: str | None
+    batch_labels: np.ndarray | None = None  # str per cell, with a batch key
 
 
 def pretrain(
@@ -55,6 +59,10 @@ def pretrain(
     n_top_genes: int | None = None,
     gene_key: str | None = None,
     layer: str | None = None,
+    gene_map: str | Path | None = None,
+    init: Exceiver | str | Path | None = None,
+    extend_genes: bool = False,
+    batch_key: str | None = None,
     overwrite: bool = False,
     resume: bool = False,
     checkpoint_minutes: float = 10.0,
@@ -73,6 +81,15 @@ def pretrain(
     n_top_genes: keep the most variable genes of the training cells (seurat_v3 on raw counts, per
         dataset); None: the preset's choice (default 2,000; paper: all genes); 0: all genes.
     gene_key: var column of gene identifiers, for the datasets that have it (others: var_names).
+    gene_map: a two-column table (model gene, dataset gene; e.g. human,mouse orthologs): datasets
+        whose genes are its dataset genes are translated, the others are read as they are.
+    init: continue training a pretrained model (folder or Exceiver) on this data: its vocabulary
+        (the data's other genes are reported; `extend_genes` adds them, at most `n_top_genes` of
+        them, with fresh embeddings), normalisation, architecture and objectives; per-gene
+        statistics are re-estimated where the data expresses a gene.
+    batch_key: obs column of batches (assay, donor, ...): a learned batch embedding conditions the
+        count decoder, so the cell embedding need not carry the batch (`embed` needs no batch).
+        With `init`, the model's batches keep their embeddings and new ones are added.
     overwrite: replace `out` if exceiver wrote it (never a folder holding other files), and
         discard an interrupted run of it.
     resume: continue the interrupted run of `out` (same data and settings) from its checkpoint;
@@ -82,37 +99,61 @@ def pretrain(
     training: fields of `TrainingConfig` (max_epochs, max_minutes, batch_size, seed, ...); the
         preset's own defaults (docs/presets.md) apply to the fields not given.
     """
-    try:
-        architecture, tokenizer, objectives = pretraining_configs(preset, **(model or {}))
-    except (TypeError, ValueError) as err:  # unknown preset or field, impossible combination
-        raise ExceiverInputError(f"invalid model settings: {err}") from err
+    base = None if init is None else (init if isinstance(init, Exceiver) else Exceiver.load(init))
+    if base is not None:
+        check_base(base, model)
+        architecture, tokenizer, objectives = base.config, base.tokenizer, base.objectives
+    else:
+        try:
+            architecture, tokenizer, objectives = pretraining_configs(preset, **(model or {}))
+        except (TypeError, ValueError) as err:  # unknown preset or field, impossible combination
+            raise ExceiverInputError(f"invalid model settings: {err}") from err
+    if batch_key is not None and not architecture.count_head:
+        raise ExceiverInputError(f"{option('batch_key')} conditions the count decoder, which this model has not "
+                                 "(the count objective: count_weight > 0)")
     settings = training_config({**PRESETS[preset].training, **training})
     checkpointing = Checkpointing(resume=resume, every_minutes=checkpoint_minutes, keep=keep_checkpoints)
     if n_top_genes is None:
         n_top_genes = PRESETS[preset].n_top_genes
     with training_output(out, overwrite=overwrite, resume=resume) as run:  # refused now, not after the work
-        cells = pretraining_data(data, settings, genes=genes, n_top_genes=n_top_genes, gene_key=gene_key,
-                                 layer=layer, standardise=tokenizer.values == "zscore", progress=progress)
+        cells = pretraining_data(
+            data, settings, genes=genes, n_top_genes=n_top_genes, gene_key=gene_key, layer=layer, gene_map=gene_map,
+            base_vocab=None if base is None else base.vocab, extend_genes=extend_genes, batch_key=batch_key,
+            standardise=base.scaler.standardise if base else tokenizer.values == "zscore", progress=progress)
+        scaler = cells.scaler if base is None else merged_scaler(cells.scaler, base.scaler)
+        batches = batch_categories(cells.batch_labels, base.batches if base else None, batch_key)
 
         L.seed_everything(settings.seed, workers=True, verbose=False)
-        module = ExceiverModule(dataclasses.replace(architecture, n_genes=len(cells.vocab)))
-        gene_means = torch.from_numpy(cells.scaler.expressed_mean)
-        module.init_value_offsets(gene_means, cells.scaler.mean_expressed_value)
-        plan = PretrainingPlan(module, objectives, gene_means, settings, zero_queries=tokenizer.zero_query_ratio > 0)
-        datamodule = CellDataModule(cells.source, cells.scaler, tokenizer, cells.validation,
+        n_batches = len(batches["categories"]) if batches else (base.config.n_batches if base else 0)
+        gene_means = torch.from_numpy(scaler.expressed_mean)
+        if base is None:
+            module = ExceiverModule(dataclasses.replace(architecture, n_genes=len(cells.vocab), n_batches=n_batches))
+            module.init_value_offsets(gene_means, scaler.mean_expressed_value)
+        else:
+            module = warm_module(base.module, len(cells.vocab), n_batches)
+            new_gene_offsets(module, scaler, len(base.vocab))
+        codes = None if batches is None else pd.Categorical(cells.batch_labels, batches["categories"]).codes
+        plan = PretrainingPlan(module, objectives, gene_means, settings, zero_queries=tokenizer.zero_query_ratio > 0,
+                               batch_codes=None if codes is None else codes.astype(np.int64))
+        datamodule = CellDataModule(cells.source, scaler, tokenizer, cells.validation,
                                     batch_size=settings.batch_size, num_workers=settings.num_workers,
-                                    seed=settings.seed, genes=cells.scaler.n_expressed > 0)
+                                    seed=settings.seed, genes=scaler.n_expressed > 0)
 
         def trained(result: FitResult) -> Exceiver:
             metrics = {**result.summary(), **cells.counts, "n_genes": len(cells.vocab),
                        "n_parameters": module.n_parameters(), **learned_context(result.best_metrics)}
-            return Exceiver(module, cells.vocab, cells.scaler, tokenizer, objectives=objectives,
-                            training=settings.to_dict(), metrics=metrics, gene_key=cells.gene_key, layer=cells.layer)
+            if base is not None:
+                metrics["init"] = {"model": "in memory" if isinstance(init, Exceiver) else str(init),
+                                   "n_genes": len(base.vocab), "n_genes_added": len(cells.vocab) - len(base.vocab)}
+            return Exceiver(module, cells.vocab, scaler, tokenizer, objectives=objectives,
+                            training=settings.to_dict(), metrics=metrics, gene_key=cells.gene_key, layer=cells.layer,
+                            batches=batches or (base.batches if base else None))
 
         identity = {"command": "pretrain", "preset": preset, "architecture": architecture.to_dict(),
                     "tokenizer": tokenizer.to_dict(), "objectives": objectives.to_dict(),
                     "training": settings.to_dict(), "n_cells": cells.counts["n_cells"],
-                    "genes": cells.vocab.fingerprint()}
+                    "genes": cells.vocab.fingerprint(), "init": base.fingerprint() if base else None,
+                    "batches": batches}
         model = fit(plan, datamodule, settings, run, identity=identity, build=trained, overwrite=overwrite,
                     checkpointing=checkpointing, progress=progress)
     m = model.metrics
@@ -126,6 +167,21 @@ def pretrain(
     return model
 
 
+def batch_categories(labels: np.ndarray | None, known: dict | None, batch_key: str | None) -> dict | None:
+    """{"key", "categories"}: the batches a model knows; a continued model's first, in their
+    order (their embeddings keep their rows), then the new ones."""
+    if labels is None:
+        if known:
+            log.info("the model was trained with batches (%s); this run gives none: its batch embeddings are left "
+                     "as they are", known["key"])
+        return None
+    categories = list(known["categories"]) if known else []
+    new = sorted(set(labels) - set(categories))
+    if known and new:
+        log.info("%d new batches of %s (e.g. %s) get fresh embeddings", len(new), batch_key, ", ".join(new[:3]))
+    return {"key": batch_key, "categories": categories + new}
+
+
 def learned_context(best_metrics: dict) -> dict:
     """Whether the model predicts masked values better than each gene's mean value (what a model
     that learned nothing from a cell's other genes does): `learned_context` in metrics.json."""
@@ -135,35 +191,54 @@ def learned_context(best_metrics: dict) -> dict:
 
 def pretraining_data(data: DataInput | Sequence[DataInput], settings: TrainingConfig, *, genes=None,
                      n_top_genes: int = 0, gene_key: str | None = None, layer: str | None = None,
-                     standardise: bool = True, progress: bool = True) -> PretrainingData:
+                     gene_map=None, base_vocab: GeneVocab | None = None, extend_genes: bool = False,
+                     batch_key: str | None = None, standardise: bool = True, progress: bool = True) -> PretrainingData:
     """Datasets read into memory, or a corpus folder streamed from disk: one split rule and one
     scaler fit for both, so the same files and seed give the same training and validation cells.
-    A corpus keeps the genes it was built with (`n_top_genes` applies to data read into memory)."""
+    A corpus keeps the genes it was built with (`n_top_genes` applies to data read into memory).
+    With `base_vocab` (a continued model's) the vocabulary is the model's (`model_vocabulary`)."""
     items = list(data) if isinstance(data, (list, tuple)) else [data]
     if any(is_corpus(item) for item in items):
         if len(items) > 1:
             raise ExceiverInputError("a corpus folder is pretrained on alone; build one corpus from all the files")
-        return _corpus_on_disk(items[0], settings, genes, gene_key, layer, standardise, progress)
-    return _cells_in_memory(data, settings, genes, n_top_genes, gene_key, layer, standardise)
+        given = [name for name, value in (("gene_map", gene_map), ("batch_key", batch_key)) if value]
+        if given:
+            raise ExceiverInputError(f"{items[0]} is a corpus folder: {', '.join(map(option, given))} need datasets "
+                                     "read into memory (.h5ad files)")
+        cells = _corpus_on_disk(items[0], settings, genes, gene_key, layer, standardise, progress)
+        if base_vocab is not None and cells.vocab != base_vocab:
+            raise ExceiverInputError(f"{items[0]} was built with other genes than the model's: build it with the "
+                                     "model's genes (exceiver build-corpus ... --genes MODEL_DIR/genes.txt)")
+        return cells
+    return _cells_in_memory(data, settings, genes, n_top_genes, gene_key, layer, standardise, gene_map=gene_map,
+                            base_vocab=base_vocab, extend_genes=extend_genes, batch_key=batch_key)
 
 
 def _cells_in_memory(data, settings: TrainingConfig, genes, n_top_genes: int, gene_key: str | None,
-                     layer: str | None, standardise: bool = True) -> PretrainingData:
-    """Datasets read into memory, aligned to one vocabulary, checked, split, restricted to the
-    training cells' most variable genes (with `n_top_genes`) and scaled."""
+                     layer: str | None, standardise: bool = True, *, gene_map=None, base_vocab: GeneVocab | None = None,
+                     extend_genes: bool = False, batch_key: str | None = None) -> PretrainingData:
+    """Datasets read into memory (translated through `gene_map` where their genes are its dataset
+    genes), aligned to one vocabulary, checked, split, restricted to the training cells' most
+    variable genes (with `n_top_genes`) or to a continued model's genes, and scaled."""
     datasets = read_datasets(data)
+    layers = [layer] * len(datasets)
+    if gene_map is not None:
+        translated = translate_datasets(datasets, gene_map, gene_key, layer)
+        datasets = [(name, adata) for name, adata, _ in translated]
+        layers = [None if done else layer for _, _, done in translated]
     keys = gene_keys(datasets, gene_key)
+    if batch_key is not None:
+        check_batch_key(datasets, batch_key)
     vocab = build_vocab(datasets, genes, keys)
-    parts = []
-    for (name, adata), key in zip(datasets, keys):
-        aligned = align(adata, vocab, gene_key=key, layer=layer, name=name)
-        parts.append(prepare_cells(aligned, name))
-        report_dropped(name, aligned.n_cells, parts[-1].n_cells)
-    cells = CellCounts.concat(parts)
+    cells, labels = _aligned(datasets, keys, layers, vocab, batch_key)
     validation = validation_cells(cells.n_cells, settings.val_fraction, settings.seed)
-    if n_top_genes:  # cells left without counts stay, unbatched: the split does not move
+    if n_top_genes and (base_vocab is None or extend_genes):  # cells without counts stay: the split does not move
         chosen = highly_variable_genes(cells.subset(np.flatnonzero(~validation)), n_top_genes)
         vocab, cells = vocab.subset(chosen), cells.select_genes(chosen)
+    if base_vocab is not None:
+        vocab = model_vocabulary(base_vocab, vocab.genes, extend=extend_genes)
+        cells, labels = _aligned(datasets, keys, layers, vocab, batch_key)
+        validation = validation_cells(cells.n_cells, settings.val_fraction, settings.seed)
     scaler = GeneScaler.fit(cells.subset(np.flatnonzero(~validation)), standardise=standardise)
     expressed = cells.keep_genes(scaler.n_expressed > 0).n_genes_expressed
     for side, split in ((~validation, "training"), (validation, "validation")):
@@ -176,9 +251,34 @@ def _cells_in_memory(data, settings: TrainingConfig, genes, n_top_genes: int, ge
               "n_val_cells": int((validation & (expressed > 0)).sum()),
               "datasets": {name: int(n) for name, n in zip(cells.source_names, np.bincount(cells.source))}}
     log.info("pretraining on %s cells (%s training, %s validation) from %d dataset(s), %s genes",
-             f"{cells.n_cells:,}", f"{counts['n_train_cells']:,}", f"{counts['n_val_cells']:,}", len(parts),
+             f"{cells.n_cells:,}", f"{counts['n_train_cells']:,}", f"{counts['n_val_cells']:,}", len(datasets),
              f"{len(vocab):,}")
-    return PretrainingData(cells, vocab, scaler, validation, counts, gene_key, layer)
+    return PretrainingData(cells, vocab, scaler, validation, counts, gene_key, layer, labels)
+
+
+def _aligned(datasets, keys, layers, vocab: GeneVocab, batch_key: str | None) -> tuple[CellCounts, np.ndarray | None]:
+    """The datasets' cells with counts in `vocab` (cells without any are dropped, and reported),
+    and each kept cell's batch."""
+    parts, labels = [], []
+    for (name, adata), key, layer in zip(datasets, keys, layers):
+        aligned = align(adata, vocab, gene_key=key, layer=layer, name=name)
+        parts.append(prepare_cells(aligned, name))
+        report_dropped(name, aligned.n_cells, parts[-1].n_cells)
+        if batch_key is not None:  # prepare_cells drops exactly the cells without counts
+            labels.append(adata.obs[batch_key].astype(str).to_numpy()[aligned.n_genes_expressed > 0])
+    return CellCounts.concat(parts), (np.concatenate(labels) if batch_key is not None else None)
+
+
+def check_batch_key(datasets, batch_key: str) -> None:
+    """Every cell needs a batch: the column must exist in every dataset and have no missing values."""
+    for name, adata in datasets:
+        if batch_key not in adata.obs.columns:
+            raise ExceiverInputError(f"{name}: batch column {batch_key!r} is not in obs; available columns: "
+                                     f"{', '.join(map(str, adata.obs.columns)) or 'none'}")
+        missing = int(adata.obs[batch_key].isna().sum())
+        if missing:
+            raise ExceiverInputError(f"{name}: {missing:,} of {adata.n_obs:,} cells have no {batch_key!r} batch; "
+                                     "give them one (e.g. 'unknown') or remove them")
 
 
 def _corpus_on_disk(folder, settings: TrainingConfig, genes, gene_key: str | None, layer: str | None,

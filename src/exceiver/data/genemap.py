@@ -9,6 +9,7 @@ mouse files upper-case their symbols).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import anndata as ad
@@ -19,6 +20,8 @@ import scipy.sparse as sp
 from exceiver.data.cells import counts_matrix
 from exceiver.data.vocab import dataset_genes
 from exceiver.errors import ExceiverInputError
+
+log = logging.getLogger(__name__)
 
 
 def read_gene_map(path: str | Path) -> pd.DataFrame:
@@ -60,3 +63,26 @@ def map_genes(adata: ad.AnnData, gene_map: str | Path | pd.DataFrame, *, gene_ke
     counts = counts_matrix(adata, layer) @ projection
     return ad.AnnData(sp.csr_matrix(counts, dtype=np.float32), obs=adata.obs.copy(),
                       var=pd.DataFrame(index=pd.Index(model_genes, name="gene")))
+
+
+def translate_datasets(datasets: list[tuple[str, ad.AnnData]], gene_map: str | Path | pd.DataFrame,
+                       gene_key: str | None = None, layer: str | None = None) -> list[tuple[str, ad.AnnData, bool]]:
+    """Translate the datasets whose genes are the map's dataset genes (e.g. the mouse files of a
+    human+mouse collection) into model genes; the others, whose genes are already model genes,
+    are left as they are. Returns (name, AnnData, translated?) per dataset: a translated one
+    holds its counts in X and its genes in var_names."""
+    pairs = gene_map if isinstance(gene_map, pd.DataFrame) else read_gene_map(gene_map)
+    # Exact names: upper-cased, many mouse symbols would read as their human orthologs.
+    model_side, data_side = set(pairs.iloc[:, 0].astype(str)), set(pairs.iloc[:, 1].astype(str))
+    result = []
+    for name, adata in datasets:
+        key = gene_key if gene_key in adata.var.columns else None
+        genes = pd.Index(dataset_genes(adata, key).astype(str))
+        as_data, as_model = int(genes.isin(data_side).sum()), int(genes.isin(model_side).sum())
+        if as_data > as_model:
+            log.info("%s: translating its genes through the gene map (%s of %s are dataset genes of the map)",
+                     name, f"{as_data:,}", f"{len(genes):,}")
+            result.append((name, map_genes(adata, pairs, gene_key=key, layer=layer, name=name), True))
+        else:
+            result.append((name, adata, False))
+    return result

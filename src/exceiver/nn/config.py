@@ -39,6 +39,10 @@ class ExceiverConfig:
     bottleneck_input: str = "mean"
     count_hidden: int = 128  # hidden width of the count decoder (bottleneck -> every gene's rate)
     count_head: bool = False  # decodes the cell's counts from the bottleneck (the count objective)
+    # Batches (a covariate such as assay or donor) whose learned embedding is added to the
+    # bottleneck before the count decoder, as scVI conditions its decoder: the decoder explains
+    # what the batch does, so the cell embedding (the bottleneck itself) need not carry it.
+    n_batches: int = 0
     paper_compatible: bool = False  # compute exactly as the original release (imported checkpoints)
 
     def __post_init__(self) -> None:
@@ -62,6 +66,8 @@ class ExceiverConfig:
             raise ValueError(f"bottleneck_input must be 'mean' or 'flatten', got {self.bottleneck_input!r}")
         if self.count_head and not self.bottleneck_dim:
             raise ValueError("the count objective decodes from the cell bottleneck: set bottleneck_dim > 0")
+        if self.n_batches < 0 or (self.n_batches and not self.count_head):
+            raise ValueError("batches condition the count decoder: they need count_head (the count objective)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

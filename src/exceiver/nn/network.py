@@ -66,6 +66,9 @@ class ExceiverModule(nn.Module):
             self.gene_log_dispersion = nn.Parameter(torch.zeros(c.n_genes))
         else:
             self.count_decoder = self.gene_log_dispersion = None
+        self.batch_embedding = nn.Embedding(c.n_batches, c.bottleneck_dim) if c.n_batches else None
+        if self.batch_embedding is not None:
+            nn.init.zeros_(self.batch_embedding.weight)  # no batch effect until one is learned
 
     @torch.no_grad()
     def init_value_offsets(self, gene_means: torch.Tensor, mean_value: float) -> None:
@@ -125,10 +128,13 @@ class ExceiverModule(nn.Module):
         """The pretraining computation: predicted values of the batch's query genes [B, Q]."""
         return self.predict_values(self.encode(batch), batch.query_ids)
 
-    def count_logits(self, cell: torch.Tensor) -> torch.Tensor:
-        """Bottleneck vectors [B, bottleneck_dim] -> unnormalised log shares of every gene [B, n_genes]."""
+    def count_logits(self, cell: torch.Tensor, batches: torch.Tensor | None = None) -> torch.Tensor:
+        """Bottleneck vectors [B, bottleneck_dim] (and each cell's batch, for a model with batches)
+        -> unnormalised log shares of every gene [B, n_genes]."""
         if self.count_decoder is None:
             raise ValueError("this model has no count decoder (config.count_head is False)")
+        if self.batch_embedding is not None and batches is not None:
+            cell = cell + self.batch_embedding(batches)
         return self.count_decoder(cell)
 
     @property

@@ -31,9 +31,10 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def pretraining_loss(module: ExceiverModule, batch: CellBatch, objectives: ObjectiveConfig, *, salt: int,
-                     gather: Gather | None = None) -> LossRecord:
-    """Masked values (+ detection) (+ contrastive), weighted by `objectives`. With a detection head
-    the value head learns expressed genes only: a zero is the detection head's to predict."""
+                     gather: Gather | None = None, batches: torch.Tensor | None = None) -> LossRecord:
+    """Masked values (+ detection) (+ counts) (+ contrastive), weighted by `objectives`. With a
+    detection head the value head learns expressed genes only: a zero is the detection head's to
+    predict. `batches`: each cell's batch, for a model whose count decoder is conditioned on it."""
     latents = module.encode(batch)
     read = latents.detach() if objectives.value_detach else latents  # what the value head reads
     parts = {}
@@ -48,7 +49,7 @@ def pretraining_loss(module: ExceiverModule, batch: CellBatch, objectives: Objec
         values = module.predict_values(read, batch.query_ids)
         parts["masked_values"] = masked_mse(values, batch.targets, batch.query_mask)
     if objectives.count_weight:
-        parts["counts"] = count_nll(module, latents, batch).mean()
+        parts["counts"] = count_nll(module, latents, batch, batches).mean()
     if objectives.contrastive_weight:
         parts["contrastive"] = contrastive_loss(module, latents, batch, objectives, salt=salt, gather=gather)
     total = (objectives.value_weight * parts["masked_values"] + objectives.detection_weight * parts.get("detection", 0.0)
@@ -57,7 +58,8 @@ def pretraining_loss(module: ExceiverModule, batch: CellBatch, objectives: Objec
     return LossRecord(total, parts)
 
 
-def count_nll(module: ExceiverModule, latents: torch.Tensor, batch: CellBatch) -> torch.Tensor:
+def count_nll(module: ExceiverModule, latents: torch.Tensor, batch: CellBatch,
+              batches: torch.Tensor | None = None) -> torch.Tensor:
     """Negative-binomial negative log-likelihood of each cell's whole count vector [B], per
     measured gene, decoded from the cell bottleneck: mean = library x softmax share over the genes
     the cell's dataset measured, dispersion learned per gene.
@@ -65,7 +67,7 @@ def count_nll(module: ExceiverModule, latents: torch.Tensor, batch: CellBatch) -
     The likelihood of a zero count, theta * (log theta - log(theta + mu)), is summed densely over
     the measured genes (it needs no counts); expressed genes then add the difference between their
     count's likelihood and a zero's. No dense counts matrix is ever built."""
-    logits = module.count_logits(module.pool(latents, "bottleneck")).float()
+    logits = module.count_logits(module.pool(latents, "bottleneck"), batches).float()
     measured = batch.measured
     log_share = torch.log_softmax(logits.masked_fill(~measured, float("-inf")), dim=-1)
     log_mu = log_share + batch.library.clamp(min=1).log()[:, None]

@@ -106,8 +106,11 @@ class PretrainingPlan(TrainingPlan):
     the lowest validation count loss (the bottleneck is the cell embedding users get)."""
 
     def __init__(self, module: ExceiverModule, objectives: ObjectiveConfig, gene_means: torch.Tensor,
-                 training: TrainingConfig, *, zero_queries: bool = False):
+                 training: TrainingConfig, *, zero_queries: bool = False, batch_codes: np.ndarray | None = None):
         super().__init__(module, training)
+        # Each source row's batch (for a model with batches); the loaders' `batch.cells` index it.
+        self.register_buffer("batch_codes", None if batch_codes is None else torch.as_tensor(batch_codes),
+                             persistent=False)
         self.objectives = objectives
         self.monitor = "val_counts" if objectives.count_weight else "val_masked_mse"
         # Without a detection head the value head predicts zero genes too: judge that apart.
@@ -122,10 +125,14 @@ class PretrainingPlan(TrainingPlan):
 
     def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
         salt = (self.training_config.seed << 32) + self.global_step  # fresh contrastive views every step and seed
-        record = pretraining_loss(self.module, batch, self.objectives, salt=salt, gather=self._gather_cells)
+        record = pretraining_loss(self.module, batch, self.objectives, salt=salt, gather=self._gather_cells,
+                                  batches=self._batches(batch))
         self.log_losses(record.total, {k: v for k, v in record.parts.items() if k != "masked_values"}, len(batch))
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return record.total
+
+    def _batches(self, batch: CellBatch) -> torch.Tensor | None:
+        return None if self.batch_codes is None else self.batch_codes[batch.cells]
 
     def _gather_cells(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Rows of `x` from every process, in rank order, with gradients flowing back to each
@@ -143,7 +150,7 @@ class PretrainingPlan(TrainingPlan):
     def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
         latents = self.module.encode(batch)
         if self.objectives.count_weight:
-            self.val_counts.update(count_nll(self.module, latents, batch))
+            self.val_counts.update(count_nll(self.module, latents, batch, self._batches(batch)))
         pred = self.module.predict_values(latents, batch.query_ids).float()
         masked = batch.query_mask & ~batch.query_is_zero
         y, y_hat = batch.targets[masked], pred[masked]

@@ -1,0 +1,105 @@
+"""Start a pretraining run from a pretrained model (continued training on new data): the model's
+vocabulary, optionally extended by genes of the new data; its normalisation, with per-gene
+statistics re-estimated on the new data where it measures a gene; its weights, with fresh rows
+for new genes and new batches.
+
+Per-gene parameters are tables with one row per vocabulary gene (the gene embedding, with its two
+special rows, padding and the class token, after the genes; the gene bias; the count decoder's
+output layer and dispersions): their first rows are the model's genes, in the model's order, so
+extending a vocabulary appends rows and keeps every pretrained one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from exceiver.data.preprocess import GeneScaler
+from exceiver.data.vocab import GeneVocab
+from exceiver.errors import ExceiverInputError, option
+from exceiver.nn.network import ExceiverModule
+
+log = logging.getLogger(__name__)
+
+# Parameters with one row per gene, and how many special rows follow the genes.
+GENE_ROWS = {"gene_emb.weight": 2, "gene_bias": 2, "gene_log_dispersion": 0}
+
+
+def model_vocabulary(base: GeneVocab, data_genes: Sequence[str], *, extend: bool, name: str = "the data") -> GeneVocab:
+    """The model's genes, and (with `extend`) the data's genes outside them, appended. The genes
+    left out are reported: their counts cannot reach a model that has no embedding for them."""
+    outside = [g for g in dict.fromkeys(map(str, data_genes)) if g not in set(base.genes)]
+    if not outside:
+        return base
+    if extend:
+        log.info("extending the model's %s genes by %s genes of %s", f"{len(base):,}", f"{len(outside):,}", name)
+        return GeneVocab([*base.genes, *outside])
+    log.info("%s genes of %s are not in the model's vocabulary and are left out (%s adds them, e.g. %s)",
+             f"{len(outside):,}", name, option("extend_genes", True), ", ".join(outside[:3]))
+    return base
+
+
+def merged_scaler(fitted: GeneScaler, base: GeneScaler) -> GeneScaler:
+    """Statistics fitted on the new data, and the model's for its genes the new data never
+    expresses (they stay trained genes of the model); the model's normalisation settings."""
+    if (fitted.standardise, fitted.target_sum) != (base.standardise, base.target_sum):
+        raise ValueError("the scaler must be fitted with the model's normalisation settings")
+    n = len(base)
+    keep = np.zeros(len(fitted), dtype=bool)
+    keep[:n] = fitted.n_expressed[:n] == 0
+    arrays = {}
+    for field in ("mean", "std", "n_cells", "expressed_mean", "n_expressed"):
+        values = getattr(fitted, field).copy()
+        values[keep] = getattr(base, field)[keep[:n]]
+        arrays[field] = values
+    return dataclasses.replace(fitted, **arrays)
+
+
+def warm_module(base: ExceiverModule, n_genes: int, n_batches: int) -> ExceiverModule:
+    """A network of the base's architecture for `n_genes` genes and `n_batches` batches, with
+    every pretrained weight; rows of new genes and new batches start fresh (new batches at zero:
+    the decoder starts as the pretrained one)."""
+    if n_genes < base.config.n_genes or n_batches < base.config.n_batches:
+        raise ValueError("a warm start keeps every gene and batch of the model")
+    module = ExceiverModule(dataclasses.replace(base.config, n_genes=n_genes, n_batches=n_batches))
+    old_genes = base.config.n_genes
+    state = module.state_dict()
+    for key, value in base.state_dict().items():
+        target = state[key]
+        if target.shape == value.shape:
+            target.copy_(value)
+        elif key in GENE_ROWS:  # genes first, then the special rows
+            special = GENE_ROWS[key]
+            target[:old_genes] = value[:old_genes]
+            if special:
+                target[n_genes:] = value[old_genes:]
+        elif key.startswith("count_decoder.") and target.shape[0] == n_genes:  # the output layer
+            target[:old_genes] = value
+        elif key == "batch_embedding.weight":
+            target[: len(value)] = value
+        else:
+            raise ValueError(f"{key}: shapes {tuple(value.shape)} and {tuple(target.shape)} do not match")
+    module.load_state_dict(state)
+    return module
+
+
+def check_base(base, model_overrides: dict | None) -> None:
+    """A warm start needs a pretrained (not fine-tuned) model and takes its settings whole."""
+    if base.classes:
+        raise ExceiverInputError(f"{option('init')} needs a pretrained model; this one is a classifier "
+                                 f"of {len(base.classes)} classes")
+    if model_overrides:
+        raise ExceiverInputError(f"with {option('init')} the architecture, tokenizer and objectives are the "
+                                 f"model's: drop the model settings {sorted(model_overrides)}")
+
+
+def new_gene_offsets(module: ExceiverModule, scaler: GeneScaler, first_new: int) -> None:
+    """Gene biases of appended genes start at their means, as a fresh model's do."""
+    if module.gene_bias is not None and first_new < module.config.n_genes:
+        with torch.no_grad():
+            module.gene_bias[first_new:module.config.n_genes] = torch.from_numpy(
+                scaler.expressed_mean[first_new:]).to(module.gene_bias.dtype)
