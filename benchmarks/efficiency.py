@@ -16,7 +16,9 @@ baseline (ratio < 1: better than each gene's mean).
 
 Results go to OUT/<target>/baselines.json (PCA and scVI, run once) and OUT/<target>/<variant>.json
 (an exceiver run: `--variant NAME --set FIELD=VALUE ...` for ablations against the same scVI run);
-a rerun skips what is done, and the table is printed with exceiver/scVI ratios. Run one target per core (`--threads 1`, two processes on
+a rerun skips what is done, and the table is printed with exceiver/scVI ratios. `--init MODEL_DIR`
+(with `--gene-map` for mouse targets of a human model) continues a pretrained model on each target
+instead of training from scratch, for the same budget: what pretraining buys per CPU-minute. Run one target per core (`--threads 1`, two processes on
 two cores) or one at a time with all threads: never more heavy jobs than cores.
 """
 
@@ -37,7 +39,7 @@ import scanpy as sc
 import torch
 
 from exceiver import TrainingConfig, pretrain
-from exceiver.cli import model_option
+from exceiver.cli_parser import model_option
 from exceiver.evaluate.cells import depth_r2, knn_cross_validated, leiden_clusters
 from sklearn.metrics import adjusted_rand_score
 
@@ -94,24 +96,26 @@ def scvi_run(adata: ad.AnnData, minutes: float | None) -> dict:
             "cells_per_s": epochs * n_train / seconds, "embedding": model.get_latent_representation()}
 
 
-def exceiver_run(adata: ad.AnnData, minutes: float, model: dict, training: dict) -> dict:
+def exceiver_run(adata: ad.AnnData, minutes: float, model: dict, training: dict, warm: dict) -> dict:
+    """`warm`: continued training of a pretrained model (`init`, `gene_map`, `extend_genes`)."""
     start = time.perf_counter()
     fitted = pretrain(adata, None, model=model, max_minutes=minutes, max_epochs=100_000, patience=100_000,
-                      progress=False, **training)
+                      progress=False, **warm, **training)
     seconds = time.perf_counter() - start
     metrics = fitted.metrics
-    embedding = fitted.embed(adata, inplace=False, progress=False)
-    others = {pooling: fitted.embed(adata, inplace=False, pooling=pooling, progress=False)
+    gene_map = warm.get("gene_map")
+    embedding = fitted.embed(adata, inplace=False, progress=False, gene_map=gene_map)
+    others = {pooling: fitted.embed(adata, inplace=False, pooling=pooling, progress=False, gene_map=gene_map)
               for pooling in ("mean", "flatten")}
     return {"other_poolings": others, "seconds": seconds, "steps": metrics["steps"], "epochs": metrics["epochs"],
             "cells_per_s": metrics["steps"] * fitted.training["batch_size"] / metrics["seconds"],
             "val_mse_ratio": metrics["val_mse_ratio"], "val_masked_mse": metrics["val_masked_mse"],
             "val_gene_mean_mse": metrics["val_gene_mean_mse"], "model": model, "training": training,
-            "embedding": embedding}
+            "warm_start": {k: str(v) for k, v in warm.items()}, "n_genes": metrics["n_genes"], "embedding": embedding}
 
 
 def run_target(name: str, data: Path, out: Path, threads: int | None, variant: str, model: dict,
-               training: dict, minutes: float | None) -> None:
+               training: dict, minutes: float | None, warm: dict) -> None:
     """PCA and scVI once per target (OUT/<target>/baselines.json), then exceiver's `variant` with
     the `model` overrides for scVI's time or `minutes` (OUT/<target>/<variant>.json)."""
     file, label_key, fixed = TARGETS[name]
@@ -134,7 +138,7 @@ def run_target(name: str, data: Path, out: Path, threads: int | None, variant: s
         _write(baselines, result)
     budget = minutes or json.loads(baselines.read_text())["budget_minutes"]
     _threads(threads)
-    run = exceiver_run(adata, budget, model, training)
+    run = exceiver_run(adata, budget, model, training, warm)
     embedding = run.pop("embedding")
     run["other_poolings"] = {pooling: knn_cross_validated(x, labels)["knn_macro_f1"]
                              for pooling, x in run["other_poolings"].items()}  # kNN macro-F1 of the other readouts
@@ -196,6 +200,10 @@ def main() -> None:
                         help="FIELD=VALUE of TrainingConfig for this variant, e.g. learning_rate=4e-3 (repeatable)")
     parser.add_argument("--minutes", type=float, default=None,
                         help="exceiver's budget instead of scVI's time (ablations; say so when reporting)")
+    parser.add_argument("--init", type=Path, help="continue this pretrained model on each target (`pretrain --init`)")
+    parser.add_argument("--gene-map", type=Path, help="with --init: translate targets of the map's dataset genes "
+                                                      "(e.g. human,mouse orthologs for mouse targets)")
+    parser.add_argument("--extend-genes", action="store_true", help="with --init: add the target's genes")
     parser.add_argument("--table", action="store_true", help="print the table of finished runs only")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -205,8 +213,10 @@ def main() -> None:
         warnings.filterwarnings("ignore")
         for name in args.targets:
             if not (args.out / name / f"{args.variant}.json").exists():
+                warm = {"init": args.init, "gene_map": args.gene_map, "extend_genes": args.extend_genes} \
+                    if args.init else {}
                 run_target(name, data, args.out, args.threads, args.variant, dict(args.model),
-                           dict(args.train), args.minutes)
+                           dict(args.train), args.minutes, warm)
     table(args.out)
 
 
