@@ -4,15 +4,17 @@ import-original, build-corpus."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
-from exceiver.errors import ExceiverInputError, ModelFileError, TrainingError
+from exceiver.errors import ExceiverInputError, ModelFileError, TrainingError, speaking
+from exceiver.devices import inference_device
 from exceiver.train.config import TrainingConfig
 
-log = logging.getLogger("exceiver")
-
+FILE_OUTPUTS = ("embed", "predict", "impute", "perturb")  # commands whose --out is a file
+FOLDER_OUTPUTS = ("pretrain", "build-corpus", "finetune", "evaluate", "import-original")
 # Options that map onto TrainingConfig fields; unset ones keep TrainingConfig's defaults.
 TRAINING_OPTIONS = ("max_epochs", "max_minutes", "batch_size", "learning_rate", "seed", "val_fraction",
                     "num_workers", "accelerator", "devices", "num_nodes", "strategy", "precision")
@@ -22,9 +24,17 @@ def _devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
+def data_options(args: argparse.Namespace) -> dict:
+    """Where the counts are: --gene-key, --layer, --allow-non-integer as keyword arguments."""
+    return {"gene_key": args.gene_key, "layer": args.layer, "allow_non_integer": args.allow_non_integer}
+
+
 def training_options(args: argparse.Namespace) -> dict:
     """The training options given on the command line (unset ones keep TrainingConfig's defaults)."""
     return {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+
+
+VALUE_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a text"}
 
 
 def model_option(text: str) -> tuple[str, int | float | bool | str]:
@@ -35,14 +45,12 @@ def model_option(text: str) -> tuple[str, int | float | bool | str]:
     kinds = {k: v for k, v in settable_fields().items() if k != "paper_compatible"}  # import-original's alone
     if not sep or field not in kinds:
         raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE with FIELD one of {sorted(kinds)}")
-    try:
-        if kinds[field] is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return field, value.lower() in ("true", "1")
-        return field, kinds[field](value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: {field} needs a {kinds[field].__name__}") from None
+    if kinds[field] is bool and value.lower() in ("true", "false", "1", "0"):
+        return field, value.lower() in ("true", "1")
+    with contextlib.suppress(ValueError):
+        if kinds[field] is not bool:
+            return field, kinds[field](value)
+    raise argparse.ArgumentTypeError(f"{text!r}: {field} needs {VALUE_KINDS[kinds[field]]}")
 
 
 def _default(field: str) -> str:
@@ -51,13 +59,14 @@ def _default(field: str) -> str:
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gene-key", metavar="COL", help="var column holding gene identifiers (default: var_names)")
-    p.add_argument("--layer", help="layer holding raw counts (default: X)")
+    p.add_argument("--layer", help="layer holding raw counts, or raw for adata.raw (default: X)")
+    p.add_argument("--allow-non-integer", action="store_true",
+                   help="accept counts that are mostly not integers (refused otherwise: normalised data is not counts)")
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-epochs", type=int, help=_default("max_epochs"))
-    p.add_argument("--max-minutes", type=float,
-                   help="time budget; the learning-rate schedule follows it (default: none)")
+    p.add_argument("--max-minutes", type=float, help="time budget; the learning-rate schedule follows it (default: none)")
     p.add_argument("--batch-size", type=int, help=_default("batch_size"))
     p.add_argument("--learning-rate", type=float, help=_default("learning_rate"))
     p.add_argument("--seed", type=int, help=_default("seed"))
@@ -70,11 +79,14 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", help="Lightning precision: 32-true, bf16-mixed, ... " + _default("precision"))
 
 
-def _add_inference_options(p: argparse.ArgumentParser) -> None:
+def _add_inference_options(p: argparse.ArgumentParser, *, model: str = "MODEL_DIR", out: str = "OUT.h5ad") -> None:
+    p.add_argument("model", type=Path, metavar=model)
+    p.add_argument("data", type=Path, metavar="DATA.h5ad")
+    p.add_argument("--out", required=True, type=Path, metavar=out)
     _add_data_options(p)
     p.add_argument("--batch-size", type=int, help="cells per batch (default: 16 on CPU, 256 on GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,13 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".h5ad files, or one corpus folder from build-corpus (streamed from disk)")
     p.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR", help="model folder to write")
     p.add_argument("--preset", default="default", choices=["default", "paper"])
-    p.add_argument("--genes", type=Path, metavar="FILE",
-                   help="restrict the vocabulary to these genes (one per line)")
+    p.add_argument("--genes", type=Path, metavar="FILE", help="restrict the vocabulary to these genes (one per line)")
     p.add_argument("--n-top-genes", type=int, metavar="N",
                    help="vocabulary: the N most variable genes of the training cells, 0 for all "
                         "(default: the preset's, 2000 for default, all for paper)")
-    p.add_argument("--set", dest="model_options", action="append", default=[], type=model_option,
-                   metavar="FIELD=VALUE",
+    p.add_argument("--set", dest="model_options", action="append", default=[], type=model_option, metavar="FIELD=VALUE",
                    help="override a field of the preset (architecture, tokenizer or objective), e.g. "
                         "--set n_latents=64 --set contrastive_weight=0 (repeat for several)")
     _add_data_options(p)
@@ -106,9 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("embed", help="write cell embeddings to obsm",
                             description="Embed the cells of DATA.h5ad with a pretrained model and "
                                         "write the AnnData, with the embedding in obsm, to OUT.h5ad.")
-    p.add_argument("model", type=Path, metavar="MODEL_DIR")
-    p.add_argument("data", type=Path, metavar="DATA.h5ad")
-    p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
     p.add_argument("--key", default="X_exceiver", help="obsm key of the embedding (default: X_exceiver)")
     p.add_argument("--pooling", choices=["bottleneck", "mean", "flatten"],
                    help="the cell bottleneck, the mean of the latents, or all latents flattened (the original's) "
@@ -147,18 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("predict", help="predict labels of cells with a fine-tuned classifier",
                             description="Write DATA.h5ad with obs['exceiver_prediction'], "
                                         "obsm['exceiver_probabilities'] and uns['exceiver_classes'] to OUT.h5ad.")
-    p.add_argument("model", type=Path, metavar="CLF_DIR")
-    p.add_argument("data", type=Path, metavar="DATA.h5ad")
-    p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
-    _add_inference_options(p)
+    _add_inference_options(p, model="CLF_DIR")
 
     p = commands.add_parser("impute", help="write predicted expression of every gene to a layer",
                             description="Predict each cell's log-normalised expression of every gene of DATA.h5ad "
                                         "from its observed genes and write the AnnData, with "
                                         "layers['exceiver_imputed'], to OUT.h5ad.")
-    p.add_argument("model", type=Path, metavar="MODEL_DIR")
-    p.add_argument("data", type=Path, metavar="DATA.h5ad")
-    p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
     p.add_argument("--key", default="exceiver_imputed", help="layer to write (default: exceiver_imputed)")
     _add_inference_options(p)
 
@@ -166,8 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
                             description="In-silico perturbation: remove a gene's token (knockout) or set its value "
                                         "(overexpress: a high quantile of its expression; or a log-normalised "
                                         "level), re-run the model, and write each gene's predicted change to a CSV.")
-    p.add_argument("model", type=Path, metavar="MODEL_DIR")
-    p.add_argument("data", type=Path, metavar="DATA.h5ad")
     p.add_argument("--gene", required=True, action="append", metavar="G",
                    help="gene to perturb (repeat for several, each perturbed on its own)")
     p.add_argument("--mode", default="knockout", metavar="M",
@@ -176,8 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", action="append", metavar="VALUE", help="only this group of --groupby (repeatable)")
     p.add_argument("--quantile", type=float, default=0.95,
                    help="overexpress to this quantile of the gene's expression in expressing cells (default: 0.95)")
-    p.add_argument("--out", required=True, type=Path, metavar="EFFECTS.csv")
-    _add_inference_options(p)
+    _add_inference_options(p, out="EFFECTS.csv")
 
     p = commands.add_parser("evaluate", help="judge a model's reconstruction and embeddings against baselines",
                             description="Evaluate a model on DATA.h5ad: masked-expression reconstruction vs "
@@ -234,8 +232,8 @@ def run_pretrain(args: argparse.Namespace) -> None:
     from exceiver.pretrain import pretrain
 
     model = pretrain(args.data, args.out, preset=args.preset, model=dict(args.model_options), genes=args.genes,
-                     n_top_genes=args.n_top_genes, gene_key=args.gene_key, layer=args.layer, overwrite=args.overwrite, progress=not args.quiet,
-                     **training_options(args))
+                     n_top_genes=args.n_top_genes, overwrite=args.overwrite, progress=not args.quiet,
+                     **data_options(args), **training_options(args))
     if rank_zero_only.rank == 0:  # distributed runs execute this in every process
         print(f"wrote {args.out}: {model}")
 
@@ -245,12 +243,10 @@ def run_embed(args: argparse.Namespace) -> None:
 
     from exceiver.model import Exceiver
 
-    if args.out.exists() and not args.overwrite:  # fail before the work, not after
-        raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
     model = Exceiver.load(args.model)
-    model.embed_file(args.data, args.out, key_added=args.key, pooling=args.pooling, gene_key=args.gene_key,
-                     layer=args.layer, batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
-                     overwrite=args.overwrite, progress=not args.quiet)
+    model.embed_file(args.data, args.out, key_added=args.key, pooling=args.pooling, batch_size=args.batch_size,
+                     device=args.device, num_workers=args.num_workers, overwrite=args.overwrite,
+                     progress=not args.quiet, **data_options(args))
     with h5py.File(args.out, "r") as written:
         n_cells, width = written["obsm"][args.key].shape
     print(f"wrote {args.out}: obsm[{args.key!r}] of {n_cells:,} cells x {width}")
@@ -259,8 +255,8 @@ def run_embed(args: argparse.Namespace) -> None:
 def run_build_corpus(args: argparse.Namespace) -> None:
     from exceiver.data.corpus import build_corpus
 
-    corpus = build_corpus(args.data, args.out, genes=args.genes, gene_key=args.gene_key, layer=args.layer,
-                          shard_cells=args.shard_cells, overwrite=args.overwrite, progress=not args.quiet)
+    corpus = build_corpus(args.data, args.out, genes=args.genes, shard_cells=args.shard_cells,
+                          overwrite=args.overwrite, progress=not args.quiet, **data_options(args))
     print(f"wrote {args.out}: {corpus.n_cells:,} cells, {len(corpus.vocab):,} genes, {len(corpus.shards)} shard(s)")
 
 
@@ -271,8 +267,8 @@ def run_finetune(args: argparse.Namespace) -> None:
 
     mode = "freeze" if args.freeze else "scratch" if args.from_scratch else "full"
     model = finetune(args.model, args.data, args.label_key, args.out, mode=mode,
-                     expression_loss_weight=args.expression_weight, gene_key=args.gene_key, layer=args.layer,
-                     overwrite=args.overwrite, progress=not args.quiet, **training_options(args))
+                     expression_loss_weight=args.expression_weight, overwrite=args.overwrite, progress=not args.quiet,
+                     **data_options(args), **training_options(args))
     if rank_zero_only.rank == 0:
         m = model.metrics
         print(f"wrote {args.out}: {len(model.classes)} classes, validation accuracy {m['val_accuracy']:.3f}, "
@@ -284,14 +280,12 @@ def run_predict(args: argparse.Namespace) -> None:
     from exceiver.io import write_h5ad
     from exceiver.model import Exceiver
 
-    if args.out.exists() and not args.overwrite:
-        raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
     model = Exceiver.load(args.model)
     if not model.classes:
         raise ExceiverInputError(f"{args.model} is not a classifier (no classes); fine-tune it first")
-    [(_, adata)] = read_datasets(args.data)
-    prediction = model.predict(adata, gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
-                               device=args.device, progress=not args.quiet)
+    [(name, adata)] = read_datasets(args.data)
+    prediction = model.predict(adata, batch_size=args.batch_size, device=args.device, name=name,
+                               progress=not args.quiet, **data_options(args))
     write_h5ad(adata, args.out, overwrite=args.overwrite)
     counts = prediction.value_counts()
     print(f"wrote {args.out}: {adata.n_obs:,} cells predicted; most frequent: "
@@ -304,12 +298,10 @@ def run_impute(args: argparse.Namespace) -> None:
     from exceiver.model import Exceiver
     from exceiver.tl import impute
 
-    if args.out.exists() and not args.overwrite:
-        raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
     model = Exceiver.load(args.model)
-    [(_, adata)] = read_datasets(args.data)
-    impute(model, adata, key_added=args.key, gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
-           device=args.device, progress=not args.quiet)
+    [(name, adata)] = read_datasets(args.data)
+    impute(model, adata, key_added=args.key, batch_size=args.batch_size, device=args.device, name=name,
+           progress=not args.quiet, **data_options(args))
     write_h5ad(adata, args.out, overwrite=args.overwrite)
     n_genes = adata.uns["exceiver"][args.key]["n_imputed_genes"]
     print(f"wrote {args.out}: layers[{args.key!r}] of {adata.n_obs:,} cells x {n_genes:,} imputed genes")
@@ -321,13 +313,11 @@ def run_perturb(args: argparse.Namespace) -> None:
     from exceiver.model import Exceiver
     from exceiver.tl import perturb
 
-    if args.out.exists() and not args.overwrite:
-        raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
     model = Exceiver.load(args.model)
-    [(_, adata)] = read_datasets(args.data)
+    [(name, adata)] = read_datasets(args.data)
     effects = perturb(model, adata, args.gene, args.mode, groupby=args.groupby, groups=args.group,
-                      quantile=args.quantile, gene_key=args.gene_key, layer=args.layer,
-                      batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+                      quantile=args.quantile, batch_size=args.batch_size, device=args.device, name=name,
+                      progress=not args.quiet, **data_options(args))
     write_csv(effects, args.out, overwrite=args.overwrite)
     top = effects.loc[effects["gene"] != effects["perturbed_gene"]].head(3)
     print(f"wrote {args.out}: {len(effects):,} rows; strongest: "
@@ -338,9 +328,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from exceiver.data.genemap import map_genes
     from exceiver.data.sources import read_datasets
     from exceiver.evaluate.report import best_pca, evaluate
-    from exceiver.io import check_output_dir
 
-    check_output_dir(args.out, overwrite=args.overwrite)  # fail before the work, not after
     [(name, adata)] = read_datasets(args.data)
     gene_key = args.gene_key
     if args.gene_map:
@@ -348,7 +336,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     metrics = evaluate(args.model, adata, args.out, label_keys=args.label_key, batch_key=args.batch_key,
                        gene_key=gene_key, layer=None if args.gene_map else args.layer, annotations=args.annotations,
                        sources=args.source, pooling=args.pooling, max_cells=args.max_cells, device=args.device,
-                       seed=args.seed, overwrite=args.overwrite, progress=not args.quiet, name=name)
+                       seed=args.seed, allow_non_integer=args.allow_non_integer, overwrite=args.overwrite,
+                       progress=not args.quiet, name=name)
     rec = metrics["reconstruction"]["model"]
     summary = [f"masked MSE {rec['mse']:.4f} ({rec['mse_ratio']:.3f} x gene mean)"]
     for key, cell in metrics["cells"].items():
@@ -367,14 +356,25 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def run_import_original(args: argparse.Namespace) -> None:
-    from exceiver.io import check_output_dir
     from exceiver.model import import_original
 
-    check_output_dir(args.out, overwrite=args.overwrite)
     model = import_original(args.checkpoint, genes=args.genes, scaler=args.scaler)
     model.save(args.out, overwrite=args.overwrite)
     kind = f"classifier of {len(model.classes)} classes" if model.classes else "masked-expression model"
     print(f"wrote {args.out}: {model} ({kind}, paper-compatible)")
+
+
+def check_up_front(args: argparse.Namespace) -> None:
+    """What every command can refuse before reading a file: a device this machine lacks, an output
+    that is there already (training options are checked by TrainingConfig, also up front)."""
+    from exceiver.io import check_output_dir
+
+    if getattr(args, "device", None) is not None:
+        inference_device(args.device)
+    if args.command in FILE_OUTPUTS and args.out.exists() and not args.overwrite:
+        raise ExceiverInputError(f"{args.out} already exists; choose another output or pass --overwrite")
+    if args.command in FOLDER_OUTPUTS:
+        check_output_dir(args.out, overwrite=args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,11 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lightning.pytorch", "lightning.fabric"):  # they set up their own INFO handlers
         logging.getLogger(name).setLevel(level)
     runners = {"pretrain": run_pretrain, "embed": run_embed, "finetune": run_finetune, "predict": run_predict,
-               "evaluate": run_evaluate,
-               "impute": run_impute, "perturb": run_perturb,
-               "demo": run_demo, "import-original": run_import_original, "build-corpus": run_build_corpus}
+               "evaluate": run_evaluate, "impute": run_impute, "perturb": run_perturb, "demo": run_demo,
+               "import-original": run_import_original, "build-corpus": run_build_corpus}
     try:
-        runners[args.command](args)
+        with speaking("cli"):
+            check_up_front(args)
+            runners[args.command](args)
     except (ExceiverInputError, ModelFileError, TrainingError) as err:
         print(f"exceiver {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ from safetensors.torch import save_file as save_torch
 
 from exceiver.data.preprocess import GeneScaler
 from exceiver.data.vocab import GeneVocab
-from exceiver.errors import ExceiverInputError, ModelFileError
+from exceiver.errors import ExceiverInputError, ModelFileError, option
 
 FORMAT = "exceiver-model"
 FORMAT_VERSION = 2
@@ -49,7 +49,8 @@ def check_output_dir(path: str | Path, *, overwrite: bool = False) -> Path:
     if path.exists() and not path.is_dir():
         raise ExceiverInputError(f"{path} is a file; the output must be a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ExceiverInputError(f"{path} already exists and is not empty; choose another output or pass overwrite")
+        raise ExceiverInputError(f"{path} already exists and is not empty; choose another output or pass "
+                                 f"{option('overwrite', True)}")
     return path
 
 
@@ -104,7 +105,7 @@ def atomic_file(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     if path.is_dir():
         raise ExceiverInputError(f"{path} is a folder; the output must be a file")
     if path.exists() and not overwrite:
-        raise ExceiverInputError(f"{path} already exists; choose another output or pass overwrite")
+        raise ExceiverInputError(f"{path} already exists; choose another output or pass {option('overwrite', True)}")
     with _new_parents(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=path.suffix, dir=path.parent)
         os.close(fd)

@@ -15,12 +15,13 @@ import torch
 from typing_extensions import Unpack
 
 from exceiver.data.cells import CellCounts, align
+from exceiver.data.counts import counts_var
 from exceiver.data.corpus import CorpusCells, fit_scaler, is_corpus
 from exceiver.data.datamodule import CellDataModule, validation_cells
 from exceiver.data.preprocess import GeneScaler, prepare_cells, report_dropped
 from exceiver.data.sources import DataInput, read_datasets
 from exceiver.data.vocab import GeneVocab, build_vocab, gene_keys
-from exceiver.errors import ExceiverInputError
+from exceiver.errors import ExceiverInputError, option
 from exceiver.io import check_output_dir
 from exceiver.model import Exceiver
 from exceiver.data.variable_genes import highly_variable_genes
@@ -55,6 +56,7 @@ def pretrain(
     n_top_genes: int | None = None,
     gene_key: str | None = None,
     layer: str | None = None,
+    allow_non_integer: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     **training: Unpack[TrainingOptions],
@@ -70,6 +72,9 @@ def pretrain(
     n_top_genes: keep the most variable genes of the training cells (seurat_v3 on raw counts, per
         dataset); None: the preset's choice (default 2,000; paper: all genes); 0: all genes.
     gene_key: var column of gene identifiers, for the datasets that have it (others: var_names).
+    layer: where the raw counts are: X (None), a layer, or "raw" for adata.raw (with raw.var's genes).
+    allow_non_integer: accept counts that are mostly not integers (refused otherwise: log-normalised
+        data is not counts).
     training: fields of `TrainingConfig` (max_epochs, max_minutes, batch_size, seed, ...); the
         preset's own defaults (docs/presets.md) apply to the fields not given.
     """
@@ -83,7 +88,8 @@ def pretrain(
     if out is not None:
         check_output_dir(out, overwrite=overwrite)  # fail before the work, not after
     cells = pretraining_data(data, settings, genes=genes, n_top_genes=n_top_genes, gene_key=gene_key, layer=layer,
-                             standardise=tokenizer.values == "zscore", progress=progress)
+                             allow_non_integer=allow_non_integer, standardise=tokenizer.values == "zscore",
+                             progress=progress)
 
     L.seed_everything(settings.seed, workers=True, verbose=False)
     module = ExceiverModule(dataclasses.replace(architecture, n_genes=len(cells.vocab)))
@@ -108,7 +114,8 @@ def pretrain(
 
 def pretraining_data(data: DataInput | Sequence[DataInput], settings: TrainingConfig, *, genes=None,
                      n_top_genes: int = 0, gene_key: str | None = None, layer: str | None = None,
-                     standardise: bool = True, progress: bool = True) -> PretrainingData:
+                     allow_non_integer: bool = False, standardise: bool = True,
+                     progress: bool = True) -> PretrainingData:
     """Datasets read into memory, or a corpus folder streamed from disk: one split rule and one
     scaler fit for both, so the same files and seed give the same training and validation cells.
     A corpus keeps the genes it was built with (`n_top_genes` applies to data read into memory)."""
@@ -116,20 +123,21 @@ def pretraining_data(data: DataInput | Sequence[DataInput], settings: TrainingCo
     if any(is_corpus(item) for item in items):
         if len(items) > 1:
             raise ExceiverInputError("a corpus folder is pretrained on alone; build one corpus from all the files")
-        return _corpus_on_disk(items[0], settings, genes, gene_key, layer, standardise, progress)
-    return _cells_in_memory(data, settings, genes, n_top_genes, gene_key, layer, standardise)
+        return _corpus_on_disk(items[0], settings, genes, gene_key, layer, allow_non_integer, standardise, progress)
+    return _cells_in_memory(data, settings, genes, n_top_genes, gene_key, layer, allow_non_integer, standardise)
 
 
 def _cells_in_memory(data, settings: TrainingConfig, genes, n_top_genes: int, gene_key: str | None,
-                     layer: str | None, standardise: bool = True) -> PretrainingData:
+                     layer: str | None, allow_non_integer: bool, standardise: bool = True) -> PretrainingData:
     """Datasets read into memory, aligned to one vocabulary, checked, split, restricted to the
     training cells' most variable genes (with `n_top_genes`) and scaled."""
     datasets = read_datasets(data)
-    keys = gene_keys(datasets, gene_key)
-    vocab = build_vocab(datasets, genes, keys)
+    tables = [(name, counts_var(adata, layer, name)) for name, adata in datasets]  # the counts' genes
+    keys = gene_keys(tables, gene_key)
+    vocab = build_vocab(tables, genes, keys)
     parts = []
     for (name, adata), key in zip(datasets, keys):
-        aligned = align(adata, vocab, gene_key=key, layer=layer, name=name)
+        aligned = align(adata, vocab, gene_key=key, layer=layer, name=name, allow_non_integer=allow_non_integer)
         parts.append(prepare_cells(aligned, name))
         report_dropped(name, aligned.n_cells, parts[-1].n_cells)
     cells = CellCounts.concat(parts)
@@ -155,10 +163,11 @@ def _cells_in_memory(data, settings: TrainingConfig, genes, n_top_genes: int, ge
 
 
 def _corpus_on_disk(folder, settings: TrainingConfig, genes, gene_key: str | None, layer: str | None,
-                    standardise: bool, progress: bool) -> PretrainingData:
+                    allow_non_integer: bool, standardise: bool, progress: bool) -> PretrainingData:
     """The same from a corpus folder (`build_corpus`), streamed from disk: memory does not grow
     with the number of cells."""
-    given = [name for name, value in (("genes", genes), ("gene_key", gene_key), ("layer", layer)) if value]
+    given = [option(name) for name, value in (("genes", genes), ("gene_key", gene_key), ("layer", layer),
+                                              ("allow_non_integer", allow_non_integer)) if value]
     if given:
         raise ExceiverInputError(f"{folder} is a corpus folder: its genes and counts were fixed when it was "
                                  f"built; pass {', '.join(given)} to build-corpus instead")

@@ -17,9 +17,11 @@ import numpy as np
 import pandas as pd
 
 from exceiver.data.cells import align
-from exceiver.data.preprocess import check_counts
+from exceiver.data.counts import count_layers, counts_var
+from exceiver.data.labels import cell_labels, obs_column
 from exceiver.data.sources import read_datasets
 from exceiver.data.vocab import dataset_genes
+from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError
 from exceiver.evaluate import plots
 from exceiver.evaluate.baselines import cell_baselines, gene_loadings
@@ -34,6 +36,8 @@ from exceiver.io import atomic_dir, check_output_dir, write_json
 from exceiver.model import Exceiver, check_pooling
 
 log = logging.getLogger(__name__)
+
+MIN_CELLS_PER_LABEL = 2  # kNN scores are cross-validated: every label needs a cell to fit and one to test
 
 
 def evaluate(
@@ -51,36 +55,39 @@ def evaluate(
     max_cells: int = 10000,
     device: str | None = None,
     seed: int = 0,
+    allow_non_integer: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     name: str | None = None,
 ) -> dict:
     """Evaluate `model` on `data` and write a report to `out`; returns the metrics.
 
-    label_keys: obs columns of annotations (cell type, tissue, ...) that embeddings should follow.
+    label_keys: obs columns of annotations (cell type, tissue, ...) that embeddings should follow;
+        each is scored on the evaluated cells that have a label (the others are counted in a logged
+        warning), and needs 2 classes or more with 2 cells or more each
+        (`exceiver.data.labels.cell_labels`, as in `finetune`).
     batch_key: obs column of batches (assay, donor, ...) that embeddings should mix.
     annotations: gene annotation file (long TSV with gene_symbol, annotation_id, source; or GMT)
         or table (gene, term, source); sources: the sources to score (default: all in the file).
     max_cells: a seeded sample of at most this many cells is evaluated (metrics are quadratic).
+    gene_key, layer, allow_non_integer: where the counts and gene identifiers are, as in `pretrain`.
     name: the dataset's name in messages and the report (default: the file's name).
     """
+    inference_device(device)  # before any data is read
     model = model if isinstance(model, Exceiver) else Exceiver.load(model)
     pooling = check_pooling(pooling, model.module)
     [(default_name, adata)] = read_datasets(data)
     name = name or default_name
     label_keys = list(label_keys)
     for key in label_keys + ([batch_key] if batch_key else []):
-        if key not in adata.obs.columns:
-            raise ExceiverInputError(f"{name}: obs has no column {key!r}; available columns: {list(adata.obs.columns)}")
-    for key in label_keys:
-        _check_labels(adata.obs[key], key, name)
+        obs_column(adata.obs, key, name)
     if annotations is not None and not isinstance(annotations, pd.DataFrame):
         annotations = read_annotations(annotations)
     check_output_dir(out, overwrite=overwrite)
 
-    gene_key, layer = model.data_keys(adata.var.columns, adata.layers.keys(), gene_key, layer)
-    aligned = align(adata, model.vocab, gene_key=gene_key, layer=layer, name=name)
-    check_counts(aligned, name)  # every cell, not only the sample
+    gene_key, layer = model.data_keys(adata.var.columns, count_layers(adata), gene_key, layer)
+    aligned = align(adata, model.vocab, gene_key=gene_key, layer=layer, name=name,
+                    allow_non_integer=allow_non_integer)  # every cell is checked, not only the sample
     usable = np.flatnonzero(aligned.keep_genes(model.scaler.trained_genes).n_genes_expressed > 0)
     if not len(usable):
         raise ExceiverInputError(f"{name}: no cell has counts in the genes the model was trained on")
@@ -92,6 +99,9 @@ def evaluate(
     rows = usable[picked]
     cells = aligned.subset(rows).keep_genes(model.scaler.trained_genes)
     adata = adata[rows].copy()
+    # Labels are judged on the cells evaluated: a sample can thin a class out.
+    sample = name if len(rows) == aligned.n_cells else f"{name} ({len(rows):,} evaluated cells)"
+    labels = {key: cell_labels(adata.obs, key, min_cells=MIN_CELLS_PER_LABEL, name=sample) for key in label_keys}
     metrics: dict = {"dataset": name, "n_cells": len(rows), "n_cells_without_model_genes": int(n_without),
                      "n_genes_shared": int(cells.measured.sum()), "model": repr(model), "pooling": pooling}
 
@@ -101,19 +111,18 @@ def evaluate(
     metrics["reconstruction"] = reconstruction_scores(entries, baselines)
 
     representations = {"exceiver": model.embed(adata, pooling=pooling, inplace=False, gene_key=gene_key,
-                                                layer=layer, device=device, progress=progress)}
+                                                layer=layer, device=device, allow_non_integer=allow_non_integer,
+                                                name=name, progress=progress)}
     representations |= cell_baselines(adata, layer=layer, seed=seed)
     log_depth = np.log1p(np.asarray(cells.counts.sum(axis=1)).ravel())
     metrics["depth_r2"] = {rep: depth_r2(x, log_depth, seed=seed) for rep, x in representations.items()}
     metrics["cells"], profiles = {}, {}
-    for key in label_keys:
-        labels = adata.obs[key]
-        known = labels.notna().to_numpy()
-        counts = _check_labels(labels, key, name)  # again: a sample of cells may thin a label out
-        scores = {rep: label_scores(x[known], labels[known].astype(str).to_numpy(), seed=seed)
-                  for rep, x in representations.items()}
+    for key, known in labels.items():
+        scores = {rep: label_scores(x[known.labelled], known.values, seed=seed) for rep, x in representations.items()}
         profiles[key] = {rep: s.pop("profile") for rep, s in scores.items()}
-        metrics["cells"][key] = {"n_cells": int(known.sum()), "n_labels": len(counts), "representations": scores}
+        metrics["cells"][key] = {"n_cells": int(known.labelled.sum()),
+                                 "n_unlabelled_cells": int((~known.labelled).sum()), "n_labels": len(known.counts),
+                                 "representations": scores}
     if batch_key:
         batches = adata.obs[batch_key].astype(str).to_numpy()
         metrics["batch"] = {"key": batch_key, **{rep: batch_scores(x, batches, seed=seed)
@@ -122,7 +131,7 @@ def evaluate(
     neighbours = None
     if annotations is not None:
         gene_vectors = model.gene_embeddings()[model.scaler.trained_genes]
-        loadings = gene_loadings(adata, dataset_genes(adata, gene_key), layer=layer, seed=seed)
+        loadings = gene_loadings(adata, dataset_genes(counts_var(adata, layer, name), gene_key), layer=layer, seed=seed)
         genes = gene_vectors.index.intersection(loadings.index)
         if len(genes) < 10:
             raise ExceiverInputError(f"{name}: only {len(genes)} genes have both a trained embedding and expression")
@@ -135,15 +144,6 @@ def evaluate(
     with atomic_dir(out, overwrite=overwrite) as folder:
         _write_report(folder, metrics, representations, profiles, adata.obs[label_keys], neighbours, seed)
     return metrics
-
-
-def _check_labels(labels: pd.Series, key: str, name: str) -> pd.Series:
-    """Label counts; refuses a column that cannot be scored (kNN folds need 2 cells per label)."""
-    counts = labels.dropna().astype(str).value_counts()
-    if len(counts) < 2 or counts.min() < 2:
-        raise ExceiverInputError(f"{name}: label column {key!r} needs 2 or more labels with 2 or more cells "
-                                 f"each (found {dict(counts.head(5))})")
-    return counts
 
 
 POOLING_WORDS = {"bottleneck": "the cell bottleneck", "mean": "mean of the latents",
