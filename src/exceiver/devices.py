@@ -11,6 +11,7 @@ from __future__ import annotations
 import typing
 
 import torch
+from lightning.pytorch.accelerators import AcceleratorRegistry
 
 from exceiver.errors import ExceiverInputError, option
 
@@ -66,9 +67,8 @@ def check_training_hardware(accelerator: str, devices: int | str, precision: str
     if accelerator not in ("auto", "cpu") and not _accelerator_available(accelerator):
         raise ExceiverInputError(f"{option('accelerator', accelerator)} is not available: {machine()}; use "
                                  f"{option('accelerator', 'cpu')} or {option('accelerator', 'auto')}")
-    n_cuda = _cuda_count()
-    on_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and n_cuda)
-    if on_cuda and isinstance(devices, int) and devices > n_cuda:
+    n_cuda = _cuda_count()  # an unavailable accelerator was refused above
+    if n_cuda and accelerator in ("auto", "cuda", "gpu") and isinstance(devices, int) and devices > n_cuda:
         raise ExceiverInputError(f"{option('devices', devices)} asks for more GPUs than there are: {machine()}")
 
 
@@ -85,16 +85,14 @@ def lightning_precisions() -> list[str]:
 
 def lightning_accelerators() -> list[str]:
     """The accelerator names Lightning accepts: "auto", "gpu" and its registry's."""
-    from lightning.pytorch.accelerators import AcceleratorRegistry
-
     return ["auto", "cpu", "gpu", *sorted(set(AcceleratorRegistry.available_accelerators()) - {"cpu"})]
 
 
 def _accelerator_available(name: str) -> bool:
-    from lightning.pytorch.accelerators import AcceleratorRegistry
-
-    if name == "gpu":  # Lightning's alias: CUDA or Apple's GPU
-        return bool(_cuda_count()) or _mps_available()
+    # The GPUs `machine()` reports; Lightning's "gpu" is either kind.
+    gpus = {"cuda": bool(_cuda_count()), "mps": _mps_available()}
+    if name in gpus or name == "gpu":
+        return gpus.get(name, any(gpus.values()))
     return bool(AcceleratorRegistry[name]["accelerator"].is_available())
 
 
