@@ -89,7 +89,7 @@ def test_align_reads_a_counts_layer_and_dense_input():
     adata = ad.AnnData(np.array([[0.5, 1.0]], dtype=np.float32), var=pd.DataFrame(index=["A", "B"]))
     adata.layers["counts"] = np.array([[3, 1]], dtype=np.float32)
     np.testing.assert_array_equal(align(adata, vocab, layer="counts").counts.toarray(), [[3, 1]])
-    with pytest.raises(ExceiverInputError, match="layer 'spliced' is not in dataset; it has layers \\['counts'\\]"):
+    with pytest.raises(ExceiverInputError, match="layer='spliced': dataset has no such layer; it has layers \\['counts'\\]"):
         align(adata, vocab, layer="spliced")
     with pytest.raises(ExceiverInputError, match="dataset has no raw counts: layer='raw' reads adata.raw"):
         align(adata, vocab, layer="raw")

@@ -38,8 +38,8 @@ def counts_location(layer: str | None, layers, has_raw: bool, name: str = "datas
         has = f"its layers: {plain(layers)}" if layers else "nor any layer"
         raise ExceiverInputError(f"{name} has no raw counts: {option('layer', RAW)} reads adata.raw, which this "
                                  f"dataset does not have ({has})")
-    raw = " and adata.raw (pass " + option("layer", RAW) + ")" if has_raw else ""
-    raise ExceiverInputError(f"layer {layer!r} is not in {name}; it has layers {plain(layers)}{raw}")
+    raw = f" and adata.raw ({option('layer', RAW)})" if has_raw else ""
+    raise ExceiverInputError(f"{option('layer', layer)}: {name} has no such layer; it has layers {plain(layers)}{raw}")
 
 
 def location_label(location: tuple[str, str | None]) -> str:
@@ -64,7 +64,7 @@ def counts_var(adata: ad.AnnData, layer: str | None = None, name: str = "dataset
 def counts_matrix(adata: ad.AnnData, layer: str | None = None, name: str = "dataset") -> sp.csr_matrix:
     """The raw-count matrix of `adata` (X, a layer or raw.X) as CSR, without densifying sparse input."""
     kind, key = counts_location(layer, adata.layers.keys(), adata.raw is not None, name)
-    matrix = {"X": lambda: adata.X, "layers": lambda: adata.layers[key], "raw": lambda: adata.raw.X}[kind]()
+    matrix = adata.X if kind == "X" else adata.raw.X if kind == "raw" else adata.layers[key]
     if matrix is None:
         raise ExceiverInputError(f"{name} has no expression matrix (X is None)")
     if hasattr(matrix, "to_memory"):  # backed sparse dataset

@@ -29,10 +29,10 @@ EMPTY_CELLS = ("drop", "refuse")
 
 def prepare_cells(cells: CellCounts, name: str = "dataset", *, genes: np.ndarray | None = None,
                   empty: str = "drop") -> CellCounts:
-    """The one way cells enter a model: only `genes` kept (a bool mask over the
-    vocabulary, e.g. the genes a model saw expressed in training; the others become unmeasured),
-    and cells left without counts either dropped (training: they have no tokens) or refused
-    (outputs aligned with the user's cells, where a silent drop would misalign them)."""
+    """The one way cells enter a model: only `genes` kept (a bool mask over the vocabulary, e.g.
+    the genes a model saw expressed in training; the others become unmeasured), and cells left
+    without counts either dropped (training: they have no tokens) or refused (outputs aligned with
+    the user's cells, where a silent drop would misalign them)."""
     if empty not in EMPTY_CELLS:
         raise ValueError(f"empty must be one of {EMPTY_CELLS}, got {empty!r}")
     if genes is not None:
