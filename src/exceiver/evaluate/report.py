@@ -117,11 +117,11 @@ def evaluate(
     log_depth = np.log1p(np.asarray(cells.counts.sum(axis=1)).ravel())
     metrics["depth_r2"] = {rep: depth_r2(x, log_depth, seed=seed) for rep, x in representations.items()}
     metrics["cells"], profiles = {}, {}
-    for key, known in labels.items():
-        scores = {rep: label_scores(x[known.labelled], known.values, seed=seed) for rep, x in representations.items()}
+    for key, column in labels.items():
+        scores = {rep: label_scores(x[column.labelled], column.values, seed=seed) for rep, x in representations.items()}
         profiles[key] = {rep: s.pop("profile") for rep, s in scores.items()}
-        metrics["cells"][key] = {"n_cells": int(known.labelled.sum()),
-                                 "n_unlabelled_cells": int((~known.labelled).sum()), "n_labels": len(known.counts),
+        metrics["cells"][key] = {"n_cells": int(column.labelled.sum()),
+                                 "n_unlabelled_cells": int((~column.labelled).sum()), "n_labels": len(column.counts),
                                  "representations": scores}
     if batch_key:
         batches = adata.obs[batch_key].astype(str).to_numpy()
