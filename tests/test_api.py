@@ -214,7 +214,7 @@ def test_gene_key_applies_to_the_datasets_that_have_it(caplog):
         model = pretrain([symbols, ensembl], None, model=TINY, gene_key="gene_symbol", max_epochs=1, progress=False)
     assert len(model.vocab) == 200 and "adata0 has no var column 'gene_symbol'" in caplog.text
     assert model.metrics["datasets"] == {"adata0": 30, "adata1": 30}
-    with pytest.raises(ExceiverInputError, match="gene_key 'symbol' is not a column of var in any dataset"):
+    with pytest.raises(ExceiverInputError, match="gene_key='symbol' names no column of var in any dataset"):
         pretrain([symbols, ensembl], None, model=TINY, gene_key="symbol", max_epochs=1, progress=False)
 
 

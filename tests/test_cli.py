@@ -117,7 +117,7 @@ def test_pretrain_set_overrides_model_fields_and_refuses_bad_ones(counts_file, t
     assert len((out / "genes.txt").read_text().split()) == 50  # --n-top-genes
     with pytest.raises(SystemExit):
         main(["pretrain", str(counts_file), "--out", str(tmp_path / "x"), "--set", "n_latents=many"])
-    assert "n_latents needs a int" in capsys.readouterr().err
+    assert "'n_latents=many': n_latents needs an integer" in capsys.readouterr().err
     assert main(["-q", "pretrain", str(counts_file), "--out", str(tmp_path / "y"), "--set", "detection_weight=1"]) == 2
     assert "needs zero_query_ratio" in capsys.readouterr().err and not (tmp_path / "y").exists()
     for retired in ("value_encoding=rank", "depth_tokens=true", "cell_query=true", "detection_head=false",

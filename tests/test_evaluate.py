@@ -174,7 +174,7 @@ def test_evaluate_errors_name_the_problem_and_leave_nothing(tiny_model_dir, tmp_
     with pytest.raises(ExceiverInputError, match="no column 'tissue'.*cell_type"):
         evaluate(tiny_model_dir, adata, out, label_keys=["tissue"], progress=False)
     adata.obs["one"] = "x"
-    with pytest.raises(ExceiverInputError, match="2 or more labels"):
+    with pytest.raises(ExceiverInputError, match="label column 'one' has a single class"):
         evaluate(tiny_model_dir, adata, out, label_keys=["one"], progress=False)
     with pytest.raises(ExceiverInputError, match="none of its 200 genes"):
         evaluate(tiny_model_dir, synthetic_counts(n_cells=30, prefix="ENSG"), out, progress=False)

@@ -31,9 +31,8 @@ def test_split_keeps_every_class_on_both_sides_and_weights_balance_classes():
 def _labels(adata: ad.AnnData, case: str) -> None:
     if case == "absent":
         del adata.obs["cell_type"]
-    elif case == "missing":
-        adata.obs["cell_type"] = pd.Series(adata.obs["cell_type"].astype(object).to_numpy(), index=adata.obs_names).where(
-            np.arange(adata.n_obs) > 2)
+    elif case == "unlabelled":
+        adata.obs["cell_type"] = pd.Series(np.nan, index=adata.obs_names, dtype=object)
     elif case == "single":
         adata.obs["cell_type"] = "same"
     else:
@@ -41,8 +40,9 @@ def _labels(adata: ad.AnnData, case: str) -> None:
 
 
 @pytest.mark.parametrize("case, message", [
-    ("absent", "label column 'cell_type' is not in obs"), ("missing", "3 of 120 cells have no 'cell_type' label"),
-    ("single", "a single class"), ("rare", "fewer than 3 cells"),
+    ("absent", "adata0: obs has no column 'cell_type'; its columns: \\[\\]"),
+    ("unlabelled", "none of its 120 cells has a 'cell_type' label"),
+    ("single", "a single class \\('same'\\)"), ("rare", "1 class of 'cell_type' has fewer than 3 cells \\(rare: 2\\)"),
 ])
 def test_unusable_labels_are_refused_and_leave_nothing(tiny_model_dir, counts_adata, tmp_path, case, message):
     _labels(counts_adata, case)

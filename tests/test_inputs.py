@@ -96,7 +96,7 @@ def test_pretraining_handles_single_gene_cells_and_tiny_datasets(tmp_path):
 def test_invalid_training_settings_are_named():
     with pytest.raises(ExceiverInputError, match="batch_size must be >= 1.*val_fraction must be between"):
         exceiver.TrainingConfig(batch_size=0, val_fraction=1.5)
-    with pytest.raises(ExceiverInputError, match="strategy 'ddp_spawn' is not supported"):
+    with pytest.raises(ExceiverInputError, match="strategy='ddp_spawn' is not supported: use strategy='ddp'"):
         exceiver.TrainingConfig(strategy="ddp_spawn")
     with pytest.raises(ExceiverInputError, match="num_nodes must be >= 1"):
         exceiver.TrainingConfig(num_nodes=0)
@@ -161,7 +161,7 @@ def test_cli_pretrain_refuses_bad_counts_and_leaves_nothing(tmp_path, capsys):
     assert main(["-q", "pretrain", str(tmp_path / "nan.h5ad"), "--out", str(tmp_path / "m")]) == 2
     assert "NaN or infinite" in capsys.readouterr().err
     assert main(["-q", "pretrain", str(tmp_path / "nan.h5ad"), "--out", str(tmp_path / "m"), "--batch-size", "0"]) == 2
-    assert "batch_size must be >= 1" in capsys.readouterr().err
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
     assert _nothing_left(tmp_path, "nan.h5ad")
 
 

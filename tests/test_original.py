@@ -23,8 +23,8 @@ from exceiver.data.tokenizer import TokenizerConfig, make_batch
 TOL = 2e-4  # the bound; what we reach in float64 is far tighter:
 TOL_INFERENCE = 1e-5  # from raw counts through our preprocessing (float32 token values)
 TOL_TENSORS = 1e-10  # from the original's own input tensors
-# The fixture's matrix is normalised to 1e4 per cell, not integer counts: the warning is expected.
-pytestmark = pytest.mark.filterwarnings("ignore:.*non-zero entries are not integers")
+# The fixture's matrix is normalised to 1e4 per cell, not integer counts: calls accept that explicitly.
+ACCEPT = dict(allow_non_integer=True)
 FIXTURES = {
     "pretrained": ("pretrained_TS_exceiver.ckpt", "fixture_pretrained.npz"),
     "classifier": ("pretrained_TS_exceiver_classifier.ckpt", "fixture_classifier.npz"),
@@ -78,7 +78,7 @@ def test_masked_batches_reproduce_the_original(reference, kind):
 def test_our_preprocessing_and_model_reproduce_the_original_inference(reference, kind):
     model, z, adata = load(reference, kind)
     model.module.double()
-    cells = model.cells(adata)
+    cells = model.cells(adata, **ACCEPT)
     batch = make_batch(cells, np.arange(8), model.scaler, TokenizerConfig(max_tokens=model.tokenizer.max_tokens, all_genes=True))
     assert batch.gene_ids.shape == (8, 19067) and batch.token_mask.all()
     assert (~batch.token_zero).sum().item() == len(z["csr_data"])  # expressed genes are the non-zero ones
@@ -87,22 +87,22 @@ def test_our_preprocessing_and_model_reproduce_the_original_inference(reference,
         enc = model.module.encode_tokens(batch.gene_ids, batch.values, batch.token_mask, batch.token_zero)
     np.testing.assert_allclose(enc.numpy(), z["inf_latent_enc_f64"], rtol=0, atol=TOL_INFERENCE)
 
-    latents = model.embed(adata, pooling="flatten", progress=False)
-    y_hat = model.predict_values(adata, progress=False)
-    logits = model.predict_logits(adata, progress=False) if kind == "classifier" else None
+    latents = model.embed(adata, pooling="flatten", progress=False, **ACCEPT)
+    y_hat = model.predict_values(adata, progress=False, **ACCEPT)
+    logits = model.predict_logits(adata, progress=False, **ACCEPT) if kind == "classifier" else None
     np.testing.assert_allclose(latents, z["inf_latent_proc_f64"].reshape(8, -1), rtol=0, atol=TOL_INFERENCE)
     np.testing.assert_allclose(y_hat, z["inf_y_hat_f64"][..., 0], rtol=0, atol=TOL_INFERENCE)
     if kind == "classifier":
         np.testing.assert_allclose(logits, z["inf_class_logits_f64"], rtol=0, atol=TOL_INFERENCE)
-        proba = model.predict_proba(adata, progress=False)
+        proba = model.predict_proba(adata, progress=False, **ACCEPT)
         np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-9)
         assert (proba.argmax(1) == z["inf_class_logits_f64"].argmax(1)).all()
 
 
 def test_float32_import_is_within_the_references_float32_tolerance(reference):
     model, z, adata = load(reference, "classifier")
-    latents = model.embed(adata, pooling="flatten", progress=False)
-    y_hat = model.predict_values(adata, model.vocab.genes[:2000], progress=False)
+    latents = model.embed(adata, pooling="flatten", progress=False, **ACCEPT)
+    y_hat = model.predict_values(adata, model.vocab.genes[:2000], progress=False, **ACCEPT)
     np.testing.assert_allclose(latents, z["inf_latent_proc_f64"].reshape(8, -1), rtol=0, atol=TOL)
     np.testing.assert_allclose(y_hat, z["inf_y_hat_f64"][:, :2000, 0], rtol=0, atol=1e-3)
 
@@ -119,8 +119,8 @@ def test_cli_import_writes_a_model_folder_that_loads_and_computes_the_same(refer
     assert loaded.config.paper_compatible and loaded.config.n_classes == 24 and len(loaded.classes) == 24
     assert loaded.vocab.genes[0] == "gene_00000"
     direct, _, adata = load(reference, "classifier")
-    np.testing.assert_array_equal(loaded.predict_logits(adata, progress=False),
-                                  direct.predict_logits(adata, progress=False))
+    np.testing.assert_array_equal(loaded.predict_logits(adata, progress=False, **ACCEPT),
+                                  direct.predict_logits(adata, progress=False, **ACCEPT))
     np.testing.assert_allclose(loaded.scaler.mean, z["scaler_mean"].astype(np.float32))
 
 

@@ -8,7 +8,8 @@ import scipy.sparse as sp
 from sklearn.preprocessing import StandardScaler
 
 from exceiver.errors import ExceiverInputError
-from exceiver.data.preprocess import GeneScaler, check_counts, prepare_cells, report_dropped
+from exceiver.data.counts import check_counts
+from exceiver.data.preprocess import GeneScaler, prepare_cells, report_dropped
 from exceiver.data.cells import CellCounts, align
 from exceiver.data.vocab import GeneVocab
 
@@ -77,13 +78,18 @@ def test_values_are_clipped_at_ten_plus_one():
     assert values.max() == pytest.approx(11.0)
 
 
-def test_check_counts_refuses_non_finite_and_negative_values():
-    with pytest.raises(ExceiverInputError, match="1 count entries are NaN or infinite"):
-        check_counts(_cells([[1, np.nan], [1, 2]]), "toy")
-    with pytest.raises(ExceiverInputError, match="1 count entries are negative.*raw counts"):
-        check_counts(_cells([[1, -2], [1, 2]]), "toy")
-    with pytest.warns(UserWarning, match="2 of 4 non-zero entries are not integers"):
-        check_counts(_cells([[1, 0.5], [1.7, 2]]), "toy")
+def test_check_counts_refuses_non_finite_negative_and_mostly_fractional_values(caplog):
+    with pytest.raises(ExceiverInputError, match="1 count entries in X are NaN or infinite"):
+        check_counts(sp.csr_matrix([[1, np.nan], [1, 2]]), "toy")
+    with pytest.raises(ExceiverInputError, match="1 count entries in X are negative.*raw counts"):
+        check_counts(sp.csr_matrix([[1, -2], [1, 2]]), "toy")
+    with pytest.raises(ExceiverInputError, match="toy: 50% of the nonzero values in X are not integers"):
+        check_counts(sp.csr_matrix([[1, 0.5], [1.7, 2]]), "toy")
+    assert check_counts(sp.csr_matrix([[1, 0.5], [1.7, 2]]), "toy", allow_non_integer=True) == 0.5
+    few = sp.csr_matrix(np.r_[np.arange(1, 20), 2.5][None, :])  # 1 of 20 values (5%): noise, not normalised data
+    with caplog.at_level(logging.WARNING):
+        assert check_counts(few, "toy") == pytest.approx(0.05)
+    assert "toy: 5% of the nonzero values in X are not integers; they are used as counts" in caplog.text
 
 
 def test_empty_cells_are_dropped_with_a_count_or_refused(caplog):
@@ -106,5 +112,5 @@ def test_preparing_cells_keeps_only_the_given_genes_and_checks_counts():
     assert kept.measured.tolist() == [[True, False]]
     with pytest.raises(ExceiverInputError, match="toy: 1 of 3 cells have no counts"):
         prepare_cells(cells, "toy", genes=np.array([True, False]), empty="refuse")
-    with pytest.raises(ExceiverInputError, match="negative"):
-        prepare_cells(_cells([[1, -2]]), "toy")
+    with pytest.raises(ExceiverInputError, match="negative"):  # counts are checked where they are read
+        _cells([[1, -2]])

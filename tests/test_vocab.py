@@ -55,11 +55,12 @@ def test_align_maps_columns_and_marks_unmeasured_genes(caplog):
     np.testing.assert_array_equal(cells.library_size, [6, 0])
 
 
-def test_align_sums_duplicate_identifiers_with_a_warning():
+def test_align_sums_duplicate_identifiers_with_a_warning(caplog):
     vocab = GeneVocab(["A", "B"])
     adata = _adata([[1, 2, 3], [0, 4, 0]], ["e1", "e2", "e3"], symbol=["A", "A", "B"])
-    with pytest.warns(UserWarning, match="1 gene identifiers occur more than once.*summed"):
+    with caplog.at_level(logging.WARNING):
         cells = align(adata, vocab, gene_key="symbol")
+    assert "1 gene identifiers occur more than once (e.g. ['A']); their counts are summed" in caplog.text
     np.testing.assert_array_equal(cells.counts.toarray(), [[3, 3], [4, 0]])
 
 
@@ -70,15 +71,17 @@ def test_align_without_overlap_names_the_matching_column():
         align(adata, vocab)
     cells = align(adata, vocab, gene_key="gene_symbol")
     np.testing.assert_array_equal(cells.counts.toarray(), [[1, 2, 0]])
-    with pytest.raises(ExceiverInputError, match="gene_key 'nope' is not a column of var"):
+    with pytest.raises(ExceiverInputError, match="gene_key='nope' names no column of var"):
         align(adata, vocab, gene_key="nope")
 
 
-def test_align_warns_when_few_genes_match():
+def test_align_warns_when_few_genes_match(caplog):
     vocab = GeneVocab([f"G{i}" for i in range(100)])
     genes = ["G0"] + [f"ENSG{i}" for i in range(99)]
-    with pytest.warns(UserWarning, match=r"only 1 of 100 genes \(1.0%\).*right type"):
+    with caplog.at_level(logging.WARNING):
         align(_adata(np.ones((2, 100)), genes), vocab)
+    assert "only 1 of 100 genes (1.0%) are in the model's vocabulary; are the identifiers of the right type?" \
+        in caplog.text
 
 
 def test_align_reads_a_counts_layer_and_dense_input():
@@ -86,7 +89,9 @@ def test_align_reads_a_counts_layer_and_dense_input():
     adata = ad.AnnData(np.array([[0.5, 1.0]], dtype=np.float32), var=pd.DataFrame(index=["A", "B"]))
     adata.layers["counts"] = np.array([[3, 1]], dtype=np.float32)
     np.testing.assert_array_equal(align(adata, vocab, layer="counts").counts.toarray(), [[3, 1]])
-    with pytest.raises(ExceiverInputError, match="layer 'raw' is not in the dataset"):
+    with pytest.raises(ExceiverInputError, match="layer='spliced': dataset has no such layer; it has layers \\['counts'\\]"):
+        align(adata, vocab, layer="spliced")
+    with pytest.raises(ExceiverInputError, match="dataset has no raw counts: layer='raw' reads adata.raw"):
         align(adata, vocab, layer="raw")
 
 

@@ -1,5 +1,5 @@
 """The `exceiver` command line: pretrain, embed, finetune, predict, evaluate, impute, perturb, demo,
-import-original, build-corpus."""
+import-original, build-corpus (the options: `cli_parser`)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import signal
 import sys
 import threading
 
-from exceiver import errors
-from exceiver.cli_parser import build_parser, run_options, training_options
-from exceiver.errors import ExceiverInputError, Interrupted, ModelFileError, TrainingError
+from exceiver.cli_parser import build_parser, data_options, run_options, training_options
+from exceiver.devices import inference_device
+from exceiver.errors import ExceiverInputError, Interrupted, ModelFileError, TrainingError, speaking
 from exceiver.outputs import claim
 
-log = logging.getLogger("exceiver")
 
 def run_pretrain(args: argparse.Namespace) -> None:
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -22,9 +21,9 @@ def run_pretrain(args: argparse.Namespace) -> None:
     from exceiver.pretrain import pretrain
 
     model = pretrain(args.data, args.out, preset=args.preset, model=dict(args.model_options), genes=args.genes,
-                     n_top_genes=args.n_top_genes, gene_key=args.gene_key, layer=args.layer, gene_map=args.gene_map,
-                     init=args.init, extend_genes=args.extend_genes, batch_key=args.batch_key,
-                     overwrite=args.overwrite, progress=not args.quiet, **run_options(args), **training_options(args))
+                     n_top_genes=args.n_top_genes, gene_map=args.gene_map, init=args.init,
+                     extend_genes=args.extend_genes, batch_key=args.batch_key, overwrite=args.overwrite,
+                     progress=not args.quiet, **data_options(args), **run_options(args), **training_options(args))
     if rank_zero_only.rank == 0:  # distributed runs execute this in every process
         print(f"wrote {args.out}: {model}")
 
@@ -36,10 +35,9 @@ def run_embed(args: argparse.Namespace) -> None:
 
     with claim(args.out, overwrite=args.overwrite, folder=False):  # refused now, not after the work
         model = Exceiver.load(args.model)
-        model.embed_file(args.data, args.out, key_added=args.key, pooling=args.pooling, gene_key=args.gene_key,
-                         layer=args.layer, batch_size=args.batch_size, device=args.device,
-                         num_workers=args.num_workers, gene_map=args.gene_map, overwrite=args.overwrite,
-                         progress=not args.quiet)
+        model.embed_file(args.data, args.out, key_added=args.key, pooling=args.pooling, batch_size=args.batch_size,
+                         device=args.device, num_workers=args.num_workers, gene_map=args.gene_map,
+                         overwrite=args.overwrite, progress=not args.quiet, **data_options(args))
     with h5py.File(args.out, "r") as written:
         n_cells, width = written["obsm"][args.key].shape
     print(f"wrote {args.out}: obsm[{args.key!r}] of {n_cells:,} cells x {width}")
@@ -48,8 +46,8 @@ def run_embed(args: argparse.Namespace) -> None:
 def run_build_corpus(args: argparse.Namespace) -> None:
     from exceiver.data.corpus import build_corpus
 
-    corpus = build_corpus(args.data, args.out, genes=args.genes, gene_key=args.gene_key, layer=args.layer,
-                          shard_cells=args.shard_cells, overwrite=args.overwrite, progress=not args.quiet)
+    corpus = build_corpus(args.data, args.out, genes=args.genes, shard_cells=args.shard_cells,
+                          overwrite=args.overwrite, progress=not args.quiet, **data_options(args))
     print(f"wrote {args.out}: {corpus.n_cells:,} cells, {len(corpus.vocab):,} genes, {len(corpus.shards)} shard(s)")
 
 
@@ -60,8 +58,8 @@ def run_finetune(args: argparse.Namespace) -> None:
 
     mode = "freeze" if args.freeze else "scratch" if args.from_scratch else "full"
     model = finetune(args.model, args.data, args.label_key, args.out, mode=mode,
-                     expression_loss_weight=args.expression_weight, gene_key=args.gene_key, layer=args.layer,
-                     overwrite=args.overwrite, progress=not args.quiet, **run_options(args), **training_options(args))
+                     expression_loss_weight=args.expression_weight, overwrite=args.overwrite, progress=not args.quiet,
+                     **data_options(args), **run_options(args), **training_options(args))
     if rank_zero_only.rank == 0:
         m = model.metrics
         print(f"wrote {args.out}: {len(model.classes)} classes, validation accuracy {m['val_accuracy']:.3f}, "
@@ -73,13 +71,13 @@ def run_predict(args: argparse.Namespace) -> None:
     from exceiver.io import write_h5ad
     from exceiver.model import Exceiver
 
-    with claim(args.out, overwrite=args.overwrite, folder=False):
+    with claim(args.out, overwrite=args.overwrite, folder=False):  # refused now, not after the work
         model = Exceiver.load(args.model)
         if not model.classes:
             raise ExceiverInputError(f"{args.model} is not a classifier (no classes); fine-tune it first")
-        [(_, adata)] = read_datasets(args.data)
-        prediction = model.predict(adata, gene_key=args.gene_key, layer=args.layer, batch_size=args.batch_size,
-                                   device=args.device, progress=not args.quiet)
+        [(name, adata)] = read_datasets(args.data)
+        prediction = model.predict(adata, batch_size=args.batch_size, device=args.device, name=name,
+                                   progress=not args.quiet, **data_options(args))
         write_h5ad(adata, args.out, overwrite=args.overwrite)
     counts = prediction.value_counts()
     print(f"wrote {args.out}: {adata.n_obs:,} cells predicted; most frequent: "
@@ -92,11 +90,11 @@ def run_impute(args: argparse.Namespace) -> None:
     from exceiver.model import Exceiver
     from exceiver.tl import impute
 
-    with claim(args.out, overwrite=args.overwrite, folder=False):
+    with claim(args.out, overwrite=args.overwrite, folder=False):  # refused now, not after the work
         model = Exceiver.load(args.model)
-        [(_, adata)] = read_datasets(args.data)
-        impute(model, adata, key_added=args.key, gene_key=args.gene_key, layer=args.layer,
-               batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+        [(name, adata)] = read_datasets(args.data)
+        impute(model, adata, key_added=args.key, batch_size=args.batch_size, device=args.device, name=name,
+               progress=not args.quiet, **data_options(args))
         write_h5ad(adata, args.out, overwrite=args.overwrite)
     n_genes = adata.uns["exceiver"][args.key]["n_imputed_genes"]
     print(f"wrote {args.out}: layers[{args.key!r}] of {adata.n_obs:,} cells x {n_genes:,} imputed genes")
@@ -108,12 +106,12 @@ def run_perturb(args: argparse.Namespace) -> None:
     from exceiver.model import Exceiver
     from exceiver.tl import perturb
 
-    with claim(args.out, overwrite=args.overwrite, folder=False):
+    with claim(args.out, overwrite=args.overwrite, folder=False):  # refused now, not after the work
         model = Exceiver.load(args.model)
-        [(_, adata)] = read_datasets(args.data)
+        [(name, adata)] = read_datasets(args.data)
         effects = perturb(model, adata, args.gene, args.mode, groupby=args.groupby, groups=args.group,
-                          quantile=args.quantile, gene_key=args.gene_key, layer=args.layer,
-                          batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+                          quantile=args.quantile, batch_size=args.batch_size, device=args.device, name=name,
+                          progress=not args.quiet, **data_options(args))
         write_csv(effects, args.out, overwrite=args.overwrite)
     top = effects.loc[effects["gene"] != effects["perturbed_gene"]].head(3)
     print(f"wrote {args.out}: {len(effects):,} rows; strongest: "
@@ -124,15 +122,16 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from exceiver.data.genemap import map_genes
     from exceiver.data.sources import read_datasets
     from exceiver.evaluate.report import best_pca, evaluate
+
     with claim(args.out, overwrite=args.overwrite, folder=True):  # refused now, not after the work
         [(name, adata)] = read_datasets(args.data)
         gene_key = args.gene_key
         if args.gene_map:
             adata, gene_key = map_genes(adata, args.gene_map, gene_key=gene_key, layer=args.layer, name=name), None
         metrics = evaluate(args.model, adata, args.out, label_keys=args.label_key, batch_key=args.batch_key,
-                           gene_key=gene_key, layer=None if args.gene_map else args.layer,
-                           annotations=args.annotations, sources=args.source, pooling=args.pooling,
-                           max_cells=args.max_cells, device=args.device, seed=args.seed, overwrite=args.overwrite,
+                           gene_key=gene_key, layer=None if args.gene_map else args.layer, annotations=args.annotations,
+                           sources=args.source, pooling=args.pooling, max_cells=args.max_cells, device=args.device,
+                           seed=args.seed, allow_non_integer=args.allow_non_integer, overwrite=args.overwrite,
                            progress=not args.quiet, name=name)
     rec = metrics["reconstruction"]["model"]
     summary = [f"masked MSE {rec['mse']:.4f} ({rec['mse_ratio']:.3f} x gene mean)"]
@@ -154,11 +153,18 @@ def run_demo(args: argparse.Namespace) -> None:
 def run_import_original(args: argparse.Namespace) -> None:
     from exceiver.model import import_original
 
-    with claim(args.out, overwrite=args.overwrite, folder=True):
+    with claim(args.out, overwrite=args.overwrite, folder=True):  # refused now, not after the work
         model = import_original(args.checkpoint, genes=args.genes, scaler=args.scaler)
         model.save(args.out, overwrite=args.overwrite)
     kind = f"classifier of {len(model.classes)} classes" if model.classes else "masked-expression model"
     print(f"wrote {args.out}: {model} ({kind}, paper-compatible)")
+
+
+def check_up_front(args: argparse.Namespace) -> None:
+    """What every command can refuse before reading a file: a device this machine lacks (outputs
+    are claimed, and training options checked by TrainingConfig, also before any work)."""
+    if getattr(args, "device", None) is not None:
+        inference_device(args.device)
 
 
 def _stop(signum: int, frame) -> None:
@@ -168,7 +174,6 @@ def _stop(signum: int, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    errors.interface = "cli"
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.command in ("pretrain", "finetune", "demo"):
@@ -182,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None
     try:
-        runners[args.command](args)
+        with speaking("cli"):
+            check_up_front(args)
+            runners[args.command](args)
     except (ExceiverInputError, ModelFileError, TrainingError) as err:
         print(f"exceiver {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -195,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-        errors.interface = "python"
     return 0
 
 

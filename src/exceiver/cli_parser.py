@@ -4,6 +4,7 @@ nothing heavy (no torch, no anndata), so `exceiver --help` and option errors ans
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from exceiver.train.config import TrainingConfig
@@ -18,6 +19,11 @@ def _devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
+def data_options(args: argparse.Namespace) -> dict:
+    """Where the counts are: --gene-key, --layer, --allow-non-integer as keyword arguments."""
+    return {"gene_key": args.gene_key, "layer": args.layer, "allow_non_integer": args.allow_non_integer}
+
+
 def training_options(args: argparse.Namespace) -> dict:
     """The training options given on the command line (unset ones keep TrainingConfig's defaults)."""
     return {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
@@ -29,6 +35,9 @@ def run_options(args: argparse.Namespace) -> dict:
             "keep_checkpoints": args.keep_checkpoints}
 
 
+VALUE_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a text"}
+
+
 def model_option(text: str) -> tuple[str, int | float | bool | str]:
     """FIELD=VALUE for a settable field of the preset's configs; the value's type is the field's."""
     from exceiver.nn.config import settable_fields
@@ -37,14 +46,12 @@ def model_option(text: str) -> tuple[str, int | float | bool | str]:
     kinds = {k: v for k, v in settable_fields().items() if k != "paper_compatible"}  # import-original's alone
     if not sep or field not in kinds:
         raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE with FIELD one of {sorted(kinds)}")
-    try:
-        if kinds[field] is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return field, value.lower() in ("true", "1")
-        return field, kinds[field](value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: {field} needs a {kinds[field].__name__}") from None
+    if kinds[field] is bool and value.lower() in ("true", "false", "1", "0"):
+        return field, value.lower() in ("true", "1")
+    with contextlib.suppress(ValueError):
+        if kinds[field] is not bool:
+            return field, kinds[field](value)
+    raise argparse.ArgumentTypeError(f"{text!r}: {field} needs {VALUE_KINDS[kinds[field]]}")
 
 
 def _default(field: str) -> str:
@@ -53,13 +60,14 @@ def _default(field: str) -> str:
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gene-key", metavar="COL", help="var column holding gene identifiers (default: var_names)")
-    p.add_argument("--layer", help="layer holding raw counts (default: X)")
+    p.add_argument("--layer", help="layer holding raw counts, or raw for adata.raw (default: X)")
+    p.add_argument("--allow-non-integer", action="store_true",
+                   help="accept counts that are mostly not integers (refused otherwise: normalised data is not counts)")
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-epochs", type=int, help=_default("max_epochs"))
-    p.add_argument("--max-minutes", type=float,
-                   help="time budget; the learning-rate schedule follows it (default: none)")
+    p.add_argument("--max-minutes", type=float, help="time budget; the learning-rate schedule follows it (default: none)")
     p.add_argument("--batch-size", type=int, help=_default("batch_size"))
     p.add_argument("--learning-rate", type=float, help=_default("learning_rate"))
     p.add_argument("--seed", type=int, help=_default("seed"))
@@ -80,11 +88,14 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                         "holds only safetensors, JSON and text)")
 
 
-def _add_inference_options(p: argparse.ArgumentParser) -> None:
+def _add_inference_options(p: argparse.ArgumentParser, *, model: str = "MODEL_DIR", out: str = "OUT.h5ad") -> None:
+    p.add_argument("model", type=Path, metavar=model)
+    p.add_argument("data", type=Path, metavar="DATA.h5ad")
+    p.add_argument("--out", required=True, type=Path, metavar=out)
     _add_data_options(p)
     p.add_argument("--batch-size", type=int, help="cells per batch (default: 16 on CPU, 256 on GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,8 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".h5ad files, or one corpus folder from build-corpus (streamed from disk)")
     p.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR", help="model folder to write")
     p.add_argument("--preset", default="default", choices=["default", "paper"])
-    p.add_argument("--genes", type=Path, metavar="FILE",
-                   help="restrict the vocabulary to these genes (one per line)")
+    p.add_argument("--genes", type=Path, metavar="FILE", help="restrict the vocabulary to these genes (one per line)")
     p.add_argument("--n-top-genes", type=int, metavar="N",
                    help="vocabulary: the N most variable genes of the training cells, 0 for all "
                         "(default: the preset's, 2000 for default, all for paper)")
@@ -118,8 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gene-map", type=Path, metavar="FILE",
                    help="translate datasets whose genes are the map's dataset genes: CSV of model gene, dataset "
                         "gene (e.g. human,mouse orthologs); other datasets are read as they are")
-    p.add_argument("--set", dest="model_options", action="append", default=[], type=model_option,
-                   metavar="FIELD=VALUE",
+    p.add_argument("--set", dest="model_options", action="append", default=[], type=model_option, metavar="FIELD=VALUE",
                    help="override a field of the preset (architecture, tokenizer or objective), e.g. "
                         "--set n_latents=64 --set contrastive_weight=0 (repeat for several)")
     _add_data_options(p)
@@ -129,9 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("embed", help="write cell embeddings to obsm",
                             description="Embed the cells of DATA.h5ad with a pretrained model and "
                                         "write the AnnData, with the embedding in obsm, to OUT.h5ad.")
-    p.add_argument("model", type=Path, metavar="MODEL_DIR")
-    p.add_argument("data", type=Path, metavar="DATA.h5ad")
-    p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
     p.add_argument("--key", default="X_exceiver", help="obsm key of the embedding (default: X_exceiver)")
     p.add_argument("--pooling", choices=["bottleneck", "mean", "flatten"],
                    help="the cell bottleneck, the mean of the latents, or all latents flattened (the original's) "
@@ -172,18 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("predict", help="predict labels of cells with a fine-tuned classifier",
                             description="Write DATA.h5ad with obs['exceiver_prediction'], "
                                         "obsm['exceiver_probabilities'] and uns['exceiver_classes'] to OUT.h5ad.")
-    p.add_argument("model", type=Path, metavar="CLF_DIR")
-    p.add_argument("data", type=Path, metavar="DATA.h5ad")
-    p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
-    _add_inference_options(p)
+    _add_inference_options(p, model="CLF_DIR")
 
     p = commands.add_parser("impute", help="write predicted expression of every gene to a layer",
                             description="Predict each cell's log-normalised expression of every gene of DATA.h5ad "
                                         "from its observed genes and write the AnnData, with "
                                         "layers['exceiver_imputed'], to OUT.h5ad.")
-    p.add_argument("model", type=Path, metavar="MODEL_DIR")
-    p.add_argument("data", type=Path, metavar="DATA.h5ad")
-    p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
     p.add_argument("--key", default="exceiver_imputed", help="layer to write (default: exceiver_imputed)")
     _add_inference_options(p)
 
@@ -191,8 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
                             description="In-silico perturbation: remove a gene's token (knockout) or set its value "
                                         "(overexpress: a high quantile of its expression; or a log-normalised "
                                         "level), re-run the model, and write each gene's predicted change to a CSV.")
-    p.add_argument("model", type=Path, metavar="MODEL_DIR")
-    p.add_argument("data", type=Path, metavar="DATA.h5ad")
     p.add_argument("--gene", required=True, action="append", metavar="G",
                    help="gene to perturb (repeat for several, each perturbed on its own)")
     p.add_argument("--mode", default="knockout", metavar="M",
@@ -201,8 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", action="append", metavar="VALUE", help="only this group of --groupby (repeatable)")
     p.add_argument("--quantile", type=float, default=0.95,
                    help="overexpress to this quantile of the gene's expression in expressing cells (default: 0.95)")
-    p.add_argument("--out", required=True, type=Path, metavar="EFFECTS.csv")
-    _add_inference_options(p)
+    _add_inference_options(p, out="EFFECTS.csv")
 
     p = commands.add_parser("evaluate", help="judge a model's reconstruction and embeddings against baselines",
                             description="Evaluate a model on DATA.h5ad: masked-expression reconstruction vs "

@@ -1,4 +1,13 @@
-"""Errors that speak to the user: what is wrong with their input, and how to fix it."""
+"""Errors that speak to the user: what is wrong with their input, and how to fix it, in the words of
+the interface they use: `--gene-key gene_symbol` on the command line, `gene_key='gene_symbol'` in
+Python (the command line says so once, in `exceiver.cli.main`, with `speaking("cli")`)."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import shlex
+from collections.abc import Iterator, Mapping
 
 
 class ExceiverInputError(ValueError):
@@ -22,15 +31,47 @@ class Interrupted(RuntimeError):
         self.signum, self.checkpoint = signum, checkpoint
 
 
-# Messages name options as the user gave them: `--gene-key gene_symbol` on the command line,
-# `gene_key='gene_symbol'` in Python. The command line sets this once, at start.
-interface = "python"
+INTERFACES = ("python", "cli")
+_interface = contextvars.ContextVar("exceiver_interface", default="python")
+
+# Python keywords whose command-line option is named differently (the others: `--` + dashes).
+CLI_NAMES = {"key_added": "--key", "expression_loss_weight": "--expression-weight", "groups": "--group",
+             "label_keys": "--label-key"}
+_FLAG = object()
 
 
-def option(name: str, value=None) -> str:
-    """An option (and value) as the user would write it in the interface they are using; a
-    value of True is a flag (`--resume`, `resume=True`)."""
-    if interface == "cli":
-        flag = "--" + name.replace("_", "-")
-        return flag if value is None or value is True else f"{flag} {value}"
-    return name if value is None else f"{name}={value!r}"
+@contextlib.contextmanager
+def speaking(interface: str) -> Iterator[None]:
+    """Messages raised inside the block name options as `interface` ("cli" or "python") spells them."""
+    if interface not in INTERFACES:
+        raise ValueError(f"interface must be one of {INTERFACES}, got {interface!r}")
+    token = _interface.set(interface)
+    try:
+        yield
+    finally:
+        _interface.reset(token)
+
+
+def option(name: str, value=_FLAG) -> str:
+    """An option as the user would write it: `option("gene_key", "gene_symbol")` is
+    `--gene-key gene_symbol` on the command line and `gene_key='gene_symbol'` in Python;
+    `option("overwrite", True)` is `--overwrite`; without a value, the option's name alone."""
+    if _interface.get() == "cli":
+        flag = CLI_NAMES.get(name, "--" + name.replace("_", "-"))
+        return flag if value is _FLAG or value is True else f"{flag} {shlex.quote(str(plain(value)))}"
+    return name if value is _FLAG else f"{name}={plain(value)!r}"
+
+
+def plain(value):
+    """`value` with numpy and pandas scalars and containers turned into Python ones, so that a
+    message shows ['CD3E', 71], not [np.str_('CD3E'), np.int64(71)]."""
+    import numpy as np  # here: the command line starts without them
+    import pandas as pd
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping | pd.Series):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray | pd.Index):
+        return [plain(v) for v in value]
+    return value

@@ -22,13 +22,13 @@ from pathlib import Path
 import anndata as ad
 import lightning as L
 import numpy as np
-import pandas as pd
 import torch
 from typing_extensions import Unpack
 
 from exceiver.data.datamodule import CellDataModule
+from exceiver.data.labels import cell_labels
 from exceiver.data.sources import read_datasets
-from exceiver.errors import ExceiverInputError
+from exceiver.errors import ExceiverInputError, option
 from exceiver.model import Exceiver
 from exceiver.nn.config import ObjectiveConfig
 from exceiver.nn.network import ExceiverModule
@@ -43,33 +43,6 @@ MODES = ("full", "freeze", "scratch")
 # Small label sets (a few dozen cells) give one step per epoch: their cells are repeated so that an
 # epoch has at least this many steps, and early stopping judges real progress.
 MIN_STEPS_PER_EPOCH = 20
-
-
-def encode_labels(adata: ad.AnnData, label_key: str, min_cells_per_class: int) -> tuple[np.ndarray, list[str]]:
-    """Integer codes per cell and the sorted class names; refuses labels a classifier cannot learn."""
-    if label_key not in adata.obs.columns:
-        raise ExceiverInputError(f"label column {label_key!r} is not in obs; available columns: {list(adata.obs.columns)}")
-    labels = adata.obs[label_key]
-    missing = labels.isna().to_numpy()
-    if missing.any():
-        raise ExceiverInputError(
-            f"{int(missing.sum()):,} of {adata.n_obs:,} cells have no {label_key!r} label; "
-            f"remove them first (e.g. adata[adata.obs[{label_key!r}].notna()])"
-        )
-    labels = labels.astype(str)
-    counts = labels.value_counts()
-    if min_cells_per_class < 2:
-        raise ExceiverInputError("min_cells_per_class must be >= 2 (each class needs a training and a validation cell)")
-    if len(counts) < 2:
-        raise ExceiverInputError(f"label column {label_key!r} has a single class ({counts.index[0]!r}): nothing to predict")
-    small = counts[counts < min_cells_per_class]
-    if len(small):
-        raise ExceiverInputError(
-            f"{len(small)} classes of {label_key!r} have fewer than {min_cells_per_class} cells "
-            f"({', '.join(f'{k}: {v}' for k, v in small.items())}); remove or merge them"
-        )
-    classes = sorted(counts.index)
-    return pd.Categorical(labels, categories=classes).codes.astype(np.int64), classes
 
 
 def split_by_class(codes: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,6 +93,7 @@ def finetune(
     min_cells_per_class: int = 3,
     gene_key: str | None = None,
     layer: str | None = None,
+    allow_non_integer: bool = False,
     overwrite: bool = False,
     resume: bool = False,
     checkpoint_minutes: float = 10.0,
@@ -134,6 +108,10 @@ def finetune(
         from the base model's) or "scratch" (random initialisation, same architecture).
     class_loss_weight, expression_loss_weight: weights of cross-entropy and masked-expression MSE
         (the MSE term is not used when frozen).
+    label_key, min_cells_per_class: the obs column of labels; cells without a label are left out
+        (a logged warning counts them), and every class needs `min_cells_per_class` labelled cells
+        (`exceiver.data.labels.cell_labels`, as in `evaluate`).
+    gene_key, layer, allow_non_integer: where the counts and gene identifiers are, as in `pretrain`.
     overwrite, resume, checkpoint_minutes, keep_checkpoints: as for `pretrain` (replace an
         output exceiver wrote; continue an interrupted run; checkpoint this often).
     training: fields of `TrainingConfig` (max_epochs, max_minutes, batch_size, seed, ...).
@@ -141,15 +119,20 @@ def finetune(
     if mode not in MODES:
         raise ExceiverInputError(f"unknown fine-tuning mode {mode!r}; choose one of {MODES}")
     if class_loss_weight <= 0 or expression_loss_weight < 0:
-        raise ExceiverInputError("class_loss_weight must be > 0 and expression_loss_weight >= 0")
+        raise ExceiverInputError(f"{option('class_loss_weight')} must be > 0 and "
+                                 f"{option('expression_loss_weight')} >= 0")
     settings = training_config(training)
+    if min_cells_per_class < 2:
+        raise ExceiverInputError("min_cells_per_class must be >= 2 (each class needs a training and a validation cell)")
     checkpointing = Checkpointing(resume=resume, every_minutes=checkpoint_minutes, keep=keep_checkpoints)
     with training_output(out, overwrite=overwrite, resume=resume) as run:  # refused now, not after the work
         base = model if isinstance(model, Exceiver) else Exceiver.load(model)
-        if isinstance(adata, (str, Path)):
-            [(_, adata)] = read_datasets(adata)
-        codes, classes = encode_labels(adata, label_key, min_cells_per_class)
-        cells = base.cells(adata, gene_key=gene_key, layer=layer)
+        [(name, adata)] = read_datasets(adata)
+        labels = cell_labels(adata.obs, label_key, min_cells=min_cells_per_class, name=name)
+        codes, classes = labels.codes, labels.classes
+        if not labels.labelled.all():
+            adata = adata[labels.labelled]
+        cells = base.cells(adata, gene_key=gene_key, layer=layer, name=name, allow_non_integer=allow_non_integer)
         train_rows, val_rows = split_by_class(codes, settings.val_fraction, settings.seed)
         weights = balanced_class_weights(codes[train_rows], len(classes))
         validation = np.zeros(len(codes), dtype=bool)
@@ -174,6 +157,7 @@ def finetune(
             metrics = {
                 **result.summary(), "mode": mode, "label_key": label_key,
                 "n_train_cells": len(train_rows), "n_val_cells": len(val_rows),
+                "n_unlabelled_cells": int((~labels.labelled).sum()),
                 "train_cells_per_class": {c: int(n) for c, n in zip(classes, train_counts)},
                 "class_weights": {c: round(float(w), 4) for c, w in zip(classes, weights)},
             }

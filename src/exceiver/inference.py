@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from exceiver.data.cells import CellCounts
 from exceiver.data.loaders import CellBatcher, cell_loader
@@ -15,14 +14,9 @@ from exceiver.data.sources import H5adCells
 from exceiver.data.streams import EpochLoader, OrderedBatches
 from exceiver.data.tokenizer import CellBatch, TokenizerConfig
 from exceiver.nn.network import ExceiverModule
+from exceiver.progress import progress_bar
 
 QUERY_CHUNK = 4096  # decoder queries per call when predicting many genes (bounds memory)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def decode_values(module: ExceiverModule, latents: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
@@ -69,7 +63,7 @@ def iterate_batches(
         stream = OrderedBatches(cells, scaler, tokenizer, batch_size=batch_size, masked=masked, salt=salt,
                                 prepare=prepare, distributed=False)
         loader = EpochLoader(stream, num_workers=num_workers)
-    with tqdm(total=cells.n_cells, unit="cell", desc=desc, disable=not progress) as bar:
+    with progress_bar(total=cells.n_cells, unit="cell", desc=desc, disable=not progress) as bar:
         for batch in loader:
             yield batch.to(device, non_blocking=True)
             bar.update(len(batch))

@@ -20,13 +20,15 @@ import pandas as pd
 import torch
 
 from exceiver.data.cells import CellCounts, align
+from exceiver.data.counts import count_layers
 from exceiver.data.preprocess import GeneScaler, ModelCells, prepare_cells
 from exceiver.data.sources import H5adCells, h5ad_layers, h5ad_var, read_datasets
 from exceiver.data.tokenizer import CellBatch, TokenizerConfig
 from exceiver.data.vocab import GeneVocab
-from exceiver.errors import ExceiverInputError, ModelFileError
-from exceiver.inference import decode_values, iterate_latents, resolve_device
 from exceiver.data.genemap import map_genes
+from exceiver.devices import inference_device
+from exceiver.errors import ExceiverInputError, ModelFileError, option, plain
+from exceiver.inference import decode_values, iterate_latents
 from exceiver.io import h5ad_copy_with_obsm, load_model_files, save_model_files, write_h5ad
 from exceiver.outputs import atomic_dir, claim
 from exceiver.nn.config import ExceiverConfig, ObjectiveConfig, from_dict
@@ -40,6 +42,11 @@ class Exceiver:
 
     gene_key, layer: where the training data held gene identifiers and raw counts; used for new
     data that has that var column / layer unless a call says otherwise.
+
+    Methods that read counts take `layer` (a layer name, or "raw" for adata.raw),
+    `allow_non_integer` (accept counts that are mostly not integers, which are refused otherwise:
+    log-normalised data is not counts) and `name` (the dataset's name in messages); `device` is
+    checked before any data is read.
     """
 
     def __init__(self, module: ExceiverModule, vocab: GeneVocab, scaler: GeneScaler, tokenizer: TokenizerConfig, *,
@@ -133,11 +140,12 @@ class Exceiver:
                          scaler=self.scaler, metrics=self.metrics)
 
     def cells(self, adata: ad.AnnData, *, gene_key: str | None = None, layer: str | None = None,
-              name: str = "dataset") -> CellCounts:
+              name: str = "dataset", allow_non_integer: bool = False) -> CellCounts:
         """Align a dataset to the model's genes and check its counts; every cell must have counts
         in genes the model saw expressed in training (others have untrained embeddings)."""
-        gene_key, layer = self.data_keys(adata.var.columns, adata.layers.keys(), gene_key, layer)
-        return prepare_cells(align(adata, self.vocab, gene_key=gene_key, layer=layer, name=name), name,
+        gene_key, layer = self.data_keys(adata.var.columns, count_layers(adata), gene_key, layer)
+        return prepare_cells(align(adata, self.vocab, gene_key=gene_key, layer=layer, name=name,
+                                   allow_non_integer=allow_non_integer), name,
                              genes=self.scaler.trained_genes, empty="refuse")
 
     def data_keys(self, var_columns, layers, gene_key: str | None, layer: str | None) -> tuple[str | None, str | None]:
@@ -153,7 +161,8 @@ class Exceiver:
     def embed(self, adata: ad.AnnData, *, key_added: str = "X_exceiver", pooling: str | None = None,
               inplace: bool = True, gene_key: str | None = None, layer: str | None = None,
               batch_size: int | None = None, device: str | None = None, num_workers: int = 0,
-              gene_map: str | Path | pd.DataFrame | None = None, progress: bool = True) -> np.ndarray:
+              gene_map: str | Path | pd.DataFrame | None = None, allow_non_integer: bool = False,
+              name: str = "dataset", progress: bool = True) -> np.ndarray:
         """Cell embeddings [cells, width]: the cell bottleneck ("bottleneck", the default of models
         that have one), the mean of the processed latents ("mean", the default of others) or all of
         them flattened ("flatten", the original's); also written to `adata.obsm[key_added]` (with
@@ -165,8 +174,9 @@ class Exceiver:
         source, keys = adata, (gene_key, layer)
         if gene_map is not None:
             gene_key, layer = self.data_keys(adata.var.columns, adata.layers.keys(), gene_key, layer)
-            source, keys = map_genes(adata, gene_map, gene_key=gene_key, layer=layer), ("var_names", "X")
-        for batch, latents in self._latents(source, *keys, batch_size, device, progress, "embedding", num_workers):
+            source, keys = map_genes(adata, gene_map, gene_key=gene_key, layer=layer, name=name), ("var_names", "X")
+        for batch, latents in self._latents(source, *keys, batch_size, device, progress, "embedding", num_workers,
+                                            allow_non_integer, name):
             embedding[batch.cells.cpu().numpy()] = self.module.pool(latents, pooling).float().cpu().numpy()
         if inplace:
             adata.obsm[key_added] = embedding
@@ -177,21 +187,22 @@ class Exceiver:
     def embed_file(self, path: str | Path, out: str | Path, *, key_added: str = "X_exceiver", pooling: str | None = None,
                    gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
                    device: str | None = None, num_workers: int = 0, gene_map: str | Path | None = None,
-                   overwrite: bool = False, progress: bool = True) -> Path:
+                   overwrite: bool = False, allow_non_integer: bool = False, progress: bool = True) -> Path:
         """`embed` from an .h5ad file to a copy of it with `obsm[key_added]` added, streaming:
         neither the counts nor the embeddings are ever all in memory (with a `gene_map` the
         file is read into memory, to be translated)."""
+        device = inference_device(device)
         pooling = check_pooling(pooling, self.module)
         with claim(out, overwrite=overwrite, folder=False):  # refused now, not after the work
             if gene_map is not None:
-                [(_, adata)] = read_datasets(path)
+                [(name, adata)] = read_datasets(path)
                 self.embed(adata, key_added=key_added, pooling=pooling, gene_key=gene_key, layer=layer,
                            batch_size=batch_size, device=device, num_workers=num_workers, gene_map=gene_map,
-                           progress=progress)
+                           allow_non_integer=allow_non_integer, name=name, progress=progress)
                 write_h5ad(adata, out, overwrite=overwrite)
                 return Path(out)
             gene_key, layer = self.data_keys(h5ad_var(path).var.columns, h5ad_layers(path), gene_key, layer)
-            cells = H5adCells(path, self.vocab, gene_key=gene_key, layer=layer)
+            cells = H5adCells(path, self.vocab, gene_key=gene_key, layer=layer, allow_non_integer=allow_non_integer)
             self._embed_cells(cells, path, out, key_added, pooling, batch_size, device, num_workers, overwrite,
                               progress)
         return Path(out)
@@ -211,7 +222,8 @@ class Exceiver:
     @torch.inference_mode()
     def predict_values(self, adata: ad.AnnData, query_genes: Sequence[str] | None = None, *,
                        gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
-                       device: str | None = None, progress: bool = True) -> np.ndarray:
+                       device: str | None = None, allow_non_integer: bool = False, name: str = "dataset",
+                       progress: bool = True) -> np.ndarray:
         """The decoder's predicted value of each query gene in each cell, from the cell's tokens
         (nothing masked; cells with more than `max_tokens` expressed genes are subsampled as in
         `embed`), in the model's value space (z-score + 1, or log-normalised expression for models with
@@ -223,39 +235,45 @@ class Exceiver:
             ids = self.vocab.ids(list(query_genes))
             if (ids < 0).any():
                 unknown = [str(g) for g, i in zip(query_genes, ids) if i < 0]
-                raise ExceiverInputError(f"{len(unknown)} query genes are not in the model's vocabulary, e.g. {unknown[:3]}")
+                raise ExceiverInputError(f"{len(unknown)} query genes are not in the model's vocabulary, "
+                                         f"e.g. {plain(unknown[:3])}")
         out = np.empty((adata.n_obs, len(ids)), dtype=np.float32)
         query = torch.from_numpy(ids)
-        for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "predicting"):
+        for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "predicting",
+                                            allow_non_integer=allow_non_integer, name=name):
             out[batch.cells.cpu().numpy()] = decode_values(self.module, latents, query.to(latents.device)).float().cpu().numpy()
         return out
 
     @torch.inference_mode()
     def predict_logits(self, adata: ad.AnnData, *, gene_key: str | None = None, layer: str | None = None,
-                       batch_size: int | None = None, device: str | None = None, progress: bool = True) -> np.ndarray:
+                       batch_size: int | None = None, device: str | None = None, allow_non_integer: bool = False,
+                       name: str = "dataset", progress: bool = True) -> np.ndarray:
         """Class-token logits [cells, classes] (columns: `self.classes`)."""
         if self.module.class_head is None:
             raise ExceiverInputError("this model has no class head: it predicts expression, not classes")
         logits = np.empty((adata.n_obs, self.config.n_classes), dtype=np.float32)
-        for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "classifying"):
+        for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "classifying",
+                                            allow_non_integer=allow_non_integer, name=name):
             logits[batch.cells.cpu().numpy()] = self.module.class_logits(latents).float().cpu().numpy()
         return logits
 
     def predict_proba(self, adata: ad.AnnData, *, gene_key: str | None = None, layer: str | None = None,
-                      batch_size: int | None = None, device: str | None = None, progress: bool = True) -> np.ndarray:
+                      batch_size: int | None = None, device: str | None = None, allow_non_integer: bool = False,
+                      name: str = "dataset", progress: bool = True) -> np.ndarray:
         """Class probabilities [cells, classes] (softmax of the logits; columns: `self.classes`)."""
         logits = self.predict_logits(adata, gene_key=gene_key, layer=layer, batch_size=batch_size, device=device,
-                                     progress=progress)
+                                     allow_non_integer=allow_non_integer, name=name, progress=progress)
         return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
 
     def predict(self, adata: ad.AnnData, *, key_added: str = "exceiver_prediction", inplace: bool = True,
                 gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
-                device: str | None = None, progress: bool = True) -> pd.Series:
+                device: str | None = None, allow_non_integer: bool = False, name: str = "dataset",
+                progress: bool = True) -> pd.Series:
         """Predicted class of each cell, returned; also written to `obs[key_added]`, with the class
         probabilities in `obsm["exceiver_probabilities"]` (columns: `uns["exceiver_classes"]`;
         "exceiver" is `key_added` without its "_prediction" suffix), unless `inplace=False`."""
         proba = self.predict_proba(adata, gene_key=gene_key, layer=layer, batch_size=batch_size, device=device,
-                                   progress=progress)
+                                   allow_non_integer=allow_non_integer, name=name, progress=progress)
         prefix = key_added.removesuffix("_prediction")
         classes = np.asarray(self.classes)
         prediction = pd.Series(pd.Categorical(classes[proba.argmax(1)], categories=classes),
@@ -274,8 +292,9 @@ class Exceiver:
 
     @contextlib.contextmanager
     def on_device(self, device: str | None) -> Iterator[torch.device]:
-        """Run on `device` and leave the network where the user had it afterwards."""
-        target = resolve_device(device)
+        """Run on `device` (see `exceiver.devices.inference_device`) and leave the network where the
+        user had it afterwards."""
+        target = inference_device(device)
         home = next(self.module.parameters()).device
         with torch.inference_mode(False):  # moved weights must stay usable by autograd afterwards
             self.module.to(target)
@@ -287,19 +306,22 @@ class Exceiver:
 
     def _latents(self, adata: ad.AnnData, gene_key: str | None = None, layer: str | None = None,
                  batch_size: int | None = None, device: str | None = None, progress: bool = True,
-                 desc: str = "cells", num_workers: int = 0) -> Iterator[tuple[CellBatch, torch.Tensor]]:
-        """(batch, processed latents) over the cells of `adata`, in batches on the chosen device; a
-        backed AnnData (`read_h5ad(path, backed="r")`) is read from disk chunk by chunk."""
+                 desc: str = "cells", num_workers: int = 0, allow_non_integer: bool = False,
+                 name: str = "dataset") -> Iterator[tuple[CellBatch, torch.Tensor]]:
+        """(batch, processed latents) over the cells of `adata`, in batches on the chosen device
+        (checked before the data is read); a backed AnnData (`read_h5ad(path, backed="r")`) is read
+        from disk chunk by chunk."""
+        device = inference_device(device)
         if adata.isbacked:
             gene_key, layer = self.data_keys(adata.var.columns, h5ad_layers(adata.filename), gene_key, layer)
             cells = H5adCells(adata.filename, self.vocab, gene_key=gene_key, layer=layer,
-                              name=Path(adata.filename).stem)
+                              name=Path(adata.filename).stem, allow_non_integer=allow_non_integer)
         else:
-            cells = self.cells(adata, gene_key=gene_key, layer=layer)
+            cells = self.cells(adata, gene_key=gene_key, layer=layer, name=name, allow_non_integer=allow_non_integer)
         with self.on_device(device) as on:
             yield from iterate_latents(self.module, cells, self.scaler, self.tokenizer, batch_size=batch_size,
                                        device=on, num_workers=num_workers, progress=progress, desc=desc,
-                                       prepare=ModelCells(self.scaler.trained_genes, getattr(cells, "name", "dataset")))
+                                       prepare=ModelCells(self.scaler.trained_genes, getattr(cells, "name", name)))
 
 
 def import_original(ckpt_path: str | Path, genes: str | Path | Sequence[str] | None = None,
@@ -318,7 +340,8 @@ def check_pooling(pooling: str | None, module: ExceiverModule) -> str:
     if pooling not in POOLINGS:
         raise ExceiverInputError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
     if pooling == "bottleneck" and module.bottleneck is None:
-        raise ExceiverInputError("this model has no cell bottleneck: use pooling 'mean' or 'flatten'")
+        raise ExceiverInputError(f"this model has no cell bottleneck: use {option('pooling', 'mean')} or "
+                                 f"{option('pooling', 'flatten')}")
     return pooling
 
 

@@ -16,6 +16,7 @@ import torch
 from typing_extensions import Unpack
 
 from exceiver.data.cells import CellCounts, align
+from exceiver.data.counts import counts_var
 from exceiver.data.corpus import CorpusCells, fit_scaler, is_corpus
 from exceiver.data.datamodule import CellDataModule, validation_cells
 from exceiver.data.preprocess import GeneScaler, prepare_cells, report_dropped
@@ -63,6 +64,7 @@ def pretrain(
     init: Exceiver | str | Path | None = None,
     extend_genes: bool = False,
     batch_key: str | None = None,
+    allow_non_integer: bool = False,
     overwrite: bool = False,
     resume: bool = False,
     checkpoint_minutes: float = 10.0,
@@ -81,6 +83,9 @@ def pretrain(
     n_top_genes: keep the most variable genes of the training cells (seurat_v3 on raw counts, per
         dataset); None: the preset's choice (default 2,000; paper: all genes); 0: all genes.
     gene_key: var column of gene identifiers, for the datasets that have it (others: var_names).
+    layer: where the raw counts are: X (None), a layer, or "raw" for adata.raw (with raw.var's genes).
+    allow_non_integer: accept counts that are mostly not integers (refused otherwise: log-normalised
+        data is not counts).
     gene_map: a two-column table (model gene, dataset gene; e.g. human,mouse orthologs): datasets
         whose genes are its dataset genes are translated, the others are read as they are.
     init: continue training a pretrained model (folder or Exceiver) on this data: its vocabulary
@@ -119,7 +124,8 @@ def pretrain(
         cells = pretraining_data(
             data, settings, genes=genes, n_top_genes=n_top_genes, gene_key=gene_key, layer=layer, gene_map=gene_map,
             base_vocab=None if base is None else base.vocab, extend_genes=extend_genes, batch_key=batch_key,
-            standardise=base.scaler.standardise if base else tokenizer.values == "zscore", progress=progress)
+            allow_non_integer=allow_non_integer, standardise=base.scaler.standardise if base else tokenizer.values == "zscore",
+            progress=progress)
         scaler = cells.scaler if base is None else merged_scaler(cells.scaler, base.scaler)
         batches = batch_categories(cells.batch_labels, base.batches if base else None, batch_key)
 
@@ -192,7 +198,8 @@ def learned_context(best_metrics: dict) -> dict:
 def pretraining_data(data: DataInput | Sequence[DataInput], settings: TrainingConfig, *, genes=None,
                      n_top_genes: int = 0, gene_key: str | None = None, layer: str | None = None,
                      gene_map=None, base_vocab: GeneVocab | None = None, extend_genes: bool = False,
-                     batch_key: str | None = None, standardise: bool = True, progress: bool = True) -> PretrainingData:
+                     batch_key: str | None = None, allow_non_integer: bool = False, standardise: bool = True,
+                     progress: bool = True) -> PretrainingData:
     """Datasets read into memory, or a corpus folder streamed from disk: one split rule and one
     scaler fit for both, so the same files and seed give the same training and validation cells.
     A corpus keeps the genes it was built with (`n_top_genes` applies to data read into memory).
@@ -205,18 +212,19 @@ def pretraining_data(data: DataInput | Sequence[DataInput], settings: TrainingCo
         if given:
             raise ExceiverInputError(f"{items[0]} is a corpus folder: {', '.join(map(option, given))} need datasets "
                                      "read into memory (.h5ad files)")
-        cells = _corpus_on_disk(items[0], settings, genes, gene_key, layer, standardise, progress)
+        cells = _corpus_on_disk(items[0], settings, genes, gene_key, layer, allow_non_integer, standardise, progress)
         if base_vocab is not None and cells.vocab != base_vocab:
             raise ExceiverInputError(f"{items[0]} was built with other genes than the model's: build it with the "
                                      "model's genes (exceiver build-corpus ... --genes MODEL_DIR/genes.txt)")
         return cells
-    return _cells_in_memory(data, settings, genes, n_top_genes, gene_key, layer, standardise, gene_map=gene_map,
-                            base_vocab=base_vocab, extend_genes=extend_genes, batch_key=batch_key)
+    return _cells_in_memory(data, settings, genes, n_top_genes, gene_key, layer, allow_non_integer, standardise,
+                            gene_map=gene_map, base_vocab=base_vocab, extend_genes=extend_genes, batch_key=batch_key)
 
 
 def _cells_in_memory(data, settings: TrainingConfig, genes, n_top_genes: int, gene_key: str | None,
-                     layer: str | None, standardise: bool = True, *, gene_map=None, base_vocab: GeneVocab | None = None,
-                     extend_genes: bool = False, batch_key: str | None = None) -> PretrainingData:
+                     layer: str | None, allow_non_integer: bool, standardise: bool = True, *, gene_map=None,
+                     base_vocab: GeneVocab | None = None, extend_genes: bool = False,
+                     batch_key: str | None = None) -> PretrainingData:
     """Datasets read into memory (translated through `gene_map` where their genes are its dataset
     genes), aligned to one vocabulary, checked, split, restricted to the training cells' most
     variable genes (with `n_top_genes`) or to a continued model's genes, and scaled."""
@@ -226,18 +234,19 @@ def _cells_in_memory(data, settings: TrainingConfig, genes, n_top_genes: int, ge
         translated = translate_datasets(datasets, gene_map, gene_key, layer)
         datasets = [(name, adata) for name, adata, _ in translated]
         layers = [None if done else layer for _, _, done in translated]
-    keys = gene_keys(datasets, gene_key)
+    tables = [(name, counts_var(adata, lay, name)) for (name, adata), lay in zip(datasets, layers)]  # the counts' genes
+    keys = gene_keys(tables, gene_key)
     if batch_key is not None:
         check_batch_key(datasets, batch_key)
-    vocab = build_vocab(datasets, genes, keys)
-    cells, labels = _aligned(datasets, keys, layers, vocab, batch_key)
+    vocab = build_vocab(tables, genes, keys)
+    cells, labels = _aligned(datasets, keys, layers, vocab, batch_key, allow_non_integer)
     validation = validation_cells(cells.n_cells, settings.val_fraction, settings.seed)
     if n_top_genes and (base_vocab is None or extend_genes):  # cells without counts stay: the split does not move
         chosen = highly_variable_genes(cells.subset(np.flatnonzero(~validation)), n_top_genes)
         vocab, cells = vocab.subset(chosen), cells.select_genes(chosen)
     if base_vocab is not None:
         vocab = model_vocabulary(base_vocab, vocab.genes, extend=extend_genes)
-        cells, labels = _aligned(datasets, keys, layers, vocab, batch_key)
+        cells, labels = _aligned(datasets, keys, layers, vocab, batch_key, allow_non_integer)
         validation = validation_cells(cells.n_cells, settings.val_fraction, settings.seed)
     scaler = GeneScaler.fit(cells.subset(np.flatnonzero(~validation)), standardise=standardise)
     expressed = cells.keep_genes(scaler.n_expressed > 0).n_genes_expressed
@@ -256,12 +265,13 @@ def _cells_in_memory(data, settings: TrainingConfig, genes, n_top_genes: int, ge
     return PretrainingData(cells, vocab, scaler, validation, counts, gene_key, layer, labels)
 
 
-def _aligned(datasets, keys, layers, vocab: GeneVocab, batch_key: str | None) -> tuple[CellCounts, np.ndarray | None]:
+def _aligned(datasets, keys, layers, vocab: GeneVocab, batch_key: str | None,
+             allow_non_integer: bool) -> tuple[CellCounts, np.ndarray | None]:
     """The datasets' cells with counts in `vocab` (cells without any are dropped, and reported),
     and each kept cell's batch."""
     parts, labels = [], []
     for (name, adata), key, layer in zip(datasets, keys, layers):
-        aligned = align(adata, vocab, gene_key=key, layer=layer, name=name)
+        aligned = align(adata, vocab, gene_key=key, layer=layer, name=name, allow_non_integer=allow_non_integer)
         parts.append(prepare_cells(aligned, name))
         report_dropped(name, aligned.n_cells, parts[-1].n_cells)
         if batch_key is not None:  # prepare_cells drops exactly the cells without counts
@@ -282,10 +292,11 @@ def check_batch_key(datasets, batch_key: str) -> None:
 
 
 def _corpus_on_disk(folder, settings: TrainingConfig, genes, gene_key: str | None, layer: str | None,
-                    standardise: bool, progress: bool) -> PretrainingData:
+                    allow_non_integer: bool, standardise: bool, progress: bool) -> PretrainingData:
     """The same from a corpus folder (`build_corpus`), streamed from disk: memory does not grow
     with the number of cells."""
-    given = [name for name, value in (("genes", genes), ("gene_key", gene_key), ("layer", layer)) if value]
+    given = [option(name) for name, value in (("genes", genes), ("gene_key", gene_key), ("layer", layer),
+                                              ("allow_non_integer", allow_non_integer)) if value]
     if given:
         raise ExceiverInputError(f"{folder} is a corpus folder: its genes and counts were fixed when it was "
                                  f"built; pass {', '.join(given)} to build-corpus instead")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,8 +17,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from exceiver.data.vocab import GeneVocab, dataset_genes
-from exceiver.errors import ExceiverInputError
+from exceiver.data.counts import (
+    check_counts,
+    count_layers,
+    counts_location,
+    counts_matrix,
+    counts_var,
+    location_label,
+    refuse_empty,
+)
+from exceiver.data.vocab import VAR_NAMES, GeneVocab, dataset_genes
+from exceiver.errors import ExceiverInputError, option, plain
 
 log = logging.getLogger(__name__)
 
@@ -97,25 +105,6 @@ class CellCounts:
         )
 
 
-def counts_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix:
-    """The raw-count matrix of `adata` (X or a layer) as CSR, without densifying sparse input."""
-    if layer is None:
-        matrix = adata.X
-    elif layer not in adata.layers:
-        raise ExceiverInputError(
-            f"layer {layer!r} is not in the dataset; available layers: {list(adata.layers)}"
-        )
-    else:
-        matrix = adata.layers[layer]
-    if matrix is None:
-        raise ExceiverInputError("the dataset has no expression matrix (X is None)")
-    if hasattr(matrix, "to_memory"):  # backed sparse dataset
-        matrix = matrix.to_memory()
-    if sp.issparse(matrix):
-        return sp.csr_matrix(matrix)
-    return sp.csr_matrix(np.asarray(matrix))
-
-
 def align(
     adata: ad.AnnData,
     vocab: GeneVocab,
@@ -123,14 +112,22 @@ def align(
     gene_key: str | None = None,
     layer: str | None = None,
     name: str = "dataset",
+    allow_non_integer: bool = False,
 ) -> CellCounts:
-    """Map a dataset's genes onto the vocabulary.
+    """Map a dataset's counts (X, a layer, or adata.raw with `layer="raw"`) onto the vocabulary,
+    after refusing an empty dataset and counts that are not raw counts (`check_counts`).
 
     Duplicate identifiers (e.g. two Ensembl ids with one symbol) are one gene to the model: their
     counts are summed, with a warning. Genes outside the vocabulary are dropped.
     """
-    ids, measured = gene_alignment(adata, vocab, gene_key=gene_key, name=name)
-    matrix = counts_matrix(adata, layer)
+    genes = counts_var(adata, layer, name)
+    refuse_empty(name, adata.n_obs, genes.n_vars)
+    matrix = counts_matrix(adata, layer, name)
+    location = counts_location(layer, adata.layers.keys(), adata.raw is not None, name)
+    elsewhere = [other for other in count_layers(adata) if other != layer]
+    check_counts(matrix, name, where=location_label(location), allow_non_integer=allow_non_integer,
+                 elsewhere=elsewhere)
+    ids, measured = gene_alignment(genes, vocab, gene_key=gene_key, name=name)
     return CellCounts(
         to_vocabulary(matrix, ids, len(vocab)), measured, np.zeros(matrix.shape[0], dtype=np.int32),
         np.asarray(adata.obs_names, dtype=object).astype(str), [name],
@@ -150,8 +147,8 @@ def gene_alignment(
     if n_matched == 0:
         raise ExceiverInputError(
             f"{name}: none of its {len(genes):,} genes is in the model's vocabulary of "
-            f"{len(vocab):,} genes (e.g. dataset {list(genes[:3])} vs vocabulary "
-            f"{list(vocab.genes[:3])}).{_gene_key_hint(adata, vocab, gene_key)}"
+            f"{len(vocab):,} genes (e.g. dataset {plain(genes[:3])} vs vocabulary "
+            f"{plain(vocab.genes[:3])}).{_gene_key_hint(adata, vocab, gene_key)}"
         )
     unique_matched = np.unique(ids[matched])
     coverage = len(unique_matched) / len(vocab)
@@ -161,20 +158,14 @@ def gene_alignment(
         f"{len(vocab):,}",
     )
     if n_matched / len(genes) < LOW_OVERLAP and coverage < LOW_OVERLAP:
-        warnings.warn(
-            f"{name}: only {n_matched:,} of {len(genes):,} genes ({100 * n_matched / len(genes):.1f}%) "
-            f"are in the model's vocabulary; are the identifiers of the right type?"
-            f"{_gene_key_hint(adata, vocab, gene_key)}",
-            stacklevel=2,
-        )
+        log.warning("%s: only %s of %s genes (%.1f%%) are in the model's vocabulary; are the identifiers of the "
+                    "right type?%s", name, f"{n_matched:,}", f"{len(genes):,}", 100 * n_matched / len(genes),
+                    _gene_key_hint(adata, vocab, gene_key))
     if len(unique_matched) < n_matched:
         dup = pd.Series(genes[matched])
         dup = dup[dup.duplicated()].unique()
-        warnings.warn(
-            f"{name}: {len(dup):,} gene identifiers occur more than once (e.g. {list(dup[:5])}); "
-            "their counts are summed into one vocabulary gene",
-            stacklevel=2,
-        )
+        log.warning("%s: %s gene identifiers occur more than once (e.g. %s); their counts are summed into one "
+                    "vocabulary gene", name, f"{len(dup):,}", plain(dup[:5]))
     measured = np.zeros((1, len(vocab)), dtype=bool)
     measured[0, unique_matched] = True
     return ids, measured
@@ -213,6 +204,5 @@ def _gene_key_hint(adata: ad.AnnData, vocab: GeneVocab, gene_key: str | None) ->
             best, best_hits = col, hits
     if best_hits == 0:
         return ""
-    where = "var_names" if best is None else f"var[{best!r}]"
-    option = "gene_key=None (use var_names)" if best is None else f"gene_key={best!r}"
-    return f" {where} matches {best_hits:,} vocabulary genes: pass {option}."
+    where = "var_names" if best is None else f"var[{plain(best)!r}]"
+    return f" {where} matches {best_hits:,} vocabulary genes: pass {option('gene_key', best or VAR_NAMES)}."

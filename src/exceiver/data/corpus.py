@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from exceiver.data.cells import CellCounts
 from exceiver.data.preprocess import GeneScaler, prepare_cells, report_dropped
 from exceiver.data.sources import READ_CELLS, H5adCells, h5ad_var
 from exceiver.data.vocab import GeneVocab, build_vocab, gene_keys
-from exceiver.errors import ExceiverInputError
+from exceiver.errors import ExceiverInputError, option
 from exceiver.outputs import atomic_dir
+from exceiver.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +47,29 @@ def is_corpus(path) -> bool:
 
 def build_corpus(files: Sequence[str | Path], out: str | Path, *, genes=None, gene_key: str | None = None,
                  layer: str | None = None, shard_cells: int = SHARD_CELLS, overwrite: bool = False,
-                 progress: bool = True) -> CorpusCells:
+                 allow_non_integer: bool = False, progress: bool = True) -> CorpusCells:
     """Convert `.h5ad` files of raw counts into a corpus folder, reading each file in row chunks
-    (memory does not grow with the number of cells). genes, gene_key: as in `exceiver.pretrain`."""
+    (memory does not grow with the number of cells). genes, gene_key, layer, allow_non_integer:
+    as in `exceiver.pretrain`; every file is checked before anything is written."""
     paths = [Path(f) for f in files]
     if not paths:
         raise ExceiverInputError("no datasets given")
     if shard_cells < 1:
-        raise ExceiverInputError("shard_cells must be >= 1")
+        raise ExceiverInputError(f"{option('shard_cells')} must be >= 1")
     stems = [p.stem for p in paths]
     names = [f"{s}#{i}" if stems.count(s) > 1 else s for i, s in enumerate(stems)]
-    tables = [(name, h5ad_var(path)) for name, path in zip(names, paths)]
+    tables = [(name, h5ad_var(path, layer)) for name, path in zip(names, paths)]
     keys = gene_keys(tables, gene_key)
     vocab = build_vocab(tables, genes, keys)
-    sources = [H5adCells(p, vocab, gene_key=k, layer=layer, name=n) for p, k, n in zip(paths, keys, names)]
+    sources = [H5adCells(p, vocab, gene_key=k, layer=layer, name=n, allow_non_integer=allow_non_integer)
+               for p, k, n in zip(paths, keys, names)]
     with atomic_dir(out, overwrite=overwrite) as folder:
         (folder / "shards").mkdir()
         vocab.save(folder / "genes.txt")
         np.save(folder / "measured.npy", np.concatenate([s.measured for s in sources]))
         shards, datasets = [], []
-        with tqdm(total=sum(s.n_cells for s in sources), unit="cell", desc="building corpus",
-                  disable=not progress) as bar:
+        with progress_bar(total=sum(s.n_cells for s in sources), unit="cell", desc="building corpus",
+                          disable=not progress) as bar:
             for index, source in enumerate(sources):
                 kept = _write_source(source, index, folder / "shards", shards, shard_cells, bar)
                 datasets.append({"name": source.name, "file": str(source.path.resolve()),
@@ -187,8 +189,12 @@ def fit_scaler(corpus: CorpusCells, validation: np.ndarray, *, standardise: bool
                progress: bool = True) -> GeneScaler:
     """The scaler, fitted on the corpus's training cells (`validation` False) in two streaming passes."""
     def training_chunks():
-        for a, b in tqdm(corpus.blocks(), desc="fitting the scaler", unit="block", disable=not progress, leave=False):
-            cells = corpus.read(int(a), int(b))
-            yield cells.subset(np.flatnonzero(~validation[a:b]))
+        blocks = corpus.blocks()
+        with progress_bar(total=len(blocks), desc="fitting the scaler", unit="block", disable=not progress,
+                          leave=False) as bar:
+            for a, b in blocks:
+                cells = corpus.read(int(a), int(b))
+                yield cells.subset(np.flatnonzero(~validation[a:b]))
+                bar.update(1)
 
     return GeneScaler.fit_chunks(training_chunks, len(corpus.vocab), standardise=standardise)

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from exceiver.data.cells import counts_matrix
+from exceiver.data.counts import counts_matrix, counts_var
 from exceiver.data.vocab import dataset_genes
-from exceiver.errors import ExceiverInputError
+from exceiver.errors import ExceiverInputError, plain
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def map_genes(adata: ad.AnnData, gene_map: str | Path | pd.DataFrame, *, gene_ke
     with counts summed accordingly; obs is kept, unmapped genes are dropped."""
     pairs = gene_map if isinstance(gene_map, pd.DataFrame) else read_gene_map(gene_map)
     pairs = pairs.iloc[:, :2].set_axis(["model_gene", "data_gene"], axis=1).astype(str)
-    genes = pd.Index(dataset_genes(adata, gene_key).astype(str))
+    genes = pd.Index(dataset_genes(counts_var(adata, layer, name), gene_key).astype(str))
     first = pairs.drop_duplicates("data_gene")  # one model gene per dataset gene
     exact = dict(zip(first.data_gene, first.model_gene))
     folded = dict(zip(first.data_gene.str.upper(), first.model_gene))
@@ -56,11 +56,11 @@ def map_genes(adata: ad.AnnData, gene_map: str | Path | pd.DataFrame, *, gene_ke
     keep = np.flatnonzero([t is not None for t in target])
     if not len(keep):
         raise ExceiverInputError(f"{name}: none of its {len(genes):,} genes is in the gene map "
-                                 f"(e.g. {list(genes[:3])}); check the map's column order: model gene, dataset gene")
+                                 f"(e.g. {plain(genes[:3])}); check the map's column order: model gene, dataset gene")
     model_genes, column = np.unique(np.asarray(target, dtype=object)[keep].astype(str), return_inverse=True)
     projection = sp.csr_matrix((np.ones(len(keep), dtype=np.float32), (keep, column)),
                                shape=(len(genes), len(model_genes)))
-    counts = counts_matrix(adata, layer) @ projection
+    counts = counts_matrix(adata, layer, name) @ projection
     return ad.AnnData(sp.csr_matrix(counts, dtype=np.float32), obs=adata.obs.copy(),
                       var=pd.DataFrame(index=pd.Index(model_genes, name="gene")))
 

@@ -1,5 +1,6 @@
-"""Count checks and the paper's value transform: normalise to 1e4 per cell, log1p, z-score per
-gene (statistics fitted once, on training cells, zeros included), clip at 10, plus 1.
+"""Cells made ready for a model, and the paper's value transform: normalise to 1e4 per cell, log1p,
+z-score per gene (statistics fitted once, on training cells, zeros included), clip at 10, plus 1.
+(Counts were checked where they were read: `exceiver.data.counts.check_counts`.)
 
 Everything here works on the non-zero entries of sparse counts: a dense cells x genes matrix is
 never built.
@@ -8,14 +9,13 @@ never built.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from exceiver.data.cells import CellCounts
-from exceiver.errors import ExceiverInputError
+from exceiver.errors import ExceiverInputError, plain
 
 log = logging.getLogger(__name__)
 
@@ -24,44 +24,17 @@ MAX_VALUE = 10.0
 SHIFT = 1.0  # the paper shifts z-scores so that an average expression level is 1, not 0
 
 
-def check_counts(cells: CellCounts, name: str = "dataset") -> None:
-    """Refuse counts that are not finite or negative; warn on non-integers (not raw counts?)."""
-    data = cells.counts.data
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise ExceiverInputError(
-            f"{name}: {int(bad.sum()):,} count entries are NaN or infinite; exceiver needs raw counts"
-        )
-    negative = data < 0
-    if negative.any():
-        raise ExceiverInputError(
-            f"{name}: {int(negative.sum()):,} count entries are negative (min {data.min():.3g}); "
-            "exceiver needs raw counts, not scaled or centred data (pass layer='counts' if the "
-            "counts are in a layer)"
-        )
-    fractional = data != np.round(data)
-    if fractional.any():
-        example = data[np.flatnonzero(fractional)[0]]
-        warnings.warn(
-            f"{name}: {int(fractional.sum()):,} of {data.size:,} non-zero entries are not integers "
-            f"(e.g. {example:.4g}); exceiver expects raw counts, and log-normalised input gives "
-            "wrong values",
-            stacklevel=2,
-        )
-
-
 EMPTY_CELLS = ("drop", "refuse")
 
 
 def prepare_cells(cells: CellCounts, name: str = "dataset", *, genes: np.ndarray | None = None,
                   empty: str = "drop") -> CellCounts:
-    """The one way cells enter a model: counts checked, only `genes` kept (a bool mask over the
-    vocabulary, e.g. the genes a model saw expressed in training; the others become unmeasured),
-    and cells left without counts either dropped (training: they have no tokens) or refused
-    (outputs aligned with the user's cells, where a silent drop would misalign them)."""
+    """The one way cells enter a model: only `genes` kept (a bool mask over the vocabulary, e.g.
+    the genes a model saw expressed in training; the others become unmeasured), and cells left
+    without counts either dropped (training: they have no tokens) or refused (outputs aligned with
+    the user's cells, where a silent drop would misalign them)."""
     if empty not in EMPTY_CELLS:
         raise ValueError(f"empty must be one of {EMPTY_CELLS}, got {empty!r}")
-    check_counts(cells, name)
     if genes is not None:
         cells = cells.keep_genes(genes)
     is_empty = cells.n_genes_expressed == 0
@@ -71,7 +44,7 @@ def prepare_cells(cells: CellCounts, name: str = "dataset", *, genes: np.ndarray
         rows = np.flatnonzero(is_empty)
         raise ExceiverInputError(
             f"{name}: {len(rows):,} of {cells.n_cells:,} cells have no counts in the model's "
-            f"vocabulary genes (e.g. {list(cells.obs_names[rows[:3]])}) and cannot be embedded; "
+            f"vocabulary genes (e.g. {plain(cells.obs_names[rows[:3]])}) and cannot be embedded; "
             "remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1) after subsetting "
             "to the model's genes"
         )

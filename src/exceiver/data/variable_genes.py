@@ -16,7 +16,7 @@ import scanpy as sc
 import torch
 
 from exceiver.data.cells import CellCounts
-from exceiver.errors import ExceiverInputError
+from exceiver.errors import ExceiverInputError, option
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def highly_variable_genes(cells: CellCounts, n_top_genes: int) -> np.ndarray:
     """Sorted vocabulary ids of the `n_top_genes` most variable genes of `cells` (all genes with
     counts, if they are fewer)."""
     if n_top_genes < 1:
-        raise ExceiverInputError(f"n_top_genes must be >= 1, got {n_top_genes}")
+        raise ExceiverInputError(f"{option('n_top_genes')} must be >= 1, got {n_top_genes}")
     expressed = np.flatnonzero(np.bincount(cells.counts.indices, minlength=cells.counts.shape[1]))
     if len(expressed) <= n_top_genes:
         return expressed
@@ -59,4 +59,4 @@ def _seurat_v3(adata: ad.AnnData, n_top_genes: int, batch_key: str | None) -> pd
             log.info("variable genes: loess span %s failed (%s); widening", span, err)
             failure = err
     raise ExceiverInputError(f"cannot rank variable genes (loess fit failed: {failure}); "
-                             "pass n_top_genes=0 to keep all genes") from failure
+                             f"pass {option('n_top_genes', 0)} to keep all genes") from failure

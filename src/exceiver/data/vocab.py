@@ -13,9 +13,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from exceiver.errors import ExceiverInputError
+from exceiver.errors import ExceiverInputError, option, plain
 
 log = logging.getLogger(__name__)
+
+VAR_NAMES = "var_names"  # gene_key="var_names": the identifiers are var_names (where no column has that name)
 
 class GeneVocab:
     """An ordered list of unique gene identifiers; position i is the model's gene id i."""
@@ -28,7 +30,7 @@ class GeneVocab:
         if index.has_duplicates:
             dups = index[index.duplicated()].unique()
             raise ExceiverInputError(
-                f"gene vocabulary has {len(dups)} duplicated identifiers, e.g. {list(dups[:5])}"
+                f"gene vocabulary has {len(dups)} duplicated identifiers, e.g. {plain(dups[:5])}"
             )
         bad = [g for g in genes if not g or g != g.strip() or any(c in g for c in "\t\r\n")]
         if bad:
@@ -110,12 +112,12 @@ def read_gene_list(path: str | Path) -> list[str]:
 
 def dataset_genes(adata: ad.AnnData, gene_key: str | None = None) -> np.ndarray:
     """The gene identifiers of a dataset: `var_names`, or a `var` column (missing values -> '')."""
-    if gene_key is None:
+    if gene_key is None or (gene_key == VAR_NAMES and VAR_NAMES not in adata.var.columns):
         return np.char.strip(np.asarray(adata.var_names, dtype=object).astype(str))
     if gene_key not in adata.var.columns:
         raise ExceiverInputError(
-            f"gene_key {gene_key!r} is not a column of var; available columns: "
-            f"{list(adata.var.columns)}"
+            f"{option('gene_key', gene_key)} names no column of var; var has columns "
+            f"{plain(list(adata.var.columns))} (or use {option('gene_key', VAR_NAMES)})"
         )
     column = adata.var[gene_key]
     return np.where(column.isna(), "", column.astype(str).str.strip()).astype(str)
@@ -124,11 +126,11 @@ def dataset_genes(adata: ad.AnnData, gene_key: str | None = None) -> np.ndarray:
 def gene_keys(datasets: list[tuple[str, ad.AnnData]], gene_key: str | None) -> list[str | None]:
     """`gene_key` for each dataset that has that var column, var_names for the others (files of
     one corpus often differ: Ensembl-indexed with a symbol column beside symbol-indexed)."""
-    if gene_key is None:
+    if gene_key is None or (gene_key == VAR_NAMES and not any(VAR_NAMES in a.var.columns for _, a in datasets)):
         return [None] * len(datasets)
     keys = [gene_key if gene_key in a.var.columns else None for _, a in datasets]
     if not any(keys):
-        raise ExceiverInputError(f"gene_key {gene_key!r} is not a column of var in any dataset")
+        raise ExceiverInputError(f"{option('gene_key', gene_key)} names no column of var in any dataset")
     for (name, _), key in zip(datasets, keys):
         if key is None:
             log.info("%s has no var column %r: its genes are taken from var_names", name, gene_key)

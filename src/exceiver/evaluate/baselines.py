@@ -6,17 +6,17 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scanpy as sc
-import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
+from exceiver.data.counts import counts_matrix, counts_var
 from exceiver.data.preprocess import TARGET_SUM
 
 
 def log_normalised(adata: ad.AnnData, layer: str | None = None) -> ad.AnnData:
     """A copy with X = log1p(counts normalised to 1e4 per cell over all of its genes): the
-    standard scanpy recipe that baselines are computed from."""
-    counts = adata.layers[layer] if layer else adata.X
-    out = ad.AnnData(sp.csr_matrix(counts, dtype=np.float32), obs=adata.obs[[]], var=adata.var[[]])
+    standard scanpy recipe that baselines are computed from (counts from X, a layer or adata.raw)."""
+    out = ad.AnnData(counts_matrix(adata, layer).astype(np.float32), obs=adata.obs[[]],
+                     var=counts_var(adata, layer).var[[]])
     sc.pp.normalize_total(out, target_sum=TARGET_SUM)
     sc.pp.log1p(out)
     return out

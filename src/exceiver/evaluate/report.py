@@ -19,9 +19,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from exceiver.data.cells import align
-from exceiver.data.preprocess import check_counts
+from exceiver.data.counts import count_layers, counts_var
+from exceiver.data.labels import cell_labels, obs_column
 from exceiver.data.sources import read_datasets
 from exceiver.data.vocab import dataset_genes
+from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError
 from exceiver.evaluate import plots
 from exceiver.evaluate.baselines import cell_baselines, gene_loadings
@@ -37,6 +39,8 @@ from exceiver.outputs import atomic_dir, check_output_dir
 from exceiver.model import Exceiver, check_pooling
 
 log = logging.getLogger(__name__)
+
+MIN_CELLS_PER_LABEL = 2  # kNN scores are cross-validated: every label needs a cell to fit and one to test
 
 
 def evaluate(
@@ -54,36 +58,39 @@ def evaluate(
     max_cells: int = 10000,
     device: str | None = None,
     seed: int = 0,
+    allow_non_integer: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     name: str | None = None,
 ) -> dict:
     """Evaluate `model` on `data` and write a report to `out`; returns the metrics.
 
-    label_keys: obs columns of annotations (cell type, tissue, ...) that embeddings should follow.
+    label_keys: obs columns of annotations (cell type, tissue, ...) that embeddings should follow;
+        each is scored on the evaluated cells that have a label (the others are counted in a logged
+        warning), and needs 2 classes or more with 2 cells or more each
+        (`exceiver.data.labels.cell_labels`, as in `finetune`).
     batch_key: obs column of batches (assay, donor, ...) that embeddings should mix.
     annotations: gene annotation file (long TSV with gene_symbol, annotation_id, source; or GMT)
         or table (gene, term, source); sources: the sources to score (default: all in the file).
     max_cells: a seeded sample of at most this many cells is evaluated (metrics are quadratic).
+    gene_key, layer, allow_non_integer: where the counts and gene identifiers are, as in `pretrain`.
     name: the dataset's name in messages and the report (default: the file's name).
     """
+    inference_device(device)  # before any data is read
     model = model if isinstance(model, Exceiver) else Exceiver.load(model)
     pooling = check_pooling(pooling, model.module)
     [(default_name, adata)] = read_datasets(data)
     name = name or default_name
     label_keys = list(label_keys)
     for key in label_keys + ([batch_key] if batch_key else []):
-        if key not in adata.obs.columns:
-            raise ExceiverInputError(f"{name}: obs has no column {key!r}; available columns: {list(adata.obs.columns)}")
-    for key in label_keys:
-        _check_labels(adata.obs[key], key, name)
+        obs_column(adata.obs, key, name)
     if annotations is not None and not isinstance(annotations, pd.DataFrame):
         annotations = read_annotations(annotations)
     check_output_dir(out, overwrite=overwrite)
 
-    gene_key, layer = model.data_keys(adata.var.columns, adata.layers.keys(), gene_key, layer)
-    aligned = align(adata, model.vocab, gene_key=gene_key, layer=layer, name=name)
-    check_counts(aligned, name)  # every cell, not only the sample
+    gene_key, layer = model.data_keys(adata.var.columns, count_layers(adata), gene_key, layer)
+    aligned = align(adata, model.vocab, gene_key=gene_key, layer=layer, name=name,
+                    allow_non_integer=allow_non_integer)  # every cell is checked, not only the sample
     usable = np.flatnonzero(aligned.keep_genes(model.scaler.trained_genes).n_genes_expressed > 0)
     if not len(usable):
         raise ExceiverInputError(f"{name}: no cell has counts in the genes the model was trained on")
@@ -97,6 +104,9 @@ def evaluate(
     adata = adata[rows].copy()
     # reconstruction, cell embeddings, depth R^2, each label key, batch mixing, gene embeddings, report
     phases = Phases(4 + len(label_keys) + bool(batch_key) + (annotations is not None))
+    # Labels are judged on the cells evaluated: a sample can thin a class out.
+    sample = name if len(rows) == aligned.n_cells else f"{name} ({len(rows):,} evaluated cells)"
+    labels = {key: cell_labels(adata.obs, key, min_cells=MIN_CELLS_PER_LABEL, name=sample) for key in label_keys}
     metrics: dict = {"dataset": name, "n_cells": len(rows), "n_cells_without_model_genes": int(n_without),
                      "n_genes_shared": int(cells.measured.sum()), "model": repr(model), "pooling": pooling}
 
@@ -108,22 +118,22 @@ def evaluate(
 
     phases.start("cell embeddings")
     representations = {"exceiver": model.embed(adata, pooling=pooling, inplace=False, gene_key=gene_key,
-                                                layer=layer, device=device, progress=progress)}
+                                                layer=layer, device=device, allow_non_integer=allow_non_integer,
+                                                name=name, progress=progress)}
     representations |= cell_baselines(adata, layer=layer, seed=seed)
     log_depth = np.log1p(np.asarray(cells.counts.sum(axis=1)).ravel())
     phases.start("depth R^2")
     metrics["depth_r2"] = {rep: depth_r2(x, log_depth, seed=seed)
                            for rep, x in _each(representations, "depth R^2", progress)}
     metrics["cells"], profiles = {}, {}
-    for key in label_keys:
+    for key, column in labels.items():
         phases.start(f"cell embeddings vs {key!r}")
-        labels = adata.obs[key]
-        known = labels.notna().to_numpy()
-        counts = _check_labels(labels, key, name)  # again: a sample of cells may thin a label out
-        scores = {rep: label_scores(x[known], labels[known].astype(str).to_numpy(), seed=seed)
+        scores = {rep: label_scores(x[column.labelled], column.values, seed=seed)
                   for rep, x in _each(representations, key, progress)}
         profiles[key] = {rep: s.pop("profile") for rep, s in scores.items()}
-        metrics["cells"][key] = {"n_cells": int(known.sum()), "n_labels": len(counts), "representations": scores}
+        metrics["cells"][key] = {"n_cells": int(column.labelled.sum()),
+                                 "n_unlabelled_cells": int((~column.labelled).sum()), "n_labels": len(column.counts),
+                                 "representations": scores}
     if batch_key:
         phases.start("batch mixing")
         batches = adata.obs[batch_key].astype(str).to_numpy()
@@ -134,7 +144,7 @@ def evaluate(
     if annotations is not None:
         phases.start("gene embeddings")
         gene_vectors = model.gene_embeddings()[model.scaler.trained_genes]
-        loadings = gene_loadings(adata, dataset_genes(adata, gene_key), layer=layer, seed=seed)
+        loadings = gene_loadings(adata, dataset_genes(counts_var(adata, layer, name), gene_key), layer=layer, seed=seed)
         genes = gene_vectors.index.intersection(loadings.index)
         if len(genes) < 10:
             raise ExceiverInputError(f"{name}: only {len(genes)} genes have both a trained embedding and expression")
@@ -177,15 +187,6 @@ class Phases:
 def _each(representations: dict[str, np.ndarray], what: str, progress: bool):
     """The representations one by one, with a progress bar (each takes seconds on 10,000 cells)."""
     return tqdm(representations.items(), desc=what, unit="representation", disable=not progress, leave=False)
-
-
-def _check_labels(labels: pd.Series, key: str, name: str) -> pd.Series:
-    """Label counts; refuses a column that cannot be scored (kNN folds need 2 cells per label)."""
-    counts = labels.dropna().astype(str).value_counts()
-    if len(counts) < 2 or counts.min() < 2:
-        raise ExceiverInputError(f"{name}: label column {key!r} needs 2 or more labels with 2 or more cells "
-                                 f"each (found {dict(counts.head(5))})")
-    return counts
 
 
 POOLING_WORDS = {"bottleneck": "the cell bottleneck", "mean": "mean of the latents",

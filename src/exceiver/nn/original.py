@@ -21,7 +21,7 @@ import torch
 from exceiver.data.preprocess import GeneScaler
 from exceiver.data.tokenizer import TokenizerConfig
 from exceiver.data.vocab import GeneVocab, read_gene_list
-from exceiver.errors import ModelFileError
+from exceiver.errors import ModelFileError, option
 from exceiver.nn.config import ExceiverConfig
 from exceiver.nn.network import ExceiverModule
 
@@ -214,7 +214,7 @@ def original_parts(ckpt_path: str | Path, genes: str | Path | Sequence[str] | No
     if genes is None:
         log.warning("no gene list given: genes are named gene_00000 ... gene_%05d. The released gene order "
                     "is not recoverable, so this model cannot be applied to real data by gene name until a "
-                    "gene list is given (--genes)", n - 1)
+                    "gene list is given (%s)", n - 1, option("genes"))
         names = [f"gene_{i:05d}" for i in range(n)]
     else:
         names = read_gene_list(genes) if isinstance(genes, (str, Path)) else list(genes)
@@ -223,7 +223,7 @@ def original_parts(ckpt_path: str | Path, genes: str | Path | Sequence[str] | No
     vocab = GeneVocab(names)
     if scaler is None:
         log.warning("no scaler given: token values are log-normalised expression + 1, not z-scored as in "
-                    "the original's training (pass --scaler with the original StandardScaler's mean/scale)")
+                    "the original's training (pass %s with the original StandardScaler's mean/scale)", option("scaler"))
         gene_scaler = imported_scaler(np.zeros(n), np.ones(n))
     else:
         gene_scaler = read_scaler(scaler, n)

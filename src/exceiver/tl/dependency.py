@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError
 from exceiver.inference import iterate_batches
 from exceiver.io import write_json
@@ -60,8 +61,8 @@ class GeneDependencies:
 def gene_dependencies(model, adata: ad.AnnData, genes: Sequence[str], *, mode: str | float = "knockout",
                       groupby: str | None = None, groups: Sequence[str] | None = None, quantile: float = 0.95,
                       min_shift: float = 0.1, gene_key: str | None = None, layer: str | None = None,
-                      batch_size: int | None = None, device: str | None = None,
-                      progress: bool = True) -> GeneDependencies:
+                      batch_size: int | None = None, device: str | None = None, allow_non_integer: bool = False,
+                      name: str = "dataset", progress: bool = True) -> GeneDependencies:
     """Perturb each gene of `genes` in turn (options as in `perturb`) and read the effects on the
     others, beside the attention routes between the same genes (over all cells)."""
     genes = [str(g) for g in genes]
@@ -69,25 +70,26 @@ def gene_dependencies(model, adata: ad.AnnData, genes: Sequence[str], *, mode: s
         raise ExceiverInputError("a dependency map needs at least 2 genes")
     table = perturb(model, adata, genes, mode, query_genes=genes, groupby=groupby, groups=groups, quantile=quantile,
                     min_shift=min_shift, gene_key=gene_key, layer=layer, batch_size=batch_size, device=device,
-                    progress=progress)
+                    allow_non_integer=allow_non_integer, name=name, progress=progress)
     effects = table.pivot(index="perturbed_gene", columns="gene", values="effect_size")
     effects = effects.reindex(index=genes, columns=genes)
     attention = attention_routes(model, adata, genes, gene_key=gene_key, layer=layer, batch_size=batch_size,
-                                 device=device, progress=progress)
+                                 device=device, allow_non_integer=allow_non_integer, name=name, progress=progress)
     return GeneDependencies(effects, attention, str(mode))
 
 
 @torch.inference_mode()
 def attention_routes(model, adata: ad.AnnData, genes: Sequence[str], *, gene_key: str | None = None,
                      layer: str | None = None, batch_size: int | None = None, device: str | None = None,
-                     progress: bool = True) -> pd.DataFrame:
+                     allow_non_integer: bool = False, name: str = "dataset", progress: bool = True) -> pd.DataFrame:
     """[source gene, target gene]: decoder attention of the target's query on each latent times the
     encoder attention of that latent on the source's token (the model's own attention weights,
     heads averaged), summed over latents and averaged over the cells expressing the source. It
     ignores the processor's mixing of latents: a view of routing, not of causation."""
     require_token_model(model)
     ids = torch.as_tensor(resolve_genes(model, genes, "genes"))
-    cells = model.cells(adata, gene_key=gene_key, layer=layer)
+    inference_device(device)  # before any data is read
+    cells = model.cells(adata, gene_key=gene_key, layer=layer, name=name, allow_non_integer=allow_non_integer)
     module = model.module
     with model.on_device(device) as device:
         module.eval()

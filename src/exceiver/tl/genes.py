@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from exceiver.errors import ExceiverInputError
+from exceiver.errors import ExceiverInputError, plain
 
 
 def resolve_genes(model, genes: Sequence[str] | str, what: str = "genes") -> np.ndarray:
@@ -23,7 +23,7 @@ def resolve_genes(model, genes: Sequence[str] | str, what: str = "genes") -> np.
     if unknown:
         raise ExceiverInputError(
             f"{len(unknown)} of {len(genes)} {what} are not in the model's vocabulary of {len(model.vocab):,} "
-            f"genes: {unknown[:5]} (vocabulary genes look like {list(model.vocab.genes[:3])})")
+            f"genes: {unknown[:5]} (vocabulary genes look like {plain(model.vocab.genes[:3])})")
     untrained = [g for g, i in zip(genes, ids) if not model.scaler.trained_genes[i]]
     if untrained:
         raise ExceiverInputError(

@@ -19,7 +19,8 @@ import torch
 from exceiver.data.cells import CellCounts
 from exceiver.data.preprocess import log_normalise
 from exceiver.data.tokenizer import CellBatch
-from exceiver.errors import ExceiverInputError
+from exceiver.devices import inference_device
+from exceiver.errors import ExceiverInputError, option, plain
 from exceiver.inference import decode_values, iterate_batches
 from exceiver.tl.edit import knockout, require_token_model, set_value
 from exceiver.tl.genes import resolve_genes
@@ -43,7 +44,8 @@ class Perturbation:
 def perturb(model, adata: ad.AnnData, genes: Sequence[str] | str, mode: str | float = "knockout", *,
             query_genes: Sequence[str] | None = None, groupby: str | None = None, groups: Sequence[str] | None = None,
             quantile: float = 0.95, min_shift: float = 0.1, gene_key: str | None = None, layer: str | None = None,
-            batch_size: int | None = None, device: str | None = None, progress: bool = True) -> pd.DataFrame:
+            batch_size: int | None = None, device: str | None = None, allow_non_integer: bool = False,
+            name: str = "dataset", progress: bool = True) -> pd.DataFrame:
     """Predicted effect of perturbing each of `genes` (one at a time) on each query gene.
 
     mode: "knockout" removes the gene's token from the cells that express it; "overexpress" sets it,
@@ -53,9 +55,12 @@ def perturb(model, adata: ad.AnnData, genes: Sequence[str] | str, mode: str | fl
     only these). One row per (perturbed gene, group, query gene): mean predicted shift (log-
     normalised units), effect size (the shift in the gene's training standard deviations),
     fraction of cells shifted by more than `min_shift`, over the perturbed cells (`n_cells`).
+    gene_key, layer, allow_non_integer, name: where the counts and gene identifiers are, and the
+    dataset's name in messages (`Exceiver`).
     """
     require_token_model(model)
-    cells = model.cells(adata, gene_key=gene_key, layer=layer)
+    inference_device(device)  # before any data is read
+    cells = model.cells(adata, gene_key=gene_key, layer=layer, name=name, allow_non_integer=allow_non_integer)
     parts = _cell_groups(adata, groupby, groups)
     selected = np.concatenate([rows for _, rows in parts])
     perturbations = plan_perturbations(model, cells.subset(selected), genes, mode, quantile)
@@ -80,7 +85,7 @@ def plan_perturbations(model, cells: CellCounts, genes: Sequence[str] | str, mod
     ids = resolve_genes(model, names, "perturbed genes")
     level = _parse_mode(mode)
     if not 0.0 < quantile <= 1.0:
-        raise ExceiverInputError(f"quantile must be in (0, 1], got {quantile}")
+        raise ExceiverInputError(f"{option('quantile', quantile)}: the quantile must be in (0, 1]")
     plan = []
     for gene, gene_id in zip(names, ids):
         expression = gene_expression(cells, int(gene_id), model.scaler.target_sum)
@@ -94,7 +99,8 @@ def plan_perturbations(model, cells: CellCounts, genes: Sequence[str] | str, mod
             if not len(expression):
                 raise ExceiverInputError(
                     f"{gene} is not expressed in any of the {cells.n_cells:,} selected cells, so it has no "
-                    "expression quantile to overexpress to; pass a log-normalised level instead (e.g. mode=3.0)")
+                    "expression quantile to overexpress to; pass a log-normalised level instead "
+                    f"(e.g. {option('mode', 3.0)})")
             target = float(np.quantile(expression, quantile))
         else:
             target = level
@@ -190,10 +196,11 @@ def _parse_mode(mode: str | float) -> float | None:
     try:
         level = float(mode)
     except (TypeError, ValueError):
-        raise ExceiverInputError(f"unknown mode {mode!r}: use 'knockout', 'overexpress' or a log-normalised "
+        raise ExceiverInputError(f"unknown {option('mode', mode)}: use knockout, overexpress or a log-normalised "
                                  "expression level (a number >= 0)") from None
     if not np.isfinite(level) or level < 0:
-        raise ExceiverInputError(f"a log-normalised expression level must be a finite number >= 0, got {mode!r}")
+        raise ExceiverInputError(f"{option('mode', mode)}: a log-normalised expression level must be a finite "
+                                 "number >= 0")
     return level
 
 
@@ -202,15 +209,17 @@ def _cell_groups(adata: ad.AnnData, groupby: str | None,
     """(group name, cell rows) for each group of `groupby` (all cells as one group without it)."""
     if groupby is None:
         if groups is not None:
-            raise ExceiverInputError("groups needs groupby (the obs column the groups come from)")
+            raise ExceiverInputError(f"{option('groups')} needs {option('groupby')} (the obs column the groups "
+                                     "come from)")
         return [(None, np.arange(adata.n_obs))]
     if groupby not in adata.obs.columns:
-        raise ExceiverInputError(f"groupby {groupby!r} is not an obs column; obs has {list(adata.obs.columns)}")
+        raise ExceiverInputError(f"{option('groupby', groupby)} is not an obs column; obs has "
+                                 f"{plain(list(adata.obs.columns))}")
     labels = adata.obs[groupby].astype(str).to_numpy()
     present = list(pd.unique(labels))
     names = sorted(present) if groups is None else [str(g) for g in groups]
     missing = [g for g in names if g not in present]
     if missing:
-        raise ExceiverInputError(f"groups {missing} are not values of obs[{groupby!r}] "
-                                 f"(values: {sorted(present)[:10]})")
+        raise ExceiverInputError(f"groups {plain(missing)} are not values of obs[{groupby!r}] "
+                                 f"(values: {plain(sorted(present)[:10])})")
     return [(name, np.flatnonzero(labels == name)) for name in names]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TypedDict
 
-from exceiver.errors import ExceiverInputError
+from exceiver.devices import check_training_hardware
+from exceiver.errors import ExceiverInputError, option
 
 
 @dataclass
@@ -36,28 +37,30 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.learning_rate > 0, "learning_rate must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
-            (self.grad_clip > 0, "grad_clip must be > 0"),
-            (self.gene_lr_mult > 0, "gene_lr_mult must be > 0"),
-            (self.max_epochs >= 1, "max_epochs must be >= 1"),
-            (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0"),
-            (0 < self.val_fraction < 1, "val_fraction must be between 0 and 1"),
-            (self.patience >= 1, "patience must be >= 1"),
-            (self.val_every_steps is None or self.val_every_steps >= 1, "val_every_steps must be >= 1"),
-            (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
-            (self.num_workers >= 0, "num_workers must be >= 0"),
-            (self.num_nodes >= 1, "num_nodes must be >= 1"),
+            (self.batch_size >= 1, f"{option('batch_size')} must be >= 1"),
+            (self.learning_rate > 0, f"{option('learning_rate')} must be > 0"),
+            (self.weight_decay >= 0, f"{option('weight_decay')} must be >= 0"),
+            (self.warmup_steps >= 0, f"{option('warmup_steps')} must be >= 0"),
+            (0 <= self.min_lr_ratio <= 1, f"{option('min_lr_ratio')} must be in [0, 1]"),
+            (self.grad_clip > 0, f"{option('grad_clip')} must be > 0"),
+            (self.gene_lr_mult > 0, f"{option('gene_lr_mult')} must be > 0"),
+            (self.max_epochs >= 1, f"{option('max_epochs')} must be >= 1"),
+            (self.max_minutes is None or self.max_minutes > 0, f"{option('max_minutes')} must be > 0"),
+            (0 < self.val_fraction < 1, f"{option('val_fraction')} must be between 0 and 1"),
+            (self.patience >= 1, f"{option('patience')} must be >= 1"),
+            (self.val_every_steps is None or self.val_every_steps >= 1, f"{option('val_every_steps')} must be >= 1"),
+            (0 <= self.seed < 2**32, f"{option('seed')} must be in [0, 2**32)"),
+            (self.num_workers >= 0, f"{option('num_workers')} must be >= 0"),
+            (self.num_nodes >= 1, f"{option('num_nodes')} must be >= 1"),
             # These strategies train in child processes that cannot hand the weights back.
             (not any(w in str(self.strategy) for w in ("spawn", "fork", "notebook")),
-             f"strategy {self.strategy!r} is not supported: use 'ddp' (one launched process per device)"),
+             f"{option('strategy', self.strategy)} is not supported: use {option('strategy', 'ddp')} (one launched "
+             "process per device)"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise ExceiverInputError("invalid training settings: " + "; ".join(problems))
+        check_training_hardware(self.accelerator, self.devices, self.precision)
 
     def to_dict(self) -> dict:
         return asdict(self)

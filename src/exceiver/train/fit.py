@@ -19,11 +19,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from exceiver.data.datamodule import CellDataModule
-from exceiver.errors import TrainingError
+from exceiver.errors import ExceiverInputError, TrainingError
 from exceiver.outputs import atomic_dir
+from exceiver.progress import messages_above_bars
 from exceiver.train.checkpoints import Checkpointing, RunGuard, RunState
 from exceiver.train.config import TrainingConfig
 from exceiver.train.plans import TrainingPlan
@@ -108,18 +110,22 @@ def fit(plan: TrainingPlan, data: CellDataModule, training: TrainingConfig, run:
         resume_from = run.begin(identity, resume=checkpointing.resume) if _writes() else \
             (run.checkpoint if checkpointing.resume else None)
     with _log_folder(run) as folder:
-        trainer = L.Trainer(
-            accelerator=training.accelerator, devices=training.devices, num_nodes=training.num_nodes,
-            strategy=training.strategy, precision=training.precision, max_epochs=training.max_epochs,
-            max_time=max_time, **validation, gradient_clip_val=training.grad_clip, callbacks=callbacks,
-            logger=CSVLogger(save_dir=folder, name="logs", version=""), enable_checkpointing=False,
-            log_every_n_steps=max(1, min(10, data.n_train_cells // training.batch_size)),
-            enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-            default_root_dir=folder,
-            use_distributed_sampler=False,  # the loaders deal batches to processes themselves
-        )
+        try:
+            trainer = L.Trainer(
+                accelerator=training.accelerator, devices=training.devices, num_nodes=training.num_nodes,
+                strategy=training.strategy, precision=training.precision, max_epochs=training.max_epochs,
+                max_time=max_time, **validation, gradient_clip_val=training.grad_clip, callbacks=callbacks,
+                logger=CSVLogger(save_dir=folder, name="logs", version=""), enable_checkpointing=False,
+                log_every_n_steps=max(1, min(10, data.n_train_cells // training.batch_size)),
+                enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+                default_root_dir=folder,
+                use_distributed_sampler=False,  # the loaders deal batches to processes themselves
+            )
+        except (MisconfigurationException, ValueError, TypeError) as err:  # what devices.py could not foresee
+            message = " ".join(str(err).split())  # one line
+            raise ExceiverInputError(f"Lightning refuses these training settings: {message}") from err
         start = time.monotonic()
-        with warnings.catch_warnings(), _compute_threads(training.num_workers):
+        with messages_above_bars(), _compute_threads(training.num_workers):
             # Lightning's own use of a torch API deprecated in torch 2.13: noise for users.
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             trainer.fit(plan, datamodule=data, ckpt_path=resume_from, weights_only=True)
