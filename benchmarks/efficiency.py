@@ -51,6 +51,8 @@ TARGETS = {
     "joost": ("joost2016_mouse_skin_epidermis_720", "cell_type", None),
     "pbmc3k_10min": ("pbmc3k_seurat_2638", "cell_type", 10.0),
 }
+# Gene symbols where var_names are other identifiers (a pretrained model's vocabulary is symbols).
+GENE_KEYS = {"cellbench": "gene_symbol"}
 
 
 def scores(embedding: np.ndarray, labels: np.ndarray, log_depth: np.ndarray) -> dict:
@@ -103,9 +105,9 @@ def exceiver_run(adata: ad.AnnData, minutes: float, model: dict, training: dict,
                       progress=False, **warm, **training)
     seconds = time.perf_counter() - start
     metrics = fitted.metrics
-    gene_map = warm.get("gene_map")
-    embedding = fitted.embed(adata, inplace=False, progress=False, gene_map=gene_map)
-    others = {pooling: fitted.embed(adata, inplace=False, pooling=pooling, progress=False, gene_map=gene_map)
+    reading = {"gene_map": warm.get("gene_map"), "gene_key": warm.get("gene_key")}
+    embedding = fitted.embed(adata, inplace=False, progress=False, **reading)
+    others = {pooling: fitted.embed(adata, inplace=False, pooling=pooling, progress=False, **reading)
               for pooling in ("mean", "flatten")}
     return {"other_poolings": others, "seconds": seconds, "steps": metrics["steps"], "epochs": metrics["epochs"],
             "cells_per_s": metrics["steps"] * fitted.training["batch_size"] / metrics["seconds"],
@@ -138,6 +140,8 @@ def run_target(name: str, data: Path, out: Path, threads: int | None, variant: s
         _write(baselines, result)
     budget = minutes or json.loads(baselines.read_text())["budget_minutes"]
     _threads(threads)
+    if warm and name in GENE_KEYS:
+        warm = {**warm, "gene_key": GENE_KEYS[name]}
     run = exceiver_run(adata, budget, model, training, warm)
     embedding = run.pop("embedding")
     run["other_poolings"] = {pooling: knn_cross_validated(x, labels)["knn_macro_f1"]
