@@ -163,6 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
     _add_inference_options(p)
 
+    p = commands.add_parser("annotate", help="transfer labels from a labelled reference to query cells",
+                            description="Embed REFERENCE.h5ad and QUERY.h5ad with a pretrained model and carry the "
+                                        "reference's labels to the query through the embedding. Writes QUERY.h5ad "
+                                        "with obs['exceiver_label'] ('unknown' below --min-confidence), "
+                                        "obs['exceiver_label_confidence'] and uns['exceiver_annotate'] to OUT.h5ad.")
+    p.add_argument("model", type=Path, metavar="MODEL_DIR")
+    p.add_argument("reference", type=Path, metavar="REFERENCE.h5ad")
+    p.add_argument("query", type=Path, metavar="QUERY.h5ad")
+    p.add_argument("--label-key", required=True, metavar="COL", help="obs column of the reference with the labels")
+    p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
+    p.add_argument("--method", choices=["knn", "linear"],
+                   help="distance-weighted kNN in the embedding, or logistic regression on it (default: knn)")
+    p.add_argument("--n-neighbors", type=int, metavar="K", help="neighbours of --method knn (default: 15)")
+    p.add_argument("--min-confidence", type=float, metavar="P",
+                   help="label cells whose chosen label has a lower probability 'unknown' (default: 0.5)")
+    p.add_argument("--key", default="exceiver_label", help="obs column to write (default: exceiver_label)")
+    _add_inference_options(p)
+
     p = commands.add_parser("impute", help="write predicted expression of every gene to a layer",
                             description="Predict each cell's log-normalised expression of every gene of DATA.h5ad "
                                         "from its observed genes and write the AnnData, with "
