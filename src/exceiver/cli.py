@@ -57,9 +57,11 @@ def run_finetune(args: argparse.Namespace) -> None:
     from exceiver.finetune import finetune
 
     mode = "freeze" if args.freeze else "scratch" if args.from_scratch else "full"
+    chosen = {} if args.pretrained_lr_mult is None else {"pretrained_lr_mult": args.pretrained_lr_mult}
     model = finetune(args.model, args.data, args.label_key, args.out, mode=mode,
                      expression_loss_weight=args.expression_weight, gene_key=args.gene_key, layer=args.layer,
-                     overwrite=args.overwrite, progress=not args.quiet, **run_options(args), **training_options(args))
+                     overwrite=args.overwrite, progress=not args.quiet, **chosen, **run_options(args),
+                     **training_options(args))
     if rank_zero_only.rank == 0:
         m = model.metrics
         print(f"wrote {args.out}: {len(model.classes)} classes, validation accuracy {m['val_accuracy']:.3f}, "

@@ -140,17 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("finetune", help="train a cell classifier from a pretrained model",
                             description="Fine-tune a pretrained model to predict a label column of obs "
-                                        "(class-token query; cross-entropy + masked-expression MSE).")
+                                        "(class-token query; cross-entropy + masked-expression MSE), or fit a "
+                                        "linear probe of its cell embedding (--freeze).")
     p.add_argument("model", type=Path, metavar="MODEL_DIR")
     p.add_argument("data", type=Path, metavar="DATA.h5ad")
     p.add_argument("--label-key", required=True, metavar="COL", help="obs column with the labels")
     p.add_argument("--out", required=True, type=Path, metavar="CLF_DIR", help="classifier folder to write")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--freeze", action="store_true",
-                      help="probe: keep the pretrained encoder frozen, train only the class read-out")
+                      help="linear probe: logistic regression on the frozen cell embedding, fitted in closed form "
+                           "(of the training options only --seed and --val-fraction apply)")
     mode.add_argument("--from-scratch", action="store_true", help="same architecture, random weights (a control)")
     p.add_argument("--expression-weight", type=float, default=1.0,
                    help="weight of the masked-expression MSE beside cross-entropy (default: 1.0; 0: off)")
+    p.add_argument("--pretrained-lr-mult", type=float, metavar="M",
+                   help="learning rate of the pretrained weights, as a fraction of the new class head's (default: 0.1)")
     _add_data_options(p)
     _add_training_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing CLF_DIR")
