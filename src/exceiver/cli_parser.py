@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", type=Path, metavar="QUERY.h5ad")
     p.add_argument("--label-key", required=True, metavar="COL", help="obs column of the reference with the labels")
     p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
-    p.add_argument("--method", choices=["knn", "linear"],
-                   help="distance-weighted kNN in the embedding, or logistic regression on it (default: knn)")
+    p.add_argument("--method", choices=["linear", "knn"],
+                   help="logistic regression on the embedding, or distance-weighted kNN in it (default: linear)")
     p.add_argument("--n-neighbors", type=int, metavar="K", help="neighbours of --method knn (default: 15)")
     p.add_argument("--min-confidence", type=float, metavar="P",
                    help="label cells whose chosen label has a lower probability 'unknown' (default: 0.5)")
