@@ -29,7 +29,7 @@ import scanpy as sc
 from sklearn.metrics import accuracy_score, f1_score
 
 from exceiver import Exceiver, pretrain
-from exceiver.tl.annotate import METHODS, UNKNOWN, transfer
+from exceiver.tl.annotation import METHODS, UNKNOWN, transfer
 
 TASKS = {  # name: (file, label column, gene key of symbol-named models)
     "pbmc3k_cell_type": ("pbmc3k_seurat_2638", "cell_type", None),

@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from exceiver import Exceiver, ExceiverInputError
 from exceiver.cli import main
 from exceiver.tl import annotate
-from exceiver.tl.annotate import UNKNOWN, linear_probe
+from exceiver.tl.annotation import UNKNOWN, linear_probe
 
 from conftest import synthetic_counts
 
@@ -83,7 +83,7 @@ def test_unlabelled_and_single_cell_classes_of_the_reference(model, reference, q
     reference.obs["cell_type"] = reference.obs["cell_type"].astype(object)
     reference.obs.iloc[:5, 0] = np.nan
     reference.obs.iloc[5, 0] = "lonely"
-    with caplog.at_level(logging.INFO, logger="exceiver.tl.annotate"):
+    with caplog.at_level(logging.INFO, logger="exceiver.tl.annotation"):
         result = annotate(model, reference, query, "cell_type", min_confidence=0.0, **QUIET)
     assert "5 of 60 reference cells have no 'cell_type' label and are ignored" in caplog.text
     assert "labels with a single reference cell: lonely" in caplog.text
@@ -124,7 +124,7 @@ def test_unusable_inputs_are_refused(model, reference, query, case, message):
 def test_datasets_are_compared_on_the_genes_both_measured(model, reference, query, caplog):
     """A query that lacks some genes: the reference is embedded without them too."""
     query = query[:, 40:].copy()
-    with caplog.at_level(logging.INFO, logger="exceiver.tl.annotate"):
+    with caplog.at_level(logging.INFO, logger="exceiver.tl.annotation"):
         annotate(model, reference, query, "cell_type", **QUIET)
     assert query.uns["exceiver_annotate"]["n_shared_genes"] == 160
     assert "reference: embedded on the 160 trained model genes that both datasets measured" in caplog.text
@@ -149,3 +149,13 @@ def test_annotate_through_the_command_line(tiny_model_dir, reference, query, tmp
     bad = tmp_path / "bad.h5ad"
     assert main(command[:-4] + ["--label-key", "celltype", "--out", str(bad)]) == 2
     assert "available columns: ['cell_type']" in capsys.readouterr().err and not bad.exists()
+
+
+def test_tl_annotate_stays_the_function_once_its_module_is_imported():
+    import importlib
+    import types
+
+    import exceiver.tl
+
+    importlib.import_module("exceiver.tl.annotation")  # finetune imports it for the linear probe
+    assert isinstance(exceiver.tl.annotate, types.FunctionType)

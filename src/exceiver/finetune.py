@@ -35,7 +35,7 @@ from exceiver.errors import ExceiverInputError, option
 from exceiver.model import Exceiver
 from exceiver.nn.config import ObjectiveConfig
 from exceiver.nn.network import ExceiverModule
-from exceiver.tl.annotate import linear_probe
+from exceiver.tl.annotation import linear_probe
 from exceiver.train.config import TrainingConfig, TrainingOptions, training_config
 from exceiver.train.checkpoints import Checkpointing, training_output
 from exceiver.train.fit import FitResult, fit
@@ -167,9 +167,10 @@ def finetune(
         train_rows, val_rows = split_by_class(codes, settings.val_fraction, settings.seed)
         weights = balanced_class_weights(codes[train_rows], len(classes))
         train_counts = np.bincount(codes[train_rows], minlength=len(classes))
-        labels = {"mode": mode, "label_key": label_key, "n_train_cells": len(train_rows), "n_val_cells": len(val_rows),
-                  "train_cells_per_class": {c: int(n) for c, n in zip(classes, train_counts)},
-                  "class_weights": {c: round(float(w), 4) for c, w in zip(classes, weights)}}
+        about_labels = {"mode": mode, "label_key": label_key, "n_train_cells": len(train_rows),
+                        "n_val_cells": len(val_rows),
+                        "train_cells_per_class": {c: int(n) for c, n in zip(classes, train_counts)},
+                        "class_weights": {c: round(float(w), 4) for c, w in zip(classes, weights)}}
         base_model = "in memory" if isinstance(model, Exceiver) else str(model)
         if mode == "freeze":
             unused = sorted(set(training) - {"seed", "val_fraction"})
@@ -181,16 +182,16 @@ def finetune(
                     "probe": "logistic regression, balanced class weights, standardised cell embedding",
                     "base_model": base_model}
             result = Exceiver(module, base.vocab, base.scaler, base.tokenizer, objectives=ObjectiveConfig(),
-                              training=used, metrics={**metrics, **labels}, classes=classes, gene_key=base.gene_key,
-                              layer=base.layer)
+                              training=used, metrics={**metrics, **about_labels}, classes=classes,
+                              gene_key=base.gene_key, layer=base.layer)
             if out is not None:
                 result.save(out, overwrite=overwrite)
         else:
             result = _train_classifier(base, adata, codes, classes, weights, val_rows, settings, run, mode=mode,
                                        class_loss_weight=class_loss_weight,
                                        expression_loss_weight=expression_loss_weight,
-                                       pretrained_lr_mult=pretrained_lr_mult, labels=labels, base_model=base_model,
-                                       gene_key=gene_key, layer=layer, overwrite=overwrite,
+                                       pretrained_lr_mult=pretrained_lr_mult, about_labels=about_labels,
+                                       base_model=base_model, gene_key=gene_key, layer=layer, overwrite=overwrite,
                                        checkpointing=checkpointing, progress=progress)
     log.info("validation accuracy %.3f, macro-F1 %.3f (%s, %d training cells)", result.metrics["val_accuracy"],
              result.metrics["val_macro_f1"], mode, len(train_rows))
@@ -227,7 +228,7 @@ def _fit_probe(base: Exceiver, adata: ad.AnnData, codes: np.ndarray, class_weigh
 def _train_classifier(base: Exceiver, adata: ad.AnnData, codes: np.ndarray, classes: list[str],
                       weights: np.ndarray, val_rows: np.ndarray, settings: TrainingConfig, run, *, mode: str,
                       class_loss_weight: float, expression_loss_weight: float, pretrained_lr_mult: float,
-                      labels: dict, base_model: str, gene_key: str | None, layer: str | None, overwrite: bool,
+                      about_labels: dict, base_model: str, gene_key: str | None, layer: str | None, overwrite: bool,
                       checkpointing: Checkpointing, progress: bool) -> Exceiver:
     """A class-token classifier trained by `ClassifierPlan` ("full" or "scratch")."""
     cells = base.cells(adata, gene_key=gene_key, layer=layer)
@@ -253,11 +254,11 @@ def _train_classifier(base: Exceiver, adata: ad.AnnData, codes: np.ndarray, clas
             param.requires_grad = True
         used = {**settings.to_dict(), "mode": mode, **options, "base_model": base_model}
         return Exceiver(module, base.vocab, base.scaler, tokenizer, objectives=ObjectiveConfig(), training=used,
-                        metrics={**result.summary(), **labels}, classes=classes, gene_key=base.gene_key,
+                        metrics={**result.summary(), **about_labels}, classes=classes, gene_key=base.gene_key,
                         layer=base.layer)
 
-    identity = {"command": "finetune", "mode": mode, "label_key": labels["label_key"], "classes": classes, **options,
-                "training": settings.to_dict(), "n_cells": int(len(codes)), "genes": base.vocab.fingerprint(),
-                "base_weights": base.fingerprint()}
+    identity = {"command": "finetune", "mode": mode, "label_key": about_labels["label_key"], "classes": classes,
+                **options, "training": settings.to_dict(), "n_cells": int(len(codes)),
+                "genes": base.vocab.fingerprint(), "base_weights": base.fingerprint()}
     return fit(plan, datamodule, settings, run, identity=identity, build=trained, overwrite=overwrite,
                checkpointing=checkpointing, progress=progress)

@@ -248,7 +248,7 @@ class Exceiver:
         """Transfer `reference.obs[label_key]` to the query's cells through this model's cell
         embedding (kNN by default): `obs["exceiver_label"]` and `obs["exceiver_label_confidence"]`
         written to the query unless `inplace=False`, and returned. Options: `exceiver.tl.annotate`."""
-        from exceiver.tl.annotate import annotate
+        from exceiver.tl.annotation import annotate
 
         return annotate(self, reference, query, label_key, **options)
 

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 from exceiver.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from exceiver.tl.annotate import annotate
+    from exceiver.tl.annotation import annotate
     from exceiver.evaluate.report import evaluate
     from exceiver.tl.dependency import GeneDependencies, attention_routes, gene_dependencies, plot_dependencies
     from exceiver.tl.imputation import impute
     from exceiver.tl.perturbation import perturb
 
-_EXPORTS = {"GeneDependencies": "exceiver.tl.dependency", "annotate": "exceiver.tl.annotate",
+_EXPORTS = {"GeneDependencies": "exceiver.tl.dependency", "annotate": "exceiver.tl.annotation",
             "attention_routes": "exceiver.tl.dependency",
             "evaluate": "exceiver.evaluate.report", "gene_dependencies": "exceiver.tl.dependency",
             "impute": "exceiver.tl.imputation", "perturb": "exceiver.tl.perturbation",
