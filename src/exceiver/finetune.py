@@ -47,8 +47,9 @@ MODES = ("full", "freeze", "scratch")
 # Small label sets (a few dozen cells) give one step per epoch: their cells are repeated so that an
 # epoch has at least this many steps, and early stopping judges real progress.
 MIN_STEPS_PER_EPOCH = 20
-# Full fine-tuning: pretrained weights learn at this fraction of the new class head's rate
-# (measured on pbmc3k and kang: README, "Fine-tuning for cell labels").
+# Full fine-tuning: pretrained weights learn at this fraction of the new class head's rate, the
+# usual guard against overwriting them while the head is random. Measured (benchmarks/finetune_lr.py,
+# 3 tasks x 2 models, 45 s runs) it is level with 1.0 within noise (mean query macro-F1 0.883 vs 0.889).
 PRETRAINED_LR_MULT = 0.1
 
 
