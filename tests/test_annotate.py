@@ -95,8 +95,8 @@ def test_unlabelled_and_single_cell_classes_of_the_reference(model, reference, q
     ("no column", r"label column 'celltype' is not in the reference's obs; available columns: \['cell_type'\]"),
     ("one label", "has a single label"),
     ("no labels", "no cell of the reference"),
-    ("empty query", "the query .* has no cells"),
-    ("empty reference", "the reference .* has no cells"),
+    ("empty query", "the query has no cells"),
+    ("empty reference", "the reference has no cells"),
     ("few genes", r"share 10 of the model's 200 trained genes \(5.0%"),
     ("method", "unknown label-transfer method"),
 ])

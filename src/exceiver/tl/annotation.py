@@ -94,11 +94,12 @@ def annotate(model, reference: ad.AnnData | str | Path, query: ad.AnnData | str 
         raise ExceiverInputError(f"unknown label-transfer method {method!r}; choose one of {METHODS}")
     if n_neighbors < 1 or not 0 <= min_confidence <= 1:
         raise ExceiverInputError(f"{option('n_neighbors')} must be >= 1 and {option('min_confidence')} in [0, 1]")
-    (ref_name, reference), (query_name, query_data) = (_read(reference, "reference"), _read(query, "query"))
+    reference, query_data = (data if isinstance(data, ad.AnnData) else read_datasets(data)[0][1]
+                             for data in (reference, query))
     if query_data.n_obs == 0:
-        raise ExceiverInputError(f"the query ({query_name}) has no cells")
-    reference, codes, classes = _labelled(reference, label_key, ref_name)
-    on_shared, n_shared = _on_shared_genes(model, [(ref_name, reference), (query_name, query_data)], gene_key, layer)
+        raise ExceiverInputError("the query has no cells")
+    reference, codes, classes = _labelled(reference, label_key)
+    on_shared, n_shared = _on_shared_genes(model, [("reference", reference), ("query", query_data)], gene_key, layer)
     ref_embedding, query_embedding = (
         model.embed(adata, gene_key=key, layer=data_layer, inplace=False, batch_size=batch_size, device=device,
                     progress=progress) for adata, key, data_layer in on_shared)
@@ -125,17 +126,17 @@ def annotate(model, reference: ad.AnnData | str | Path, query: ad.AnnData | str 
     return result
 
 
-def _labelled(reference: ad.AnnData, label_key: str, name: str) -> tuple[ad.AnnData, np.ndarray, list[str]]:
+def _labelled(reference: ad.AnnData, label_key: str) -> tuple[ad.AnnData, np.ndarray, list[str]]:
     """The reference's labelled cells, their integer codes and the sorted class names."""
     if reference.n_obs == 0:
-        raise ExceiverInputError(f"the reference ({name}) has no cells")
+        raise ExceiverInputError("the reference has no cells")
     if label_key not in reference.obs.columns:
         raise ExceiverInputError(f"label column {label_key!r} is not in the reference's obs; "
                                  f"available columns: {list(reference.obs.columns)}")
     labels = reference.obs[label_key]
     has_label = labels.notna().to_numpy()
     if not has_label.any():
-        raise ExceiverInputError(f"no cell of the reference ({name}) has a {label_key!r} label")
+        raise ExceiverInputError(f"no cell of the reference has a {label_key!r} label")
     if not has_label.all():
         log.info("%s of %s reference cells have no %r label and are ignored", f"{int((~has_label).sum()):,}",
                  f"{reference.n_obs:,}", label_key)
@@ -151,11 +152,6 @@ def _labelled(reference: ad.AnnData, label_key: str, name: str) -> tuple[ad.AnnD
                     ", ".join(single[:10]) + (f" and {len(single) - 10} more" if len(single) > 10 else ""))
     classes = sorted(counts.index)
     return reference, pd.Categorical(labels, categories=classes).codes.astype(np.int64), classes
-
-
-def _read(data: ad.AnnData | str | Path, role: str) -> tuple[str, ad.AnnData]:
-    """An AnnData (named by its role in messages) or an .h5ad file (named by its file)."""
-    return (role, data) if isinstance(data, ad.AnnData) else read_datasets(data)[0]
 
 
 def _on_shared_genes(model, datasets: list[tuple[str, ad.AnnData]], gene_key: str | None,
@@ -181,12 +177,12 @@ def _on_shared_genes(model, datasets: list[tuple[str, ad.AnnData]], gene_key: st
     shared = np.logical_and.reduce(usable)
     n_trained, n_shared = int(trained.sum()), int(shared.sum())
     if n_shared < MIN_SHARED_GENES * n_trained:
-        each = ", ".join(f"{name} {int(u.sum()):,}" for (name, _), u in zip(datasets, usable))
+        n_ref, n_query = (int(u.sum()) for u in usable)
         raise ExceiverInputError(
             f"the reference and the query share {n_shared:,} of the model's {n_trained:,} trained genes "
-            f"({n_shared / n_trained:.1%}; measured by {each}), below the {MIN_SHARED_GENES:.0%} needed to compare "
-            f"their cells; are both indexed by gene identifiers of the model's kind (e.g. {model.vocab.genes[0]!r})? "
-            f"{option('gene_key')} names a var column of identifiers")
+            f"({n_shared / n_trained:.1%}; the reference measures {n_ref:,} of them, the query {n_query:,}), "
+            f"below the {MIN_SHARED_GENES:.0%} needed to compare their cells; are both indexed by gene identifiers "
+            f"of the model's kind (e.g. {model.vocab.genes[0]!r})? {option('gene_key')} names a var column of them")
     restricted = []
     for (name, adata), (key, data_layer), gene_ids, measured in zip(datasets, keys, ids, usable):
         if (measured & ~shared).any():
