@@ -155,8 +155,10 @@ def test_full_finetuning_learns_a_shared_dataset(shared_dir, tmp_path):
     adata = adata[adata.obs["cell_type"].isin(["B", "CD14+ Mono", "NK", "Naive CD4 T"])]
     adata = adata[np.sort(np.random.default_rng(0).choice(adata.n_obs, 240, replace=False))].copy()
     base = pretrain(adata, None, model=TINY, max_epochs=1, batch_size=32, progress=False)
-    clf = finetune(base, adata, "cell_type", tmp_path / "clf", max_epochs=20, patience=100, batch_size=16,
-                   progress=False)
+    # One epoch of pretraining leaves little to protect: every weight learns at the head's rate
+    # (at the default 0.1 the loss fell from 1.43 to 0.92 in these 20 epochs).
+    clf = finetune(base, adata, "cell_type", tmp_path / "clf", pretrained_lr_mult=1.0, max_epochs=20, patience=100,
+                   batch_size=16, progress=False)
     log = pd.read_csv(tmp_path / "clf" / "logs" / "metrics.csv").groupby("epoch").mean(numeric_only=True)
     assert log["train_class_loss"].iloc[-1] < 0.5 * log["train_class_loss"].iloc[0]
     assert log["train_accuracy"].iloc[-3:].mean() >= 0.9, log["train_accuracy"].tolist()
