@@ -14,7 +14,7 @@ from exceiver.version import __version__
 from conftest import synthetic_counts
 
 
-COMMANDS = ["pretrain", "embed", "build-corpus", "finetune", "predict", "impute", "perturb", "evaluate", "demo",
+COMMANDS = ["pretrain", "embed", "build-corpus", "finetune", "predict", "annotate", "impute", "perturb", "evaluate", "demo",
             "import-original"]
 
 

@@ -1,5 +1,5 @@
-"""The `exceiver` command line: pretrain, embed, finetune, predict, evaluate, impute, perturb, demo,
-import-original, build-corpus (the options: `cli_parser`)."""
+"""The `exceiver` command line: pretrain, embed, finetune, predict, annotate, evaluate, impute,
+perturb, demo, import-original, build-corpus (the options: `cli_parser`)."""
 
 from __future__ import annotations
 
@@ -57,9 +57,10 @@ def run_finetune(args: argparse.Namespace) -> None:
     from exceiver.finetune import finetune
 
     mode = "freeze" if args.freeze else "scratch" if args.from_scratch else "full"
+    chosen = {} if args.pretrained_lr_mult is None else {"pretrained_lr_mult": args.pretrained_lr_mult}
     model = finetune(args.model, args.data, args.label_key, args.out, mode=mode,
                      expression_loss_weight=args.expression_weight, overwrite=args.overwrite, progress=not args.quiet,
-                     **data_options(args), **run_options(args), **training_options(args))
+                     **chosen, **data_options(args), **run_options(args), **training_options(args))
     if rank_zero_only.rank == 0:
         m = model.metrics
         print(f"wrote {args.out}: {len(model.classes)} classes, validation accuracy {m['val_accuracy']:.3f}, "
@@ -82,6 +83,25 @@ def run_predict(args: argparse.Namespace) -> None:
     counts = prediction.value_counts()
     print(f"wrote {args.out}: {adata.n_obs:,} cells predicted; most frequent: "
           + ", ".join(f"{k} ({v})" for k, v in counts.head(3).items()))
+
+
+def run_annotate(args: argparse.Namespace) -> None:
+    from exceiver.data.sources import read_datasets
+    from exceiver.io import write_h5ad
+    from exceiver.model import Exceiver
+
+    with claim(args.out, overwrite=args.overwrite, folder=False):
+        model = Exceiver.load(args.model)
+        [(_, query)] = read_datasets(args.query)
+        chosen = {name: getattr(args, name) for name in ("method", "n_neighbors", "min_confidence")
+                  if getattr(args, name) is not None}  # the others keep annotate's defaults
+        result = model.annotate(args.reference, query, args.label_key, key_added=args.key, batch_size=args.batch_size,
+                                device=args.device, progress=not args.quiet, **chosen, **data_options(args))
+        write_h5ad(query, args.out, overwrite=args.overwrite)
+    settings = query.uns[f"{args.key.removesuffix('_label')}_annotate"]
+    counts = result[args.key].value_counts()
+    print(f"wrote {args.out}: {query.n_obs:,} cells labelled ({settings['method']}); most frequent: "
+          + ", ".join(f"{k} ({v})" for k, v in counts.head(4).items()))
 
 
 def run_impute(args: argparse.Namespace) -> None:
@@ -182,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(level)
     logging.getLogger("lightning").propagate = False  # it prints its lines itself: not twice
     runners = {"pretrain": run_pretrain, "embed": run_embed, "finetune": run_finetune, "predict": run_predict,
-               "evaluate": run_evaluate, "impute": run_impute, "perturb": run_perturb, "demo": run_demo,
-               "import-original": run_import_original, "build-corpus": run_build_corpus}
+               "annotate": run_annotate, "evaluate": run_evaluate, "impute": run_impute, "perturb": run_perturb,
+               "demo": run_demo, "import-original": run_import_original, "build-corpus": run_build_corpus}
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None
     try:

@@ -160,17 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("finetune", help="train a cell classifier from a pretrained model",
                             description="Fine-tune a pretrained model to predict a label column of obs "
-                                        "(class-token query; cross-entropy + masked-expression MSE).")
+                                        "(class-token query; cross-entropy + masked-expression MSE), or fit a "
+                                        "linear probe of its cell embedding (--freeze).")
     p.add_argument("model", type=Path, metavar="MODEL_DIR")
     p.add_argument("data", type=Path, metavar="DATA.h5ad")
     p.add_argument("--label-key", required=True, metavar="COL", help="obs column with the labels")
     p.add_argument("--out", required=True, type=Path, metavar="CLF_DIR", help="classifier folder to write")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--freeze", action="store_true",
-                      help="probe: keep the pretrained encoder frozen, train only the class read-out")
+                      help="linear probe: logistic regression on the frozen cell embedding, fitted in closed form "
+                           "(of the training options only --seed and --val-fraction apply)")
     mode.add_argument("--from-scratch", action="store_true", help="same architecture, random weights (a control)")
     p.add_argument("--expression-weight", type=float, default=1.0,
                    help="weight of the masked-expression MSE beside cross-entropy (default: 1.0; 0: off)")
+    p.add_argument("--pretrained-lr-mult", type=float, metavar="M",
+                   help="learning rate of the pretrained weights, as a fraction of the new class head's (default: 0.1)")
     _add_data_options(p)
     _add_training_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing CLF_DIR")
@@ -179,6 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Write DATA.h5ad with obs['exceiver_prediction'], "
                                         "obsm['exceiver_probabilities'] and uns['exceiver_classes'] to OUT.h5ad.")
     _add_inference_options(p, model="CLF_DIR")
+
+    p = commands.add_parser("annotate", help="transfer labels from a labelled reference to query cells",
+                            description="Embed REFERENCE.h5ad and QUERY.h5ad with a pretrained model and carry the "
+                                        "reference's labels to the query through the embedding. Writes QUERY.h5ad "
+                                        "with obs['exceiver_label'] ('unknown' below --min-confidence), "
+                                        "obs['exceiver_label_confidence'] and uns['exceiver_annotate'] to OUT.h5ad.")
+    p.add_argument("model", type=Path, metavar="MODEL_DIR")
+    p.add_argument("reference", type=Path, metavar="REFERENCE.h5ad")
+    p.add_argument("query", type=Path, metavar="QUERY.h5ad")
+    p.add_argument("--label-key", required=True, metavar="COL", help="obs column of the reference with the labels")
+    p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
+    p.add_argument("--method", choices=["linear", "knn"],
+                   help="logistic regression on the embedding, or distance-weighted kNN in it (default: linear)")
+    p.add_argument("--n-neighbors", type=int, metavar="K", help="neighbours of --method knn (default: 15)")
+    p.add_argument("--min-confidence", type=float, metavar="P",
+                   help="label cells whose chosen label has a lower probability 'unknown' (default: 0.5)")
+    p.add_argument("--key", default="exceiver_label", help="obs column to write (default: exceiver_label)")
+    _add_data_options(p)
+    p.add_argument("--batch-size", type=int, help="cells per batch (default: 16 on CPU, 256 on GPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
 
     p = commands.add_parser("impute", help="write predicted expression of every gene to a layer",
                             description="Predict each cell's log-normalised expression of every gene of DATA.h5ad "

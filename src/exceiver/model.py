@@ -3,8 +3,8 @@ AnnData (scverse conventions: results are returned, and also written into the An
 `key_added` unless `inplace=False`).
 
 `exceiver.pretrain` and `exceiver.finetune` make models; `Exceiver.load` opens a model folder.
-Imputation, perturbation, dependencies and evaluation are functions of `exceiver.tl` that take a
-model explicitly.
+Label transfer, imputation, perturbation, dependencies and evaluation are functions of
+`exceiver.tl` that take a model explicitly (`Exceiver.annotate` is label transfer's shortcut).
 """
 
 from __future__ import annotations
@@ -283,6 +283,15 @@ class Exceiver:
             adata.obsm[f"{prefix}_probabilities"] = proba.astype(np.float32)
             adata.uns[f"{prefix}_classes"] = classes
         return prediction
+
+    def annotate(self, reference: ad.AnnData | str | Path, query: ad.AnnData | str | Path, label_key: str,
+                 **options) -> pd.DataFrame:
+        """Transfer `reference.obs[label_key]` to the query's cells through this model's cell
+        embedding (logistic regression by default): `obs["exceiver_label"]` and `obs["exceiver_label_confidence"]`
+        written to the query unless `inplace=False`, and returned. Options: `exceiver.tl.annotate`."""
+        from exceiver.tl.annotation import annotate
+
+        return annotate(self, reference, query, label_key, **options)
 
     def gene_embeddings(self) -> pd.DataFrame:
         """The learned gene embedding of every vocabulary gene (rows indexed by gene)."""

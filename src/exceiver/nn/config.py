@@ -11,6 +11,9 @@ from exceiver.data.tokenizer_config import TokenizerConfig
 from exceiver.errors import ModelFileError
 
 
+CLASS_INPUTS = ("token", "bottleneck", "mean", "flatten")
+
+
 @dataclass(frozen=True)
 class ExceiverConfig:
     """The architecture of an Exceiver network: sizes and which heads exist."""
@@ -29,6 +32,10 @@ class ExceiverConfig:
     dropout: float = 0.0
     n_classes: int = 0  # > 0 adds the class-token head
     class_hidden: int = 0  # hidden width of the class head (0: n_classes, as the original)
+    # What the class head reads: "token" (a class-token query decoded from the latents, as the
+    # original) or a cell embedding ("bottleneck", "mean", "flatten"), read by one linear layer:
+    # the linear probe of a frozen model.
+    class_input: str = "token"
     detection_head: bool = False  # says whether a queried gene is expressed (the detection objective)
     projection_head: bool = False  # projects cell embeddings for the contrastive objective
     # The cell bottleneck: the latents pooled by `bottleneck_input` ("mean", or "flatten": every
@@ -64,6 +71,10 @@ class ExceiverConfig:
                 raise ValueError(f"{what} must divide evenly, got {dim} / {heads}")
         if self.bottleneck_input not in ("mean", "flatten"):
             raise ValueError(f"bottleneck_input must be 'mean' or 'flatten', got {self.bottleneck_input!r}")
+        if self.class_input not in CLASS_INPUTS:
+            raise ValueError(f"class_input must be one of {CLASS_INPUTS}, got {self.class_input!r}")
+        if self.class_input == "bottleneck" and not (self.bottleneck_dim and self.count_head):
+            raise ValueError("class_input 'bottleneck' needs the cell bottleneck (bottleneck_dim > 0 and the count head)")
         if self.count_head and not self.bottleneck_dim:
             raise ValueError("the count objective decodes from the cell bottleneck: set bottleneck_dim > 0")
         if self.n_batches < 0 or (self.n_batches and not self.count_head):
@@ -140,7 +151,7 @@ PRESETS: dict[str, Preset] = {
 
 # Fields a user may set (`--set FIELD=VALUE`): derived ones (sizes from the data, heads from the
 # objectives, the original's computation) are not theirs to set.
-DERIVED = ("n_genes", "n_classes", "detection_head", "projection_head", "count_head", "all_genes", "count_targets")
+DERIVED = ("n_genes", "n_classes", "class_input", "detection_head", "projection_head", "count_head", "all_genes", "count_targets")
 CONFIGS = (ExceiverConfig, TokenizerConfig, ObjectiveConfig)
 
 

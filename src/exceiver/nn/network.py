@@ -52,7 +52,12 @@ class ExceiverModule(nn.Module):
                                            norm_kv=True, mid_norm=original)
         self.value_head = mlp(c.gene_dim, head_hidden, 1)
         self.gene_bias = nn.Parameter(torch.zeros(c.n_genes + 2)) if c.gene_bias else None
-        self.class_head = mlp(c.gene_dim, c.class_hidden or c.n_classes, c.n_classes) if c.n_classes else None
+        if not c.n_classes:
+            self.class_head = None
+        elif c.class_input == "token":
+            self.class_head = mlp(c.gene_dim, c.class_hidden or c.n_classes, c.n_classes)
+        else:  # a linear probe of the cell embedding
+            self.class_head = nn.Linear(self.embedding_width(c.class_input), c.n_classes)
         self.projection = mlp(c.latent_dim, c.latent_dim, c.latent_dim) if c.projection_head else None
         self.detection_head = mlp(c.gene_dim, head_hidden, 1) if c.detection_head else None
         # Only the count objective trains the bottleneck: without it, none (an untrained projection
@@ -119,8 +124,12 @@ class ExceiverModule(nn.Module):
         return values if self.gene_bias is None else values + self.gene_bias[query_ids]
 
     def class_logits(self, latents: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, n_classes]: from the class token's decoded query, or from the cell
+        embedding that `config.class_input` names."""
         if self.class_head is None:
             raise ValueError("this model has no class head (config.n_classes == 0)")
+        if self.config.class_input != "token":
+            return self.class_head(self.pool(latents, self.config.class_input))
         query = torch.full((latents.shape[0], 1), self.class_id, device=latents.device)
         return self.class_head(self.decode(latents, query)[:, 0])
 

@@ -1,5 +1,5 @@
-"""Tools that take a trained model explicitly (scanpy's `tl` style): imputation, in-silico
-perturbation, gene-gene dependencies, and evaluation against baselines.
+"""Tools that take a trained model explicitly (scanpy's `tl` style): label transfer, imputation,
+in-silico perturbation, gene-gene dependencies, and evaluation against baselines.
 
 Imputed values and effects are on the log-normalised scale (log1p of counts scaled to 1e4 per
 cell): model values are mapped back through the scaler (value - 1 -> z-score -> log1p).
@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING
 from exceiver.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from exceiver.tl.annotation import annotate
     from exceiver.evaluate.report import evaluate
     from exceiver.tl.dependency import GeneDependencies, attention_routes, gene_dependencies, plot_dependencies
     from exceiver.tl.imputation import impute
     from exceiver.tl.perturbation import perturb
 
-_EXPORTS = {"GeneDependencies": "exceiver.tl.dependency", "attention_routes": "exceiver.tl.dependency",
+_EXPORTS = {"GeneDependencies": "exceiver.tl.dependency", "annotate": "exceiver.tl.annotation",
+            "attention_routes": "exceiver.tl.dependency",
             "evaluate": "exceiver.evaluate.report", "gene_dependencies": "exceiver.tl.dependency",
             "impute": "exceiver.tl.imputation", "perturb": "exceiver.tl.perturbation",
             "plot_dependencies": "exceiver.tl.dependency"}

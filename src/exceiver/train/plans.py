@@ -31,15 +31,27 @@ def lr_factor(step: int, warmup: int, planned: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _kind(name: str, param: torch.nn.Parameter) -> str:
+    """A parameter's optimiser group: per-gene ("genes"), a matrix ("decay") or a vector ("no_decay")."""
+    if name.startswith(("gene_emb", "gene_bias")):
+        return "genes"
+    return "decay" if param.dim() >= 2 else "no_decay"
+
+
 class TrainingPlan(L.LightningModule):
     """Optimisation shared by every run; subclasses set `monitor` (lower is better) and call
     `keep_if_best` with each validation round's metrics."""
 
     monitor: str
 
-    def __init__(self, module: ExceiverModule, training: TrainingConfig):
+    def __init__(self, module: ExceiverModule, training: TrainingConfig, *,
+                 pretrained_weights: frozenset[str] = frozenset(), pretrained_lr_mult: float = 1.0):
         super().__init__()
         self.module, self.training_config = module, training
+        # Weights that arrive trained (a classifier's encoder) learn at a fraction of the rate of
+        # new ones (its class head), so that fine-tuning adapts what pretraining learned rather
+        # than overwriting it while the head is still random.
+        self.pretrained_weights, self.pretrained_lr_mult = pretrained_weights, pretrained_lr_mult
         self.planned_steps: int | None = None  # the schedule's horizon (a time budget re-plans it)
         self.warmup_steps = 0
         self.best_metrics: dict[str, float] = {}
@@ -75,24 +87,25 @@ class TrainingPlan(L.LightningModule):
         self.best_metrics, self.best_state = state["best_metrics"], state["best_state"]
 
     def configure_optimizers(self):
-        """AdamW with weight decay on matrices only, and a larger rate for per-gene parameters."""
+        """AdamW with weight decay on matrices only, a larger rate for per-gene parameters, and
+        `pretrained_lr_mult` times the rate for pretrained weights; one parameter group per
+        (kind, pretrained), named so."""
         cfg = self.training_config
         if self.planned_steps is None:  # a fresh run (a resumed one has its own)
             self.planned_steps = int(self.trainer.estimated_stepping_batches)
             self.warmup_steps = min(cfg.warmup_steps, max(1, self.planned_steps // 10))
-        decay, no_decay, genes = [], [], []
-        for name, param in self.module.named_parameters():
-            if not param.requires_grad:
-                continue
-            if name.startswith(("gene_emb", "gene_bias")):
-                genes.append(param)
-            else:
-                (decay if param.dim() >= 2 else no_decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-             {"params": genes, "weight_decay": 0.0, "lr": cfg.learning_rate * cfg.gene_lr_mult}],
-            lr=cfg.learning_rate,
-        )
+        kinds = {"decay": (cfg.weight_decay, 1.0), "no_decay": (0.0, 1.0), "genes": (0.0, cfg.gene_lr_mult)}
+        trainable = [(name, param) for name, param in self.module.named_parameters() if param.requires_grad]
+        groups = []
+        for pretrained in (False, True):
+            for kind, (weight_decay, lr_mult) in kinds.items():
+                params = [param for name, param in trainable
+                          if (name in self.pretrained_weights) == pretrained and _kind(name, param) == kind]
+                if params:
+                    lr = cfg.learning_rate * lr_mult * (self.pretrained_lr_mult if pretrained else 1.0)
+                    groups.append({"name": ("pretrained " if pretrained else "") + kind, "params": params,
+                                   "weight_decay": weight_decay, "lr": lr})
+        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, self.warmup_steps, self.planned_steps, cfg.min_lr_ratio)
         )
@@ -179,42 +192,34 @@ class PretrainingPlan(TrainingPlan):
 
 
 class ClassifierPlan(TrainingPlan):
-    """Class-weighted cross-entropy on the class token (+ masked-value MSE unless frozen); keeps
-    the weights of the round with the lowest class-balanced validation cross-entropy, judged on
-    whole cells as `predict` sees them.
-
-    freeze: the latents stay the pretrained ones (gene embeddings, latent array, encoder and
-    processor frozen, run in eval mode); the class token's embedding, the decoder and the class
-    head train on whole cells.
-    """
+    """Class-weighted cross-entropy on the class token (+ masked-value MSE); keeps the weights of
+    the round with the lowest class-balanced validation cross-entropy, judged on whole cells as
+    `predict` sees them. pretrained_lr_mult: the rate of every weight but the new class head, as a
+    fraction of the head's (None: no weight is pretrained, the control from scratch)."""
 
     monitor = "val_class_loss"
 
     def __init__(self, module: ExceiverModule, training: TrainingConfig, labels: np.ndarray,
-                 class_weights: np.ndarray, *, freeze: bool, class_loss_weight: float, expression_loss_weight: float):
-        super().__init__(module, training)
+                 class_weights: np.ndarray, *, class_loss_weight: float, expression_loss_weight: float,
+                 pretrained_lr_mult: float | None):
+        pretrained = frozenset() if pretrained_lr_mult is None else frozenset(
+            name for name, _ in module.named_parameters() if not name.startswith("class_head"))
+        super().__init__(module, training, pretrained_weights=pretrained, pretrained_lr_mult=pretrained_lr_mult or 1.0)
         self.register_buffer("labels", torch.as_tensor(labels), persistent=False)
         self.register_buffer("class_weights", torch.as_tensor(class_weights), persistent=False)
-        self.freeze, self.class_loss_weight, self.expression_loss_weight = freeze, class_loss_weight, expression_loss_weight
+        self.class_loss_weight, self.expression_loss_weight = class_loss_weight, expression_loss_weight
         n = module.config.n_classes
         self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
         self.val_macro_f1 = torchmetrics.classification.MulticlassF1Score(n, average="macro")
         self.val_class_loss = torchmetrics.MeanMetric()
-        for name, param in module.named_parameters():
-            if freeze:
-                param.requires_grad = name.startswith(("class_head", "decoder")) or name == "gene_emb.weight"
-            elif expression_loss_weight == 0 and name.startswith(("value_head", "gene_bias")):
-                param.requires_grad = False  # unused without the expression loss (DDP wants no idle weights)
-
-    def on_train_batch_start(self, batch: CellBatch, batch_idx: int) -> None:
-        if self.freeze:  # frozen parts run in eval mode (no dropout): their latents are the pretrained ones
-            for part in (self.module.encoder, self.module.processor):
-                part.eval()
+        if expression_loss_weight == 0:
+            for name, param in module.named_parameters():
+                if name.startswith(("value_head", "gene_bias")):
+                    param.requires_grad = False  # unused without the expression loss (DDP wants no idle weights)
 
     def _losses(self, batch: CellBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(logits, per-cell class-weighted cross-entropy, predicted values of queried genes, labels)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            latents = self.module.encode(batch)
+        latents = self.module.encode(batch)
         logits = self.module.class_logits(latents)
         labels = self.labels[batch.cells]
         cell_losses = F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="none")
