@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    parser.add_argument("--adversary", type=float, nargs="*", default=[],
+                        help="also exceiver with the batch key and these batch_adversary_weight values")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = Path(os.environ.get("EXCEIVER_SHARED", "../shared")) / "data"
@@ -77,12 +79,14 @@ def main() -> None:
             result["scvi_batch"] = {"seconds": seconds, **judge(embedding, labels, batches)}
             result["budget_minutes"] = seconds / 60
             _write(path, result)
-        for variant, key in (("exceiver_batch", batch_key), ("exceiver", None)):
+        variants = [("exceiver_batch", batch_key, {}), ("exceiver", None, {})]
+        variants += [(f"exceiver_batch_adversary{w:g}", batch_key, {"batch_adversary_weight": w}) for w in args.adversary]
+        for variant, key, settings in variants:
             if variant in result:
                 continue
             _threads(args.threads)
-            model = pretrain(adata, None, gene_key=gene_key, batch_key=key, max_minutes=result["budget_minutes"],
-                             max_epochs=100_000, patience=100_000, progress=False)
+            model = pretrain(adata, None, gene_key=gene_key, batch_key=key, model=settings,
+                             max_minutes=result["budget_minutes"], max_epochs=100_000, patience=100_000, progress=False)
             embedding = model.embed(adata, inplace=False, progress=False)
             result[variant] = {"steps": model.metrics["steps"], **judge(embedding, labels, batches)}
             _write(path, result)
@@ -92,11 +96,12 @@ def main() -> None:
 def table(result: dict) -> None:
     print(f"\n{result['target']} ({result['batch_key']}), {result['budget_minutes']:.1f} min each "
           f"(scVI's default training time)")
-    print(f"{'method':<16}{'kNN macro-F1':>14}{'batch entropy':>15}{'1-|batch ASW|':>15}")
-    for method in ("pca", "scvi_batch", "exceiver", "exceiver_batch"):
+    print(f"{'method':<28}{'kNN macro-F1':>14}{'batch entropy':>15}{'1-|batch ASW|':>15}")
+    for method in ["pca", "scvi_batch", "exceiver", "exceiver_batch",
+                   *sorted(k for k in result if k.startswith("exceiver_batch_"))]:
         if method in result:
             m = result[method]
-            print(f"{method:<16}{m['knn_macro_f1']:14.3f}{m['batch_entropy']:15.3f}{m['batch_asw']:15.3f}")
+            print(f"{method:<28}{m['knn_macro_f1']:14.3f}{m['batch_entropy']:15.3f}{m['batch_asw']:15.3f}")
     if "exceiver_batch" in result:
         e, s = result["exceiver_batch"], result["scvi_batch"]
         print(f"exceiver/scVI: kNN {e['knn_macro_f1'] / s['knn_macro_f1']:.3f}x, "

@@ -1,15 +1,24 @@
 """Transfer study: what does pretraining buy for downstream prediction?
 
-Pretrains the `default` preset on human files of the shared data *other than the targets*, then for
-each target task, label fraction (1%, 10%, 100% of the training cells; at least 3 cells per class)
-and seed, compares on held-out cells:
-  fine-tuned pretrained model | frozen-encoder probe | same architecture from scratch |
-  logistic regression on log-normalised highly variable genes.
+A pretrained model (`--base MODEL_DIR`, e.g. the embedding study's corpus model, pretrained on
+shared files that are none of the targets; without one, the `default` preset is pretrained here on
+human files other than the targets) is compared, for each target task, label fraction (1%, 10%,
+100% of the training cells; at least 3 cells per class) and seed, on held-out cells:
+  annotate_base       `exceiver annotate` with the base model as it is (zero-shot embedding);
+  annotate_continued  the base continued (`pretrain --init`) on the task's training cells, labels
+                      unseen, for --continue-minutes, then `annotate`;
+  annotate_own        the `default` preset pretrained from scratch on the same cells for the same
+                      minutes, then `annotate` (what the base adds to unlabelled data alone);
+  probe               `finetune --freeze` of the base (a linear probe of its embedding);
+  finetuned           `finetune` of the base (every weight, a class-token head);
+  scratch             `finetune --from-scratch` (the same architecture, random weights);
+  logreg_hvg          logistic regression on log-normalised highly variable genes.
 Targets: kang2018 `condition` (IFN-beta stimulation), pbmc3k `cell_type`, cellbench lung cell line
 (trained on one assay, tested on the other). Results are appended to a JSON file (a rerun resumes),
 then printed as a table and drawn.
 
-    EXCEIVER_SHARED=../shared python benchmarks/transfer_study.py --out transfer_results
+    EXCEIVER_SHARED=../shared python benchmarks/transfer_study.py --out transfer_results \
+        --base ../study/counts_log_values_flat_bottleneck/model --fractions 0.01 0.1
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ CORPUS = [  # human files, none of them a target (pbmc_small is a subset of pbmc
     "numbat_anaplastic_thyroid_carcinoma_173", "camp2015_human_fetal_neocortex_soup_220",
     "janesick2023_breast_cancer_flex_scllm_100", "cellxgene_fetal_telencephalon_culture_hvg2000_4474",
 ]
-METHODS = ("finetuned", "probe", "scratch", "logreg_hvg")
+METHODS = ("annotate_base", "annotate_continued", "annotate_own", "probe", "finetuned", "scratch", "logreg_hvg")
 FRACTIONS = (0.01, 0.1, 1.0)
 
 
@@ -93,27 +102,46 @@ def logreg_hvg(train: ad.AnnData, test: ad.AnnData, key: str, gene_key: str | No
     return clf.predict(te[:, genes].X)
 
 
+def unsupervised_models(base: Exceiver, pool: ad.AnnData, gene_key: str | None, minutes: float, folder: Path,
+                        seed: int = 0) -> dict[str, Exceiver]:
+    """The base continued on the task's training cells, and the default preset trained from scratch
+    on them, for the same minutes (labels unseen; saved, so a rerun reuses them)."""
+    models = {}
+    for name, warm in (("continued", {"init": base}), ("own", {})):
+        out = folder / name
+        if not (out / "config.json").exists():
+            pretrain(pool, out, gene_key=gene_key, max_minutes=minutes, max_epochs=100_000, patience=100_000,
+                     seed=seed, progress=False, overwrite=True, **warm)
+        models[name] = Exceiver.load(out)
+    return models
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("transfer_results"))
+    parser.add_argument("--base", type=Path, help="the pretrained model (default: pretrain one here)")
     parser.add_argument("--pretrain-minutes", type=float, default=10.0)
+    parser.add_argument("--continue-minutes", type=float, default=2.0,
+                        help="unsupervised training on each task's cells (annotate_continued, annotate_own)")
     parser.add_argument("--finetune-minutes", type=float, default=0.75, help="time budget per fine-tuning run")
     parser.add_argument("--max-epochs", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--tasks", nargs="+", default=["kang_condition", "pbmc3k_cell_type", "cellbench_cell_line"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     shared = Path(os.environ.get("EXCEIVER_SHARED", "../shared"))
     data = shared / "data"
     args.out.mkdir(parents=True, exist_ok=True)
-    model_dir = args.out / "pretrained"
+    model_dir = args.base or args.out / "pretrained"
     if not (model_dir / "config.json").exists():
         start = time.time()
         pretrain([data / f"{n}.h5ad" for n in CORPUS], model_dir, genes=shared / "genes" / "protein_coding_genes_hgnc.txt",
                  max_minutes=args.pretrain_minutes, progress=False)
         print(f"pretrained in {time.time() - start:.0f} s")
     base = Exceiver.load(model_dir)
-    print(f"pretrained model: {base}; metrics: val MSE ratio {base.metrics['val_mse_ratio']:.3f}, "
+    print(f"pretrained model {model_dir}: {base}; val MSE ratio {base.metrics['val_mse_ratio']:.3f}, "
           f"{base.metrics['n_cells']} cells")
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else []
@@ -121,16 +149,24 @@ def main() -> None:
     for task in args.tasks:
         pool, test, key, gene_key, protocol = load_target(data, task)
         y_test = test.obs[key].astype(str).to_numpy()
-        for fraction in FRACTIONS:
+        models = None
+        if {"annotate_continued", "annotate_own"} & set(args.methods):
+            models = unsupervised_models(base, pool, gene_key, args.continue_minutes, args.out / "models" / task)
+        for fraction in args.fractions:
             for seed in range(args.seeds):
                 rows = labelled_subset(pool.obs[key].astype(str), fraction, seed)
                 train = pool[rows].copy()
-                for method in METHODS:
+                for method in args.methods:
                     if (task, fraction, seed, method) in done:
                         continue
                     start = time.time()
                     if method == "logreg_hvg":
                         pred = logreg_hvg(train, test, key, gene_key, seed)
+                    elif method.startswith("annotate_"):
+                        model = base if method == "annotate_base" else models[method.removeprefix("annotate_")]
+                        labels = model.annotate(train, test, key, inplace=False, min_confidence=0.0, gene_key=gene_key,
+                                                progress=False)
+                        pred = labels["exceiver_label"].to_numpy().astype(str)
                     else:
                         mode = {"finetuned": "full", "probe": "freeze", "scratch": "scratch"}[method]
                         clf = finetune(base, train, key, None, mode=mode, gene_key=gene_key, seed=seed,
@@ -143,7 +179,7 @@ def main() -> None:
                              macro_f1=f1_score(y_test, pred, average="macro"))
                     results.append(r)
                     results_file.write_text(json.dumps(results, indent=1))
-                    print(f"{task:20s} {fraction:>5} seed {seed} {method:10s} n={len(rows):5d} "
+                    print(f"{task:20s} {fraction:>5} seed {seed} {method:18s} n={len(rows):5d} "
                           f"macro-F1 {r['macro_f1']:.3f} acc {r['accuracy']:.3f} ({r['seconds']} s)", flush=True)
     report(pd.DataFrame(results), args.out)
 
@@ -161,11 +197,12 @@ def report(df: pd.DataFrame, out: Path) -> None:
     tasks = list(dict.fromkeys(df.task))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for method in METHODS:
+        for method in [m for m in METHODS if m in set(df.method)]:
             t = table[(table.task == task) & (table.method == method)]
             ax.errorbar(t.fraction, t.macro_f1, yerr=t.macro_f1_sd, marker="o", capsize=3, label=method)
         ax.set_xscale("log")
-        ax.set_xticks(FRACTIONS, [f"{f:.0%}" for f in FRACTIONS])
+        fractions = sorted(set(df.fraction))
+        ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
         ax.set_title(task)
         ax.set_xlabel("labelled training cells")
         ax.set_ylabel("macro-F1 (held-out cells)")
