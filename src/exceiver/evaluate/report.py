@@ -35,7 +35,7 @@ from exceiver.evaluate.reconstruction import (
     reconstruction_scores,
 )
 from exceiver.io import write_json
-from exceiver.outputs import atomic_dir, check_output_dir
+from exceiver.outputs import atomic_dir, claim
 from exceiver.model import Exceiver, check_pooling
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,15 @@ def evaluate(
     name: the dataset's name in messages and the report (default: the file's name).
     """
     inference_device(device)  # before any data is read
+    with claim(out, overwrite=overwrite, folder=True):  # refused now, not after minutes of metrics
+        return _evaluate(model, data, out, label_keys=label_keys, batch_key=batch_key, gene_key=gene_key, layer=layer,
+                         annotations=annotations, sources=sources, pooling=pooling, max_cells=max_cells, device=device,
+                         seed=seed, allow_non_integer=allow_non_integer, overwrite=overwrite, progress=progress,
+                         name=name)
+
+
+def _evaluate(model, data, out, *, label_keys, batch_key, gene_key, layer, annotations, sources, pooling, max_cells,
+              device, seed, allow_non_integer, overwrite, progress, name) -> dict:
     model = model if isinstance(model, Exceiver) else Exceiver.load(model)
     pooling = check_pooling(pooling, model.module)
     [(default_name, adata)] = read_datasets(data)
@@ -86,7 +95,6 @@ def evaluate(
         obs_column(adata.obs, key, name)
     if annotations is not None and not isinstance(annotations, pd.DataFrame):
         annotations = read_annotations(annotations)
-    check_output_dir(out, overwrite=overwrite)
 
     gene_key, layer = model.data_keys(adata.var.columns, count_layers(adata), gene_key, layer)
     aligned = align(adata, model.vocab, gene_key=gene_key, layer=layer, name=name,
