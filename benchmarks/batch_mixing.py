@@ -30,6 +30,7 @@ import scanpy as sc
 
 from efficiency import _threads, _write, pca  # the same recipes as the efficiency benchmark
 from exceiver import pretrain
+from exceiver.cli_parser import model_option
 from exceiver.evaluate.cells import batch_scores, knn_cross_validated
 
 TARGETS = {"cellbench": ("cellbench_lung_celllines_1408", "cell_type", "assay", "gene_symbol")}
@@ -58,8 +59,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
-    parser.add_argument("--adversary", type=float, nargs="*", default=[],
-                        help="also exceiver with the batch key and these batch_adversary_weight values")
+    parser.add_argument("--set", dest="model", action="append", default=[], type=model_option,
+                        help="FIELD=VALUE override for an extra variant with the batch key (repeatable)")
+    parser.add_argument("--variant", help="name of that extra variant")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = Path(os.environ.get("EXCEIVER_SHARED", "../shared")) / "data"
@@ -80,7 +82,8 @@ def main() -> None:
             result["budget_minutes"] = seconds / 60
             _write(path, result)
         variants = [("exceiver_batch", batch_key, {}), ("exceiver", None, {})]
-        variants += [(f"exceiver_batch_adversary{w:g}", batch_key, {"batch_adversary_weight": w}) for w in args.adversary]
+        if args.variant:
+            variants.append((f"exceiver_batch_{args.variant}", batch_key, dict(args.model)))
         for variant, key, settings in variants:
             if variant in result:
                 continue

@@ -108,15 +108,9 @@ class ObjectiveConfig:
     contrastive_weight: float = 0.0
     contrastive_keep: float = 0.5  # fraction of a cell's tokens in each view
     contrastive_temperature: float = 0.1
-    # Batch adversary (models with batches): a classifier learns each cell's batch from the cell
-    # bottleneck, and its gradient reaches the encoder reversed, times this weight, so that the
-    # embedding stops telling batches apart (conditioning the decoder alone left it telling them
-    # apart: benchmarks/batch_mixing.py).
-    batch_adversary_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if min(self.value_weight, self.detection_weight, self.contrastive_weight, self.count_weight,
-               self.batch_adversary_weight) < 0:
+        if min(self.value_weight, self.detection_weight, self.contrastive_weight, self.count_weight) < 0:
             raise ValueError("objective weights must be >= 0")
         if not 0 < self.contrastive_keep <= 1 or self.contrastive_temperature <= 0:
             raise ValueError("contrastive_keep must be in (0, 1] and contrastive_temperature > 0")

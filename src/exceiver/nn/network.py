@@ -74,8 +74,6 @@ class ExceiverModule(nn.Module):
         self.batch_embedding = nn.Embedding(c.n_batches, c.bottleneck_dim) if c.n_batches else None
         if self.batch_embedding is not None:
             nn.init.zeros_(self.batch_embedding.weight)  # no batch effect until one is learned
-        # Says a cell's batch from its bottleneck (the batch adversary objective).
-        self.batch_classifier = mlp(c.bottleneck_dim, c.count_hidden, c.n_batches) if c.n_batches else None
 
     @torch.no_grad()
     def init_value_offsets(self, gene_means: torch.Tensor, mean_value: float) -> None:

@@ -50,35 +50,12 @@ def pretraining_loss(module: ExceiverModule, batch: CellBatch, objectives: Objec
         parts["masked_values"] = masked_mse(values, batch.targets, batch.query_mask)
     if objectives.count_weight:
         parts["counts"] = count_nll(module, latents, batch, batches).mean()
-    if objectives.batch_adversary_weight and batches is not None and module.batch_classifier is not None:
-        parts["batch_adversary"] = batch_adversary_loss(module, latents, batches, objectives.batch_adversary_weight)
     if objectives.contrastive_weight:
         parts["contrastive"] = contrastive_loss(module, latents, batch, objectives, salt=salt, gather=gather)
     total = (objectives.value_weight * parts["masked_values"] + objectives.detection_weight * parts.get("detection", 0.0)
-             + objectives.count_weight * parts.get("counts", 0.0) + parts.get("batch_adversary", 0.0)
+             + objectives.count_weight * parts.get("counts", 0.0)
              + objectives.contrastive_weight * parts.get("contrastive", 0.0))
     return LossRecord(total, parts)
-
-
-class _ReverseGradient(torch.autograd.Function):
-    """Identity forward; the gradient backward times -weight (a gradient reversal layer)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: float) -> torch.Tensor:
-        ctx.weight = weight
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return -ctx.weight * grad, None
-
-
-def batch_adversary_loss(module: ExceiverModule, latents: torch.Tensor, batches: torch.Tensor,
-                         weight: float) -> torch.Tensor:
-    """Cross-entropy of the batch classifier on the cell bottleneck: the classifier learns from it
-    as is, the encoder from it reversed and times `weight` (it learns to hide the batch)."""
-    cell = _ReverseGradient.apply(module.pool(latents, "bottleneck"), weight)
-    return F.cross_entropy(module.batch_classifier(cell).float(), batches)
 
 
 def count_nll(module: ExceiverModule, latents: torch.Tensor, batch: CellBatch,
