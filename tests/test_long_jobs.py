@@ -49,6 +49,16 @@ def _interrupt(data: Path, out: Path, signum: int | None, arguments: list[str] |
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Runs compared step for step use one thread in this process and in its subprocesses alike:
+    a reduction split over another number of threads rounds differently, and Adam amplifies such
+    differences in parameters whose gradients are nearly zero (attention key biases)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def cells_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("long") / "cells.h5ad"
