@@ -41,7 +41,7 @@ def main() -> None:
                      gene_map=shared / "genes" / "human_mouse_orthologs_ensembl105.csv",
                      max_minutes=args.hours * 60, max_epochs=100_000, patience=100_000, seed=args.seed,
                      checkpoint_minutes=10, resume=args.resume, progress=False)
-    species = {p.stem: str(ad.read_h5ad(p, backed="r").obs.get("species", ["unknown"])[0]) for p in files}
+    species = {p.stem: str(ad.read_h5ad(p, backed="r").obs["species"].iloc[0]) if "species" in ad.read_h5ad(p, backed="r").obs else "unknown" for p in files}
     (args.out.parent / f"{args.out.name}.recipe.json").write_text(json.dumps(
         {"files": [p.name for p in files], "species": species, "n_top_genes": N_TOP_GENES, "hours": args.hours,
          "seed": args.seed, "metrics": model.metrics}, indent=1) + "\n")
