@@ -18,7 +18,8 @@ Results go to OUT/<target>/baselines.json (PCA and scVI, run once) and OUT/<targ
 (an exceiver run: `--variant NAME --set FIELD=VALUE ...` for ablations against the same scVI run);
 a rerun skips what is done, and the table is printed with exceiver/scVI ratios. `--init MODEL_DIR`
 (with `--gene-map` for mouse targets of a human model) continues a pretrained model on each target
-instead of training from scratch, for the same budget: what pretraining buys per CPU-minute. Run one target per core (`--threads 1`, two processes on
+instead of training from scratch, for the same budget: what pretraining buys per CPU-minute
+(`--zero-shot`: its embedding as it is; `--init` takes a shipped model's name too). Run one target per core (`--threads 1`, two processes on
 two cores) or one at a time with all threads: never more heavy jobs than cores.
 """
 
@@ -38,7 +39,7 @@ import numpy as np
 import scanpy as sc
 import torch
 
-from exceiver import TrainingConfig, pretrain
+from exceiver import Exceiver, TrainingConfig, pretrain
 from exceiver.cli_parser import model_option
 from exceiver.evaluate.cells import depth_r2, knn_cross_validated, leiden_clusters
 from sklearn.metrics import adjusted_rand_score
@@ -116,8 +117,22 @@ def exceiver_run(adata: ad.AnnData, minutes: float, model: dict, training: dict,
             "warm_start": {k: str(v) for k, v in warm.items()}, "n_genes": metrics["n_genes"], "embedding": embedding}
 
 
+def zero_shot_run(adata: ad.AnnData, warm: dict) -> dict:
+    """The pretrained model of `warm["init"]` (a folder or a shipped model's name) as it is: no
+    training on the target, only its embedding (the time is the embedding's)."""
+    start = time.perf_counter()
+    fitted = Exceiver.load(warm["init"])
+    reading = {"gene_map": warm.get("gene_map"), "gene_key": warm.get("gene_key")}
+    embedding = fitted.embed(adata, inplace=False, progress=False, **reading)
+    others = {pooling: fitted.embed(adata, inplace=False, pooling=pooling, progress=False, **reading)
+              for pooling in ("mean", "flatten")}
+    return {"other_poolings": others, "seconds": time.perf_counter() - start, "steps": 0, "epochs": 0,
+            "val_mse_ratio": fitted.metrics.get("val_mse_ratio"), "n_genes": len(fitted.vocab),
+            "warm_start": {k: str(v) for k, v in warm.items()}, "zero_shot": True, "embedding": embedding}
+
+
 def run_target(name: str, data: Path, out: Path, threads: int | None, variant: str, model: dict,
-               training: dict, minutes: float | None, warm: dict) -> None:
+               training: dict, minutes: float | None, warm: dict, zero_shot: bool = False) -> None:
     """PCA and scVI once per target (OUT/<target>/baselines.json), then exceiver's `variant` with
     the `model` overrides for scVI's time or `minutes` (OUT/<target>/<variant>.json)."""
     file, label_key, fixed = TARGETS[name]
@@ -142,7 +157,7 @@ def run_target(name: str, data: Path, out: Path, threads: int | None, variant: s
     _threads(threads)
     if warm and name in GENE_KEYS:
         warm = {**warm, "gene_key": GENE_KEYS[name]}
-    run = exceiver_run(adata, budget, model, training, warm)
+    run = zero_shot_run(adata, warm) if zero_shot else exceiver_run(adata, budget, model, training, warm)
     embedding = run.pop("embedding")
     run["other_poolings"] = {pooling: knn_cross_validated(x, labels)["knn_macro_f1"]
                              for pooling, x in run["other_poolings"].items()}  # kNN macro-F1 of the other readouts
@@ -208,6 +223,8 @@ def main() -> None:
     parser.add_argument("--gene-map", type=Path, help="with --init: translate targets of the map's dataset genes "
                                                       "(e.g. human,mouse orthologs for mouse targets)")
     parser.add_argument("--extend-genes", action="store_true", help="with --init: add the target's genes")
+    parser.add_argument("--zero-shot", action="store_true",
+                        help="with --init: the pretrained model's embedding as it is, no training on the target")
     parser.add_argument("--table", action="store_true", help="print the table of finished runs only")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +237,7 @@ def main() -> None:
                 warm = {"init": args.init, "gene_map": args.gene_map, "extend_genes": args.extend_genes} \
                     if args.init else {}
                 run_target(name, data, args.out, args.threads, args.variant, dict(args.model),
-                           dict(args.train), args.minutes, warm)
+                           dict(args.train), args.minutes, warm, zero_shot=args.zero_shot)
     table(args.out)
 
 

@@ -4,9 +4,14 @@ Ensembl human-mouse ortholog table, on protein-coding genes (the most variable o
 
 A long run (hours on a CPU core): it checkpoints every 10 minutes, so an interrupted run (a
 session's end, SIGTERM) continues with `--resume` and finishes as the uninterrupted run would.
+`--package` then writes the model into the package (src/exceiver/models/NAME/): weights as
+float16, the ortholog pairs of its vocabulary (so mouse data is translated without the table),
+checksums; and measures what float16 costs: the embeddings of every training file by the float32
+and the float16 weights, compared (`float16` in its metrics.json, quoted by docs/models.md).
 
     EXCEIVER_SHARED=../shared python benchmarks/shipped_model.py --out shipped/human-mouse-small \
         --hours 2 [--resume]
+    EXCEIVER_SHARED=../shared python benchmarks/shipped_model.py --out shipped/human-mouse-small --package
 """
 
 from __future__ import annotations
@@ -18,8 +23,14 @@ import os
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
 
-from exceiver import pretrain
+from exceiver import Exceiver, pretrain
+from exceiver.data.genemap import read_gene_map
+from exceiver.pretrain import vocabulary_pairs
+from exceiver.shipped import write_checksums
 
 # pbmc_small is 80 cells of pbmc3k: left out, so that no cell is seen twice.
 LEFT_OUT = {"pbmc_small_seuratobject_80"}
@@ -32,10 +43,16 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--package", action="store_true", help="write the trained model into the package")
+    parser.add_argument("--name", default="human-mouse-small")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     shared = Path(os.environ.get("EXCEIVER_SHARED", "../shared"))
     files = sorted(p for p in (shared / "data").glob("*.h5ad") if p.stem not in LEFT_OUT)
+    if args.package:
+        package(args.out, Path(__file__).resolve().parents[1] / "src" / "exceiver" / "models" / args.name, files,
+                shared / "genes" / "human_mouse_orthologs_ensembl105.csv")
+        return
     model = pretrain(files, args.out, genes=shared / "genes" / "protein_coding_genes_hgnc.txt",
                      n_top_genes=N_TOP_GENES, gene_key="gene_symbol",
                      gene_map=shared / "genes" / "human_mouse_orthologs_ensembl105.csv",
@@ -46,6 +63,51 @@ def main() -> None:
         {"files": [p.name for p in files], "species": species, "n_top_genes": N_TOP_GENES, "hours": args.hours,
          "seed": args.seed, "metrics": model.metrics}, indent=1) + "\n")
     print(model, model.metrics["val_mse_ratio"])
+
+
+def package(trained: Path, folder: Path, files: list[Path], orthologs: Path) -> None:
+    """The trained model as package data: float16 weights, the ortholog pairs of its vocabulary,
+    checksums; `float16` in metrics.json: the embeddings of every training file by both weights."""
+    model = Exceiver.load(trained)
+    model.gene_map = vocabulary_pairs(read_gene_map(orthologs), model.vocab)
+    full = {k: v.clone() for k, v in model.module.state_dict().items()}
+    model.module.half()
+    half_state = {k: v.clone() for k, v in model.module.state_dict().items()}
+    model.module.float()
+    comparison = []
+    for path in files:
+        adata = ad.read_h5ad(path)
+        key = "gene_symbol" if "gene_symbol" in adata.var.columns else None
+        adata, key, _ = model.in_model_genes(adata, key, None, name=path.stem)
+        genes = (adata.var_names if key in (None, "var_names") else adata.var[key]).astype(str)
+        ids = model.vocab.ids(list(genes))
+        usable = (ids >= 0) & model.scaler.trained_genes[np.maximum(ids, 0)]
+        adata = adata[np.asarray(adata.X[:, usable].sum(1)).ravel() > 0].copy()  # cells the model can read
+        model.module.load_state_dict(full)
+        x32 = model.embed(adata, inplace=False, gene_key=key, progress=False)
+        model.module.load_state_dict(half_state)  # float16 values in the float32 network: what loading does
+        x16 = model.embed(adata, inplace=False, gene_key=key, progress=False)
+        cosine = (x32 * x16).sum(1) / (np.linalg.norm(x32, axis=1) * np.linalg.norm(x16, axis=1) + 1e-12)
+        comparison.append({"file": path.stem, "cells": adata.n_obs, "min_cosine": float(cosine.min()),
+                           "max_abs_difference": float(np.abs(x32 - x16).max()),
+                           "embedding_scale": float(np.abs(x32).mean())})
+        print(comparison[-1], flush=True)
+    model.metrics["float16"] = {
+        "weights": "stored as float16, computed in float32",
+        "min_cosine_float32_vs_float16": min(c["min_cosine"] for c in comparison),
+        "max_abs_difference": max(c["max_abs_difference"] for c in comparison), "files": comparison}
+    model.module.half()
+    with torch.no_grad():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.exists():
+            for p in folder.iterdir():
+                p.unlink()
+        else:
+            folder.mkdir()
+        model.write(folder)
+    write_checksums(folder)
+    print(f"packaged {folder}: {sum(p.stat().st_size for p in folder.iterdir()) / 1e6:.1f} MB; "
+          f"min cosine float32 vs float16 {model.metrics['float16']['min_cosine_float32_vs_float16']:.6f}")
 
 
 if __name__ == "__main__":

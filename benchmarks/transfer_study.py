@@ -5,8 +5,8 @@ shared files that are none of the targets; without one, the `default` preset is 
 human files other than the targets) is compared, for each target task, label fraction (1%, 10%,
 100% of the training cells; at least 3 cells per class) and seed, on held-out cells:
   annotate_base       `exceiver annotate` with the base model as it is (zero-shot embedding);
-  annotate_continued  the base continued (`pretrain --init`) on the task's training cells, labels
-                      unseen, for --continue-minutes, then `annotate`;
+  annotate_continued  the base continued (`pretrain --init --extend-genes`) on the task's training
+                      cells, labels unseen, for --continue-minutes, then `annotate`;
   annotate_own        the `default` preset pretrained from scratch on the same cells for the same
                       minutes, then `annotate` (what the base adds to unlabelled data alone);
   probe               `finetune --freeze` of the base (a linear probe of its embedding);
@@ -107,7 +107,7 @@ def unsupervised_models(base: Exceiver, pool: ad.AnnData, gene_key: str | None, 
     """The base continued on the task's training cells, and the default preset trained from scratch
     on them, for the same minutes (labels unseen; saved, so a rerun reuses them)."""
     models = {}
-    for name, warm in (("continued", {"init": base}), ("own", {})):
+    for name, warm in (("continued", {"init": base, "extend_genes": True}), ("own", {})):
         out = folder / name
         if not (out / "config.json").exists():
             pretrain(pool, out, gene_key=gene_key, max_minutes=minutes, max_epochs=100_000, patience=100_000,

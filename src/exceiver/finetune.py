@@ -167,7 +167,7 @@ def finetune(
                     "base_model": base_model}
             result = Exceiver(module, base.vocab, base.scaler, base.tokenizer, objectives=ObjectiveConfig(),
                               training=used, metrics={**metrics, **about_labels}, classes=classes,
-                              gene_key=base.gene_key, layer=base.layer, batches=base.batches)
+                              gene_key=base.gene_key, layer=base.layer, batches=base.batches, gene_map=base.gene_map)
             if out is not None:
                 result.save(out, overwrite=overwrite)
         else:
@@ -239,7 +239,7 @@ def _train_classifier(base: Exceiver, adata: ad.AnnData, codes: np.ndarray, clas
         used = {**settings.to_dict(), "mode": mode, **options, "base_model": base_model}
         return Exceiver(module, base.vocab, base.scaler, tokenizer, objectives=ObjectiveConfig(), training=used,
                         metrics={**result.summary(), **about_labels}, classes=classes, gene_key=base.gene_key,
-                        layer=base.layer, batches=base.batches)
+                        layer=base.layer, batches=base.batches, gene_map=base.gene_map)
 
     identity = {"command": "finetune", "mode": mode, "label_key": about_labels["label_key"], "classes": classes,
                 **options, "training": settings.to_dict(), "n_cells": int(len(codes)),

@@ -2,8 +2,10 @@
 safely: `exceiver.outputs`).
 
 A model folder holds `config.json`, `model.safetensors`, `genes.txt` (the vocabulary),
-`scaler.safetensors` (per-gene statistics) and `metrics.json`. Nothing is pickled, so a shared
-model cannot run code on load.
+`scaler.safetensors` (per-gene statistics), `metrics.json` and, for a model pretrained through a
+gene map, `gene_map.csv` (its pairs for the vocabulary's genes). Nothing is pickled, so a shared
+model cannot run code on load. Weights may be stored as float16 (shipped models); they load into
+the float32 network.
 
 `config.json` format 2 holds one section per config (`architecture`, `tokenizer`, `objectives`,
 `training`, and `data`: the gene key and layer the model was trained with); format 1 (one `model`
@@ -28,6 +30,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
+from exceiver.data.genemap import read_gene_map
 from exceiver.data.preprocess import GeneScaler
 from exceiver.data.vocab import GeneVocab
 from exceiver.errors import ExceiverInputError, ModelFileError
@@ -35,8 +38,8 @@ from exceiver.outputs import atomic_file
 
 FORMAT = "exceiver-model"
 FORMAT_VERSION = 2
-CONFIG, WEIGHTS, GENES, SCALER, METRICS = (
-    "config.json", "model.safetensors", "genes.txt", "scaler.safetensors", "metrics.json",
+CONFIG, WEIGHTS, GENES, SCALER, METRICS, GENE_MAP = (
+    "config.json", "model.safetensors", "genes.txt", "scaler.safetensors", "metrics.json", "gene_map.csv",
 )
 SCALER_ARRAYS = ("mean", "std", "n_cells", "expressed_mean", "n_expressed")
 
@@ -65,7 +68,7 @@ def write_json(obj: dict, path: Path) -> None:
 
 
 def save_model_files(folder: Path, *, config: dict, state_dict: dict[str, torch.Tensor],
-                     vocab: GeneVocab, scaler: GeneScaler, metrics: dict) -> None:
+                     vocab: GeneVocab, scaler: GeneScaler, metrics: dict, gene_map: pd.DataFrame | None = None) -> None:
     """Write the files of a model folder into an existing folder."""
     write_json({"format": FORMAT, "format_version": FORMAT_VERSION, **config}, folder / CONFIG)
     save_torch({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, folder / WEIGHTS,
@@ -78,10 +81,13 @@ def save_model_files(folder: Path, *, config: dict, state_dict: dict[str, torch.
                   "max_value": repr(scaler.max_value), "standardise": str(int(scaler.standardise))},
     )
     write_json(metrics, folder / METRICS)
+    if gene_map is not None:
+        gene_map.iloc[:, :2].to_csv(folder / GENE_MAP, index=False, header=False)
 
 
-def load_model_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], GeneVocab, GeneScaler, dict]:
-    """Read and check a model folder: (config, state_dict, vocab, scaler, metrics)."""
+def load_model_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], GeneVocab, GeneScaler, dict,
+                                                  pd.DataFrame | None]:
+    """Read and check a model folder: (config, state_dict, vocab, scaler, metrics, gene map or None)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFileError(f"model folder {folder} does not exist or is not a folder")
@@ -109,7 +115,13 @@ def load_model_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor],
         raise ModelFileError(f"{folder / SCALER} has statistics for {len(scaler):,} genes, "
                              f"{folder / GENES} lists {len(vocab):,}")
     metrics = _read_json(folder / METRICS) if (folder / METRICS).is_file() else {}
-    return config, state_dict, vocab, scaler, metrics
+    gene_map = None
+    if (folder / GENE_MAP).is_file():
+        try:
+            gene_map = read_gene_map(folder / GENE_MAP)
+        except ExceiverInputError as err:
+            raise ModelFileError(f"{folder / GENE_MAP} is not a valid gene map: {err}") from err
+    return config, state_dict, vocab, scaler, metrics, gene_map
 
 
 # Options of format 1 that the embedding study refuted and exceiver 0.2 retired, with the value

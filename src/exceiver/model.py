@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -36,12 +37,17 @@ from exceiver.nn.network import POOLINGS, ExceiverModule
 from exceiver.nn.original import original_parts
 from exceiver.version import __version__
 
+log = logging.getLogger(__name__)
+
 
 class Exceiver:
     """A trained Exceiver: network, gene vocabulary, scaler and tokenizer, applied to AnnData.
 
     gene_key, layer: where the training data held gene identifiers and raw counts; used for new
     data that has that var column / layer unless a call says otherwise.
+    gene_map: the gene pairs (model gene, dataset gene) a model pretrained through a gene map
+    carries for its vocabulary; data whose genes are the dataset side (mouse data, human+mouse
+    model) is translated through it unless a call gives its own `gene_map`.
 
     Methods that read counts take `layer` (a layer name, or "raw" for adata.raw),
     `allow_non_integer` (accept counts that are mostly not integers, which are refused otherwise:
@@ -52,7 +58,8 @@ class Exceiver:
     def __init__(self, module: ExceiverModule, vocab: GeneVocab, scaler: GeneScaler, tokenizer: TokenizerConfig, *,
                  objectives: ObjectiveConfig | None = None, training: dict | None = None,
                  metrics: dict | None = None, classes: Sequence[str] | None = None,
-                 gene_key: str | None = None, layer: str | None = None, batches: dict | None = None):
+                 gene_key: str | None = None, layer: str | None = None, batches: dict | None = None,
+                 gene_map: pd.DataFrame | None = None):
         if not len(vocab) == module.config.n_genes == len(scaler):
             raise ModelFileError(
                 f"vocabulary ({len(vocab):,} genes), network ({module.config.n_genes:,}) and "
@@ -72,6 +79,9 @@ class Exceiver:
         self.training = training or {}
         self.metrics = metrics or {}
         self.gene_key, self.layer = gene_key, layer
+        # (model_gene, data_gene) pairs of the vocabulary, for a model pretrained through a gene map
+        # (e.g. human+mouse): data whose genes are the map's dataset side is translated by itself.
+        self.gene_map = gene_map
 
     @property
     def config(self) -> ExceiverConfig:
@@ -83,9 +93,25 @@ class Exceiver:
                 f"{c.latent_dim}, {c.n_layers} layers, {self.module.n_parameters():,} parameters)")
 
     @classmethod
+    def pretrained(cls, name: str) -> Exceiver:
+        """A model that ships with exceiver, by name (`exceiver.shipped.shipped_names()`; docs/models.md
+        is their card), checked against its checksums; nothing is downloaded."""
+        from exceiver.shipped import shipped_folder
+
+        return cls.load(shipped_folder(name))
+
+    @classmethod
     def load(cls, path: str | Path) -> Exceiver:
-        """Open a model folder (written by `save`, `pretrain` or `finetune`)."""
-        config, state_dict, vocab, scaler, metrics = load_model_files(path)
+        """Open a model folder (written by `save`, `pretrain` or `finetune`), or a shipped model by
+        name (`Exceiver.pretrained`) where no folder of that name exists."""
+        from exceiver.shipped import is_shipped_name, shipped_folder, shipped_names
+
+        if is_shipped_name(path):
+            path = shipped_folder(str(path))
+        elif not Path(path).exists():
+            raise ModelFileError(f"{path} is neither a model folder nor a shipped model "
+                                 f"(shipped: {', '.join(shipped_names()) or 'none'})")
+        config, state_dict, vocab, scaler, metrics, gene_map = load_model_files(path)
         where = str(Path(path) / "config.json")
         for section, required in (("architecture", True), ("tokenizer", True), ("objectives", False), ("data", False)):
             if (required and section not in config) or not isinstance(config.get(section, {}), dict):
@@ -111,7 +137,7 @@ class Exceiver:
             raise ModelFileError(f"{where} has no valid 'batches' section")
         return cls(module, vocab, scaler, tokenizer, objectives=objectives, training=config.get("training"),
                    metrics=metrics, classes=config.get("classes"), gene_key=data.get("gene_key"),
-                   layer=data.get("layer"), batches=batches)
+                   layer=data.get("layer"), batches=batches, gene_map=gene_map)
 
     def fingerprint(self) -> str:
         """A digest of the weights (a resumed fine-tuning run must start from the same base)."""
@@ -137,7 +163,7 @@ class Exceiver:
         if self.batches:
             config["batches"] = self.batches
         save_model_files(folder, config=config, state_dict=self.module.state_dict(), vocab=self.vocab,
-                         scaler=self.scaler, metrics=self.metrics)
+                         scaler=self.scaler, metrics=self.metrics, gene_map=self.gene_map)
 
     def cells(self, adata: ad.AnnData, *, gene_key: str | None = None, layer: str | None = None,
               name: str = "dataset", allow_non_integer: bool = False) -> CellCounts:
@@ -171,12 +197,8 @@ class Exceiver:
         `exceiver.data.genemap`)."""
         pooling = check_pooling(pooling, self.module)
         embedding = np.empty((adata.n_obs, self.module.embedding_width(pooling)), dtype=np.float32)
-        source, keys = adata, (gene_key, layer)
-        if gene_map is not None:
-            gene_key, layer = self.data_keys(adata.var.columns, adata.layers.keys(), gene_key, layer)
-            source, keys = map_genes(adata, gene_map, gene_key=gene_key, layer=layer, name=name), ("var_names", "X")
-        for batch, latents in self._latents(source, *keys, batch_size, device, progress, "embedding", num_workers,
-                                            allow_non_integer, name):
+        for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "embedding",
+                                            num_workers, allow_non_integer, name, gene_map):
             embedding[batch.cells.cpu().numpy()] = self.module.pool(latents, pooling).float().cpu().numpy()
         if inplace:
             adata.obsm[key_added] = embedding
@@ -194,7 +216,7 @@ class Exceiver:
         device = inference_device(device)
         pooling = check_pooling(pooling, self.module)
         with claim(out, overwrite=overwrite, folder=False):  # refused now, not after the work
-            if gene_map is not None:
+            if gene_map is not None or self._translates(h5ad_var(path).var, gene_key):
                 [(name, adata)] = read_datasets(path)
                 self.embed(adata, key_added=key_added, pooling=pooling, gene_key=gene_key, layer=layer,
                            batch_size=batch_size, device=device, num_workers=num_workers, gene_map=gene_map,
@@ -293,6 +315,29 @@ class Exceiver:
 
         return annotate(self, reference, query, label_key, **options)
 
+    def in_model_genes(self, adata: ad.AnnData, gene_key: str | None, layer: str | None,
+                       gene_map: str | Path | pd.DataFrame | None = None, name: str = "dataset",
+                       ) -> tuple[ad.AnnData, str | None, str | None]:
+        """(data, gene key, layer) to read a dataset by: as it is, or translated into model genes
+        through `gene_map` or, where its genes are the dataset side of the model's own map, that."""
+        if gene_map is None and not self._translates(adata.var, gene_key):
+            return adata, gene_key, layer
+        gene_key, layer = self.data_keys(adata.var.columns, count_layers(adata), gene_key, layer)
+        if gene_map is None:
+            log.info("%s: translated into the model's genes through its gene map", name)
+        adata = map_genes(adata, self.gene_map if gene_map is None else gene_map, gene_key=gene_key, layer=layer,
+                          name=name)
+        return adata, "var_names", "X"
+
+    def _translates(self, var: pd.DataFrame, gene_key: str | None) -> bool:
+        """Whether data with these genes goes through the model's own gene map: more of them are
+        its dataset genes (e.g. mouse symbols) than model genes."""
+        if self.gene_map is None:
+            return False
+        key = gene_key if gene_key in var.columns else (self.gene_key if self.gene_key in var.columns else None)
+        genes = pd.Index((var.index if key is None else var[key]).astype(str))
+        return int(genes.isin(self.gene_map.iloc[:, 1]).sum()) > int(genes.isin(self.gene_map.iloc[:, 0]).sum())
+
     def gene_embeddings(self) -> pd.DataFrame:
         """The learned gene embedding of every vocabulary gene (rows indexed by gene)."""
         weights = self.module.gene_emb.weight.detach().cpu().numpy()[: len(self.vocab)]
@@ -316,11 +361,14 @@ class Exceiver:
     def _latents(self, adata: ad.AnnData, gene_key: str | None = None, layer: str | None = None,
                  batch_size: int | None = None, device: str | None = None, progress: bool = True,
                  desc: str = "cells", num_workers: int = 0, allow_non_integer: bool = False,
-                 name: str = "dataset") -> Iterator[tuple[CellBatch, torch.Tensor]]:
+                 name: str = "dataset", gene_map: str | Path | pd.DataFrame | None = None,
+                 ) -> Iterator[tuple[CellBatch, torch.Tensor]]:
         """(batch, processed latents) over the cells of `adata`, in batches on the chosen device
         (checked before the data is read); a backed AnnData (`read_h5ad(path, backed="r")`) is read
-        from disk chunk by chunk."""
+        from disk chunk by chunk. Translated through `gene_map`, or the model's own where the
+        data's genes are its dataset side."""
         device = inference_device(device)
+        adata, gene_key, layer = self.in_model_genes(adata, gene_key, layer, gene_map, name)
         if adata.isbacked:
             gene_key, layer = self.data_keys(adata.var.columns, h5ad_layers(adata.filename), gene_key, layer)
             cells = H5adCells(adata.filename, self.vocab, gene_key=gene_key, layer=layer,

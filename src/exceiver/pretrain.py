@@ -21,7 +21,7 @@ from exceiver.data.corpus import CorpusCells, fit_scaler, is_corpus
 from exceiver.data.datamodule import CellDataModule, validation_cells
 from exceiver.data.preprocess import GeneScaler, prepare_cells, report_dropped
 from exceiver.data.sources import DataInput, read_datasets
-from exceiver.data.genemap import translate_datasets
+from exceiver.data.genemap import read_gene_map, translate_datasets
 from exceiver.data.vocab import GeneVocab, build_vocab, gene_keys
 from exceiver.errors import ExceiverInputError, option
 from exceiver.model import Exceiver
@@ -113,6 +113,10 @@ def pretrain(
             architecture, tokenizer, objectives = pretraining_configs(preset, **(model or {}))
         except (TypeError, ValueError) as err:  # unknown preset or field, impossible combination
             raise ExceiverInputError(f"invalid model settings: {err}") from err
+    carried = gene_map if gene_map is not None else (base.gene_map if base is not None else None)
+    items = list(data) if isinstance(data, (list, tuple)) else [data]
+    if gene_map is None and not any(is_corpus(item) for item in items):
+        gene_map = carried  # a human+mouse model continued on mouse data translates it as it did
     if batch_key is not None and not architecture.count_head:
         raise ExceiverInputError(f"{option('batch_key')} conditions the count decoder, which this model has not "
                                  "(the count objective: count_weight > 0)")
@@ -153,7 +157,8 @@ def pretrain(
                                    "n_genes": len(base.vocab), "n_genes_added": len(cells.vocab) - len(base.vocab)}
             return Exceiver(module, cells.vocab, scaler, tokenizer, objectives=objectives,
                             training=settings.to_dict(), metrics=metrics, gene_key=cells.gene_key, layer=cells.layer,
-                            batches=batches or (base.batches if base else None))
+                            batches=batches or (base.batches if base else None),
+                            gene_map=vocabulary_pairs(carried, cells.vocab))
 
         identity = {"command": "pretrain", "preset": preset, "architecture": architecture.to_dict(),
                     "tokenizer": tokenizer.to_dict(), "objectives": objectives.to_dict(),
@@ -171,6 +176,16 @@ def pretrain(
                     m["val_mse_ratio"], f"{m['steps']:,}", m["seconds"], option("max_minutes"),
                     option("max_epochs"))
     return model
+
+
+def vocabulary_pairs(gene_map, vocab: GeneVocab) -> pd.DataFrame | None:
+    """The pairs of a gene map whose model gene is in the vocabulary: what the model carries, so that
+    data of the map's other side (e.g. mouse) is translated without the map file."""
+    if gene_map is None:
+        return None
+    pairs = gene_map if isinstance(gene_map, pd.DataFrame) else read_gene_map(gene_map)
+    pairs = pairs.iloc[:, :2].set_axis(["model_gene", "data_gene"], axis=1).astype(str)
+    return pairs[pairs.model_gene.isin(set(vocab.genes))].reset_index(drop=True)
 
 
 def batch_categories(labels: np.ndarray | None, known: dict | None, batch_key: str | None) -> dict | None:
@@ -208,7 +223,7 @@ def pretraining_data(data: DataInput | Sequence[DataInput], settings: TrainingCo
     if any(is_corpus(item) for item in items):
         if len(items) > 1:
             raise ExceiverInputError("a corpus folder is pretrained on alone; build one corpus from all the files")
-        given = [name for name, value in (("gene_map", gene_map), ("batch_key", batch_key)) if value]
+        given = [name for name, value in (("gene_map", gene_map), ("batch_key", batch_key)) if value is not None]
         if given:
             raise ExceiverInputError(f"{items[0]} is a corpus folder: {', '.join(map(option, given))} need datasets "
                                      "read into memory (.h5ad files)")

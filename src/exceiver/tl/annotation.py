@@ -168,6 +168,7 @@ def _on_shared_genes(model, datasets: list[tuple[str, ad.AnnData]], gene_key: st
     for name, adata in datasets:
         given_key = gene_key if gene_key in (None, "var_names") or gene_key in adata.var.columns else None
         given_layer = layer if layer in (None, "X") or layer in adata.layers else None
+        adata, given_key, given_layer = model.in_model_genes(adata, given_key, given_layer, name=name)
         key, data_layer = model.data_keys(adata.var.columns, adata.layers.keys(), given_key, given_layer)
         keys.append((key or "var_names", data_layer or "X"))
         ids.append(model.vocab.ids(dataset_genes(adata, key)))
