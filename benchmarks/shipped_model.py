@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -58,11 +59,32 @@ def main() -> None:
                      gene_map=shared / "genes" / "human_mouse_orthologs_ensembl105.csv",
                      max_minutes=args.hours * 60, max_epochs=100_000, patience=100_000, seed=args.seed,
                      checkpoint_minutes=10, resume=args.resume, progress=False)
-    species = {p.stem: str(ad.read_h5ad(p, backed="r").obs["species"].iloc[0]) if "species" in ad.read_h5ad(p, backed="r").obs else "unknown" for p in files}
     (args.out.parent / f"{args.out.name}.recipe.json").write_text(json.dumps(
-        {"files": [p.name for p in files], "species": species, "n_top_genes": N_TOP_GENES, "hours": args.hours,
-         "seed": args.seed, "metrics": model.metrics}, indent=1) + "\n")
+        {"files": describe(files), "n_top_genes": N_TOP_GENES, "hours": args.hours, "seed": args.seed,
+         "metrics": model.metrics}, indent=1) + "\n")
     print(model, model.metrics["val_mse_ratio"])
+
+
+def describe(files: list[Path]) -> list[dict]:
+    """Each training file: cells, genes, species and the licence and source its provenance states
+    (the model card's data table)."""
+    rows = []
+    for path in files:
+        adata = ad.read_h5ad(path, backed="r")
+        provenance = adata.uns.get("provenance", "")
+        if isinstance(provenance, dict):
+            licence, source = provenance.get("license", "none stated"), provenance.get("repo", "")
+        else:
+            text = str(provenance)
+            match = re.search(r"licen[cs]e=([^;]+)", text, flags=re.I) or re.search(r"\((MIT|GPL[^)]*)\)", text)
+            licence = match.group(1).strip() if match else "none stated"
+            repo = re.search(r"repo=([^;]+)", text) or re.search(r"GitHub (\S+)", text)
+            source = repo.group(1).strip() if repo else text.split("(")[0].split(":")[0].strip()
+        species = adata.obs["species"].astype(str).value_counts().to_dict() if "species" in adata.obs else {}
+        rows.append({"file": path.name, "cells": adata.n_obs, "genes": adata.n_vars, "species": species,
+                     "licence": str(licence), "source": str(source)})
+        adata.file.close()
+    return rows
 
 
 def package(trained: Path, folder: Path, files: list[Path], orthologs: Path) -> None:
@@ -96,6 +118,7 @@ def package(trained: Path, folder: Path, files: list[Path], orthologs: Path) -> 
         "weights": "stored as float16, computed in float32",
         "min_cosine_float32_vs_float16": min(c["min_cosine"] for c in comparison),
         "max_abs_difference": max(c["max_abs_difference"] for c in comparison), "files": comparison}
+    model.metrics["training_files"] = describe(files)
     model.module.half()
     with torch.no_grad():
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -103,6 +103,10 @@ class ObjectiveConfig:
     # binomial with mean = library size x predicted share and a learned dispersion per gene. Depth
     # is given, so the bottleneck carries what the cell is, not how deeply it was sequenced.
     count_weight: float = 0.0
+    # With batches: the bottleneck as a variational posterior N(cell, 1) with a N(0, 1) prior, its KL
+    # (per measured gene, as the count loss) weighted by this: what makes scVI's latent drop the
+    # batch that its decoder is given; 0 keeps the bottleneck deterministic.
+    bottleneck_kl: float = 0.0
     # Invariance: two random subsets of a cell's tokens must give embeddings that pick each other
     # out of the batch (InfoNCE on projected mean latents).
     contrastive_weight: float = 0.0
@@ -110,7 +114,8 @@ class ObjectiveConfig:
     contrastive_temperature: float = 0.1
 
     def __post_init__(self) -> None:
-        if min(self.value_weight, self.detection_weight, self.contrastive_weight, self.count_weight) < 0:
+        if min(self.value_weight, self.detection_weight, self.contrastive_weight, self.count_weight,
+               self.bottleneck_kl) < 0:
             raise ValueError("objective weights must be >= 0")
         if not 0 < self.contrastive_keep <= 1 or self.contrastive_temperature <= 0:
             raise ValueError("contrastive_keep must be in (0, 1] and contrastive_temperature > 0")

@@ -49,17 +49,21 @@ def pretraining_loss(module: ExceiverModule, batch: CellBatch, objectives: Objec
         values = module.predict_values(read, batch.query_ids)
         parts["masked_values"] = masked_mse(values, batch.targets, batch.query_mask)
     if objectives.count_weight:
-        parts["counts"] = count_nll(module, latents, batch, batches).mean()
+        cell = module.pool(latents, "bottleneck")
+        if objectives.bottleneck_kl:  # a sample of the cell's posterior N(cell, 1), and its KL to N(0, 1)
+            parts["bottleneck_kl"] = (0.5 * cell.float().pow(2).sum(-1) / batch.measured.sum(-1).clamp(min=1)).mean()
+            cell = cell + torch.randn_like(cell)
+        parts["counts"] = count_nll(module, latents, batch, batches, cell=cell).mean()
     if objectives.contrastive_weight:
         parts["contrastive"] = contrastive_loss(module, latents, batch, objectives, salt=salt, gather=gather)
     total = (objectives.value_weight * parts["masked_values"] + objectives.detection_weight * parts.get("detection", 0.0)
-             + objectives.count_weight * parts.get("counts", 0.0)
+             + objectives.count_weight * (parts.get("counts", 0.0) + objectives.bottleneck_kl * parts.get("bottleneck_kl", 0.0))
              + objectives.contrastive_weight * parts.get("contrastive", 0.0))
     return LossRecord(total, parts)
 
 
 def count_nll(module: ExceiverModule, latents: torch.Tensor, batch: CellBatch,
-              batches: torch.Tensor | None = None) -> torch.Tensor:
+              batches: torch.Tensor | None = None, cell: torch.Tensor | None = None) -> torch.Tensor:
     """Negative-binomial negative log-likelihood of each cell's whole count vector [B], per
     measured gene, decoded from the cell bottleneck: mean = library x softmax share over the genes
     the cell's dataset measured, dispersion learned per gene.
@@ -67,7 +71,8 @@ def count_nll(module: ExceiverModule, latents: torch.Tensor, batch: CellBatch,
     The likelihood of a zero count, theta * (log theta - log(theta + mu)), is summed densely over
     the measured genes (it needs no counts); expressed genes then add the difference between their
     count's likelihood and a zero's. No dense counts matrix is ever built."""
-    logits = module.count_logits(module.pool(latents, "bottleneck"), batches).float()
+    cell = module.pool(latents, "bottleneck") if cell is None else cell  # `cell`: a sample of it, in training
+    logits = module.count_logits(cell, batches).float()
     measured = batch.measured
     log_share = torch.log_softmax(logits.masked_fill(~measured, float("-inf")), dim=-1)
     log_mu = log_share + batch.library.clamp(min=1).log()[:, None]
