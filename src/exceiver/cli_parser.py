@@ -88,8 +88,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                         "holds only safetensors, JSON and text)")
 
 
+MODEL_HELP = "a model folder, or the name of a model shipped with exceiver (human-mouse-small)"
+
+
 def _add_inference_options(p: argparse.ArgumentParser, *, model: str = "MODEL_DIR", out: str = "OUT.h5ad") -> None:
-    p.add_argument("model", type=Path, metavar=model)
+    p.add_argument("model", type=Path, metavar=model, **({"help": MODEL_HELP} if model == "MODEL_DIR" else {}))
     p.add_argument("data", type=Path, metavar="DATA.h5ad")
     p.add_argument("--out", required=True, type=Path, metavar=out)
     _add_data_options(p)
@@ -117,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vocabulary: the N most variable genes of the training cells, 0 for all "
                         "(default: the preset's, 2000 for default, all for paper)")
     p.add_argument("--init", type=Path, metavar="MODEL_DIR",
-                   help="continue training this pretrained model on DATA (its vocabulary, normalisation, "
-                        "architecture and objectives)")
+                   help="continue training this pretrained model (a folder, or a shipped model's name such as "
+                        "human-mouse-small) on DATA (its vocabulary, normalisation, architecture and objectives)")
     p.add_argument("--extend-genes", action="store_true",
                    help="with --init: add DATA's genes outside the model's vocabulary (at most --n-top-genes, "
                         "the most variable) with fresh embeddings")
@@ -162,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Fine-tune a pretrained model to predict a label column of obs "
                                         "(class-token query; cross-entropy + masked-expression MSE), or fit a "
                                         "linear probe of its cell embedding (--freeze).")
-    p.add_argument("model", type=Path, metavar="MODEL_DIR")
+    p.add_argument("model", type=Path, metavar="MODEL_DIR", help=MODEL_HELP)
     p.add_argument("data", type=Path, metavar="DATA.h5ad")
     p.add_argument("--label-key", required=True, metavar="COL", help="obs column with the labels")
     p.add_argument("--out", required=True, type=Path, metavar="CLF_DIR", help="classifier folder to write")
@@ -189,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "reference's labels to the query through the embedding. Writes QUERY.h5ad "
                                         "with obs['exceiver_label'] ('unknown' below --min-confidence), "
                                         "obs['exceiver_label_confidence'] and uns['exceiver_annotate'] to OUT.h5ad.")
-    p.add_argument("model", type=Path, metavar="MODEL_DIR")
+    p.add_argument("model", type=Path, metavar="MODEL_DIR", help=MODEL_HELP)
     p.add_argument("reference", type=Path, metavar="REFERENCE.h5ad")
     p.add_argument("query", type=Path, metavar="QUERY.h5ad")
     p.add_argument("--label-key", required=True, metavar="COL", help="obs column of the reference with the labels")
@@ -232,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "Leiden ARI/NMI, silhouette, similarity profile) and batches beside PCA "
                                         "baselines; gene embeddings vs annotation sources. Writes metrics.json, "
                                         "report.md and PNG figures to REPORT_DIR.")
-    p.add_argument("model", type=Path, metavar="MODEL_DIR")
+    p.add_argument("model", type=Path, metavar="MODEL_DIR", help=MODEL_HELP)
     p.add_argument("data", type=Path, metavar="DATA.h5ad")
     p.add_argument("--out", required=True, type=Path, metavar="REPORT_DIR")
     p.add_argument("--label-key", action="append", default=[], metavar="COL",
@@ -253,11 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--overwrite", action="store_true", help="replace an existing REPORT_DIR")
 
-    p = commands.add_parser("demo", help="pretrain and embed on bundled PBMC data (no downloads)",
-                            description="Pretrain a small model on 700 PBMCs bundled with scanpy, "
-                                        "embed them, and write a UMAP and a report.")
+    p = commands.add_parser("demo", help="the shipped model on bundled PBMC data (no downloads)",
+                            description="The shipped model on 700 PBMCs bundled with scanpy: zero-shot, continued, "
+                                        "beside a model trained from scratch and PCA; label transfer; UMAPs and a report.")
     p.add_argument("--out", type=Path, default=Path("exceiver_demo"), metavar="DIR")
-    p.add_argument("--max-minutes", type=float, default=3.0)
+    p.add_argument("--max-minutes", type=float, default=1.0,
+                   help="training minutes of the continued model, and of the model trained from scratch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace DIR even if it is not an earlier demo's output")
 

@@ -109,7 +109,7 @@ class Exceiver:
         if is_shipped_name(path):
             path = shipped_folder(str(path))
         elif not Path(path).exists():
-            raise ModelFileError(f"{path} is neither a model folder nor a shipped model "
+            raise ModelFileError(f"model folder {path} does not exist, and no shipped model has that name "
                                  f"(shipped: {', '.join(shipped_names()) or 'none'})")
         config, state_dict, vocab, scaler, metrics, gene_map = load_model_files(path)
         where = str(Path(path) / "config.json")
