@@ -106,7 +106,8 @@ def exceiver_run(adata: ad.AnnData, minutes: float, model: dict, training: dict,
                       progress=False, **warm, **training)
     seconds = time.perf_counter() - start
     metrics = fitted.metrics
-    reading = {"gene_map": warm.get("gene_map"), "gene_key": warm.get("gene_key")}
+    # a model of the target's own genes reads it as it is
+    reading = {"gene_map": None if warm.get("own_genes") else warm.get("gene_map"), "gene_key": warm.get("gene_key")}
     embedding = fitted.embed(adata, inplace=False, progress=False, **reading)
     others = {pooling: fitted.embed(adata, inplace=False, pooling=pooling, progress=False, **reading)
               for pooling in ("mean", "flatten")}
@@ -223,6 +224,8 @@ def main() -> None:
     parser.add_argument("--gene-map", type=Path, help="with --init: translate targets of the map's dataset genes "
                                                       "(e.g. human,mouse orthologs for mouse targets)")
     parser.add_argument("--extend-genes", action="store_true", help="with --init: add the target's genes")
+    parser.add_argument("--own-genes", action="store_true",
+                        help="with --init: the target's own vocabulary, rows of known genes from the model")
     parser.add_argument("--zero-shot", action="store_true",
                         help="with --init: the pretrained model's embedding as it is, no training on the target")
     parser.add_argument("--table", action="store_true", help="print the table of finished runs only")
@@ -234,7 +237,8 @@ def main() -> None:
         warnings.filterwarnings("ignore")
         for name in args.targets:
             if not (args.out / name / f"{args.variant}.json").exists():
-                warm = {"init": args.init, "gene_map": args.gene_map, "extend_genes": args.extend_genes} \
+                warm = {"init": args.init, "gene_map": args.gene_map, "extend_genes": args.extend_genes,
+                        **({"own_genes": True} if args.own_genes else {})} \
                     if args.init else {}
                 run_target(name, data, args.out, args.threads, args.variant, dict(args.model),
                            dict(args.train), args.minutes, warm, zero_shot=args.zero_shot)

@@ -134,3 +134,30 @@ def test_a_gene_map_translates_the_datasets_whose_genes_it_maps(tmp_path, base):
     mapped = pd.read_csv(gene_map)  # the Python API gives the same embedding
     direct = base.embed(mouse, gene_map=mapped, inplace=False)
     assert np.allclose(ad.read_h5ad(tmp_path / "mapped.h5ad").obsm["X_exceiver"], direct, atol=1e-5)
+
+
+def test_own_genes_keep_the_datas_vocabulary_with_the_models_rows_for_known_genes(base, tmp_path):
+    # half of the data's genes are the model's (G0100..G0199), half are new; a map names 20 more
+    new = synthetic_counts(n_cells=80, n_genes=300, seed=3, prefix="G")[:, 100:].copy()
+    mouse_names = [f"m{g}" if i < 20 else g for i, g in enumerate(new.var_names)]
+    pairs = pd.DataFrame({"model_gene": [f"G{j:04d}" for j in range(100, 120)],
+                          "data_gene": [f"mG{j:04d}" for j in range(100, 120)]})
+    new.var_names = mouse_names
+    gene_map = tmp_path / "map.csv"
+    pairs.to_csv(gene_map, index=False, header=False)
+    model = pretrain(new, tmp_path / "own", init=base, own_genes=True, gene_map=gene_map, n_top_genes=0,
+                     batch_size=32, progress=False, **FROZEN)
+    assert list(model.vocab.genes) == list(new.var_names) and model.gene_map is None
+    assert model.metrics["init"]["own_genes"] and model.metrics["init"]["n_genes_added"] == 100
+    before, after = base.module.gene_emb.weight.detach(), model.module.gene_emb.weight.detach()
+    rows = base.vocab.ids([g.removeprefix("m") for g in model.vocab.genes])
+    assert (rows[:100] >= 0).all() and (rows[100:] < 0).all()  # mapped and named genes, then new ones
+    torch.testing.assert_close(after[:100], before[rows[:100]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(after[-2:], before[-2:], atol=1e-6, rtol=0)  # padding and class rows
+    decoder = f"count_decoder.{len(base.module.count_decoder) - 1}.weight"
+    torch.testing.assert_close(model.module.state_dict()[decoder][:100], base.module.state_dict()[decoder][rows[:100]],
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ExceiverInputError, match="own_genes=True needs init and excludes extend_genes=True"):
+        pretrain(new, None, own_genes=True, progress=False)
+    with pytest.raises(ExceiverInputError, match="excludes"):
+        pretrain(new, None, init=base, own_genes=True, extend_genes=True, progress=False)

@@ -22,7 +22,7 @@ def run_pretrain(args: argparse.Namespace) -> None:
 
     model = pretrain(args.data, args.out, preset=args.preset, model=dict(args.model_options), genes=args.genes,
                      n_top_genes=args.n_top_genes, gene_map=args.gene_map, init=args.init,
-                     extend_genes=args.extend_genes, batch_key=args.batch_key, overwrite=args.overwrite,
+                     extend_genes=args.extend_genes, own_genes=args.own_genes, batch_key=args.batch_key, overwrite=args.overwrite,
                      progress=not args.quiet, **data_options(args), **run_options(args), **training_options(args))
     if rank_zero_only.rank == 0:  # distributed runs execute this in every process
         print(f"wrote {args.out}: {model}")

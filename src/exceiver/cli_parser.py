@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", type=Path, metavar="MODEL_DIR",
                    help="continue training this pretrained model (a folder, or a shipped model's name such as "
                         "human-mouse-small) on DATA (its vocabulary, normalisation, architecture and objectives)")
+    p.add_argument("--own-genes", action="store_true",
+                   help="with --init: the vocabulary is DATA's own (--n-top-genes, as a fresh model's); genes the "
+                        "model knows (by name or through its gene map / --gene-map) start from its weights")
     p.add_argument("--extend-genes", action="store_true",
                    help="with --init: add DATA's genes outside the model's vocabulary (at most --n-top-genes, "
                         "the most variable) with fresh embeddings")

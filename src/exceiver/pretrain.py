@@ -32,7 +32,7 @@ from exceiver.train.config import TrainingConfig, TrainingOptions, training_conf
 from exceiver.train.checkpoints import Checkpointing, training_output
 from exceiver.train.fit import FitResult, fit
 from exceiver.train.plans import PretrainingPlan
-from exceiver.warm_start import check_base, merged_scaler, model_vocabulary, new_gene_offsets, warm_module
+from exceiver.warm_start import base_rows, check_base, merged_scaler, model_vocabulary, new_gene_offsets, warm_module
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def pretrain(
     gene_map: str | Path | None = None,
     init: Exceiver | str | Path | None = None,
     extend_genes: bool = False,
+    own_genes: bool = False,
     batch_key: str | None = None,
     allow_non_integer: bool = False,
     overwrite: bool = False,
@@ -92,6 +93,9 @@ def pretrain(
         (the data's other genes are reported; `extend_genes` adds them, at most `n_top_genes` of
         them, with fresh embeddings), normalisation, architecture and objectives; per-gene
         statistics are re-estimated where the data expresses a gene.
+    own_genes: with `init`, the vocabulary is the data's own (chosen as a fresh model's is,
+        `n_top_genes`; the data read as it is, not through a gene map): genes the model knows, by
+        name or through its gene map, start from its weights, the others fresh.
     batch_key: obs column of batches (assay, donor, ...): a learned batch embedding conditions the
         count decoder, so the cell embedding need not carry the batch (`embed` needs no batch).
         With `init`, the model's batches keep their embeddings and new ones are added.
@@ -113,9 +117,17 @@ def pretrain(
             architecture, tokenizer, objectives = pretraining_configs(preset, **(model or {}))
         except (TypeError, ValueError) as err:  # unknown preset or field, impossible combination
             raise ExceiverInputError(f"invalid model settings: {err}") from err
+    if own_genes and (base is None or extend_genes):
+        raise ExceiverInputError(f"{option('own_genes', True)} needs {option('init')} and excludes "
+                                 f"{option('extend_genes', True)}")
     carried = gene_map if gene_map is not None else (base.gene_map if base is not None else None)
     items = list(data) if isinstance(data, (list, tuple)) else [data]
-    if gene_map is None and not any(is_corpus(item) for item in items):
+    if own_genes:
+        # The data's genes are the vocabulary, read as they are; a gene map finds their rows.
+        own_pairs = read_gene_map(gene_map) if isinstance(gene_map, (str, Path)) else (
+            gene_map if gene_map is not None else base.gene_map)
+        carried = gene_map = None
+    elif gene_map is None and not any(is_corpus(item) for item in items):
         gene_map = carried  # a human+mouse model continued on mouse data translates it as it did
     if batch_key is not None and not architecture.count_head:
         raise ExceiverInputError(f"{option('batch_key')} conditions the count decoder, which this model has not "
@@ -127,10 +139,10 @@ def pretrain(
     with training_output(out, overwrite=overwrite, resume=resume) as run:  # refused now, not after the work
         cells = pretraining_data(
             data, settings, genes=genes, n_top_genes=n_top_genes, gene_key=gene_key, layer=layer, gene_map=gene_map,
-            base_vocab=None if base is None else base.vocab, extend_genes=extend_genes, batch_key=batch_key,
+            base_vocab=None if base is None or own_genes else base.vocab, extend_genes=extend_genes, batch_key=batch_key,
             allow_non_integer=allow_non_integer, standardise=base.scaler.standardise if base else tokenizer.values == "zscore",
             progress=progress)
-        scaler = cells.scaler if base is None else merged_scaler(cells.scaler, base.scaler)
+        scaler = cells.scaler if base is None or own_genes else merged_scaler(cells.scaler, base.scaler)
         batches = batch_categories(cells.batch_labels, base.batches if base else None, batch_key)
 
         L.seed_everything(settings.seed, workers=True, verbose=False)
@@ -139,6 +151,10 @@ def pretrain(
         if base is None:
             module = ExceiverModule(dataclasses.replace(architecture, n_genes=len(cells.vocab), n_batches=n_batches))
             module.init_value_offsets(gene_means, scaler.mean_expressed_value)
+        elif own_genes:
+            rows = base_rows(base, list(cells.vocab.genes), own_pairs)
+            module = warm_module(base.module, len(cells.vocab), n_batches, rows=rows)
+            new_gene_offsets(module, scaler, rows < 0)
         else:
             module = warm_module(base.module, len(cells.vocab), n_batches)
             new_gene_offsets(module, scaler, len(base.vocab))
@@ -155,6 +171,8 @@ def pretrain(
             if base is not None:
                 metrics["init"] = {"model": "in memory" if isinstance(init, Exceiver) else str(init),
                                    "n_genes": len(base.vocab), "n_genes_added": len(cells.vocab) - len(base.vocab)}
+                if own_genes:
+                    metrics["init"].update(own_genes=True, n_genes_added=int((rows < 0).sum()))
             return Exceiver(module, cells.vocab, scaler, tokenizer, objectives=objectives,
                             training=settings.to_dict(), metrics=metrics, gene_key=cells.gene_key, layer=cells.layer,
                             batches=batches or (base.batches if base else None),

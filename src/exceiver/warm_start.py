@@ -59,18 +59,25 @@ def merged_scaler(fitted: GeneScaler, base: GeneScaler) -> GeneScaler:
     return dataclasses.replace(fitted, **arrays)
 
 
-def warm_module(base: ExceiverModule, n_genes: int, n_batches: int) -> ExceiverModule:
+def warm_module(base: ExceiverModule, n_genes: int, n_batches: int, rows: np.ndarray | None = None) -> ExceiverModule:
     """A network of the base's architecture for `n_genes` genes and `n_batches` batches, with
     every pretrained weight; rows of new genes and new batches start fresh (new batches at zero:
-    the decoder starts as the pretrained one)."""
-    if n_genes < base.config.n_genes or n_batches < base.config.n_batches:
+    the decoder starts as the pretrained one). `rows`: for a vocabulary of its own, each gene's
+    row in the base (-1: a fresh row); without, the base's genes come first, in its order."""
+    if rows is None and (n_genes < base.config.n_genes or n_batches < base.config.n_batches):
         raise ValueError("a warm start keeps every gene and batch of the model")
     module = ExceiverModule(dataclasses.replace(base.config, n_genes=n_genes, n_batches=n_batches))
     old_genes = base.config.n_genes
     state = module.state_dict()
+    output_layer = f"count_decoder.{len(base.count_decoder) - 1}." if base.count_decoder is not None else None
     for key, value in base.state_dict().items():
         target = state[key]
-        if target.shape == value.shape:
+        if rows is not None and (key in GENE_ROWS or (output_layer and key.startswith(output_layer))):
+            known = rows >= 0
+            target[:n_genes][known] = value[rows[known]]
+            if GENE_ROWS.get(key):
+                target[n_genes:] = value[old_genes:]
+        elif target.shape == value.shape:
             target.copy_(value)
         elif key in GENE_ROWS:  # genes first, then the special rows
             special = GENE_ROWS[key]
@@ -87,6 +94,25 @@ def warm_module(base: ExceiverModule, n_genes: int, n_batches: int) -> ExceiverM
     return module
 
 
+def base_rows(base, genes: Sequence[str], gene_map=None) -> np.ndarray:
+    """Each gene's row in the base model: by name, else through a gene map of (model gene, data
+    gene) pairs (a mouse gene, for a human model: its human ortholog's row); -1 where the model
+    has none."""
+    rows = base.vocab.ids(list(genes)).astype(np.int64)
+    if gene_map is not None and (rows < 0).any():
+        pairs = gene_map.iloc[:, :2].set_axis(["model_gene", "data_gene"], axis=1).astype(str)
+        pairs = pairs.drop_duplicates("data_gene")
+        exact = dict(zip(pairs.data_gene, pairs.model_gene))
+        folded = dict(zip(pairs.data_gene.str.upper(), pairs.model_gene))
+        for i in np.flatnonzero(rows < 0):
+            model_gene = exact.get(genes[i], folded.get(str(genes[i]).upper()))
+            if model_gene is not None:
+                rows[i] = base.vocab.ids([model_gene])[0]
+    log.info("%s of the %s genes start from the model's embeddings, the others fresh",
+             f"{int((rows >= 0).sum()):,}", f"{len(rows):,}")
+    return rows
+
+
 def check_base(base, model_overrides: dict | None) -> None:
     """A warm start needs a pretrained (not fine-tuned) model and takes its settings whole."""
     if base.classes:
@@ -97,9 +123,14 @@ def check_base(base, model_overrides: dict | None) -> None:
                                  f"model's: drop the model settings {sorted(model_overrides)}")
 
 
-def new_gene_offsets(module: ExceiverModule, scaler: GeneScaler, first_new: int) -> None:
-    """Gene biases of appended genes start at their means, as a fresh model's do."""
-    if module.gene_bias is not None and first_new < module.config.n_genes:
+def new_gene_offsets(module: ExceiverModule, scaler: GeneScaler, fresh: int | np.ndarray) -> None:
+    """Gene biases of new genes (from index `fresh` on, or where `fresh` is True) start at their
+    means, as a fresh model's do."""
+    if module.gene_bias is None:
+        return
+    n = module.config.n_genes
+    mask = np.arange(n) >= fresh if np.isscalar(fresh) else np.asarray(fresh, dtype=bool)
+    if mask.any():
         with torch.no_grad():
-            module.gene_bias[first_new:module.config.n_genes] = torch.from_numpy(
-                scaler.expressed_mean[first_new:]).to(module.gene_bias.dtype)
+            index = torch.from_numpy(np.flatnonzero(mask))
+            module.gene_bias[index] = torch.from_numpy(scaler.expressed_mean[mask]).to(module.gene_bias.dtype)
