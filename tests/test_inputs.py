@@ -1,5 +1,7 @@
 """Input formats and bad input through the public API and CLI: clear errors, no partial outputs."""
 
+import json
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -185,9 +187,18 @@ def test_demo_writes_its_report_model_embedding_and_umap(tmp_path):
     np.testing.assert_array_equal(counts.X.data, np.round(counts.X.data))
     report = run_demo(tmp_path / "demo", max_minutes=0.1, progress=False)
     names = {p.name for p in (tmp_path / "demo").iterdir()}
-    assert {"model", "pbmc68k_exceiver.h5ad", "umap.png", "report.md", "demo_metrics.json"} <= names
-    assert "kNN (k=15)" in report and "gene-mean baseline" in report
+    assert {"continued_model", "scratch_model", "pbmc68k_exceiver.h5ad", "umap.png", "report.md",
+            "demo_metrics.json"} <= names
+    assert "kNN (k=15)" in report and "gene-mean MSE" in report and "Label transfer" in report
     embedded = ad.read_h5ad(tmp_path / "demo" / "pbmc68k_exceiver.h5ad")
-    bottleneck = Exceiver.load(tmp_path / "demo" / "model").module.config.bottleneck_dim
-    assert embedded.obsm["X_exceiver"].shape == (700, bottleneck) and bottleneck > 0
+    continued = Exceiver.load(tmp_path / "demo" / "continued_model")
+    assert continued.metrics["init"]["model"] == "in memory" and len(continued.vocab) > len(Exceiver.pretrained("human-mouse-small").vocab)
+    width = continued.module.config.bottleneck_dim
+    for key in ("X_shipped", "X_continued", "X_scratch"):
+        assert embedded.obsm[key].shape == (700, width) and np.isfinite(embedded.obsm[key]).all()
+    metrics = json.loads((tmp_path / "demo" / "demo_metrics.json").read_text())
+    assert set(metrics["knn_k15_held_out"]) == {"X_shipped", "X_continued", "X_scratch", "X_pca"}
+    held_out = embedded.obs["held_out"].astype(bool).to_numpy()
+    assert held_out.sum() == 140 and embedded.obs["exceiver_label"][held_out].notna().all()
+    assert embedded.obs["exceiver_label"][~held_out].isna().all()
     run_demo(tmp_path / "demo", max_minutes=0.05, progress=False)  # an earlier demo is replaced
