@@ -209,3 +209,27 @@ def test_log_values_and_a_flattened_bottleneck_round_trip(tmp_path):
         pretraining_configs("default", values="rank")
     with pytest.raises(ValueError, match="bottleneck_input must be"):
         pretraining_configs("default", bottleneck_input="max")
+
+
+def test_a_variational_bottleneck_samples_in_training_and_pays_its_kl():
+    """bottleneck_kl: the count decoder reads a sample N(bottleneck, 1) in training, and the loss adds
+    the KL to N(0, 1) per measured gene; embeddings (the mean) stay deterministic."""
+    from exceiver.nn.objectives import count_nll, pretraining_loss
+
+    cells = two_datasets()
+    scaler = GeneScaler.fit(cells)
+    config, tokenizer, objectives = pretraining_configs("default", n_genes=120, **TINY, bottleneck_kl=2.0)
+    torch.manual_seed(0)
+    module = ExceiverModule(config)
+    batch = make_batch(cells, np.arange(cells.n_cells), scaler, tokenizer, masked=True, salt=1)
+    one, two = (pretraining_loss(module, batch, objectives, salt=1) for _ in range(2))
+    assert not torch.isclose(one.parts["counts"], two.parts["counts"])  # a fresh sample each time
+    latents = module.encode(batch)
+    mean = module.pool(latents, "bottleneck")
+    kl = (0.5 * mean.pow(2).sum(-1) / batch.measured.sum(-1)).mean()
+    torch.testing.assert_close(one.parts["bottleneck_kl"], kl)
+    expected = one.parts["masked_values"] + one.parts["counts"] + 2.0 * kl
+    torch.testing.assert_close(one.total, expected)
+    torch.testing.assert_close(count_nll(module, latents, batch), count_nll(module, latents, batch))  # no sample
+    deterministic = pretraining_configs("default", n_genes=120, **TINY)[2]
+    assert "bottleneck_kl" not in pretraining_loss(module, batch, deterministic, salt=1).parts
