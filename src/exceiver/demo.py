@@ -93,7 +93,7 @@ def run_demo(out: str | Path = "exceiver_demo", *, max_minutes: float = 1.0, see
         truth, called = query.obs[LABEL].astype(str).to_numpy(), transferred["exceiver_label"].astype(str).to_numpy()
         known = called != "unknown"
         annotation = {"accuracy": float(accuracy_score(truth, called)),
-                      "macro_f1": float(f1_score(truth, called, average="macro")),
+                      "macro_f1": float(f1_score(truth, called, labels=np.unique(truth), average="macro")),
                       "unknown_fraction": float(1 - known.mean()),
                       "accuracy_where_called": float(accuracy_score(truth[known], called[known])) if known.any() else None}
         adata.obs["exceiver_label"] = pd.Series(pd.NA, index=adata.obs_names, dtype="object")

@@ -164,11 +164,12 @@ def _on_shared_genes(model, datasets: list[tuple[str, ad.AnnData]], gene_key: st
         raise ExceiverInputError(f"{option('gene_key', gene_key)}: no such var column in the reference or the query; "
                                  f"their columns: {sorted({c for _, a in datasets for c in a.var.columns})}")
     trained = model.scaler.trained_genes
-    keys, ids, usable = [], [], []
+    keys, ids, usable, read = [], [], [], []
     for name, adata in datasets:
         given_key = gene_key if gene_key in (None, "var_names") or gene_key in adata.var.columns else None
         given_layer = layer if layer in (None, "X") or layer in adata.layers else None
         adata, given_key, given_layer = model.in_model_genes(adata, given_key, given_layer, name=name)
+        read.append((name, adata))  # translated into model genes where the model's gene map applies
         key, data_layer = model.data_keys(adata.var.columns, adata.layers.keys(), given_key, given_layer)
         keys.append((key or "var_names", data_layer or "X"))
         ids.append(model.vocab.ids(dataset_genes(adata, key)))
@@ -185,7 +186,7 @@ def _on_shared_genes(model, datasets: list[tuple[str, ad.AnnData]], gene_key: st
             f"below the {MIN_SHARED_GENES:.0%} needed to compare their cells; are both indexed by gene identifiers "
             f"of the model's kind (e.g. {model.vocab.genes[0]!r})? {option('gene_key')} names a var column of them")
     restricted = []
-    for (name, adata), (key, data_layer), gene_ids, measured in zip(datasets, keys, ids, usable):
+    for (name, adata), (key, data_layer), gene_ids, measured in zip(read, keys, ids, usable):
         if (measured & ~shared).any():
             log.info("%s: embedded on the %s trained model genes that both datasets measured (of its %s)",
                      name, f"{n_shared:,}", f"{int(measured.sum()):,}")
