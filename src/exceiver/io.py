@@ -221,3 +221,17 @@ def h5ad_copy_with_obsm(source: str | Path, out: str | Path, key: str, shape: tu
             missing = int((~writer.written).sum())
             if missing:
                 raise RuntimeError(f"{missing:,} of {shape[0]:,} cells were not written")
+
+
+def check_weights(module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Name what is missing, extra or misshapen in a weight file, in one readable line."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshapen = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    problems = [f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
+                for items, what in [(missing, "weights missing"), (unexpected, "unexpected weights"),
+                                    (misshapen, "weights of the wrong shape (file vs config)")] if items]
+    if problems:
+        raise ModelFileError(f"{path} does not match config.json: {'; '.join(problems)}")

@@ -26,11 +26,11 @@ from exceiver.data.preprocess import GeneScaler, ModelCells, prepare_cells
 from exceiver.data.sources import H5adCells, h5ad_layers, h5ad_var, read_datasets
 from exceiver.data.tokenizer import CellBatch, TokenizerConfig
 from exceiver.data.vocab import GeneVocab
-from exceiver.data.genemap import map_genes
+from exceiver.data.genemap import is_dataset_side, map_genes
 from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError, ModelFileError, option, plain
 from exceiver.inference import decode_values, iterate_latents
-from exceiver.io import h5ad_copy_with_obsm, load_model_files, save_model_files, write_h5ad
+from exceiver.io import check_weights, h5ad_copy_with_obsm, load_model_files, save_model_files, write_h5ad
 from exceiver.outputs import atomic_dir, claim
 from exceiver.nn.config import ExceiverConfig, ObjectiveConfig, from_dict
 from exceiver.nn.network import POOLINGS, ExceiverModule
@@ -79,8 +79,6 @@ class Exceiver:
         self.training = training or {}
         self.metrics = metrics or {}
         self.gene_key, self.layer = gene_key, layer
-        # (model_gene, data_gene) pairs of the vocabulary, for a model pretrained through a gene map
-        # (e.g. human+mouse): data whose genes are the map's dataset side is translated by itself.
         self.gene_map = gene_map
 
     @property
@@ -94,8 +92,7 @@ class Exceiver:
 
     @classmethod
     def pretrained(cls, name: str) -> Exceiver:
-        """A model that ships with exceiver, by name (`exceiver.shipped.shipped_names()`; docs/models.md
-        is their card), checked against its checksums; nothing is downloaded."""
+        """A model shipped with exceiver, by name (docs/models.md), checked against its checksums."""
         from exceiver.shipped import shipped_folder
 
         return cls.load(shipped_folder(name))
@@ -125,7 +122,7 @@ class Exceiver:
             module = ExceiverModule(architecture)
         except ValueError as err:
             raise ModelFileError(f"{where}: invalid architecture ({err})") from err
-        _check_weights(module, state_dict, Path(path) / "model.safetensors")
+        check_weights(module, state_dict, Path(path) / "model.safetensors")
         module.load_state_dict(state_dict, strict=True)
         bad = [name for name, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
@@ -318,25 +315,19 @@ class Exceiver:
     def in_model_genes(self, adata: ad.AnnData, gene_key: str | None, layer: str | None,
                        gene_map: str | Path | pd.DataFrame | None = None, name: str = "dataset",
                        ) -> tuple[ad.AnnData, str | None, str | None]:
-        """(data, gene key, layer) to read a dataset by: as it is, or translated into model genes
-        through `gene_map` or, where its genes are the dataset side of the model's own map, that."""
+        """(data, gene key, layer) to read a dataset by: as it is, or translated through `gene_map`
+        or, where its genes are the dataset side of the model's own map (mouse genes), that."""
         if gene_map is None and not self._translates(adata.var, gene_key):
             return adata, gene_key, layer
         gene_key, layer = self.data_keys(adata.var.columns, count_layers(adata), gene_key, layer)
-        if gene_map is None:
-            log.info("%s: translated into the model's genes through its gene map", name)
+        log.info("%s: translated into the model's genes through %s", name, "its gene map" if gene_map is None else "a gene map")
         adata = map_genes(adata, self.gene_map if gene_map is None else gene_map, gene_key=gene_key, layer=layer,
                           name=name)
         return adata, "var_names", "X"
 
     def _translates(self, var: pd.DataFrame, gene_key: str | None) -> bool:
-        """Whether data with these genes goes through the model's own gene map: more of them are
-        its dataset genes (e.g. mouse symbols) than model genes."""
-        if self.gene_map is None:
-            return False
         key = gene_key if gene_key in var.columns else (self.gene_key if self.gene_key in var.columns else None)
-        genes = pd.Index((var.index if key is None else var[key]).astype(str))
-        return int(genes.isin(self.gene_map.iloc[:, 1]).sum()) > int(genes.isin(self.gene_map.iloc[:, 0]).sum())
+        return self.gene_map is not None and is_dataset_side(self.gene_map, var.index if key is None else var[key])
 
     def gene_embeddings(self) -> pd.DataFrame:
         """The learned gene embedding of every vocabulary gene (rows indexed by gene)."""
@@ -400,17 +391,3 @@ def check_pooling(pooling: str | None, module: ExceiverModule) -> str:
         raise ExceiverInputError(f"this model has no cell bottleneck: use {option('pooling', 'mean')} or "
                                  f"{option('pooling', 'flatten')}")
     return pooling
-
-
-def _check_weights(module: ExceiverModule, state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Name what is missing, extra or misshapen in a weight file, in one readable line."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshapen = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-    problems = [f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
-                for items, what in [(missing, "weights missing"), (unexpected, "unexpected weights"),
-                                    (misshapen, "weights of the wrong shape (file vs config)")] if items]
-    if problems:
-        raise ModelFileError(f"{path} does not match config.json: {'; '.join(problems)}")

@@ -86,3 +86,10 @@ def translate_datasets(datasets: list[tuple[str, ad.AnnData]], gene_map: str | P
         else:
             result.append((name, adata, False))
     return result
+
+
+def is_dataset_side(pairs: pd.DataFrame, genes) -> bool:
+    """Whether more of `genes` are the map's dataset genes (e.g. mouse symbols) than its model
+    genes: such data is translated through a model's own gene map."""
+    genes = pd.Index(pd.Series(genes).astype(str))
+    return int(genes.isin(pairs.iloc[:, 1]).sum()) > int(genes.isin(pairs.iloc[:, 0]).sum())
