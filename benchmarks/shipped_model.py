@@ -25,7 +25,6 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import torch
 
 from exceiver import Exceiver, pretrain

@@ -99,7 +99,7 @@ def test_mouse_genes_are_translated_through_the_models_orthologs(model, pbmc):
     human = human[np.asarray(human.X.sum(1)).ravel() > 0].copy()
     mouse = human.copy()
     mouse.var_names = one_to_one.data_gene.to_numpy()  # the same counts under mouse symbols
-    assert not mouse.var_names.isin(model.vocab.genes).any() or mouse.var_names.isin(model.vocab.genes).mean() < 0.1
+    assert mouse.var_names.isin(model.vocab.genes).mean() < 0.1  # mouse symbols are not the model's genes
     np.testing.assert_allclose(model.embed(mouse, inplace=False, progress=False),
                                model.embed(human, inplace=False, progress=False), rtol=1e-5, atol=1e-5)
 
