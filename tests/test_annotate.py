@@ -45,7 +45,7 @@ def test_labels_and_confidences_are_written_to_the_query(model, reference, query
     labels, confidence = query.obs["exceiver_label"], query.obs["exceiver_label_confidence"].to_numpy()
     assert list(labels.cat.categories) == ["type0", "type1", "type2", UNKNOWN]
     assert ((confidence >= 0) & (confidence <= 1)).all() and (labels != UNKNOWN).all()
-    settings = query.uns["exceiver_annotate"]
+    settings = query.uns["exceiver"]["exceiver_label"]
     assert settings["method"] == method and settings["label_key"] == "cell_type" and settings["n_reference_cells"] == 60
     # A threshold turns exactly the less confident cells into "unknown".
     threshold = float(np.median(confidence))
@@ -62,7 +62,7 @@ def test_inplace_false_leaves_the_query_alone(model, reference, query):
     assert "coarse" in result.columns and "coarse_confidence" in result.columns
     assert "coarse" not in query.obs and not query.uns
     model.annotate(reference, query, "cell_type", key_added="coarse", **QUIET)
-    assert "coarse_confidence" in query.obs and "coarse_annotate" in query.uns
+    assert "coarse_confidence" in query.obs and "coarse" in query.uns["exceiver"]
 
 
 def test_the_linear_probe_is_logistic_regression_on_standardised_embeddings():
@@ -87,7 +87,7 @@ def test_unlabelled_and_single_cell_classes_of_the_reference(model, reference, q
         result = annotate(model, reference, query, "cell_type", min_confidence=0.0, **QUIET)
     assert "5 of 60 reference cells have no 'cell_type' label and are ignored" in caplog.text
     assert "labels with a single reference cell: lonely" in caplog.text
-    assert query.uns["exceiver_annotate"]["n_reference_cells"] == 55
+    assert query.uns["exceiver"]["exceiver_label"]["n_reference_cells"] == 55
     assert "lonely" in result["exceiver_label"].cat.categories
 
 
@@ -126,7 +126,7 @@ def test_datasets_are_compared_on_the_genes_both_measured(model, reference, quer
     query = query[:, 40:].copy()
     with caplog.at_level(logging.INFO, logger="exceiver.tl.annotation"):
         annotate(model, reference, query, "cell_type", **QUIET)
-    assert query.uns["exceiver_annotate"]["n_shared_genes"] == 160
+    assert query.uns["exceiver"]["exceiver_label"]["n_shared_genes"] == 160
     assert "reference: embedded on the 160 trained model genes that both datasets measured" in caplog.text
 
 
@@ -141,11 +141,11 @@ def test_annotate_through_the_command_line(tiny_model_dir, reference, query, tmp
     written = ad.read_h5ad(out)
     confidence = written.obs["exceiver_label_confidence"].to_numpy()
     assert ((written.obs["exceiver_label"] == UNKNOWN).to_numpy() == (confidence < 0.9)).all()
-    assert written.uns["exceiver_annotate"]["min_confidence"] == 0.9
+    assert written.uns["exceiver"]["exceiver_label"]["min_confidence"] == 0.9
     assert main(command) == 2  # exists: replaced only with --overwrite
     capsys.readouterr()
     assert main(command + ["--overwrite"]) == 0
-    assert ad.read_h5ad(out).uns["exceiver_annotate"]["method"] == "linear"
+    assert ad.read_h5ad(out).uns["exceiver"]["exceiver_label"]["method"] == "linear"
     bad = tmp_path / "bad.h5ad"
     assert main(command[:-4] + ["--label-key", "celltype", "--out", str(bad)]) == 2
     assert "available columns: ['cell_type']" in capsys.readouterr().err and not bad.exists()

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import synthetic_counts
-from exceiver import ExceiverInputError
+from exceiver import Exceiver, ExceiverInputError
 from exceiver.cli import main
 from exceiver.evaluate import evaluate
 from exceiver.evaluate.cells import (DEPTH_ALPHAS, batch_scores, depth_r2, knn_cross_validated, ridge_loo_predict,
@@ -131,7 +131,7 @@ def test_evaluate_writes_a_complete_report(tiny_model_dir, tmp_path, caplog):
     adata.obs["batch"] = np.tile(["b1", "b2", "b3"], 30)
     genes = list(adata.var_names)
     annotations = pd.DataFrame({"gene": genes, "term": [f"t{i // 8}" for i in range(len(genes))], "source": "toy"})
-    metrics = evaluate(tiny_model_dir, adata, tmp_path / "report", label_keys=["cell_type"], batch_key="batch",
+    metrics = evaluate(Exceiver.load(tiny_model_dir), adata, tmp_path / "report", label_keys=["cell_type"], batch_key="batch",
                        annotations=annotations, progress=False)
     files = {p.name for p in (tmp_path / "report").iterdir()}
     assert {"metrics.json", "report.md", "umap.png", "similarity_cell_type.png", "reconstruction_deciles.png",
@@ -172,12 +172,12 @@ def test_evaluate_errors_name_the_problem_and_leave_nothing(tiny_model_dir, tmp_
     adata = synthetic_counts(n_cells=30, seed=2)
     out = tmp_path / "report"
     with pytest.raises(ExceiverInputError, match="no column 'tissue'.*cell_type"):
-        evaluate(tiny_model_dir, adata, out, label_keys=["tissue"], progress=False)
+        evaluate(Exceiver.load(tiny_model_dir), adata, out, label_keys=["tissue"], progress=False)
     adata.obs["one"] = "x"
     with pytest.raises(ExceiverInputError, match="label column 'one' has a single class"):
-        evaluate(tiny_model_dir, adata, out, label_keys=["one"], progress=False)
+        evaluate(Exceiver.load(tiny_model_dir), adata, out, label_keys=["one"], progress=False)
     with pytest.raises(ExceiverInputError, match="none of its 200 genes"):
-        evaluate(tiny_model_dir, synthetic_counts(n_cells=30, prefix="ENSG"), out, progress=False)
+        evaluate(Exceiver.load(tiny_model_dir), synthetic_counts(n_cells=30, prefix="ENSG"), out, progress=False)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

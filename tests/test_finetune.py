@@ -179,7 +179,7 @@ def test_predict_round_trips_through_the_cli(tiny_model_dir, counts_adata, count
     proba = written.obsm["exceiver_probabilities"]
     assert proba.shape == (counts_adata.n_obs, 3)
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
-    assert list(written.uns["exceiver_classes"]) == clf.classes
+    assert list(written.uns["exceiver"]["exceiver_prediction"]["classes"]) == clf.classes
     expected = np.asarray(clf.classes)[proba.argmax(1)]
     assert (written.obs["exceiver_prediction"].astype(str).to_numpy() == expected).all()
     in_memory = clf.predict(counts_adata.copy(), progress=False)
@@ -189,7 +189,7 @@ def test_predict_round_trips_through_the_cli(tiny_model_dir, counts_adata, count
     assert (returned.astype(str).to_numpy() == expected).all() and "exceiver_prediction" not in untouched.obs
     clf.predict(untouched, key_added="celltype_prediction", progress=False)
     assert "celltype_prediction" in untouched.obs and untouched.obsm["celltype_probabilities"].shape == (120, 3)
-    assert list(untouched.uns["celltype_classes"]) == clf.classes
+    assert list(untouched.uns["exceiver"]["celltype_prediction"]["classes"]) == clf.classes
     # A model without classes is not a classifier.
     assert main(["-q", "predict", str(tiny_model_dir), str(counts_file), "--out", str(tmp_path / "x.h5ad")]) == 2
     assert "not a classifier" in capsys.readouterr().err and not (tmp_path / "x.h5ad").exists()

@@ -275,7 +275,7 @@ def test_evaluation_leaves_unlabelled_cells_out_and_says_how_many(tiny_model_dir
     adata = synthetic_counts(n_cells=40, seed=27)
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(object).where(np.arange(adata.n_obs) >= 4)
     with caplog.at_level(logging.WARNING):
-        metrics = evaluate(tiny_model_dir, adata, tmp_path / "report", label_keys=["cell_type"], progress=False)
+        metrics = evaluate(Exceiver.load(tiny_model_dir), adata, tmp_path / "report", label_keys=["cell_type"], progress=False)
     assert "adata0: 4 of 40 cells have no 'cell_type' label and are left out" in caplog.text
     assert metrics["cells"]["cell_type"]["n_cells"] == 36 and metrics["cells"]["cell_type"]["n_unlabelled_cells"] == 4
 

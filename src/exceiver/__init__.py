@@ -27,11 +27,13 @@ if TYPE_CHECKING:
     from exceiver.nn.config import ExceiverConfig
     from exceiver.pretrain import pretrain
     from exceiver.train.config import TrainingConfig
+    from exceiver import evaluate, tl
 
 _EXPORTS = {
     "Exceiver": "exceiver.model", "ExceiverConfig": "exceiver.nn.config", "ExceiverInputError": "exceiver.errors",
     "GeneVocab": "exceiver.data.vocab", "ModelFileError": "exceiver.errors", "TrainingConfig": "exceiver.train.config",
     "finetune": "exceiver.finetune", "import_original": "exceiver.model", "pretrain": "exceiver.pretrain",
+    "tl": "exceiver.tl", "evaluate": "exceiver.evaluate",
 }
 __all__ = sorted([*_EXPORTS, "__version__"])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

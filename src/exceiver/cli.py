@@ -98,7 +98,7 @@ def run_annotate(args: argparse.Namespace) -> None:
         result = model.annotate(args.reference, query, args.label_key, key_added=args.key, batch_size=args.batch_size,
                                 device=args.device, progress=not args.quiet, **chosen, **data_options(args))
         write_h5ad(query, args.out, overwrite=args.overwrite)
-    settings = query.uns[f"{args.key.removesuffix('_label')}_annotate"]
+    settings = query.uns["exceiver"][args.key]
     counts = result[args.key].value_counts()
     print(f"wrote {args.out}: {query.n_obs:,} cells labelled ({settings['method']}); most frequent: "
           + ", ".join(f"{k} ({v})" for k, v in counts.head(4).items()))
@@ -139,20 +139,15 @@ def run_perturb(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from exceiver.data.genemap import map_genes
-    from exceiver.data.sources import read_datasets
     from exceiver.evaluate.report import best_pca, evaluate
+    from exceiver.model import Exceiver
 
     with claim(args.out, overwrite=args.overwrite, folder=True):  # refused now, not after the work
-        [(name, adata)] = read_datasets(args.data)
-        gene_key = args.gene_key
-        if args.gene_map:
-            adata, gene_key = map_genes(adata, args.gene_map, gene_key=gene_key, layer=args.layer, name=name), None
-        metrics = evaluate(args.model, adata, args.out, label_keys=args.label_key, batch_key=args.batch_key,
-                           gene_key=gene_key, layer=None if args.gene_map else args.layer, annotations=args.annotations,
-                           sources=args.source, pooling=args.pooling, max_cells=args.max_cells, device=args.device,
-                           seed=args.seed, allow_non_integer=args.allow_non_integer, overwrite=args.overwrite,
-                           progress=not args.quiet, name=name)
+        metrics = evaluate(Exceiver.load(args.model), args.data, args.out, label_keys=args.label_key,
+                           batch_key=args.batch_key, annotations=args.annotations, sources=args.source,
+                           pooling=args.pooling, max_cells=args.max_cells, device=args.device, seed=args.seed,
+                           overwrite=args.overwrite, progress=not args.quiet, gene_map=args.gene_map,
+                           **data_options(args))
     rec = metrics["reconstruction"]["model"]
     summary = [f"masked MSE {rec['mse']:.4f} ({rec['mse_ratio']:.3f} x gene mean)"]
     for key, cell in metrics["cells"].items():

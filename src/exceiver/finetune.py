@@ -215,7 +215,7 @@ def _train_classifier(base: Exceiver, adata: ad.AnnData, codes: np.ndarray, clas
                       about_labels: dict, base_model: str, reading: dict, overwrite: bool,
                       checkpointing: Checkpointing, progress: bool) -> Exceiver:
     """A class-token classifier trained by `ClassifierPlan` ("full" or "scratch")."""
-    cells = base.cells(adata, **reading)
+    cells = base.read(adata, **reading).in_memory()
     validation = np.zeros(len(codes), dtype=bool)
     validation[val_rows] = True
     L.seed_everything(settings.seed, workers=True, verbose=False)

@@ -1,20 +1,43 @@
-"""Batched inference over cells: latents for each batch, with bounded memory and a progress bar."""
+"""Batched inference over cells: latents for each batch, with bounded memory and a progress bar;
+and `CellModel`, what the tools of `exceiver.tl` and `exceiver.evaluate` need of a model (the
+public `exceiver.Exceiver` is one), so that they depend on this module, not on the public class."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import torch
+from typing_extensions import Unpack
 
 from exceiver.data.cells import CellCounts
+from exceiver.data.contract import ModelCells, ReadingOptions
+from exceiver.data.vocab import GeneVocab
+from exceiver.devices import inference_device
+from exceiver.errors import ExceiverInputError, option
 from exceiver.data.loaders import CellBatcher, cell_loader
 from exceiver.data.preprocess import GeneScaler
 from exceiver.data.sources import H5adCells
 from exceiver.data.streams import EpochLoader, OrderedBatches
 from exceiver.data.tokenizer import CellBatch, TokenizerConfig
-from exceiver.nn.network import ExceiverModule
+from exceiver.nn.network import POOLINGS, ExceiverModule
 from exceiver.progress import progress_bar
+
+
+class CellModel(Protocol):
+    """A trained network with its vocabulary, scaler and tokenizer, and its way of reading data."""
+
+    module: ExceiverModule
+    vocab: GeneVocab
+    scaler: GeneScaler
+    tokenizer: TokenizerConfig
+
+    def read(self, adata: ad.AnnData, *, empty: str = "refuse", **options: Unpack[ReadingOptions]) -> ModelCells:
+        """`adata` read through the model's data contract (`exceiver.data.contract`)."""
 
 QUERY_CHUNK = 4096  # decoder queries per call when predicting many genes (bounds memory)
 
@@ -76,3 +99,80 @@ def iterate_latents(module: ExceiverModule, cells: CellCounts | H5adCells, scale
     module.eval()
     for batch in iterate_batches(cells, scaler, tokenizer, **options):
         yield batch, module.encode(batch)
+
+
+@contextlib.contextmanager
+def on_device(module: ExceiverModule, device: str | torch.device | None) -> Iterator[torch.device]:
+    """Run `module` on `device` (`exceiver.devices.inference_device`) and leave it where the user
+    had it afterwards."""
+    target = inference_device(device)
+    home = next(module.parameters()).device
+    with torch.inference_mode(False):  # moved weights must stay usable by autograd afterwards
+        module.to(target)
+    try:
+        yield target
+    finally:
+        with torch.inference_mode(False):
+            module.to(home)
+
+
+@torch.inference_mode()
+def cell_latents(model: CellModel, cells: ModelCells, *, batch_size: int | None = None, device: str | None = None,
+                 num_workers: int = 0, progress: bool = True, desc: str = "cells",
+                 ) -> Iterator[tuple[CellBatch, torch.Tensor]]:
+    """(batch, processed latents) over a dataset read by `model`, in batches on `device`; rows of
+    `batch.cells` index the dataset's cells."""
+    with on_device(model.module, device) as on:
+        yield from iterate_latents(model.module, cells.cells, model.scaler, model.tokenizer, batch_size=batch_size,
+                                   device=on, num_workers=num_workers, progress=progress, desc=desc,
+                                   prepare=cells.prepare)
+
+
+@torch.inference_mode()
+def cell_embedding(model: CellModel, cells: ModelCells, pooling: str | None = None, *,
+                   desc: str = "embedding", **options) -> np.ndarray:
+    """Cell embeddings [cells, width] of a dataset read by `model` (`pooling`: `check_pooling`;
+    options: `cell_latents`)."""
+    pooling = check_pooling(pooling, model.module)
+    embedding = np.empty((cells.n_cells, model.module.embedding_width(pooling)), dtype=np.float32)
+    for batch, latents in cell_latents(model, cells, desc=desc, **options):
+        embedding[batch.cells.cpu().numpy()] = model.module.pool(latents, pooling).float().cpu().numpy()
+    return embedding
+
+
+@torch.inference_mode()
+def decoded_values(model: CellModel, cells: ModelCells, gene_ids: np.ndarray, *, desc: str = "predicting",
+                   **options) -> np.ndarray:
+    """The masked-value head's prediction [cells, genes] of vocabulary genes `gene_ids` in every
+    cell of a dataset read by `model`, in model values (options: `cell_latents`)."""
+    out = np.empty((cells.n_cells, len(gene_ids)), dtype=np.float32)
+    query = torch.as_tensor(np.asarray(gene_ids, dtype=np.int64))
+    for batch, latents in cell_latents(model, cells, desc=desc, **options):
+        out[batch.cells.cpu().numpy()] = decode_values(model.module, latents, query.to(latents.device)).float().cpu().numpy()
+    return out
+
+
+def check_pooling(pooling: str | None, module: ExceiverModule) -> str:
+    """The pooling to use: `module`'s default for None; refuses unknown ones and a bottleneck that
+    the model does not have."""
+    if pooling is None:
+        return module.default_pooling
+    if pooling not in POOLINGS:
+        raise ExceiverInputError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+    if pooling == "bottleneck" and module.bottleneck is None:
+        raise ExceiverInputError(f"this model has no cell bottleneck: use {option('pooling', 'mean')} or "
+                                 f"{option('pooling', 'flatten')}")
+    return pooling
+
+
+def gene_embedding_table(module: ExceiverModule, vocab: GeneVocab) -> pd.DataFrame:
+    """The learned gene embedding of every vocabulary gene (rows indexed by gene)."""
+    weights = module.gene_emb.weight.detach().cpu().numpy()[: len(vocab)]
+    columns = [f"dim_{i}" for i in range(weights.shape[1])]
+    return pd.DataFrame(weights, index=pd.Index(vocab.genes, name="gene"), columns=columns)
+
+
+def record(adata: ad.AnnData, key_added: str, settings: dict) -> None:
+    """The settings of a result written under `key_added`, in `adata.uns["exceiver"][key_added]`:
+    one layout for everything exceiver writes into an AnnData."""
+    adata.uns.setdefault("exceiver", {})[key_added] = settings

@@ -4,7 +4,8 @@ AnnData (scverse conventions: results are returned, and also written into the An
 
 `exceiver.pretrain` and `exceiver.finetune` make models; `Exceiver.load` opens a model folder.
 Label transfer, imputation, perturbation, dependencies and evaluation are functions of
-`exceiver.tl` that take a model explicitly (`Exceiver.annotate` is label transfer's shortcut).
+`exceiver.tl` that take a model explicitly (`Exceiver.annotate` is label transfer's shortcut);
+they need of it only what `exceiver.inference.CellModel` names.
 """
 
 from __future__ import annotations
@@ -12,28 +13,37 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from typing_extensions import Unpack
 
-from exceiver.data.cells import CellCounts, align
-from exceiver.data.counts import count_layers
-from exceiver.data.preprocess import GeneScaler, ModelCells, prepare_cells
-from exceiver.data.sources import H5adCells, h5ad_layers, h5ad_var, read_datasets
-from exceiver.data.tokenizer import CellBatch, TokenizerConfig
+from exceiver.data.cells import CellCounts
+from exceiver.data.contract import DataContract, ModelCells, ReadingOptions, read_dataset
+from exceiver.data.genemap import GenePairs
+from exceiver.data.preprocess import GeneScaler
+from exceiver.data.sources import h5ad_var
+from exceiver.data.tokenizer import TokenizerConfig
 from exceiver.data.vocab import GeneVocab
-from exceiver.data.genemap import is_dataset_side, map_genes
 from exceiver.devices import inference_device
-from exceiver.errors import ExceiverInputError, ModelFileError, option, plain
-from exceiver.inference import decode_values, iterate_latents
-from exceiver.io import check_weights, h5ad_copy_with_obsm, load_model_files, save_model_files, write_h5ad
+from exceiver.errors import ExceiverInputError, ModelFileError, plain
+from exceiver.inference import (
+    cell_embedding,
+    cell_latents,
+    check_pooling,
+    decoded_values,
+    gene_embedding_table,
+    on_device,
+    record,
+)
+from exceiver.io import check_weights, h5ad_copy_with_obsm, load_model_files, save_model_files
 from exceiver.outputs import atomic_dir, claim
 from exceiver.nn.config import ExceiverConfig, ObjectiveConfig, from_dict
-from exceiver.nn.network import POOLINGS, ExceiverModule
+from exceiver.nn.network import ExceiverModule
 from exceiver.nn.original import original_parts
 from exceiver.version import __version__
 
@@ -43,23 +53,21 @@ log = logging.getLogger(__name__)
 class Exceiver:
     """A trained Exceiver: network, gene vocabulary, scaler and tokenizer, applied to AnnData.
 
-    gene_key, layer: where the training data held gene identifiers and raw counts; used for new
-    data that has that var column / layer unless a call says otherwise.
-    gene_map: the gene pairs (model gene, dataset gene) a model pretrained through a gene map
-    carries for its vocabulary; data whose genes are the dataset side (mouse data, human+mouse
-    model) is translated through it unless a call gives its own `gene_map`.
-
-    Methods that read counts take `layer` (a layer name, or "raw" for adata.raw),
-    `allow_non_integer` (accept counts that are mostly not integers, which are refused otherwise:
-    log-normalised data is not counts) and `name` (the dataset's name in messages); `device` is
-    checked before any data is read.
+    Every method that takes cells reads them through `read`, which applies the model's data
+    contract (`self.contract`, `exceiver.data.contract`): gene_key and layer where the training
+    data held gene identifiers and raw counts (used for new data that has that var column /
+    layer), the gene pairs (model gene, dataset gene) a model pretrained through a gene map
+    carries (data whose genes are their dataset side, e.g. mouse data for a human+mouse model, is
+    translated through them), and the non-integer policy. A call overrides any of them with the
+    reading options `gene_key`, `layer`, `gene_map`, `allow_non_integer` and `name`
+    (`exceiver.data.contract.ReadingOptions`); `device` is checked before any data is read.
     """
 
     def __init__(self, module: ExceiverModule, vocab: GeneVocab, scaler: GeneScaler, tokenizer: TokenizerConfig, *,
                  objectives: ObjectiveConfig | None = None, training: dict | None = None,
                  metrics: dict | None = None, classes: Sequence[str] | None = None,
                  gene_key: str | None = None, layer: str | None = None, batches: dict | None = None,
-                 gene_map: pd.DataFrame | None = None):
+                 gene_map: pd.DataFrame | None = None, allow_non_integer: bool = False):
         if not len(vocab) == module.config.n_genes == len(scaler):
             raise ModelFileError(
                 f"vocabulary ({len(vocab):,} genes), network ({module.config.n_genes:,}) and "
@@ -78,8 +86,22 @@ class Exceiver:
         self.classes = names or None
         self.training = training or {}
         self.metrics = metrics or {}
-        self.gene_key, self.layer = gene_key, layer
-        self.gene_map = gene_map
+        pairs = GenePairs.of(gene_map)
+        self.contract = DataContract(gene_key, layer, None if pairs is None else pairs.within(vocab.genes),
+                                     allow_non_integer)
+
+    @property
+    def gene_key(self) -> str | None:
+        return self.contract.gene_key
+
+    @property
+    def layer(self) -> str | None:
+        return self.contract.layer
+
+    @property
+    def gene_map(self) -> pd.DataFrame | None:
+        """The (model_gene, data_gene) pairs the model carries, or None."""
+        return None if self.contract.gene_map is None else self.contract.gene_map.table
 
     @property
     def config(self) -> ExceiverConfig:
@@ -134,7 +156,8 @@ class Exceiver:
             raise ModelFileError(f"{where} has no valid 'batches' section")
         return cls(module, vocab, scaler, tokenizer, objectives=objectives, training=config.get("training"),
                    metrics=metrics, classes=config.get("classes"), gene_key=data.get("gene_key"),
-                   layer=data.get("layer"), batches=batches, gene_map=gene_map)
+                   layer=data.get("layer"), batches=batches, gene_map=gene_map,
+                   allow_non_integer=bool(data.get("allow_non_integer", False)))
 
     def fingerprint(self) -> str:
         """A digest of the weights (a resumed fine-tuning run must start from the same base)."""
@@ -154,7 +177,7 @@ class Exceiver:
         """The model folder's files, into an existing folder."""
         config = {"exceiver_version": __version__, "architecture": self.config.to_dict(),
                   "tokenizer": self.tokenizer.to_dict(), "objectives": self.objectives.to_dict(),
-                  "training": self.training, "data": {"gene_key": self.gene_key, "layer": self.layer}}
+                  "training": self.training, "data": self.contract.to_dict()}
         if self.classes:
             config["classes"] = self.classes
         if self.batches:
@@ -162,145 +185,159 @@ class Exceiver:
         save_model_files(folder, config=config, state_dict=self.module.state_dict(), vocab=self.vocab,
                          scaler=self.scaler, metrics=self.metrics, gene_map=self.gene_map)
 
-    def cells(self, adata: ad.AnnData, *, gene_key: str | None = None, layer: str | None = None,
-              name: str = "dataset", allow_non_integer: bool = False) -> CellCounts:
-        """Align a dataset to the model's genes and check its counts; every cell must have counts
-        in genes the model saw expressed in training (others have untrained embeddings)."""
-        gene_key, layer = self.data_keys(adata.var.columns, count_layers(adata), gene_key, layer)
-        return prepare_cells(align(adata, self.vocab, gene_key=gene_key, layer=layer, name=name,
-                                   allow_non_integer=allow_non_integer), name,
-                             genes=self.scaler.trained_genes, empty="refuse")
+    def read(self, adata: ad.AnnData, *, empty: str = "refuse", **options: Unpack[ReadingOptions]) -> ModelCells:
+        """`adata` as this model reads it: the one reading path of every tool (`exceiver.data.contract`).
 
-    def data_keys(self, var_columns, layers, gene_key: str | None, layer: str | None) -> tuple[str | None, str | None]:
-        """The gene key and layer of a call, else the model's own where the data has them;
-        `gene_key="var_names"` and `layer="X"` ask for the defaults whatever the model remembers."""
-        if gene_key is None and self.gene_key in var_columns:
-            gene_key = self.gene_key
-        if layer is None and self.layer in layers:
-            layer = self.layer
-        return (None if gene_key == "var_names" else gene_key), (None if layer == "X" else layer)
+        Parameters
+        ----------
+        adata
+            Raw counts; a backed AnnData (`read_h5ad(path, backed="r")`) is streamed from its file.
+        empty
+            "refuse" cells without counts in the model's trained genes, or "drop" them (reports).
+        **options
+            `gene_key`, `layer`, `gene_map`, `allow_non_integer`, `name`: a call's choices; each
+            left out keeps what the model remembers (`exceiver.data.contract.ReadingOptions`).
+
+        Returns
+        -------
+        The cells on the model's trained genes, with the dataset's gene names both ways.
+        """
+        return read_dataset(adata, self.vocab, self.scaler.trained_genes, self.contract, options, empty=empty)
+
+    def cells(self, adata: ad.AnnData, **options: Unpack[ReadingOptions]) -> CellCounts:
+        """The dataset's counts in vocabulary space on the trained genes, as every tool reads them
+        (`read(adata, **options).cells`, in memory)."""
+        return self.read(adata, **options).in_memory()
 
     @torch.inference_mode()
     def embed(self, adata: ad.AnnData, *, key_added: str = "X_exceiver", pooling: str | None = None,
-              inplace: bool = True, gene_key: str | None = None, layer: str | None = None,
-              batch_size: int | None = None, device: str | None = None, num_workers: int = 0,
-              gene_map: str | Path | pd.DataFrame | None = None, allow_non_integer: bool = False,
-              name: str = "dataset", progress: bool = True) -> np.ndarray:
-        """Cell embeddings [cells, width]: the cell bottleneck ("bottleneck", the default of models
-        that have one), the mean of the processed latents ("mean", the default of others) or all of
-        them flattened ("flatten", the original's); also written to `adata.obsm[key_added]` (with
-        the settings in `adata.uns["exceiver"][key_added]`) unless `inplace=False`. `gene_map`
-        translates the dataset's genes into the model's first (e.g. mouse data, human model:
-        `exceiver.data.genemap`)."""
+              inplace: bool = True, batch_size: int | None = None, device: str | None = None, num_workers: int = 0,
+              progress: bool = True, **reading: Unpack[ReadingOptions]) -> np.ndarray:
+        """Cell embeddings of `adata`, returned and written to `adata.obsm[key_added]`.
+
+        Parameters
+        ----------
+        adata
+            Raw counts (a backed AnnData is read from disk chunk by chunk).
+        key_added
+            The `obsm` key; the settings go to `adata.uns["exceiver"][key_added]`.
+        pooling
+            "bottleneck" (the cell bottleneck: the default of models that have one), "mean" (the
+            mean of the processed latents: the default of others) or "flatten" (all of them, the
+            original's).
+        inplace
+            False: returned only, `adata` untouched.
+        batch_size, device, num_workers, progress
+            How inference runs (`device`: "auto", "cpu", "cuda", "mps", ...; checked first).
+        **reading
+            How the dataset is read (`Exceiver.read`): mouse data is translated into a human
+            model's genes through the model's own gene map without being asked.
+
+        Returns
+        -------
+        float32 array [cells, width].
+        """
+        inference_device(device)  # before any data is read
         pooling = check_pooling(pooling, self.module)
-        embedding = np.empty((adata.n_obs, self.module.embedding_width(pooling)), dtype=np.float32)
-        for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "embedding",
-                                            num_workers, allow_non_integer, name, gene_map):
-            embedding[batch.cells.cpu().numpy()] = self.module.pool(latents, pooling).float().cpu().numpy()
+        embedding = cell_embedding(self, self.read(adata, **reading), pooling, batch_size=batch_size, device=device,
+                                   num_workers=num_workers, progress=progress)
         if inplace:
             adata.obsm[key_added] = embedding
-            adata.uns.setdefault("exceiver", {})[key_added] = {"pooling": pooling, "n_genes": len(self.vocab)}
+            record(adata, key_added, {"pooling": pooling, "n_genes": len(self.vocab)})
         return embedding
 
     @torch.inference_mode()
     def embed_file(self, path: str | Path, out: str | Path, *, key_added: str = "X_exceiver", pooling: str | None = None,
-                   gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
-                   device: str | None = None, num_workers: int = 0, gene_map: str | Path | None = None,
-                   overwrite: bool = False, allow_non_integer: bool = False, progress: bool = True) -> Path:
+                   batch_size: int | None = None, device: str | None = None, num_workers: int = 0,
+                   overwrite: bool = False, progress: bool = True, **reading: Unpack[ReadingOptions]) -> Path:
         """`embed` from an .h5ad file to a copy of it with `obsm[key_added]` added, streaming:
-        neither the counts nor the embeddings are ever all in memory (with a `gene_map` the
-        file is read into memory, to be translated)."""
+        neither the counts nor the embeddings are ever all in memory (translated data included)."""
         device = inference_device(device)
         pooling = check_pooling(pooling, self.module)
         with claim(out, overwrite=overwrite, folder=False):  # refused now, not after the work
-            if gene_map is not None or self._translates(h5ad_var(path).var, gene_key):
-                [(name, adata)] = read_datasets(path)
-                self.embed(adata, key_added=key_added, pooling=pooling, gene_key=gene_key, layer=layer,
-                           batch_size=batch_size, device=device, num_workers=num_workers, gene_map=gene_map,
-                           allow_non_integer=allow_non_integer, name=name, progress=progress)
-                write_h5ad(adata, out, overwrite=overwrite)
-                return Path(out)
-            gene_key, layer = self.data_keys(h5ad_var(path).var.columns, h5ad_layers(path), gene_key, layer)
-            cells = H5adCells(path, self.vocab, gene_key=gene_key, layer=layer, allow_non_integer=allow_non_integer)
-            self._embed_cells(cells, path, out, key_added, pooling, batch_size, device, num_workers, overwrite,
-                              progress)
+            h5ad_var(path)  # a missing or unreadable file is refused in one line
+            cells = self.read(ad.read_h5ad(path, backed="r"), **{"name": Path(path).stem, **reading})
+            width = self.module.embedding_width(pooling)
+            with h5ad_copy_with_obsm(path, out, key_added, (cells.n_cells, width), overwrite=overwrite) as write:
+                for batch, latents in cell_latents(self, cells, batch_size=batch_size, device=device,
+                                                   num_workers=num_workers, progress=progress, desc="embedding"):
+                    write(batch.cells.cpu().numpy(), self.module.pool(latents, pooling).float().cpu().numpy())
+                write.uns({"pooling": pooling, "n_genes": len(self.vocab)})
         return Path(out)
-
-    def _embed_cells(self, cells: H5adCells, path, out, key_added: str, pooling: str, batch_size: int | None,
-                     device: str | None, num_workers: int, overwrite: bool, progress: bool) -> None:
-        width = self.module.embedding_width(pooling)
-        with self.on_device(device) as on, \
-                h5ad_copy_with_obsm(path, out, key_added, (cells.n_cells, width), overwrite=overwrite) as write:
-            for batch, latents in iterate_latents(
-                    self.module, cells, self.scaler, self.tokenizer, batch_size=batch_size, device=on,
-                    num_workers=num_workers, progress=progress, desc="embedding",
-                    prepare=ModelCells(self.scaler.trained_genes, cells.name)):
-                write(batch.cells.cpu().numpy(), self.module.pool(latents, pooling).float().cpu().numpy())
-            write.uns({"pooling": pooling, "n_genes": len(self.vocab)})
 
     @torch.inference_mode()
     def predict_values(self, adata: ad.AnnData, query_genes: Sequence[str] | None = None, *,
-                       gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
-                       device: str | None = None, allow_non_integer: bool = False, name: str = "dataset",
-                       progress: bool = True) -> np.ndarray:
-        """The decoder's predicted value of each query gene in each cell, from the cell's tokens
-        (nothing masked; cells with more than `max_tokens` expressed genes are subsampled as in
-        `embed`), in the model's value space (z-score + 1, or log-normalised expression for models with
-        `values="log"`; `scaler.log_expression` maps either back): [cells, query genes].
-        query_genes: vocabulary genes to predict (default: all, in vocabulary order)."""
-        if query_genes is None:
-            ids = np.arange(len(self.vocab))
-        else:
-            ids = self.vocab.ids(list(query_genes))
-            if (ids < 0).any():
-                unknown = [str(g) for g, i in zip(query_genes, ids) if i < 0]
-                raise ExceiverInputError(f"{len(unknown)} query genes are not in the model's vocabulary, "
-                                         f"e.g. {plain(unknown[:3])}")
-        out = np.empty((adata.n_obs, len(ids)), dtype=np.float32)
-        query = torch.from_numpy(ids)
-        for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "predicting",
-                                            allow_non_integer=allow_non_integer, name=name):
-            out[batch.cells.cpu().numpy()] = decode_values(self.module, latents, query.to(latents.device)).float().cpu().numpy()
-        return out
+                       batch_size: int | None = None, device: str | None = None, progress: bool = True,
+                       **reading: Unpack[ReadingOptions]) -> np.ndarray:
+        """The masked-value head's prediction for each query gene in each cell, from the cell's
+        tokens (nothing masked; cells with more than `max_tokens` expressed genes are subsampled as
+        in `embed`), in the model's value space (z-score + 1, or log-normalised expression for
+        models with `values="log"`; `scaler.log_expression` maps either back).
+
+        Parameters
+        ----------
+        query_genes
+            Genes as the dataset names them (or by the model's names); default: every vocabulary
+            gene, in vocabulary order.
+        **reading
+            How the dataset is read (`Exceiver.read`).
+
+        Returns
+        -------
+        float32 array [cells, query genes].
+        """
+        inference_device(device)
+        cells = self.read(adata, **reading)
+        ids = np.arange(len(self.vocab)) if query_genes is None else cells.resolve_genes(query_genes, "query genes")
+        return decoded_values(self, cells, ids, batch_size=batch_size, device=device, progress=progress)
 
     @torch.inference_mode()
-    def predict_logits(self, adata: ad.AnnData, *, gene_key: str | None = None, layer: str | None = None,
-                       batch_size: int | None = None, device: str | None = None, allow_non_integer: bool = False,
-                       name: str = "dataset", progress: bool = True) -> np.ndarray:
-        """Class-token logits [cells, classes] (columns: `self.classes`)."""
+    def predict_logits(self, adata: ad.AnnData, *, batch_size: int | None = None, device: str | None = None,
+                       progress: bool = True, **reading: Unpack[ReadingOptions]) -> np.ndarray:
+        """Class-token logits [cells, classes] (columns: `self.classes`; reading: `Exceiver.read`)."""
         if self.module.class_head is None:
             raise ExceiverInputError("this model has no class head: it predicts expression, not classes")
-        logits = np.empty((adata.n_obs, self.config.n_classes), dtype=np.float32)
-        for batch, latents in self._latents(adata, gene_key, layer, batch_size, device, progress, "classifying",
-                                            allow_non_integer=allow_non_integer, name=name):
+        inference_device(device)
+        cells = self.read(adata, **reading)
+        logits = np.empty((cells.n_cells, self.config.n_classes), dtype=np.float32)
+        for batch, latents in cell_latents(self, cells, batch_size=batch_size, device=device, progress=progress,
+                                           desc="classifying"):
             logits[batch.cells.cpu().numpy()] = self.module.class_logits(latents).float().cpu().numpy()
         return logits
 
-    def predict_proba(self, adata: ad.AnnData, *, gene_key: str | None = None, layer: str | None = None,
-                      batch_size: int | None = None, device: str | None = None, allow_non_integer: bool = False,
-                      name: str = "dataset", progress: bool = True) -> np.ndarray:
-        """Class probabilities [cells, classes] (softmax of the logits; columns: `self.classes`)."""
-        logits = self.predict_logits(adata, gene_key=gene_key, layer=layer, batch_size=batch_size, device=device,
-                                     allow_non_integer=allow_non_integer, name=name, progress=progress)
+    def predict_proba(self, adata: ad.AnnData, **options) -> np.ndarray:
+        """Class probabilities [cells, classes] (softmax of `predict_logits`, which takes `options`)."""
+        logits = self.predict_logits(adata, **options)
         return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
 
     def predict(self, adata: ad.AnnData, *, key_added: str = "exceiver_prediction", inplace: bool = True,
-                gene_key: str | None = None, layer: str | None = None, batch_size: int | None = None,
-                device: str | None = None, allow_non_integer: bool = False, name: str = "dataset",
-                progress: bool = True) -> pd.Series:
-        """Predicted class of each cell, returned; also written to `obs[key_added]`, with the class
-        probabilities in `obsm["exceiver_probabilities"]` (columns: `uns["exceiver_classes"]`;
-        "exceiver" is `key_added` without its "_prediction" suffix), unless `inplace=False`."""
-        proba = self.predict_proba(adata, gene_key=gene_key, layer=layer, batch_size=batch_size, device=device,
-                                   allow_non_integer=allow_non_integer, name=name, progress=progress)
-        prefix = key_added.removesuffix("_prediction")
+                batch_size: int | None = None, device: str | None = None, progress: bool = True,
+                **reading: Unpack[ReadingOptions]) -> pd.Series:
+        """Predicted class of each cell.
+
+        Parameters
+        ----------
+        key_added
+            `obs[key_added]` gets the class, `obsm["exceiver_probabilities"]` the probabilities
+            ("exceiver" is `key_added` without its "_prediction" suffix) and
+            `uns["exceiver"][key_added]["classes"]` the class names (the probabilities' columns).
+        inplace
+            False: returned only, `adata` untouched.
+        **reading
+            How the dataset is read (`Exceiver.read`).
+
+        Returns
+        -------
+        A categorical Series indexed by the cells.
+        """
+        proba = self.predict_proba(adata, batch_size=batch_size, device=device, progress=progress, **reading)
         classes = np.asarray(self.classes)
         prediction = pd.Series(pd.Categorical(classes[proba.argmax(1)], categories=classes),
                                index=adata.obs_names, name=key_added)
         if inplace:
             adata.obs[key_added] = prediction
-            adata.obsm[f"{prefix}_probabilities"] = proba.astype(np.float32)
-            adata.uns[f"{prefix}_classes"] = classes
+            adata.obsm[f"{key_added.removesuffix('_prediction')}_probabilities"] = proba.astype(np.float32)
+            record(adata, key_added, {"classes": list(classes)})
         return prediction
 
     def annotate(self, reference: ad.AnnData | str | Path, query: ad.AnnData | str | Path, label_key: str,
@@ -312,64 +349,20 @@ class Exceiver:
 
         return annotate(self, reference, query, label_key, **options)
 
-    def in_model_genes(self, adata: ad.AnnData, gene_key: str | None, layer: str | None,
-                       gene_map: str | Path | pd.DataFrame | None = None, name: str = "dataset",
-                       ) -> tuple[ad.AnnData, str | None, str | None]:
-        """(data, gene key, layer) to read a dataset by: as it is, or translated through `gene_map`
-        or, where its genes are the dataset side of the model's own map (mouse genes), that."""
-        if gene_map is None and not self._translates(adata.var, gene_key):
-            return adata, gene_key, layer
-        gene_key, layer = self.data_keys(adata.var.columns, count_layers(adata), gene_key, layer)
-        log.info("%s: translated into the model's genes through %s", name, "its gene map" if gene_map is None else "a gene map")
-        adata = map_genes(adata, self.gene_map if gene_map is None else gene_map, gene_key=gene_key, layer=layer,
-                          name=name)
-        return adata, "var_names", "X"
+    def evaluate(self, data: ad.AnnData | str | Path, out: str | Path, **options) -> dict:
+        """Evaluate this model on `data` and write a report to `out` (`exceiver.evaluate.evaluate`)."""
+        from exceiver.evaluate.report import evaluate
 
-    def _translates(self, var: pd.DataFrame, gene_key: str | None) -> bool:
-        key = gene_key if gene_key in var.columns else (self.gene_key if self.gene_key in var.columns else None)
-        return self.gene_map is not None and is_dataset_side(self.gene_map, var.index if key is None else var[key])
+        return evaluate(self, data, out, **options)
 
     def gene_embeddings(self) -> pd.DataFrame:
         """The learned gene embedding of every vocabulary gene (rows indexed by gene)."""
-        weights = self.module.gene_emb.weight.detach().cpu().numpy()[: len(self.vocab)]
-        columns = [f"dim_{i}" for i in range(weights.shape[1])]
-        return pd.DataFrame(weights, index=pd.Index(self.vocab.genes, name="gene"), columns=columns)
+        return gene_embedding_table(self.module, self.vocab)
 
-    @contextlib.contextmanager
-    def on_device(self, device: str | None) -> Iterator[torch.device]:
+    def on_device(self, device: str | None) -> contextlib.AbstractContextManager[torch.device]:
         """Run on `device` (see `exceiver.devices.inference_device`) and leave the network where the
         user had it afterwards."""
-        target = inference_device(device)
-        home = next(self.module.parameters()).device
-        with torch.inference_mode(False):  # moved weights must stay usable by autograd afterwards
-            self.module.to(target)
-        try:
-            yield target
-        finally:
-            with torch.inference_mode(False):
-                self.module.to(home)
-
-    def _latents(self, adata: ad.AnnData, gene_key: str | None = None, layer: str | None = None,
-                 batch_size: int | None = None, device: str | None = None, progress: bool = True,
-                 desc: str = "cells", num_workers: int = 0, allow_non_integer: bool = False,
-                 name: str = "dataset", gene_map: str | Path | pd.DataFrame | None = None,
-                 ) -> Iterator[tuple[CellBatch, torch.Tensor]]:
-        """(batch, processed latents) over the cells of `adata`, in batches on the chosen device
-        (checked before the data is read); a backed AnnData (`read_h5ad(path, backed="r")`) is read
-        from disk chunk by chunk. Translated through `gene_map`, or the model's own where the
-        data's genes are its dataset side."""
-        device = inference_device(device)
-        adata, gene_key, layer = self.in_model_genes(adata, gene_key, layer, gene_map, name)
-        if adata.isbacked:
-            gene_key, layer = self.data_keys(adata.var.columns, h5ad_layers(adata.filename), gene_key, layer)
-            cells = H5adCells(adata.filename, self.vocab, gene_key=gene_key, layer=layer,
-                              name=Path(adata.filename).stem, allow_non_integer=allow_non_integer)
-        else:
-            cells = self.cells(adata, gene_key=gene_key, layer=layer, name=name, allow_non_integer=allow_non_integer)
-        with self.on_device(device) as on:
-            yield from iterate_latents(self.module, cells, self.scaler, self.tokenizer, batch_size=batch_size,
-                                       device=on, num_workers=num_workers, progress=progress, desc=desc,
-                                       prepare=ModelCells(self.scaler.trained_genes, getattr(cells, "name", name)))
+        return on_device(self.module, device)
 
 
 def import_original(ckpt_path: str | Path, genes: str | Path | Sequence[str] | None = None,
@@ -378,16 +371,3 @@ def import_original(ckpt_path: str | Path, genes: str | Path | Sequence[str] | N
     code (see `exceiver.nn.original.original_parts` for `genes` and `scaler`)."""
     module, tokenizer, vocab, gene_scaler, training, classes = original_parts(ckpt_path, genes, scaler)
     return Exceiver(module, vocab, gene_scaler, tokenizer, training=training, classes=classes)
-
-
-def check_pooling(pooling: str | None, module: ExceiverModule) -> str:
-    """The pooling to use: `module`'s default for None; refuses unknown ones and a bottleneck that
-    the model does not have."""
-    if pooling is None:
-        return module.default_pooling
-    if pooling not in POOLINGS:
-        raise ExceiverInputError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
-    if pooling == "bottleneck" and module.bottleneck is None:
-        raise ExceiverInputError(f"this model has no cell bottleneck: use {option('pooling', 'mean')} or "
-                                 f"{option('pooling', 'flatten')}")
-    return pooling

@@ -26,6 +26,7 @@ from exceiver.data.counts import (
     location_label,
     refuse_empty,
 )
+from exceiver.data.genemap import GenePairs
 from exceiver.data.vocab import VAR_NAMES, GeneVocab, dataset_genes
 from exceiver.errors import ExceiverInputError, option, plain
 
@@ -113,12 +114,14 @@ def align(
     layer: str | None = None,
     name: str = "dataset",
     allow_non_integer: bool = False,
+    pairs: GenePairs | None = None,
 ) -> CellCounts:
     """Map a dataset's counts (X, a layer, or adata.raw with `layer="raw"`) onto the vocabulary,
     after refusing an empty dataset and counts that are not raw counts (`check_counts`).
 
     Duplicate identifiers (e.g. two Ensembl ids with one symbol) are one gene to the model: their
-    counts are summed, with a warning. Genes outside the vocabulary are dropped.
+    counts are summed, with a warning. Genes outside the vocabulary are dropped. With `pairs` the
+    dataset's genes are first translated into model genes (counts of genes mapping to one summed).
     """
     genes = counts_var(adata, layer, name)
     refuse_empty(name, adata.n_obs, genes.n_vars)
@@ -127,7 +130,7 @@ def align(
     elsewhere = [other for other in count_layers(adata) if other != layer]
     check_counts(matrix, name, where=location_label(location), allow_non_integer=allow_non_integer,
                  elsewhere=elsewhere)
-    ids, measured = gene_alignment(genes, vocab, gene_key=gene_key, name=name)
+    ids, measured = gene_alignment(genes, vocab, gene_key=gene_key, name=name, pairs=pairs)
     return CellCounts(
         to_vocabulary(matrix, ids, len(vocab)), measured, np.zeros(matrix.shape[0], dtype=np.int32),
         np.asarray(adata.obs_names, dtype=object).astype(str), [name],
@@ -135,12 +138,15 @@ def align(
 
 
 def gene_alignment(
-    adata: ad.AnnData, vocab: GeneVocab, *, gene_key: str | None = None, name: str = "dataset"
+    adata: ad.AnnData, vocab: GeneVocab, *, gene_key: str | None = None, name: str = "dataset",
+    pairs: GenePairs | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The vocabulary id of each of the dataset's genes (-1: not in the vocabulary) and the
     measured-gene mask [1, vocabulary]; reads only `var`, so a file is aligned once, not per cell
-    (with its checks, log line and warnings)."""
+    (with its checks, log line and warnings). With `pairs`, through the model genes they map to."""
     genes = dataset_genes(adata, gene_key)
+    if pairs is not None:
+        genes = pairs.translate(genes)
     ids = vocab.ids(genes)  # -1 for genes outside the vocabulary (and for empty identifiers)
     matched = ids >= 0
     n_matched = int(matched.sum())

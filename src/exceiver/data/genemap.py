@@ -4,12 +4,13 @@ A gene map is a two-column table, one pair per line: the model's gene, then the 
 (the layout of Ensembl ortholog tables such as `human,mouse`). Counts of dataset genes that map to
 the same model gene are summed; a dataset gene mapped to several model genes goes to the first of
 them, so that no count is duplicated. Matching is exact, then case-insensitive for the rest (some
-mouse files upper-case their symbols).
+mouse files upper-case their symbols). `GenePairs` is the one place that reads pairs this way.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -22,6 +23,8 @@ from exceiver.data.vocab import dataset_genes
 from exceiver.errors import ExceiverInputError, plain
 
 log = logging.getLogger(__name__)
+
+GeneMapInput = str | Path | pd.DataFrame
 
 
 def read_gene_map(path: str | Path) -> pd.DataFrame:
@@ -42,22 +45,60 @@ def read_gene_map(path: str | Path) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def map_genes(adata: ad.AnnData, gene_map: str | Path | pd.DataFrame, *, gene_key: str | None = None,
+class GenePairs:
+    """The (model gene, dataset gene) pairs of a gene map, and every question asked of them."""
+
+    def __init__(self, table: pd.DataFrame):
+        self.table = table.iloc[:, :2].set_axis(["model_gene", "data_gene"], axis=1).astype(str).reset_index(drop=True)
+        first = self.table.drop_duplicates("data_gene")  # one model gene per dataset gene
+        self._exact = dict(zip(first.data_gene, first.model_gene))
+        self._folded = dict(zip(first.data_gene.str.upper(), first.model_gene))
+
+    @classmethod
+    def of(cls, gene_map: GeneMapInput | GenePairs | None) -> GenePairs | None:
+        """Pairs from a file, a table or pairs (None stays None)."""
+        if gene_map is None or isinstance(gene_map, GenePairs):
+            return gene_map
+        return cls(gene_map if isinstance(gene_map, pd.DataFrame) else read_gene_map(gene_map))
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def model_genes(self, data_genes: Iterable[str]) -> np.ndarray:
+        """The model gene of each dataset gene (object array; None where the map has none)."""
+        return np.asarray([self._exact.get(g, self._folded.get(str(g).upper())) for g in data_genes], dtype=object)
+
+    def translate(self, data_genes: Iterable[str]) -> np.ndarray:
+        """`model_genes` as strings, "" where the map has none (an identifier no vocabulary holds)."""
+        mapped = self.model_genes(data_genes)
+        return np.where([m is None for m in mapped], "", mapped).astype(str)
+
+    def is_dataset_side(self, genes: Iterable[str]) -> bool:
+        """Whether more of `genes` are the map's dataset genes (e.g. mouse symbols) than its model
+        genes (exact names: upper-cased, many mouse symbols would read as their human orthologs)."""
+        genes = pd.Index(pd.Series(list(genes), dtype=object).astype(str))
+        return int(genes.isin(self.table.data_gene).sum()) > int(genes.isin(self.table.model_gene).sum())
+
+    def within(self, model_genes: Sequence[str]) -> GenePairs:
+        """The pairs whose model gene is one of `model_genes` (what a model carries for its vocabulary)."""
+        return GenePairs(self.table[self.table.model_gene.isin(set(map(str, model_genes)))])
+
+    def before(self, other: GenePairs | None) -> GenePairs:
+        """These pairs first, then `other`'s: a user's map takes precedence over a model's own."""
+        return self if other is None else GenePairs(pd.concat([self.table, other.table], ignore_index=True))
+
+
+def map_genes(adata: ad.AnnData, gene_map: GeneMapInput | GenePairs, *, gene_key: str | None = None,
               layer: str | None = None, name: str = "dataset") -> ad.AnnData:
     """A new AnnData whose genes (var_names) are the model genes that `adata`'s genes map to,
     with counts summed accordingly; obs is kept, unmapped genes are dropped."""
-    pairs = gene_map if isinstance(gene_map, pd.DataFrame) else read_gene_map(gene_map)
-    pairs = pairs.iloc[:, :2].set_axis(["model_gene", "data_gene"], axis=1).astype(str)
     genes = pd.Index(dataset_genes(counts_var(adata, layer, name), gene_key).astype(str))
-    first = pairs.drop_duplicates("data_gene")  # one model gene per dataset gene
-    exact = dict(zip(first.data_gene, first.model_gene))
-    folded = dict(zip(first.data_gene.str.upper(), first.model_gene))
-    target = [exact.get(g, folded.get(g.upper())) for g in genes]
+    target = GenePairs.of(gene_map).model_genes(genes)
     keep = np.flatnonzero([t is not None for t in target])
     if not len(keep):
         raise ExceiverInputError(f"{name}: none of its {len(genes):,} genes is in the gene map "
                                  f"(e.g. {plain(genes[:3])}); check the map's column order: model gene, dataset gene")
-    model_genes, column = np.unique(np.asarray(target, dtype=object)[keep].astype(str), return_inverse=True)
+    model_genes, column = np.unique(target[keep].astype(str), return_inverse=True)
     projection = sp.csr_matrix((np.ones(len(keep), dtype=np.float32), (keep, column)),
                                shape=(len(genes), len(model_genes)))
     counts = counts_matrix(adata, layer, name) @ projection
@@ -65,31 +106,25 @@ def map_genes(adata: ad.AnnData, gene_map: str | Path | pd.DataFrame, *, gene_ke
                       var=pd.DataFrame(index=pd.Index(model_genes, name="gene")))
 
 
-def translate_datasets(datasets: list[tuple[str, ad.AnnData]], gene_map: str | Path | pd.DataFrame,
+def translate_datasets(datasets: list[tuple[str, ad.AnnData]], gene_map: GeneMapInput | GenePairs,
                        gene_key: str | None = None, layer: str | None = None) -> list[tuple[str, ad.AnnData, bool]]:
     """Translate the datasets whose genes are the map's dataset genes (e.g. the mouse files of a
     human+mouse collection) into model genes; the others, whose genes are already model genes,
     are left as they are. Returns (name, AnnData, translated?) per dataset: a translated one
     holds its counts in X and its genes in var_names."""
-    pairs = gene_map if isinstance(gene_map, pd.DataFrame) else read_gene_map(gene_map)
-    # Exact names: upper-cased, many mouse symbols would read as their human orthologs.
-    model_side, data_side = set(pairs.iloc[:, 0].astype(str)), set(pairs.iloc[:, 1].astype(str))
+    pairs = GenePairs.of(gene_map)
     result = []
     for name, adata in datasets:
         key = gene_key if gene_key in adata.var.columns else None
-        genes = pd.Index(dataset_genes(adata, key).astype(str))
-        as_data, as_model = int(genes.isin(data_side).sum()), int(genes.isin(model_side).sum())
-        if as_data > as_model:
-            log.info("%s: translating its genes through the gene map (%s of %s are dataset genes of the map)",
-                     name, f"{as_data:,}", f"{len(genes):,}")
+        genes = dataset_genes(adata, key).astype(str)
+        if pairs.is_dataset_side(genes):
+            log.info("%s: translating its genes through the gene map", name)
             result.append((name, map_genes(adata, pairs, gene_key=key, layer=layer, name=name), True))
         else:
             result.append((name, adata, False))
     return result
 
 
-def is_dataset_side(pairs: pd.DataFrame, genes) -> bool:
-    """Whether more of `genes` are the map's dataset genes (e.g. mouse symbols) than its model
-    genes: such data is translated through a model's own gene map."""
-    genes = pd.Index(pd.Series(genes).astype(str))
-    return int(genes.isin(pairs.iloc[:, 1]).sum()) > int(genes.isin(pairs.iloc[:, 0]).sum())
+def is_dataset_side(pairs: pd.DataFrame | GenePairs, genes) -> bool:
+    """Whether `genes` are the dataset side of `pairs` (see `GenePairs.is_dataset_side`)."""
+    return GenePairs.of(pairs).is_dataset_side(genes)

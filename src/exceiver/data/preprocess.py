@@ -51,7 +51,7 @@ def prepare_cells(cells: CellCounts, name: str = "dataset", *, genes: np.ndarray
     return cells.subset(np.flatnonzero(~is_empty))
 
 
-class ModelCells:
+class PrepareCells:
     """`prepare_cells` as a picklable callable (loader workers prepare the chunks they read)."""
 
     def __init__(self, genes: np.ndarray | None, name: str, empty: str = "refuse"):

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 
 from exceiver.data.cells import CellCounts, gene_alignment, to_vocabulary
 from exceiver.data.counts import RAW, check_counts, counts_location, location_label, refuse_empty
+from exceiver.data.genemap import GenePairs
 from exceiver.data.vocab import GeneVocab
 from exceiver.errors import ExceiverInputError
 
@@ -33,14 +34,15 @@ class H5adCells:
     progress bar may be running). Each process opens its own file handle."""
 
     def __init__(self, path: str | Path, vocab: GeneVocab, *, gene_key: str | None = None,
-                 layer: str | None = None, name: str | None = None, allow_non_integer: bool = False):
+                 layer: str | None = None, name: str | None = None, allow_non_integer: bool = False,
+                 pairs: GenePairs | None = None):
         self.path, self.layer, self.name = Path(path), layer, name or Path(path).stem
         self.allow_non_integer = allow_non_integer
         self.n_genes = len(vocab)
         with _open_h5ad(self.path) as file:
             var, matrix, self.location = _counts(file, layer, self.name)
             self.where = location_label(self.location)
-            self.ids, self.measured = gene_alignment(var, vocab, gene_key=gene_key, name=self.name)
+            self.ids, self.measured = gene_alignment(var, vocab, gene_key=gene_key, name=self.name, pairs=pairs)
             self.n_cells = matrix.shape[0]
             elsewhere = [other for other in _layer_names(file) if other != layer]
             check_counts(_rows(matrix, 0, min(self.n_cells, READ_CELLS)), self.name, where=self.where,

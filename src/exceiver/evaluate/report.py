@@ -17,12 +17,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
+from typing_extensions import Unpack
 
-from exceiver.data.cells import align
-from exceiver.data.counts import count_layers, counts_var
+from exceiver.data.contract import ModelCells, ReadingOptions
 from exceiver.data.labels import cell_labels, obs_column
 from exceiver.data.sources import read_datasets
-from exceiver.data.vocab import dataset_genes
 from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError
 from exceiver.evaluate import plots
@@ -34,9 +33,9 @@ from exceiver.evaluate.reconstruction import (
     masked_predictions,
     reconstruction_scores,
 )
+from exceiver.inference import CellModel, cell_embedding, check_pooling, gene_embedding_table, on_device
 from exceiver.io import write_json
 from exceiver.outputs import atomic_dir, claim
-from exceiver.model import Exceiver, check_pooling
 
 log = logging.getLogger(__name__)
 
@@ -44,129 +43,159 @@ MIN_CELLS_PER_LABEL = 2  # kNN scores are cross-validated: every label needs a c
 
 
 def evaluate(
-    model: Exceiver | str | Path,
+    model: CellModel,
     data: ad.AnnData | str | Path,
     out: str | Path,
     *,
     label_keys: Sequence[str] = (),
     batch_key: str | None = None,
-    gene_key: str | None = None,
-    layer: str | None = None,
     annotations: str | Path | pd.DataFrame | None = None,
     sources: Sequence[str] | None = None,
     pooling: str | None = None,
     max_cells: int = 10000,
     device: str | None = None,
     seed: int = 0,
-    allow_non_integer: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    name: str | None = None,
+    **reading: Unpack[ReadingOptions],
 ) -> dict:
     """Evaluate `model` on `data` and write a report to `out`; returns the metrics.
 
-    label_keys: obs columns of annotations (cell type, tissue, ...) that embeddings should follow;
-        each is scored on the evaluated cells that have a label (the others are counted in a logged
+    Parameters
+    ----------
+    model
+        A trained model (`exceiver.Exceiver.load(path)`; `Exceiver.evaluate` is the shortcut).
+    data
+        Raw counts (AnnData or an .h5ad path), read as the model reads data (`Exceiver.read`):
+        mouse data through a human+mouse model's own gene map included.
+    out
+        The report folder: metrics.json, report.md, PNG figures and CSV tables.
+    label_keys
+        obs columns of annotations (cell type, tissue, ...) that embeddings should follow; each is
+        scored on the evaluated cells that have a label (the others are counted in a logged
         warning), and needs 2 classes or more with 2 cells or more each
         (`exceiver.data.labels.cell_labels`, as in `finetune`).
-    batch_key: obs column of batches (assay, donor, ...) that embeddings should mix.
-    annotations: gene annotation file (long TSV with gene_symbol, annotation_id, source; or GMT)
-        or table (gene, term, source); sources: the sources to score (default: all in the file).
-    max_cells: a seeded sample of at most this many cells is evaluated (metrics are quadratic).
-    gene_key, layer, allow_non_integer: where the counts and gene identifiers are, as in `pretrain`.
-    name: the dataset's name in messages and the report (default: the file's name).
+    batch_key
+        obs column of batches (assay, donor, ...) that embeddings should mix.
+    annotations, sources
+        A gene annotation file (long TSV with gene_symbol, annotation_id, source; or GMT) or table
+        (gene, term, source), and the sources to score (default: all in the file).
+    pooling
+        The cell embedding's readout (`Exceiver.embed`).
+    max_cells
+        A seeded sample of at most this many cells is evaluated (metrics are quadratic).
+    **reading
+        How the dataset is read: `gene_key`, `layer`, `gene_map`, `allow_non_integer`, `name`
+        (the dataset's name in messages and the report; default: the file's name).
+
+    Returns
+    -------
+    The metrics written to metrics.json.
     """
     inference_device(device)  # before any data is read
-    with claim(out, overwrite=overwrite, folder=True):  # refused now, not after minutes of metrics
-        return _evaluate(model, data, out, label_keys=label_keys, batch_key=batch_key, gene_key=gene_key, layer=layer,
-                         annotations=annotations, sources=sources, pooling=pooling, max_cells=max_cells, device=device,
-                         seed=seed, allow_non_integer=allow_non_integer, overwrite=overwrite, progress=progress,
-                         name=name)
-
-
-def _evaluate(model, data, out, *, label_keys, batch_key, gene_key, layer, annotations, sources, pooling, max_cells,
-              device, seed, allow_non_integer, overwrite, progress, name) -> dict:
-    model = model if isinstance(model, Exceiver) else Exceiver.load(model)
     pooling = check_pooling(pooling, model.module)
-    [(default_name, adata)] = read_datasets(data)
-    name = name or default_name
-    label_keys = list(label_keys)
-    for key in label_keys + ([batch_key] if batch_key else []):
-        obs_column(adata.obs, key, name)
-    if annotations is not None and not isinstance(annotations, pd.DataFrame):
-        annotations = read_annotations(annotations)
+    with claim(out, overwrite=overwrite, folder=True):  # refused now, not after minutes of metrics
+        [(default_name, adata)] = read_datasets(data)
+        reading = {**reading, "name": reading.get("name") or default_name}
+        for key in list(label_keys) + ([batch_key] if batch_key else []):
+            obs_column(adata.obs, key, reading["name"])
+        if annotations is not None and not isinstance(annotations, pd.DataFrame):
+            annotations = read_annotations(annotations)
+        cells = _sample(model.read(adata, empty="drop", **reading), max_cells, seed)  # every cell is checked
+        return _evaluate(model, cells, out, label_keys=list(label_keys), batch_key=batch_key, annotations=annotations,
+                         sources=sources, pooling=pooling, device=device, seed=seed, overwrite=overwrite,
+                         progress=progress, every_cell=cells.n_cells == adata.n_obs)
 
-    gene_key, layer = model.data_keys(adata.var.columns, count_layers(adata), gene_key, layer)
-    aligned = align(adata, model.vocab, gene_key=gene_key, layer=layer, name=name,
-                    allow_non_integer=allow_non_integer)  # every cell is checked, not only the sample
-    usable = np.flatnonzero(aligned.keep_genes(model.scaler.trained_genes).n_genes_expressed > 0)
-    if not len(usable):
-        raise ExceiverInputError(f"{name}: no cell has counts in the genes the model was trained on")
-    n_without = aligned.n_cells - len(usable)
-    if n_without:
-        log.warning("%s: %d cells have no counts in the model's trained genes and are left out", name, n_without)
-    picked = np.sort(np.random.default_rng(seed).choice(len(usable), max_cells, replace=False)) \
-        if len(usable) > max_cells else np.arange(len(usable))
-    rows = usable[picked]
-    cells = aligned.subset(rows).keep_genes(model.scaler.trained_genes)
-    adata = adata[rows].copy()
+
+def _sample(cells: ModelCells, max_cells: int, seed: int) -> ModelCells:
+    """A seeded sample of at most `max_cells` of the cells, in their order."""
+    if cells.n_left_out:
+        log.warning("%s: %d cells have no counts in the model's trained genes and are left out", cells.name,
+                    cells.n_left_out)
+    if cells.n_cells <= max_cells:
+        return cells
+    return cells.subset(np.sort(np.random.default_rng(seed).choice(cells.n_cells, max_cells, replace=False)))
+
+
+def _evaluate(model: CellModel, cells: ModelCells, out, *, label_keys: list[str], batch_key: str | None, annotations,
+              sources, pooling: str, device, seed: int, overwrite: bool, progress: bool, every_cell: bool) -> dict:
+    name, adata, counts = cells.name, cells.adata, cells.in_memory()
     # reconstruction, cell embeddings, depth R^2, each label key, batch mixing, gene embeddings, report
     phases = Phases(4 + len(label_keys) + bool(batch_key) + (annotations is not None))
     # Labels are judged on the cells evaluated: a sample can thin a class out.
-    sample = name if len(rows) == aligned.n_cells else f"{name} ({len(rows):,} evaluated cells)"
+    sample = name if every_cell else f"{name} ({cells.n_cells:,} evaluated cells)"
     labels = {key: cell_labels(adata.obs, key, min_cells=MIN_CELLS_PER_LABEL, name=sample) for key in label_keys}
-    metrics: dict = {"dataset": name, "n_cells": len(rows), "n_cells_without_model_genes": int(n_without),
-                     "n_genes_shared": int(cells.measured.sum()), "model": repr(model), "pooling": pooling}
+    metrics: dict = {"dataset": name, "n_cells": cells.n_cells, "n_cells_without_model_genes": int(cells.n_left_out),
+                     "n_genes_shared": int(counts.measured.sum()), "model": repr(model), "pooling": pooling}
 
     phases.start("reconstruction")
-    with model.on_device(device) as on:
-        entries = masked_predictions(model.module, cells, model.scaler, model.tokenizer, device=on, progress=progress)
-    baselines = baseline_predictions(entries, cells.n_cells, len(model.vocab), seed=seed)
+    with on_device(model.module, device) as on:
+        entries = masked_predictions(model.module, counts, model.scaler, model.tokenizer, device=on, progress=progress)
+    baselines = baseline_predictions(entries, counts.n_cells, len(model.vocab), seed=seed)
     metrics["reconstruction"] = reconstruction_scores(entries, baselines)
 
     phases.start("cell embeddings")
-    representations = {"exceiver": model.embed(adata, pooling=pooling, inplace=False, gene_key=gene_key,
-                                                layer=layer, device=device, allow_non_integer=allow_non_integer,
-                                                name=name, progress=progress)}
-    representations |= cell_baselines(adata, layer=layer, seed=seed)
-    log_depth = np.log1p(np.asarray(cells.counts.sum(axis=1)).ravel())
+    representations = {"exceiver": cell_embedding(model, cells, pooling, device=device, progress=progress)}
+    representations |= cell_baselines(adata, layer=cells.layer, seed=seed)
+    log_depth = np.log1p(np.asarray(counts.counts.sum(axis=1)).ravel())
     phases.start("depth R^2")
     metrics["depth_r2"] = {rep: depth_r2(x, log_depth, seed=seed)
                            for rep, x in _each(representations, "depth R^2", progress)}
-    metrics["cells"], profiles = {}, {}
-    for key, column in labels.items():
-        phases.start(f"cell embeddings vs {key!r}")
-        scores = {rep: label_scores(x[column.labelled], column.values, seed=seed)
-                  for rep, x in _each(representations, key, progress)}
-        profiles[key] = {rep: s.pop("profile") for rep, s in scores.items()}
-        metrics["cells"][key] = {"n_cells": int(column.labelled.sum()),
-                                 "n_unlabelled_cells": int((~column.labelled).sum()), "n_labels": len(column.counts),
-                                 "representations": scores}
+    metrics["cells"], profiles = _label_metrics(representations, labels, phases, seed, progress)
     if batch_key:
         phases.start("batch mixing")
         batches = adata.obs[batch_key].astype(str).to_numpy()
         metrics["batch"] = {"key": batch_key, **{rep: batch_scores(x, batches, seed=seed)
                                                  for rep, x in _each(representations, batch_key, progress)}}
-
     neighbours = None
     if annotations is not None:
         phases.start("gene embeddings")
-        gene_vectors = model.gene_embeddings()[model.scaler.trained_genes]
-        loadings = gene_loadings(adata, dataset_genes(counts_var(adata, layer, name), gene_key), layer=layer, seed=seed)
-        genes = gene_vectors.index.intersection(loadings.index)
-        if len(genes) < 10:
-            raise ExceiverInputError(f"{name}: only {len(genes)} genes have both a trained embedding and expression")
-        random = np.random.default_rng(seed).standard_normal((len(genes), gene_vectors.shape[1]))
-        vectors = {"exceiver": gene_vectors.loc[genes].to_numpy(), "pca_loadings": loadings.loc[genes].to_numpy(),
-                   "random": random}
-        metrics["genes"] = gene_scores(vectors, pd.Index(genes), annotations, sources=sources, seed=seed)
-        neighbours = nearest_genes(gene_vectors.to_numpy(), gene_vectors.index)
+        metrics["genes"], neighbours = _gene_metrics(model, cells, annotations, sources, seed)
 
     phases.start("report and figures")
     with atomic_dir(out, overwrite=overwrite) as folder:
-        _write_report(folder, metrics, representations, profiles, adata.obs[label_keys], neighbours, seed)
+        _write_report(folder, metrics, representations, profiles, adata.obs[label_keys], neighbours, seed,
+                      _value_words(model))
     phases.finish()
     return metrics
+
+
+def _label_metrics(representations: dict[str, np.ndarray], labels: dict, phases: Phases, seed: int,
+                   progress: bool) -> tuple[dict, dict]:
+    """Each representation scored against each label column, and the similarity profiles."""
+    scored, profiles = {}, {}
+    for key, column in labels.items():
+        phases.start(f"cell embeddings vs {key!r}")
+        scores = {rep: label_scores(x[column.labelled], column.values, seed=seed)
+                  for rep, x in _each(representations, key, progress)}
+        profiles[key] = {rep: s.pop("profile") for rep, s in scores.items()}
+        scored[key] = {"n_cells": int(column.labelled.sum()), "n_unlabelled_cells": int((~column.labelled).sum()),
+                       "n_labels": len(column.counts), "representations": scores}
+    return scored, profiles
+
+
+def _gene_metrics(model: CellModel, cells: ModelCells, annotations: pd.DataFrame, sources,
+                  seed: int) -> tuple[dict, pd.DataFrame]:
+    """The model's gene embeddings against annotations, beside PCA loadings of the dataset's genes
+    (named as the model names them) and a random embedding; and each gene's nearest genes."""
+    gene_vectors = gene_embedding_table(model.module, model.vocab)[model.scaler.trained_genes]
+    names = np.where(cells.gene_ids >= 0, np.asarray(model.vocab.genes, dtype=object)[cells.gene_ids], "").astype(str)
+    loadings = gene_loadings(cells.adata, names, layer=cells.layer, seed=seed)
+    genes = gene_vectors.index.intersection(loadings.index)
+    if len(genes) < 10:
+        raise ExceiverInputError(f"{cells.name}: only {len(genes)} genes have both a trained embedding and expression")
+    random = np.random.default_rng(seed).standard_normal((len(genes), gene_vectors.shape[1]))
+    vectors = {"exceiver": gene_vectors.loc[genes].to_numpy(), "pca_loadings": loadings.loc[genes].to_numpy(),
+               "random": random}
+    return (gene_scores(vectors, pd.Index(genes), annotations, sources=sources, seed=seed),
+            nearest_genes(gene_vectors.to_numpy(), gene_vectors.index))
+
+
+def _value_words(model: CellModel) -> str:
+    """What the reconstruction's values are, in the report's words."""
+    if model.scaler.standardise:
+        return "values are z-scored log-normalised expression + 1"
+    return "values are log-normalised expression (log1p of counts per 1e4)"
 
 
 class Phases:
@@ -203,7 +232,7 @@ POOLING_WORDS = {"bottleneck": "the cell bottleneck", "mean": "mean of the laten
 
 def _write_report(folder: Path, metrics: dict, representations: dict[str, np.ndarray],
                   profiles: dict[str, dict[str, pd.DataFrame]], labels: pd.DataFrame,
-                  neighbours: pd.DataFrame | None, seed: int) -> None:
+                  neighbours: pd.DataFrame | None, seed: int, value_words: str) -> None:
     write_json(metrics, folder / "metrics.json")
     lines = [f"# Exceiver evaluation: {metrics['dataset']}", "",
              f"{metrics['model']}; {metrics['n_cells']:,} cells, {metrics['n_genes_shared']:,} genes shared with "
@@ -211,7 +240,7 @@ def _write_report(folder: Path, metrics: dict, representations: dict[str, np.nda
     rec = metrics["reconstruction"]
     lines += ["## Masked-expression reconstruction", "",
               f"15% of each cell's expressed genes masked (fixed seed), {rec['model']['n']:,} masked values in "
-              f"{rec['n_cells']:,} cells; values are z-scored log-normalised expression + 1.", "",
+              f"{rec['n_cells']:,} cells; {value_words}.", "",
               "| method | MSE | MSE / gene mean | Pearson r | explained variance |", "|---|---|---|---|---|"]
     for method in ("model", "gene_mean", "knn"):
         r = rec[method]

@@ -21,10 +21,14 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
+from typing_extensions import Unpack
 
+from exceiver.data.contract import ModelCells, ReadingOptions
+from exceiver.data.counts import count_layers
 from exceiver.data.sources import read_datasets
-from exceiver.data.vocab import dataset_genes
+from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError, option
+from exceiver.inference import CellModel, cell_embedding, record
 
 log = logging.getLogger(__name__)
 
@@ -70,40 +74,53 @@ def transfer(reference: np.ndarray, codes: np.ndarray, n_classes: int, query: np
     return proba / proba.sum(1, keepdims=True)
 
 
-def annotate(model, reference: ad.AnnData | str | Path, query: ad.AnnData | str | Path, label_key: str, *,
+def annotate(model: CellModel, reference: ad.AnnData | str | Path, query: ad.AnnData | str | Path, label_key: str, *,
              method: str = DEFAULT_METHOD, n_neighbors: int = N_NEIGHBORS, min_confidence: float = MIN_CONFIDENCE,
-             key_added: str = "exceiver_label", inplace: bool = True, gene_key: str | None = None,
-             layer: str | None = None, batch_size: int | None = None, device: str | None = None,
-             allow_non_integer: bool = False, progress: bool = True) -> pd.DataFrame:
+             key_added: str = "exceiver_label", inplace: bool = True, batch_size: int | None = None,
+             device: str | None = None, progress: bool = True, **reading: Unpack[ReadingOptions]) -> pd.DataFrame:
     """Transfer `reference.obs[label_key]` to the query cells through the model's cell embedding.
 
-    Returns a DataFrame indexed by the query's cells: `key_added` (the label, or "unknown" where
-    the confidence is below `min_confidence`) and `{key_added}_confidence` (the probability of the
-    chosen label, in [0, 1]); also written to `query.obs`, with the settings in
-    `query.uns["exceiver_annotate"]` ("exceiver" is `key_added` without its "_label" suffix),
-    unless `inplace=False`.
-
-    method: "linear" (the default: ahead of "knn" by 0.04 mean macro-F1 in our measurements) or
+    Parameters
+    ----------
+    model
+        A trained model (`exceiver.Exceiver`).
+    reference, query
+        Raw counts (AnnData or .h5ad paths); reference cells without a label are ignored (with a
+        count in the log).
+    label_key
+        The reference's obs column of labels.
+    method
+        "linear" (the default: ahead of "knn" by 0.04 mean macro-F1 in our measurements) or
         "knn" (n_neighbors, distance-weighted; it flagged cell types missing from the reference as
         unknown more often than "linear", which is confidently wrong about them).
-    Reference cells without a label are ignored (with a count in the log). gene_key and layer apply
-    to each dataset that has that var column / layer (the others use var_names / X, or what the
-    model was trained with).
+    min_confidence
+        Query cells whose chosen label has a lower probability are labelled "unknown".
+    key_added
+        `query.obs[key_added]` (the label) and `{key_added}_confidence`, with the settings in
+        `query.uns["exceiver"][key_added]`, unless `inplace=False`.
+    batch_size, device, progress
+        How inference runs.
+    **reading
+        How each dataset is read (`exceiver.Exceiver.read`); `gene_key` and `layer` apply to each
+        dataset that has that var column / layer (the others use what the model remembers).
+
+    Returns
+    -------
+    A DataFrame indexed by the query's cells: the label and its confidence in [0, 1].
     """
     if method not in METHODS:
         raise ExceiverInputError(f"unknown label-transfer method {method!r}; choose one of {METHODS}")
     if n_neighbors < 1 or not 0 <= min_confidence <= 1:
         raise ExceiverInputError(f"{option('n_neighbors')} must be >= 1 and {option('min_confidence')} in [0, 1]")
+    inference_device(device)  # before any data is read
     reference, query_data = (data if isinstance(data, ad.AnnData) else read_datasets(data)[0][1]
                              for data in (reference, query))
     if query_data.n_obs == 0:
         raise ExceiverInputError("the query has no cells")
     reference, codes, classes = _labelled(reference, label_key)
-    on_shared, n_shared = _on_shared_genes(model, [("reference", reference), ("query", query_data)], gene_key, layer)
-    ref_embedding, query_embedding = (
-        model.embed(adata, gene_key=key, layer=data_layer, inplace=False, batch_size=batch_size, device=device,
-                    allow_non_integer=allow_non_integer, progress=progress) for adata, key, data_layer in on_shared)
-
+    shared_cells, n_shared = _on_shared_genes(model, {"reference": reference, "query": query_data}, reading)
+    ref_embedding, query_embedding = (cell_embedding(model, cells, batch_size=batch_size, device=device,
+                                                     progress=progress) for cells in shared_cells)
     proba = transfer(ref_embedding, codes, len(classes), query_embedding, method=method, n_neighbors=n_neighbors)
     confidence = proba.max(1).astype(np.float32)
     labels = np.asarray(classes, dtype=object)[proba.argmax(1)]
@@ -118,11 +135,11 @@ def annotate(model, reference: ad.AnnData | str | Path, query: ad.AnnData | str 
     if inplace:
         for column in result.columns:
             query_data.obs[column] = result[column]
-        query_data.uns[f"{key_added.removesuffix('_label')}_annotate"] = {
+        record(query_data, key_added, {
             "method": method, "label_key": label_key, "n_neighbors": int(n_neighbors),
             "min_confidence": float(min_confidence), "pooling": model.module.default_pooling,
             "classes": list(classes), "n_reference_cells": int(len(codes)), "n_shared_genes": int(n_shared),
-            "n_unknown": int(unknown.sum())}
+            "n_unknown": int(unknown.sum())})
     return result
 
 
@@ -154,30 +171,26 @@ def _labelled(reference: ad.AnnData, label_key: str) -> tuple[ad.AnnData, np.nda
     return reference, pd.Categorical(labels, categories=classes).codes.astype(np.int64), classes
 
 
-def _on_shared_genes(model, datasets: list[tuple[str, ad.AnnData]], gene_key: str | None,
-                     layer: str | None) -> tuple[list[tuple[ad.AnnData, str, str]], int]:
-    """Each dataset restricted to the trained model genes that all of them measured, with the gene
-    key and layer to read it by ("var_names" and "X" for the defaults), and the number of those
-    genes; refuses datasets that share too few. `gene_key` and `layer` apply to the datasets that
-    have them."""
-    if gene_key not in (None, "var_names") and not any(gene_key in a.var.columns for _, a in datasets):
+def _on_shared_genes(model: CellModel, datasets: dict[str, ad.AnnData],
+                     reading: ReadingOptions) -> tuple[list[ModelCells], int]:
+    """Each dataset read by the model and restricted to the trained model genes that all of them
+    measured, and the number of those genes; refuses datasets that share too few. `gene_key`
+    and `layer` apply to the datasets that have them."""
+    gene_key, layer = reading.get("gene_key"), reading.get("layer")
+    if gene_key not in (None, "var_names") and not any(gene_key in a.var.columns for a in datasets.values()):
         raise ExceiverInputError(f"{option('gene_key', gene_key)}: no such var column in the reference or the query; "
-                                 f"their columns: {sorted({c for _, a in datasets for c in a.var.columns})}")
-    trained = model.scaler.trained_genes
-    keys, ids, usable, read = [], [], [], []
-    for name, adata in datasets:
-        given_key = gene_key if gene_key in (None, "var_names") or gene_key in adata.var.columns else None
-        given_layer = layer if layer in (None, "X") or layer in adata.layers else None
-        adata, given_key, given_layer = model.in_model_genes(adata, given_key, given_layer, name=name)
-        read.append((name, adata))  # translated into model genes where the model's gene map applies
-        key, data_layer = model.data_keys(adata.var.columns, adata.layers.keys(), given_key, given_layer)
-        keys.append((key or "var_names", data_layer or "X"))
-        ids.append(model.vocab.ids(dataset_genes(adata, key)))
-        measured = np.zeros(len(trained), dtype=bool)
-        measured[ids[-1][ids[-1] >= 0]] = True
-        usable.append(measured & trained)
+                                 f"their columns: {sorted({c for a in datasets.values() for c in a.var.columns})}")
+    read = []
+    for name, adata in datasets.items():
+        own = {**reading, "name": reading.get("name", name)}
+        if gene_key not in (None, "var_names") and gene_key not in adata.var.columns:
+            own.pop("gene_key")
+        if layer not in (None, "X") and layer not in count_layers(adata):
+            own.pop("layer")
+        read.append(model.read(adata, empty="keep", **own))  # cells without counts are refused once restricted
+    usable = [cells.measured for cells in read]
     shared = np.logical_and.reduce(usable)
-    n_trained, n_shared = int(trained.sum()), int(shared.sum())
+    n_trained, n_shared = int(read[0].trained.sum()), int(shared.sum())
     if n_shared < MIN_SHARED_GENES * n_trained:
         n_ref, n_query = (int(u.sum()) for u in usable)
         raise ExceiverInputError(
@@ -186,12 +199,9 @@ def _on_shared_genes(model, datasets: list[tuple[str, ad.AnnData]], gene_key: st
             f"below the {MIN_SHARED_GENES:.0%} needed to compare their cells; are both indexed by gene identifiers "
             f"of the model's kind (e.g. {model.vocab.genes[0]!r})? {option('gene_key')} names a var column of them")
     restricted = []
-    for (name, adata), (key, data_layer), gene_ids, measured in zip(read, keys, ids, usable):
+    for cells, measured in zip(read, usable):
         if (measured & ~shared).any():
             log.info("%s: embedded on the %s trained model genes that both datasets measured (of its %s)",
-                     name, f"{n_shared:,}", f"{int(measured.sum()):,}")
-            keep = gene_ids >= 0
-            keep[keep] = shared[gene_ids[keep]]
-            adata = adata[:, keep]
-        restricted.append((adata, key, data_layer))
+                     cells.name, f"{n_shared:,}", f"{int(measured.sum()):,}")
+        restricted.append(cells.keep_genes(shared))
     return restricted, n_shared

@@ -13,14 +13,15 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from typing_extensions import Unpack
 
+from exceiver.data.contract import ReadingOptions
 from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError
-from exceiver.inference import iterate_batches
+from exceiver.inference import CellModel, iterate_batches, on_device
 from exceiver.io import write_json
 from exceiver.outputs import atomic_dir
 from exceiver.tl.edit import require_token_model
-from exceiver.tl.genes import resolve_genes
 from exceiver.tl.perturbation import perturb
 
 
@@ -58,46 +59,57 @@ class GeneDependencies:
         return Path(folder)
 
 
-def gene_dependencies(model, adata: ad.AnnData, genes: Sequence[str], *, mode: str | float = "knockout",
+def gene_dependencies(model: CellModel, adata: ad.AnnData, genes: Sequence[str], *, mode: str | float = "knockout",
                       groupby: str | None = None, groups: Sequence[str] | None = None, quantile: float = 0.95,
-                      min_shift: float = 0.1, gene_key: str | None = None, layer: str | None = None,
-                      batch_size: int | None = None, device: str | None = None, allow_non_integer: bool = False,
-                      name: str = "dataset", progress: bool = True) -> GeneDependencies:
-    """Perturb each gene of `genes` in turn (options as in `perturb`) and read the effects on the
-    others, beside the attention routes between the same genes (over all cells)."""
+                      min_shift: float = 0.1, batch_size: int | None = None, device: str | None = None,
+                      progress: bool = True, **reading: Unpack[ReadingOptions]) -> GeneDependencies:
+    """Perturb each gene of `genes` in turn and read the effects on the others, beside the
+    attention routes between the same genes (over all cells).
+
+    Parameters
+    ----------
+    genes
+        At least 2 genes, as the dataset names them.
+    mode, groupby, groups, quantile, min_shift, batch_size, device, progress, **reading
+        As in `exceiver.tl.perturb`.
+
+    Returns
+    -------
+    The effects and attention matrices, indexed by the genes as given.
+    """
     genes = [str(g) for g in genes]
     if len(genes) < 2:
         raise ExceiverInputError("a dependency map needs at least 2 genes")
+    options = {"batch_size": batch_size, "device": device, "progress": progress, **reading}
     table = perturb(model, adata, genes, mode, query_genes=genes, groupby=groupby, groups=groups, quantile=quantile,
-                    min_shift=min_shift, gene_key=gene_key, layer=layer, batch_size=batch_size, device=device,
-                    allow_non_integer=allow_non_integer, name=name, progress=progress)
+                    min_shift=min_shift, **options)
     effects = table.pivot(index="perturbed_gene", columns="gene", values="effect_size")
     effects = effects.reindex(index=genes, columns=genes)
-    attention = attention_routes(model, adata, genes, gene_key=gene_key, layer=layer, batch_size=batch_size,
-                                 device=device, allow_non_integer=allow_non_integer, name=name, progress=progress)
+    attention = attention_routes(model, adata, genes, **options)
     return GeneDependencies(effects, attention, str(mode))
 
 
 @torch.inference_mode()
-def attention_routes(model, adata: ad.AnnData, genes: Sequence[str], *, gene_key: str | None = None,
-                     layer: str | None = None, batch_size: int | None = None, device: str | None = None,
-                     allow_non_integer: bool = False, name: str = "dataset", progress: bool = True) -> pd.DataFrame:
+def attention_routes(model: CellModel, adata: ad.AnnData, genes: Sequence[str], *, batch_size: int | None = None,
+                     device: str | None = None, progress: bool = True,
+                     **reading: Unpack[ReadingOptions]) -> pd.DataFrame:
     """[source gene, target gene]: decoder attention of the target's query on each latent times the
     encoder attention of that latent on the source's token (the model's own attention weights,
     heads averaged), summed over latents and averaged over the cells expressing the source. It
-    ignores the processor's mixing of latents: a view of routing, not of causation."""
+    ignores the processor's mixing of latents: a view of routing, not of causation. Genes are
+    named as the dataset names them; options as in `exceiver.tl.perturb`."""
     require_token_model(model)
-    ids = torch.as_tensor(resolve_genes(model, genes, "genes"))
     inference_device(device)  # before any data is read
-    cells = model.cells(adata, gene_key=gene_key, layer=layer, name=name, allow_non_integer=allow_non_integer)
+    read = model.read(adata, **reading)
+    ids = torch.as_tensor(read.resolve_genes(genes, "genes"))
     module = model.module
-    with model.on_device(device) as device:
+    with on_device(module, device) as device:
         module.eval()
         ids = ids.to(device)
         total = torch.zeros(len(ids), len(ids), dtype=torch.float64, device=device)
         n = torch.zeros(len(ids), dtype=torch.float64, device=device)
-        for batch in iterate_batches(cells, model.scaler, model.tokenizer, batch_size=batch_size, device=device,
-                                     progress=progress, desc="attention"):
+        for batch in iterate_batches(read.in_memory(), model.scaler, model.tokenizer, batch_size=batch_size,
+                                     device=device, progress=progress, desc="attention"):
             encoded, encoder = module.encode_tokens(batch.gene_ids, batch.values, batch.token_mask, need_weights=True)
             latents = module.process(encoded)  # [B, latents, dim]; encoder weights [B, heads, latents, L]
             _, decoder = module.decode(latents, ids.expand(len(batch), -1), need_weights=True)  # [B, heads, T, latents]

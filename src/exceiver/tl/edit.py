@@ -17,7 +17,7 @@ from exceiver.errors import ExceiverInputError
 
 def require_token_model(model) -> None:
     """Edits assume that a cell's tokens are its expressed genes, which paper-compatible models break."""
-    if model.config.paper_compatible:
+    if model.module.config.paper_compatible:
         raise ExceiverInputError("perturbation needs a model whose tokens are a cell's expressed genes; a "
                                  "paper-compatible (imported original) model makes every measured gene a token")
 

@@ -15,15 +15,16 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from typing_extensions import Unpack
 
 from exceiver.data.cells import CellCounts
+from exceiver.data.contract import ReadingOptions
 from exceiver.data.preprocess import log_normalise
 from exceiver.data.tokenizer import CellBatch
 from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError, option, plain
-from exceiver.inference import decode_values, iterate_batches
+from exceiver.inference import CellModel, decode_values, iterate_batches, on_device
 from exceiver.tl.edit import knockout, require_token_model, set_value
-from exceiver.tl.genes import resolve_genes
 
 log = logging.getLogger(__name__)
 
@@ -41,53 +42,75 @@ class Perturbation:
     value: float | None = None  # the same level as a model value (None: knockout)
 
 
-def perturb(model, adata: ad.AnnData, genes: Sequence[str] | str, mode: str | float = "knockout", *,
+def perturb(model: CellModel, adata: ad.AnnData, genes: Sequence[str] | str, mode: str | float = "knockout", *,
             query_genes: Sequence[str] | None = None, groupby: str | None = None, groups: Sequence[str] | None = None,
-            quantile: float = 0.95, min_shift: float = 0.1, gene_key: str | None = None, layer: str | None = None,
-            batch_size: int | None = None, device: str | None = None, allow_non_integer: bool = False,
-            name: str = "dataset", progress: bool = True) -> pd.DataFrame:
+            quantile: float = 0.95, min_shift: float = 0.1, batch_size: int | None = None, device: str | None = None,
+            progress: bool = True, **reading: Unpack[ReadingOptions]) -> pd.DataFrame:
     """Predicted effect of perturbing each of `genes` (one at a time) on each query gene.
 
-    mode: "knockout" removes the gene's token from the cells that express it; "overexpress" sets it,
-    in every cell, to the `quantile` of its log-normalised expression over the cells that express
-    it; a number sets it to that log-normalised level. query_genes: default, the model's genes
-    that the dataset measures. groupby: an obs column; effects are summarised per group (`groups`:
-    only these). One row per (perturbed gene, group, query gene): mean predicted shift (log-
-    normalised units), effect size (the shift in the gene's training standard deviations),
-    fraction of cells shifted by more than `min_shift`, over the perturbed cells (`n_cells`).
-    gene_key, layer, allow_non_integer, name: where the counts and gene identifiers are, and the
-    dataset's name in messages (`Exceiver`).
+    Parameters
+    ----------
+    model
+        A trained model (`exceiver.Exceiver`) whose tokens are a cell's expressed genes.
+    adata
+        Raw counts, read as the model reads data (mouse data through a human+mouse model's own
+        gene map included).
+    genes
+        Genes to perturb, as the dataset names them (e.g. "Gfap" in mouse data; the model's own
+        names are understood too).
+    mode
+        "knockout" removes the gene's token from the cells that express it; "overexpress" sets it,
+        in every cell, to the `quantile` of its log-normalised expression over the cells that
+        express it; a number sets it to that log-normalised level.
+    query_genes
+        Genes whose predictions are read (default: the model's trained genes the dataset measures).
+    groupby, groups
+        An obs column: effects are summarised per group (`groups`: only these).
+    min_shift
+        A cell counts as affected when a query gene moves by more than this (log-normalised units).
+    batch_size, device, progress
+        How inference runs.
+    **reading
+        How the dataset is read (`exceiver.Exceiver.read`).
+
+    Returns
+    -------
+    One row per (perturbed gene, group, query gene), genes named as the dataset names them: mean
+    predicted shift (log-normalised units), effect size (the shift in the gene's training
+    standard deviations), fraction of cells shifted by more than `min_shift`, over the perturbed
+    cells (`n_cells`).
     """
     require_token_model(model)
     inference_device(device)  # before any data is read
-    cells = model.cells(adata, gene_key=gene_key, layer=layer, name=name, allow_non_integer=allow_non_integer)
+    read = model.read(adata, **reading)
+    cells = read.in_memory()
     parts = _cell_groups(adata, groupby, groups)
     selected = np.concatenate([rows for _, rows in parts])
-    perturbations = plan_perturbations(model, cells.subset(selected), genes, mode, quantile)
-    query_ids = (np.flatnonzero(cells.measured.any(0)) if query_genes is None
-                 else resolve_genes(model, query_genes, "query genes"))
+    perturbations = plan_perturbations(model, cells.subset(selected), read.resolve_genes(genes, "perturbed genes"),
+                                       [genes] if isinstance(genes, str) else [str(g) for g in genes], mode, quantile)
+    query_ids = (np.flatnonzero(read.measured) if query_genes is None
+                 else read.resolve_genes(query_genes, "query genes"))
+    query_names = read.data_gene_names(query_ids)
     tables = []
     for group, rows in parts:
         stats = perturbation_effects(model, cells.subset(rows), perturbations, query_ids, min_shift=min_shift,
                                      batch_size=batch_size, device=device, progress=progress,
                                      desc="perturbing" if group is None else f"perturbing {group}")
-        tables.append(_effects_table(model, perturbations, query_ids, stats, group))
+        tables.append(_effects_table(model, perturbations, query_ids, query_names, stats, group))
     table = pd.concat([t for t in tables if len(t)], ignore_index=True)  # a perturbed gene is expressed in some group
     if groupby is None:
         table = table.drop(columns="group")
     return table
 
 
-def plan_perturbations(model, cells: CellCounts, genes: Sequence[str] | str, mode: str | float,
-                       quantile: float = 0.95) -> list[Perturbation]:
-    """Check the genes against the vocabulary and the cells, and fix each one's level."""
-    names = [genes] if isinstance(genes, str) else [str(g) for g in genes]
-    ids = resolve_genes(model, names, "perturbed genes")
+def plan_perturbations(model: CellModel, cells: CellCounts, gene_ids: np.ndarray, names: Sequence[str],
+                       mode: str | float, quantile: float = 0.95) -> list[Perturbation]:
+    """Fix each perturbed gene's level (vocabulary ids `gene_ids`, named `names`) from the cells."""
     level = _parse_mode(mode)
     if not 0.0 < quantile <= 1.0:
         raise ExceiverInputError(f"{option('quantile', quantile)}: the quantile must be in (0, 1]")
     plan = []
-    for gene, gene_id in zip(names, ids):
+    for gene, gene_id in zip(names, gene_ids):
         expression = gene_expression(cells, int(gene_id), model.scaler.target_sum)
         if mode == "knockout":
             if not len(expression):
@@ -116,20 +139,19 @@ def gene_expression(cells: CellCounts, gene_id: int, target_sum: float) -> np.nd
 
 
 @torch.inference_mode()
-def perturbation_effects(model, cells: CellCounts, perturbations: list[Perturbation], query_ids: np.ndarray, *,
+def perturbation_effects(model: CellModel, cells: CellCounts, perturbations: list[Perturbation], query_ids: np.ndarray, *,
                          min_shift: float = 0.1, batch_size: int | None = None, device: str | None = None,
                          progress: bool = True, desc: str = "perturbing") -> dict[str, np.ndarray]:
     """Sums over perturbed cells, per (perturbation, query gene), in model-value units: cells `n`
     [P], `shift` (perturbed - unperturbed), `baseline` values, and cells shifted by > `min_shift`
     log-normalised units (`affected`)."""
-    module = model.module
-    with model.on_device(device) as device:
-        module.eval()
+    with on_device(model.module, device) as device:
+        model.module.eval()
         return _effect_sums(model, cells, perturbations, query_ids, min_shift=min_shift, batch_size=batch_size,
                             device=device, progress=progress, desc=desc)
 
 
-def _effect_sums(model, cells: CellCounts, perturbations: list[Perturbation], query_ids: np.ndarray, *,
+def _effect_sums(model: CellModel, cells: CellCounts, perturbations: list[Perturbation], query_ids: np.ndarray, *,
                  min_shift: float, batch_size: int | None, device: torch.device, progress: bool,
                  desc: str) -> dict[str, np.ndarray]:
     module = model.module
@@ -165,11 +187,10 @@ def _rows(batch: CellBatch, rows: torch.Tensor) -> CellBatch:
     return CellBatch(**{f.name: getattr(batch, f.name)[rows] for f in fields(batch)})
 
 
-def _effects_table(model, perturbations: list[Perturbation], query_ids: np.ndarray, stats: dict[str, np.ndarray],
-                   group: str | None) -> pd.DataFrame:
-    """Sums -> one row per (perturbation, query gene) on the log-normalised scale, largest |effect| first."""
+def _effects_table(model: CellModel, perturbations: list[Perturbation], query_ids: np.ndarray, genes: np.ndarray,
+                   stats: dict[str, np.ndarray], group: str | None) -> pd.DataFrame:
+    """Sums -> one row per (perturbation, query gene `genes`) on the log-normalised scale, largest |effect| first."""
     std = model.scaler.value_scale(query_ids)
-    genes = np.asarray(model.vocab.genes)[query_ids]
     tables = []
     for p, perturbation in enumerate(perturbations):
         n = stats["n"][p]
