@@ -78,7 +78,8 @@ def test_batches_condition_the_decoder_on_one_batch_or_average_over_all(model, a
     module = ExceiverModule(config)
     module.load_state_dict(model.module.state_dict(), strict=False)
     with torch.no_grad():
-        module.batch_embedding.weight.copy_(torch.randn(2, config.bottleneck_dim, generator=torch.Generator().manual_seed(0)))
+        draw = torch.Generator().manual_seed(0)
+        module.batch_embedding.weight.copy_(torch.randn(2, config.bottleneck_dim, generator=draw))
     batched = Exceiver(module, model.vocab, model.scaler, model.tokenizer,
                        batches={"key": "assay", "categories": ["10x", "smart"]})
     expected = [1e4 * torch.softmax(_count_logits(batched, adata, code)[:, :150], dim=1).numpy() for code in (0, 1)]
