@@ -175,13 +175,14 @@ def test_untrained_genes_are_refused(tiny_model_dir):
         impute(model, synthetic_counts(n_cells=5), ["G0007"], progress=False)
 
 
-def test_impute_writes_a_layer_on_the_log_normalised_scale(model, adata):
+def test_impute_values_are_the_value_heads_level_on_the_log_normalised_scale(model, adata):
     extra = ad.AnnData(sp.hstack([adata.X, sp.csr_matrix(np.ones((40, 2), np.float32))], format="csr"),
                        obs=adata.obs, var=pd.DataFrame(index=list(adata.var_names) + ["X1", "X2"]))
-    imputed = impute(model, extra, progress=False)
+    with pytest.warns(UserWarning, match="2 of 202 genes of dataset cannot be imputed"):
+        imputed = impute(model, extra, method="values", progress=False)
     assert extra.layers["exceiver_imputed"] is imputed and imputed.shape == (40, 202) and imputed.dtype == np.float32
     assert np.isnan(imputed[:, 200:]).all() and (imputed[:, :200] >= 0).all()
-    subset = impute(model, adata, ["G0010", "G0002"], progress=False)
+    subset = impute(model, adata, ["G0010", "G0002"], method="values", progress=False)
     assert "exceiver_imputed" not in adata.layers and subset.shape == (40, 2)
     np.testing.assert_allclose(subset, imputed[:, [10, 2]], atol=1e-5)
     values = model.predict_values(adata, ["G0010"], progress=False)[:, 0]

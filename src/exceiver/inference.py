@@ -1,6 +1,7 @@
 """Batched inference over cells: latents for each batch, with bounded memory and a progress bar;
-and `CellModel`, what the tools of `exceiver.tl` and `exceiver.evaluate` need of a model (the
-public `exceiver.Exceiver` is one), so that they depend on this module, not on the public class."""
+what the decoders read from them (values of query genes, expected normalised expression); and
+`CellModel`, what the tools of `exceiver.tl` and `exceiver.evaluate` need of a model (the public
+`exceiver.Exceiver` is one), so that they depend on this module, not on the public class."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class CellModel(Protocol):
     vocab: GeneVocab
     scaler: GeneScaler
     tokenizer: TokenizerConfig
+    batches: dict | None  # {"key", "categories"} of a model trained with batches
 
     def read(self, adata: ad.AnnData, *, empty: str = "refuse", **options: Unpack[ReadingOptions]) -> ModelCells:
         """`adata` read through the model's data contract (`exceiver.data.contract`)."""
@@ -46,6 +48,44 @@ def decode_values(module: ExceiverModule, latents: torch.Tensor, query_ids: torc
     """Predicted values [B, Q] of the same query genes [Q] in every cell, decoded in chunks of genes."""
     return torch.cat([module.predict_values(latents, query_ids[start:start + QUERY_CHUNK].expand(len(latents), -1))
                       for start in range(0, len(query_ids), QUERY_CHUNK)], 1)
+
+
+def decode_expression(module: ExceiverModule, latents: torch.Tensor, query_ids: torch.Tensor,
+                      measured_ids: torch.Tensor, batches: torch.Tensor | None = None,
+                      target_sum: float = 1e4) -> torch.Tensor:
+    """The count decoder's expected normalised expression [B, Q] of the query genes [Q]: each
+    gene's share of the cell's library x `target_sum` (scVI's `get_normalized_expression`).
+
+    Shares are a softmax over `measured_ids` [M], the genes the cell's dataset measured, as the
+    count objective trains them (`objectives.count_nll`): a query gene outside them gets its
+    logit's share relative to the same normaliser. `batches` [K] (a model with batches): the cell
+    is decoded in each of these batches and the expression averaged over them.
+
+    Parameters
+    ----------
+    module
+        A network with a count decoder (`config.count_head`).
+    latents
+        Processed latents [B, n_latents, latent_dim] of B cells.
+    query_ids, measured_ids
+        Vocabulary ids of the genes to return and of the genes the shares are taken over.
+    batches
+        Batch codes of the model to condition on (None: no batch embedding, for a model without).
+    target_sum
+        Counts per cell that the shares are scaled to (the scaler's `target_sum`).
+
+    Returns
+    -------
+    Expected counts per `target_sum` [B, Q], float32, >= 0.
+    """
+    cell = module.pool(latents, "bottleneck")
+    conditions = [None] if batches is None else [code.expand(len(cell)) for code in batches]
+    expression = torch.zeros(len(cell), len(query_ids), device=cell.device)
+    for condition in conditions:
+        logits = module.count_logits(cell, condition).float()
+        log_share = logits[:, query_ids] - torch.logsumexp(logits[:, measured_ids], dim=-1, keepdim=True)
+        expression += log_share.exp()
+    return expression * (target_sum / len(conditions))
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -1,8 +1,10 @@
-"""Imputation: each cell's predicted expression of genes, from its observed tokens.
+"""Imputation: each cell's expected expression of genes, from its observed tokens.
 
-Models pretrained with `zero_query_ratio > 0` have also learned to predict the value of genes a
-cell does not detect; without it, the decoder only ever saw expressed genes as queries, so its
-predictions read as "the level if expressed".
+Two readings of a model. The count decoder (`method="counts"`, the default) gives each gene's
+expected share of the cell's library, what scVI's `get_normalized_expression` gives: zeros and
+counts averaged together, so a gene that a cell type rarely detects sits low. The masked-value
+head (`method="values"`) gives the level a gene would have if the cell expressed it: models
+pretrained without `zero_query_ratio > 0` only ever saw expressed genes as its queries.
 """
 
 from __future__ import annotations
@@ -13,21 +15,29 @@ from collections.abc import Sequence
 
 import anndata as ad
 import numpy as np
+import torch
 from typing_extensions import Unpack
 
 from exceiver.data.contract import ModelCells, ReadingOptions
 from exceiver.devices import inference_device
-from exceiver.inference import CellModel, decoded_values, record
+from exceiver.errors import ExceiverInputError, plain
+from exceiver.inference import CellModel, cell_latents, decode_expression, decode_values, record
 
 log = logging.getLogger(__name__)
 
 IMPUTED_KEY = "exceiver_imputed"
+METHODS = ("counts", "values")
 
 
-def impute(model: CellModel, adata: ad.AnnData, genes: Sequence[str] | None = None, *,
-           key_added: str = IMPUTED_KEY, inplace: bool = True, batch_size: int | None = None,
-           device: str | None = None, progress: bool = True, **reading: Unpack[ReadingOptions]) -> np.ndarray:
-    """Predicted log-normalised expression (log1p of counts per 1e4, >= 0) of each cell.
+def impute(model: CellModel, adata: ad.AnnData, genes: Sequence[str] | None = None, *, method: str = "counts",
+           batch: str | None = None, key_added: str = IMPUTED_KEY, inplace: bool = True,
+           batch_size: int | None = None, device: str | None = None, progress: bool = True,
+           **reading: Unpack[ReadingOptions]) -> np.ndarray:
+    """Imputed log-normalised expression, log1p(counts per 1e4 of the cell's library), >= 0.
+
+    The log1p scale is the one `impute` has always returned and the one scanpy users work on;
+    with `method="counts"` it is log1p of an *expected* count, so `np.expm1` of it is exactly the
+    expected normalised expression (shares x 1e4), not an average of logs.
 
     Parameters
     ----------
@@ -35,50 +45,121 @@ def impute(model: CellModel, adata: ad.AnnData, genes: Sequence[str] | None = No
         A trained model (`exceiver.Exceiver`).
     adata
         Raw counts, read as the model reads data (mouse data through a human+mouse model's own
-        gene map included).
+        gene map included); their tokens are the genes they express.
     genes
         None: every gene of `adata` (its var), also written to `adata.layers[key_added]` unless
-        `inplace=False`; columns of genes the model cannot predict (outside its vocabulary, also
-        through its gene map, or never expressed in its training cells) are NaN, with a warning.
-        A list of genes (as the dataset names them): a [cells, genes] array, returned only.
-    key_added
-        The layer, and `uns["exceiver"][key_added]` for the settings.
+        `inplace=False`; the columns of genes the model cannot fill (outside its vocabulary, also
+        through its gene map, or never expressed in its training cells) are NaN, with a warning
+        saying how many. A list of genes (as the dataset names them): only those, returned (a
+        layer holds every gene of var); with "counts", a gene this dataset did not measure gets
+        its share relative to the genes it did.
+    method
+        "counts": the count decoder's expected expression, each gene's softmax share over the
+        genes this dataset measured (the share the count objective trains) x 1e4; the model needs
+        a count decoder. "values": the masked-value head's level of a gene if expressed.
+    batch
+        A model trained with batches: the batch (one of `model.batches["categories"]`) that the
+        count decoder is conditioned on; None averages the expression over all of the model's
+        batches (a new dataset's cells belong to none of them). Models without batches: None.
+    key_added, inplace
+        The layer written (settings in `uns["exceiver"][key_added]`), and whether to write it.
     batch_size, device, progress
-        How inference runs; cells are processed in batches and genes in chunks.
+        Cells per batch, where to run, a progress bar.
     **reading
         How the dataset is read (`exceiver.Exceiver.read`).
 
     Returns
     -------
-    float32 array [cells, genes].
+    float32 array [cells, genes of var] (genes=None) or [cells, len(genes)].
     """
     inference_device(device)  # before any data is read
+    conditions = _batch_codes(model, method, batch)
     cells = model.read(adata, **reading)
+    measured = np.flatnonzero(cells.measured)  # the dataset's genes that the count decoder's shares are over
+    if method == "counts" and not len(measured):
+        raise ExceiverInputError(f"none of the genes of {cells.name} can be imputed: {_unfilled(cells)}")
     options = {"batch_size": batch_size, "device": device, "progress": progress}
     if genes is not None:
-        return _imputed(model, cells, cells.resolve_genes(genes, "genes to impute"), options)
-    ids = cells.gene_ids.copy()
-    usable = ids >= 0
-    usable[usable] = cells.trained[ids[usable]]
+        return _predict(model, cells, cells.resolve_genes(genes, "genes to impute"), measured, method, conditions,
+                        options)
+    usable = cells.gene_ids >= 0
+    usable[usable] = cells.trained[cells.gene_ids[usable]]
     columns = np.flatnonzero(usable)
-    predicted = _imputed(model, cells, ids[columns], options)
-    if len(columns) < len(ids):
-        warnings.warn(f"{len(ids) - len(columns):,} of {len(ids):,} genes of {cells.name} cannot be imputed (not in "
-                      f"the model's trained genes): NaN in layers[{key_added!r}]", UserWarning, stacklevel=2)
-        full = np.full((cells.n_cells, len(ids)), np.nan, dtype=np.float32)
+    predicted = _predict(model, cells, cells.gene_ids[columns], measured, method, conditions, options)
+    if len(columns) < len(usable):
+        message = (f"{len(usable) - len(columns):,} of {len(usable):,} genes of {cells.name} cannot be imputed "
+                   f"({_unfilled(cells)}): their columns are NaN")
+        log.info(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
+        full = np.full((cells.n_cells, len(usable)), np.nan, dtype=np.float32)
         full[:, columns] = predicted
         predicted = full
     if inplace:
         adata.layers[key_added] = predicted
-        record(adata, key_added, {"scale": "log1p(counts / library x 1e4)", "n_imputed_genes": int(len(columns))})
+        settings = {"scale": "log1p(counts / library x 1e4)", "method": method, "n_imputed_genes": int(len(columns))}
+        if model.module.config.n_batches and method == "counts":
+            settings["batch"] = "mean over the model's batches" if batch is None else str(batch)
+        record(adata, key_added, settings)
     return predicted
 
 
-def _imputed(model: CellModel, cells: ModelCells, gene_ids: np.ndarray, options: dict) -> np.ndarray:
-    """Log-normalised predictions of vocabulary genes `gene_ids` (repeats decoded once: several
-    of a dataset's genes can read as one model gene)."""
-    unique, inverse = np.unique(gene_ids, return_inverse=True)
-    return _log_expression(model, decoded_values(model, cells, unique, **options), unique)[:, inverse]
+def _batch_codes(model: CellModel, method: str, batch: str | None) -> torch.Tensor | None:
+    """The model's batch codes that the count decoder is conditioned on (None: no batch
+    embedding); refuses a method or batch the model cannot use, before any data is read."""
+    if method not in METHODS:
+        raise ExceiverInputError(f"method={method!r} is not one of {', '.join(map(repr, METHODS))}")
+    if method == "values":
+        if batch is not None:
+            raise ExceiverInputError(f"batch={batch!r} conditions the count decoder; method='values' takes no batch")
+        return None
+    if model.module.count_decoder is None:
+        raise ExceiverInputError("this model has no count decoder (trained without the count objective): "
+                                 "use method='values'")
+    if not model.module.config.n_batches:
+        if batch is not None:
+            raise ExceiverInputError(f"batch={batch!r}: this model was trained without batches")
+        return None
+    categories = [str(c) for c in model.batches["categories"]]
+    if batch is None:
+        return torch.arange(len(categories))
+    if str(batch) not in categories:
+        raise ExceiverInputError(f"batch={batch!r} is not one of the model's {len(categories)} batches of "
+                                 f"{model.batches.get('key')!r}: {plain(categories[:5])}")
+    return torch.tensor([categories.index(str(batch))])
+
+
+def _unfilled(ids: np.ndarray, usable: np.ndarray) -> str:
+    outside = int((ids < 0).sum())
+    return (f"{outside:,} not in the model's vocabulary, {len(ids) - outside - int(usable.sum()):,} never "
+            f"expressed in its training cells")
+
+
+def _unfilled(cells: ModelCells) -> str:
+    ids = cells.gene_ids
+    outside = int((ids < 0).sum())
+    untrained = int((~cells.trained[ids[ids >= 0]]).sum())
+    return f"{outside:,} not in the model's vocabulary, {untrained:,} never expressed in its training cells"
+
+
+@torch.inference_mode()
+def _predict(model: CellModel, cells: ModelCells, query: np.ndarray, measured: np.ndarray, method: str,
+             conditions: torch.Tensor | None, options: dict) -> np.ndarray:
+    """[cells, query genes] on the log1p scale, cell batch by cell batch; a gene asked for twice
+    (several of a dataset's genes can read as one model gene) is decoded once."""
+    unique, inverse = np.unique(query, return_inverse=True)
+    out = np.empty((cells.n_cells, len(unique)), dtype=np.float32)
+    query_ids, measured_ids = torch.from_numpy(unique), torch.from_numpy(measured)
+    for batch, latents in cell_latents(model, cells, desc="imputing", **options):
+        on = latents.device
+        if method == "values":
+            decoded = decode_values(model.module, latents, query_ids.to(on))
+        else:
+            decoded = torch.log1p(decode_expression(
+                model.module, latents, query_ids.to(on), measured_ids.to(on),
+                None if conditions is None else conditions.to(on), model.scaler.target_sum))
+        out[batch.cells.cpu().numpy()] = decoded.float().cpu().numpy()
+    out = _log_expression(model, out, unique) if method == "values" else out
+    return out[:, inverse]
 
 
 def _log_expression(model: CellModel, values: np.ndarray, ids: np.ndarray, chunk: int = 1024) -> np.ndarray:
