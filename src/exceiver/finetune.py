@@ -19,27 +19,28 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import anndata as ad
-import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from typing_extensions import Unpack
 
 from exceiver.data.datamodule import CellDataModule
-from exceiver.data.labels import cell_labels
+from exceiver.data.labels import CellLabels, cell_labels
 from exceiver.data.sources import read_datasets
 from exceiver.errors import ExceiverInputError, option
 from exceiver.model import Exceiver
 from exceiver.nn.config import ObjectiveConfig
 from exceiver.nn.network import ExceiverModule
-from exceiver.tl.annotation import linear_probe
-from exceiver.train.config import TrainingConfig, TrainingOptions, training_config
-from exceiver.train.checkpoints import Checkpointing, training_output
-from exceiver.train.fit import FitResult, fit
+from exceiver.train.config import TrainingConfig
 from exceiver.train.plans import ClassifierPlan
+from exceiver.train.probe import linear_probe
+from exceiver.train.run import CHECKPOINT_OPTIONS, RunOptions, TrainingRun, derived_model, training_run
+from exceiver.warm_start import transfer_weights
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,20 @@ def classifier_module(base: Exceiver, n_classes: int, *, from_scratch: bool, see
         module.init_value_offsets(torch.from_numpy(base.scaler.expressed_mean), base.scaler.mean_expressed_value)
         return module
     # A base that is itself a classifier brings a head for other classes: the new one starts afresh.
-    wanted = {k for k in module.state_dict() if not k.startswith("class_head")}
-    missing, _ = module.load_state_dict({k: v for k, v in base.module.state_dict().items() if k in wanted},
-                                        strict=False)
-    if not all(k.startswith("class_head") for k in missing):
-        raise ValueError(f"pretrained weights do not fit the classifier (missing {missing})")
+    transfer_weights(base.module, module, fresh=("class_head",))
     return module
+
+
+class LabelSplit(NamedTuple):
+    """The labelled cells' classes, their split into training and validation cells, the class
+    weights, and what metrics.json says of them (`about`)."""
+
+    codes: np.ndarray
+    classes: list[str]
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    weights: np.ndarray
+    about: dict
 
 
 def finetune(
@@ -104,13 +113,11 @@ def finetune(
     min_cells_per_class: int = 3,
     gene_key: str | None = None,
     layer: str | None = None,
+    gene_map: str | Path | pd.DataFrame | None = None,
     allow_non_integer: bool = False,
     overwrite: bool = False,
-    resume: bool = False,
-    checkpoint_minutes: float = 10.0,
-    keep_checkpoints: bool = False,
     progress: bool = True,
-    **training: Unpack[TrainingOptions],
+    **options: Unpack[RunOptions],
 ) -> Exceiver:
     """Train a cell classifier from a pretrained model folder (or Exceiver) and labelled cells.
 
@@ -123,11 +130,46 @@ def finetune(
     label_key, min_cells_per_class: the obs column of labels; cells without a label are left out
         (a logged warning counts them), and every class needs `min_cells_per_class` labelled cells
         (`exceiver.data.labels.cell_labels`, as in `evaluate`).
-    gene_key, layer, allow_non_integer: where the counts and gene identifiers are, as in `pretrain`.
+    gene_key, layer, gene_map, allow_non_integer: how the cells are read (`Exceiver.read`; each
+        left out keeps what the model remembers: mouse cells through a human+mouse model's own
+        gene map need no `gene_map`).
     overwrite, resume, checkpoint_minutes, keep_checkpoints: as for `pretrain` (replace an
         output exceiver wrote; continue an interrupted run; checkpoint this often).
-    training: fields of `TrainingConfig` (max_epochs, max_minutes, batch_size, seed, ...).
+    options: resume, checkpoint_minutes, keep_checkpoints and the fields of `TrainingConfig`
+        (max_epochs, max_minutes, batch_size, seed, ...): `RunOptions`.
     """
+    _check_finetuning(mode, class_loss_weight, expression_loss_weight, pretrained_lr_mult, min_cells_per_class,
+                      resume=options.get("resume", False))
+    with training_run(out, options, overwrite=overwrite, progress=progress) as run:  # refused now, not after the work
+        base = model if isinstance(model, Exceiver) else Exceiver.load(model)
+        [(name, adata)] = read_datasets(adata)
+        labels = cell_labels(adata.obs, label_key, min_cells=min_cells_per_class, name=name)
+        if not labels.labelled.all():
+            adata = adata[labels.labelled]
+        reading = {"gene_key": gene_key, "layer": layer, "gene_map": gene_map, "allow_non_integer": allow_non_integer,
+                   "name": name}
+        split = _label_split(labels, mode, run.settings)
+        base_model = "in memory" if isinstance(model, Exceiver) else str(model)
+        if mode == "freeze":
+            unused = sorted(set(options) - set(CHECKPOINT_OPTIONS) - {"seed", "val_fraction"})
+            if unused:
+                log.info("the linear probe is fitted in closed form: %s do not apply", ", ".join(unused))
+            result = _probe_classifier(base, adata, split, run, base_model=base_model, reading=reading)
+            if out is not None:
+                result.save(out, overwrite=overwrite)
+        else:
+            losses = {"class_loss_weight": class_loss_weight, "expression_loss_weight": expression_loss_weight,
+                      **({} if mode == "scratch" else {"pretrained_lr_mult": pretrained_lr_mult})}
+            result = _train_classifier(base, adata, split, run, mode=mode, losses=losses, base_model=base_model,
+                                       reading=reading)
+    log.info("validation accuracy %.3f, macro-F1 %.3f (%s, %d training cells)", result.metrics["val_accuracy"],
+             result.metrics["val_macro_f1"], mode, len(split.train_rows))
+    return result
+
+
+def _check_finetuning(mode: str, class_loss_weight: float, expression_loss_weight: float, pretrained_lr_mult: float,
+                      min_cells_per_class: int, *, resume: bool) -> None:
+    """Settings refused before any work."""
     if mode not in MODES:
         raise ExceiverInputError(f"unknown fine-tuning mode {mode!r}; choose one of {MODES}")
     if class_loss_weight <= 0 or expression_loss_weight < 0 or pretrained_lr_mult <= 0:
@@ -138,111 +180,74 @@ def finetune(
     if mode == "freeze" and resume:
         raise ExceiverInputError(f"a linear probe ({option('mode', 'freeze')}) is fitted in one pass: there is nothing "
                                  f"to resume; run it without {option('resume', True)}")
-    settings = training_config(training)
-    checkpointing = Checkpointing(resume=resume, every_minutes=checkpoint_minutes, keep=keep_checkpoints)
-    with training_output(out, overwrite=overwrite, resume=resume) as run:  # refused now, not after the work
-        base = model if isinstance(model, Exceiver) else Exceiver.load(model)
-        [(name, adata)] = read_datasets(adata)
-        labels = cell_labels(adata.obs, label_key, min_cells=min_cells_per_class, name=name)
-        codes, classes = labels.codes, labels.classes
-        if not labels.labelled.all():
-            adata = adata[labels.labelled]
-        reading = {"gene_key": gene_key, "layer": layer, "allow_non_integer": allow_non_integer, "name": name}
-        train_rows, val_rows = split_by_class(codes, settings.val_fraction, settings.seed)
-        weights = balanced_class_weights(codes[train_rows], len(classes))
-        train_counts = np.bincount(codes[train_rows], minlength=len(classes))
-        about_labels = {"mode": mode, "label_key": label_key, "n_train_cells": len(train_rows),
-                        "n_val_cells": len(val_rows), "n_unlabelled_cells": int((~labels.labelled).sum()),
-                        "train_cells_per_class": {c: int(n) for c, n in zip(classes, train_counts)},
-                        "class_weights": {c: round(float(w), 4) for c, w in zip(classes, weights)}}
-        base_model = "in memory" if isinstance(model, Exceiver) else str(model)
-        if mode == "freeze":
-            unused = sorted(set(training) - {"seed", "val_fraction"})
-            if unused:
-                log.info("the linear probe is fitted in closed form: %s do not apply", ", ".join(unused))
-            module, metrics = _fit_probe(base, adata, codes, weights, train_rows, val_rows, reading=reading,
-                                         progress=progress)
-            used = {"mode": mode, "seed": settings.seed, "val_fraction": settings.val_fraction,
-                    "probe": "logistic regression, balanced class weights, standardised cell embedding",
-                    "base_model": base_model}
-            result = Exceiver(module, base.vocab, base.scaler, base.tokenizer, objectives=ObjectiveConfig(),
-                              training=used, metrics={**metrics, **about_labels}, classes=classes,
-                              gene_key=base.gene_key, layer=base.layer, batches=base.batches, gene_map=base.gene_map)
-            if out is not None:
-                result.save(out, overwrite=overwrite)
-        else:
-            result = _train_classifier(base, adata, codes, classes, weights, val_rows, settings, run, mode=mode,
-                                       class_loss_weight=class_loss_weight,
-                                       expression_loss_weight=expression_loss_weight,
-                                       pretrained_lr_mult=pretrained_lr_mult, about_labels=about_labels,
-                                       base_model=base_model, reading=reading, overwrite=overwrite,
-                                       checkpointing=checkpointing, progress=progress)
-    log.info("validation accuracy %.3f, macro-F1 %.3f (%s, %d training cells)", result.metrics["val_accuracy"],
-             result.metrics["val_macro_f1"], mode, len(train_rows))
-    return result
 
 
-def _fit_probe(base: Exceiver, adata: ad.AnnData, codes: np.ndarray, class_weights: np.ndarray,
-               train_rows: np.ndarray, val_rows: np.ndarray, *, reading: dict,
-               progress: bool) -> tuple[ExceiverModule, dict]:
-    """The base with a linear class head on its cell embedding, fitted on the training cells, and
-    its validation metrics (those `ClassifierPlan` reports)."""
+def _label_split(labels: CellLabels, mode: str, settings: TrainingConfig) -> LabelSplit:
+    """The labelled cells split by class (seeded), with balanced weights of the training cells' classes."""
+    codes, classes = labels.codes, labels.classes
+    train_rows, val_rows = split_by_class(codes, settings.val_fraction, settings.seed)
+    weights = balanced_class_weights(codes[train_rows], len(classes))
+    train_counts = np.bincount(codes[train_rows], minlength=len(classes))
+    about = {"mode": mode, "label_key": labels.key, "n_train_cells": len(train_rows), "n_val_cells": len(val_rows),
+             "n_unlabelled_cells": int((~labels.labelled).sum()),
+             "train_cells_per_class": {c: int(n) for c, n in zip(classes, train_counts)},
+             "class_weights": {c: round(float(w), 4) for c, w in zip(classes, weights)}}
+    return LabelSplit(codes, classes, train_rows, val_rows, weights, about)
+
+
+def _probe_classifier(base: Exceiver, adata: ad.AnnData, split: LabelSplit, run: TrainingRun, *, base_model: str,
+                      reading: dict) -> Exceiver:
+    """"freeze": the base with a linear class head on its cell embedding, fitted on the training
+    cells; its metrics are the validation metrics that `ClassifierPlan` reports."""
     start = time.monotonic()
-    n_classes = len(class_weights)
-    embedding = base.embed(adata, inplace=False, progress=progress, **reading)
-    weight, bias = linear_probe(embedding[train_rows], codes[train_rows], n_classes)
+    n_classes = len(split.classes)
+    embedding = base.embed(adata, inplace=False, progress=run.progress, **reading)
+    weight, bias = linear_probe(embedding[split.train_rows], split.codes[split.train_rows], n_classes)
     module = classifier_module(base, n_classes, from_scratch=False, seed=0, class_input=base.module.default_pooling)
     with torch.no_grad():
         module.class_head.weight.copy_(torch.from_numpy(weight))
         module.class_head.bias.copy_(torch.from_numpy(bias))
-        logits = module.class_head(torch.from_numpy(embedding[val_rows])).double()
+        logits = module.class_head(torch.from_numpy(embedding[split.val_rows])).double()
     module.eval()
-    truth = codes[val_rows]
+    truth = split.codes[split.val_rows]
     cell_losses = F.cross_entropy(logits, torch.from_numpy(truth), reduction="none").numpy()
-    cell_weights = class_weights[truth]
+    cell_weights = split.weights[truth]
     predicted = logits.argmax(1).numpy()
     metrics = {"val_class_loss": float((cell_losses * cell_weights).sum() / cell_weights.sum()),
                "val_accuracy": float((predicted == truth).mean()),
                "val_macro_f1": float(f1_score(truth, predicted, labels=np.arange(n_classes), average="macro",
                                               zero_division=0)),
                "seconds": round(time.monotonic() - start, 1)}
-    return module, metrics
+    used = {"mode": "freeze", "seed": run.settings.seed, "val_fraction": run.settings.val_fraction,
+            "probe": "logistic regression, balanced class weights, standardised cell embedding",
+            "base_model": base_model}
+    return derived_model(base, module=module, objectives=ObjectiveConfig(), training=used,
+                         metrics={**metrics, **split.about}, classes=split.classes)
 
 
-def _train_classifier(base: Exceiver, adata: ad.AnnData, codes: np.ndarray, classes: list[str],
-                      weights: np.ndarray, val_rows: np.ndarray, settings: TrainingConfig, run, *, mode: str,
-                      class_loss_weight: float, expression_loss_weight: float, pretrained_lr_mult: float,
-                      about_labels: dict, base_model: str, reading: dict, overwrite: bool,
-                      checkpointing: Checkpointing, progress: bool) -> Exceiver:
-    """A class-token classifier trained by `ClassifierPlan` ("full" or "scratch")."""
+def _train_classifier(base: Exceiver, adata: ad.AnnData, split: LabelSplit, run: TrainingRun, *, mode: str,
+                      losses: dict, base_model: str, reading: dict) -> Exceiver:
+    """A class-token classifier trained by `ClassifierPlan` ("full" or "scratch"); `losses`: the
+    loss weights and, in "full", `pretrained_lr_mult`."""
     cells = base.read(adata, **reading).in_memory()
-    validation = np.zeros(len(codes), dtype=bool)
-    validation[val_rows] = True
-    L.seed_everything(settings.seed, workers=True, verbose=False)
-    scratch = mode == "scratch"
-    module = classifier_module(base, len(classes), from_scratch=scratch, seed=settings.seed)
-    uses_expression = expression_loss_weight > 0
-    plan = ClassifierPlan(module, settings, codes, weights, class_loss_weight=class_loss_weight,
-                          expression_loss_weight=expression_loss_weight,
-                          pretrained_lr_mult=None if scratch else pretrained_lr_mult)
+    validation = np.zeros(len(split.codes), dtype=bool)
+    validation[split.val_rows] = True
+    settings = run.settings
+    run.seed()
+    module = classifier_module(base, len(split.classes), from_scratch=mode == "scratch", seed=settings.seed)
+    plan = ClassifierPlan(module, settings, split.codes, split.weights, class_loss_weight=losses["class_loss_weight"],
+                          expression_loss_weight=losses["expression_loss_weight"],
+                          pretrained_lr_mult=losses.get("pretrained_lr_mult"))
     # The classifier's masked-value term queries masked genes only: no zero genes, no detection.
     tokenizer = dataclasses.replace(base.tokenizer, zero_query_ratio=0.0)
     datamodule = CellDataModule(cells, base.scaler, tokenizer, validation, batch_size=settings.batch_size,
-                                num_workers=settings.num_workers, seed=settings.seed, masked=uses_expression,
-                                masked_validation=False, min_train_cells=MIN_STEPS_PER_EPOCH * settings.batch_size)
-    options = {"class_loss_weight": class_loss_weight, "expression_loss_weight": expression_loss_weight,
-               **({} if scratch else {"pretrained_lr_mult": pretrained_lr_mult})}
-
-    def trained(result: FitResult) -> Exceiver:
-        for param in module.parameters():
-            param.requires_grad = True
-        used = {**settings.to_dict(), "mode": mode, **options, "base_model": base_model}
-        return Exceiver(module, base.vocab, base.scaler, tokenizer, objectives=ObjectiveConfig(), training=used,
-                        metrics={**result.summary(), **about_labels}, classes=classes, gene_key=base.gene_key,
-                        layer=base.layer, batches=base.batches, gene_map=base.gene_map)
-
-    identity = {"command": "finetune", "mode": mode, "label_key": about_labels["label_key"], "classes": classes,
-                **options, "training": settings.to_dict(), "n_cells": int(len(codes)),
+                                num_workers=settings.num_workers, seed=settings.seed,
+                                masked=losses["expression_loss_weight"] > 0, masked_validation=False,
+                                min_train_cells=MIN_STEPS_PER_EPOCH * settings.batch_size)
+    identity = {"command": "finetune", "mode": mode, "label_key": split.about["label_key"], "classes": split.classes,
+                **losses, "training": settings.to_dict(), "n_cells": int(len(split.codes)),
                 "genes": base.vocab.fingerprint(), "base_weights": base.fingerprint()}
-    return fit(plan, datamodule, settings, run, identity=identity, build=trained, overwrite=overwrite,
-               checkpointing=checkpointing, progress=progress)
+    used = {**settings.to_dict(), "mode": mode, **losses, "base_model": base_model}
+    return run.fit(plan, datamodule, identity=identity, model=lambda metrics: derived_model(
+        base, module=module, tokenizer=tokenizer, objectives=ObjectiveConfig(), training=used,
+        metrics={**metrics, **split.about}, classes=split.classes))

@@ -99,6 +99,10 @@ class Exceiver:
         return self.contract.layer
 
     @property
+    def allow_non_integer(self) -> bool:
+        return self.contract.allow_non_integer
+
+    @property
     def gene_map(self) -> pd.DataFrame | None:
         """The (model_gene, data_gene) pairs the model carries, or None."""
         return None if self.contract.gene_map is None else self.contract.gene_map.table

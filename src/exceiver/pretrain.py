@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
@@ -26,13 +25,13 @@ from exceiver.data.vocab import GeneVocab, build_vocab, gene_keys
 from exceiver.errors import ExceiverInputError, option
 from exceiver.model import Exceiver
 from exceiver.data.variable_genes import highly_variable_genes
-from exceiver.nn.config import PRESETS, pretraining_configs
+from exceiver.data.tokenizer_config import TokenizerConfig
+from exceiver.nn.config import PRESETS, ExceiverConfig, ObjectiveConfig, pretraining_configs
 from exceiver.nn.network import ExceiverModule
-from exceiver.train.config import TrainingConfig, TrainingOptions, training_config
-from exceiver.train.checkpoints import Checkpointing, training_output
-from exceiver.train.fit import FitResult, fit
+from exceiver.train.config import TrainingConfig
 from exceiver.train.plans import PretrainingPlan
-from exceiver.warm_start import base_rows, check_base, merged_scaler, model_vocabulary, new_gene_offsets, warm_module
+from exceiver.train.run import RunOptions, TrainingRun, training_run
+from exceiver.warm_start import check_base, continued_network, merged_scaler, model_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +66,8 @@ def pretrain(
     batch_key: str | None = None,
     allow_non_integer: bool = False,
     overwrite: bool = False,
-    resume: bool = False,
-    checkpoint_minutes: float = 10.0,
-    keep_checkpoints: bool = False,
     progress: bool = True,
-    **training: Unpack[TrainingOptions],
+    **options: Unpack[RunOptions],
 ) -> Exceiver:
     """Pretrain an Exceiver by masked-expression prediction on raw counts.
 
@@ -105,9 +101,43 @@ def pretrain(
         it finishes as the uninterrupted run would.
     checkpoint_minutes, keep_checkpoints: save a resumable checkpoint this often while training
         (SIGTERM and Ctrl+C save one too); keep the last in `out/checkpoints/` when done.
-    training: fields of `TrainingConfig` (max_epochs, max_minutes, batch_size, seed, ...); the
-        preset's own defaults (docs/presets.md) apply to the fields not given.
+    options: resume, checkpoint_minutes, keep_checkpoints and the fields of `TrainingConfig`
+        (max_epochs, max_minutes, batch_size, seed, ...): `RunOptions`; the preset's own defaults
+        (docs/presets.md) apply to the training fields not given.
     """
+    start = _starting_point(init, preset, model, own_genes=own_genes, extend_genes=extend_genes)
+    base, routing = start.base, _gene_map_routing(data, gene_map, start.base, own_genes)
+    if batch_key is not None and not start.architecture.count_head:
+        raise ExceiverInputError(f"{option('batch_key')} conditions the count decoder, which this model has not "
+                                 "(the count objective: count_weight > 0)")
+    n_top_genes = PRESETS[preset].n_top_genes if n_top_genes is None else n_top_genes
+    with training_run(out, options, defaults=PRESETS[preset].training, overwrite=overwrite,
+                      progress=progress) as run:  # refused now, not after the work
+        cells = pretraining_data(
+            data, run.settings, genes=genes, n_top_genes=n_top_genes, gene_key=gene_key, layer=layer,
+            gene_map=routing.reading, base_vocab=None if base is None or own_genes else base.vocab,
+            extend_genes=extend_genes, batch_key=batch_key, allow_non_integer=allow_non_integer,
+            standardise=base.scaler.standardise if base else start.tokenizer.values == "zscore", progress=progress)
+        model = _pretrain_on(cells, start, routing, run, preset=preset, batch_key=batch_key)
+    _report_context(model.metrics)
+    return model
+
+
+class Start(NamedTuple):
+    """Where a pretraining run starts: a preset's settings (a fresh model), or a pretrained model
+    (`base`) whose settings and weights it continues, on its vocabulary or (`own_genes`) the data's."""
+
+    architecture: ExceiverConfig
+    tokenizer: TokenizerConfig
+    objectives: ObjectiveConfig
+    base: Exceiver | None = None
+    own_genes: bool = False
+    init: str | None = None  # the base as metrics.json names it: its folder, or "in memory"
+
+
+def _starting_point(init: Exceiver | str | Path | None, preset: str, model: dict | None, *, own_genes: bool,
+                    extend_genes: bool) -> Start:
+    """The preset's settings with the `model` overrides, or the `init` model's settings (it takes none)."""
     base = None if init is None else (init if isinstance(init, Exceiver) else Exceiver.load(init))
     if base is not None:
         check_base(base, model)
@@ -120,80 +150,84 @@ def pretrain(
     if own_genes and (base is None or extend_genes):
         raise ExceiverInputError(f"{option('own_genes', True)} needs {option('init')} and excludes "
                                  f"{option('extend_genes', True)}")
-    carried = gene_map if gene_map is not None else (base.gene_map if base is not None else None)
-    items = list(data) if isinstance(data, (list, tuple)) else [data]
+    named = None if base is None else ("in memory" if isinstance(init, Exceiver) else str(init))
+    return Start(architecture, tokenizer, objectives, base, own_genes, named)
+
+
+class GeneMapRouting(NamedTuple):
+    """Where a pretraining run's gene map goes."""
+
+    reading: pd.DataFrame | str | Path | None  # the datasets are read through it (`pretraining_data`)
+    carried: pd.DataFrame | str | Path | None  # its pairs in the vocabulary stay with the model (`vocabulary_pairs`)
+    own_pairs: pd.DataFrame | None = None  # with own genes: the pairs that find the data genes' rows in the base
+
+
+def _gene_map_routing(data: DataInput | Sequence[DataInput], gene_map: str | Path | None, base: Exceiver | None,
+                      own_genes: bool) -> GeneMapRouting:
+    """The given gene map, else a continued model's: datasets in memory are read through it and the
+    model keeps it; with own genes it only finds the rows of the data's genes in the base."""
     if own_genes:
         # The data's genes are the vocabulary, read as they are; a gene map finds their rows.
         own_pairs = read_gene_map(gene_map) if isinstance(gene_map, (str, Path)) else (
             gene_map if gene_map is not None else base.gene_map)
-        carried = gene_map = None
-    elif gene_map is None and not any(is_corpus(item) for item in items):
+        return GeneMapRouting(None, None, own_pairs)
+    carried = gene_map if gene_map is not None else (base.gene_map if base is not None else None)
+    items = list(data) if isinstance(data, (list, tuple)) else [data]
+    if gene_map is None and not any(is_corpus(item) for item in items):
         gene_map = carried  # a human+mouse model continued on mouse data translates it as it did
-    if batch_key is not None and not architecture.count_head:
-        raise ExceiverInputError(f"{option('batch_key')} conditions the count decoder, which this model has not "
-                                 "(the count objective: count_weight > 0)")
-    settings = training_config({**PRESETS[preset].training, **training})
-    checkpointing = Checkpointing(resume=resume, every_minutes=checkpoint_minutes, keep=keep_checkpoints)
-    if n_top_genes is None:
-        n_top_genes = PRESETS[preset].n_top_genes
-    with training_output(out, overwrite=overwrite, resume=resume) as run:  # refused now, not after the work
-        cells = pretraining_data(
-            data, settings, genes=genes, n_top_genes=n_top_genes, gene_key=gene_key, layer=layer, gene_map=gene_map,
-            base_vocab=None if base is None or own_genes else base.vocab, extend_genes=extend_genes, batch_key=batch_key,
-            allow_non_integer=allow_non_integer, standardise=base.scaler.standardise if base else tokenizer.values == "zscore",
-            progress=progress)
-        scaler = cells.scaler if base is None or own_genes else merged_scaler(cells.scaler, base.scaler)
-        batches = batch_categories(cells.batch_labels, base.batches if base else None, batch_key)
+    return GeneMapRouting(gene_map, carried)
 
-        L.seed_everything(settings.seed, workers=True, verbose=False)
-        n_batches = len(batches["categories"]) if batches else (base.config.n_batches if base else 0)
-        gene_means = torch.from_numpy(scaler.expressed_mean)
-        if base is None:
-            module = ExceiverModule(dataclasses.replace(architecture, n_genes=len(cells.vocab), n_batches=n_batches))
-            module.init_value_offsets(gene_means, scaler.mean_expressed_value)
-        elif own_genes:
-            rows = base_rows(base, list(cells.vocab.genes), own_pairs)
-            module = warm_module(base.module, len(cells.vocab), n_batches, rows=rows)
-            new_gene_offsets(module, scaler, rows < 0)
-        else:
-            module = warm_module(base.module, len(cells.vocab), n_batches)
-            new_gene_offsets(module, scaler, len(base.vocab))
-        codes = None if batches is None else pd.Categorical(cells.batch_labels, batches["categories"]).codes
-        plan = PretrainingPlan(module, objectives, gene_means, settings, zero_queries=tokenizer.zero_query_ratio > 0,
-                               batch_codes=None if codes is None else codes.astype(np.int64))
-        datamodule = CellDataModule(cells.source, scaler, tokenizer, cells.validation,
-                                    batch_size=settings.batch_size, num_workers=settings.num_workers,
-                                    seed=settings.seed, genes=scaler.n_expressed > 0)
 
-        def trained(result: FitResult) -> Exceiver:
-            metrics = {**result.summary(), **cells.counts, "n_genes": len(cells.vocab),
-                       "n_parameters": module.n_parameters(), **learned_context(result.best_metrics)}
-            if base is not None:
-                metrics["init"] = {"model": "in memory" if isinstance(init, Exceiver) else str(init),
-                                   "n_genes": len(base.vocab), "n_genes_added": len(cells.vocab) - len(base.vocab)}
-                if own_genes:
-                    metrics["init"].update(own_genes=True, n_genes_added=int((rows < 0).sum()))
-            return Exceiver(module, cells.vocab, scaler, tokenizer, objectives=objectives,
-                            training=settings.to_dict(), metrics=metrics, gene_key=cells.gene_key, layer=cells.layer,
-                            batches=batches or (base.batches if base else None),
-                            gene_map=vocabulary_pairs(carried, cells.vocab))
+def _pretrain_on(cells: PretrainingData, start: Start, routing: GeneMapRouting, run: TrainingRun, *, preset: str,
+                 batch_key: str | None) -> Exceiver:
+    """Pretraining on the run's cells from its starting point; the model it makes."""
+    base = start.base
+    scaler = cells.scaler if base is None or start.own_genes else merged_scaler(cells.scaler, base.scaler)
+    batches = batch_categories(cells.batch_labels, base.batches if base else None, batch_key)
+    run.seed()
+    n_batches = len(batches["categories"]) if batches else (base.config.n_batches if base else 0)
+    about_init = {}  # metrics.json's "init": what a continued run started from
+    if base is None:
+        module = ExceiverModule(dataclasses.replace(start.architecture, n_genes=len(cells.vocab), n_batches=n_batches))
+        module.init_value_offsets(torch.from_numpy(scaler.expressed_mean), scaler.mean_expressed_value)
+    else:
+        module, n_added = continued_network(base, cells.vocab, scaler, n_batches, own_genes=start.own_genes,
+                                            gene_map=routing.own_pairs)
+        about_init = {"init": {"model": start.init, "n_genes": len(base.vocab), "n_genes_added": n_added,
+                               **({"own_genes": True} if start.own_genes else {})}}
+    codes = None if batches is None else pd.Categorical(cells.batch_labels, batches["categories"]).codes
+    plan = PretrainingPlan(module, start.objectives, torch.from_numpy(scaler.expressed_mean), run.settings,
+                           zero_queries=start.tokenizer.zero_query_ratio > 0,
+                           batch_codes=None if codes is None else codes.astype(np.int64))
+    datamodule = CellDataModule(cells.source, scaler, start.tokenizer, cells.validation,
+                                batch_size=run.settings.batch_size, num_workers=run.settings.num_workers,
+                                seed=run.settings.seed, genes=scaler.n_expressed > 0)
+    identity = {"command": "pretrain", "preset": preset, "architecture": start.architecture.to_dict(),
+                "tokenizer": start.tokenizer.to_dict(), "objectives": start.objectives.to_dict(),
+                "training": run.settings.to_dict(), "n_cells": cells.counts["n_cells"],
+                "genes": cells.vocab.fingerprint(), "init": base.fingerprint() if base else None,
+                "batches": batches}
 
-        identity = {"command": "pretrain", "preset": preset, "architecture": architecture.to_dict(),
-                    "tokenizer": tokenizer.to_dict(), "objectives": objectives.to_dict(),
-                    "training": settings.to_dict(), "n_cells": cells.counts["n_cells"],
-                    "genes": cells.vocab.fingerprint(), "init": base.fingerprint() if base else None,
-                    "batches": batches}
-        model = fit(plan, datamodule, settings, run, identity=identity, build=trained, overwrite=overwrite,
-                    checkpointing=checkpointing, progress=progress)
-    m = model.metrics
-    log.info("val masked MSE %.4f vs gene-mean baseline %.4f (ratio %.3f)", m["val_masked_mse"],
-             m["val_gene_mean_mse"], m["val_mse_ratio"])
-    if not m["learned_context"]:
+    def pretrained(metrics: dict) -> Exceiver:
+        metrics = {**metrics, **cells.counts, "n_genes": len(cells.vocab), "n_parameters": module.n_parameters(),
+                   **learned_context(metrics), **about_init}
+        return Exceiver(module, cells.vocab, scaler, start.tokenizer, objectives=start.objectives,
+                        training=run.settings.to_dict(), metrics=metrics, gene_key=cells.gene_key, layer=cells.layer,
+                        batches=batches or (base.batches if base else None),
+                        gene_map=vocabulary_pairs(routing.carried, cells.vocab))
+
+    return run.fit(plan, datamodule, identity=identity, model=pretrained)
+
+
+def _report_context(metrics: dict) -> None:
+    """Log the validation error against the gene-mean baseline, and warn when no context was learned."""
+    log.info("val masked MSE %.4f vs gene-mean baseline %.4f (ratio %.3f)", metrics["val_masked_mse"],
+             metrics["val_gene_mean_mse"], metrics["val_mse_ratio"])
+    if not metrics["learned_context"]:
         log.warning("THE MODEL LEARNED NO CONTEXT: its validation error is %.2fx that of predicting each gene's "
                     "mean (%s steps in %.0f s). Train longer (%s, %s) or on more cells before using it.",
-                    m["val_mse_ratio"], f"{m['steps']:,}", m["seconds"], option("max_minutes"),
+                    metrics["val_mse_ratio"], f"{metrics['steps']:,}", metrics["seconds"], option("max_minutes"),
                     option("max_epochs"))
-    return model
 
 
 def vocabulary_pairs(gene_map, vocab: GeneVocab) -> pd.DataFrame | None:

@@ -1,7 +1,8 @@
 """Start a pretraining run from a pretrained model (continued training on new data): the model's
 vocabulary, optionally extended by genes of the new data; its normalisation, with per-gene
 statistics re-estimated on the new data where it measures a gene; its weights, with fresh rows
-for new genes and new batches.
+for new genes and new batches. Fine-tuning starts from a model's weights through the same
+transfer (`transfer_weights`).
 
 Per-gene parameters are tables with one row per vocabulary gene (the gene embedding, with its two
 special rows, padding and the class token, after the genes; the gene bias; the count decoder's
@@ -16,6 +17,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from exceiver.data.preprocess import GeneScaler
@@ -59,6 +61,21 @@ def merged_scaler(fitted: GeneScaler, base: GeneScaler) -> GeneScaler:
     return dataclasses.replace(fitted, **arrays)
 
 
+def continued_network(base, vocab: GeneVocab, scaler: GeneScaler, n_batches: int, *, own_genes: bool = False,
+                      gene_map: pd.DataFrame | None = None) -> tuple[ExceiverModule, int]:
+    """The network a continued run starts from, and how many of its genes start fresh: the model's,
+    its vocabulary extended by the new genes; or, with `own_genes`, the data's vocabulary
+    (`vocab`) with the model's rows where it knows a gene, by name or through `gene_map`."""
+    if own_genes:
+        rows = base_rows(base, list(vocab.genes), gene_map)
+        module = warm_module(base.module, len(vocab), n_batches, rows=rows)
+        new_gene_offsets(module, scaler, rows < 0)
+        return module, int((rows < 0).sum())
+    module = warm_module(base.module, len(vocab), n_batches)
+    new_gene_offsets(module, scaler, len(base.vocab))
+    return module, len(vocab) - len(base.vocab)
+
+
 def warm_module(base: ExceiverModule, n_genes: int, n_batches: int, rows: np.ndarray | None = None) -> ExceiverModule:
     """A network of the base's architecture for `n_genes` genes and `n_batches` batches, with
     every pretrained weight; rows of new genes and new batches start fresh (new batches at zero:
@@ -67,11 +84,28 @@ def warm_module(base: ExceiverModule, n_genes: int, n_batches: int, rows: np.nda
     if rows is None and (n_genes < base.config.n_genes or n_batches < base.config.n_batches):
         raise ValueError("a warm start keeps every gene and batch of the model")
     module = ExceiverModule(dataclasses.replace(base.config, n_genes=n_genes, n_batches=n_batches))
-    old_genes = base.config.n_genes
-    state = module.state_dict()
+    transfer_weights(base, module, rows=rows)
+    return module
+
+
+def transfer_weights(base: ExceiverModule, module: ExceiverModule, *, rows: np.ndarray | None = None,
+                     fresh: tuple[str, ...] = ()) -> None:
+    """Copy the base's weights into `module`, a network of the base's architecture with other genes,
+    batches or heads (continued pretraining, fine-tuning). Weights of equal shape are copied;
+    per-gene tables take the base's rows (its genes first, in its order, or each gene's row in the
+    base by `rows`, -1: a fresh row); new batches, and the weights whose names start with a prefix
+    in `fresh`, keep their initial values. The base's weights that `module` has not (heads of
+    pretraining-only objectives) stay behind; every other weight of `module` comes from the base."""
+    n_genes, old_genes = module.config.n_genes, base.config.n_genes
+    pretrained, state = base.state_dict(), module.state_dict()
+    missing = [key for key in state if key not in pretrained and not key.startswith(fresh)]
+    if missing:
+        raise ValueError(f"the pretrained weights do not fit this network (missing {missing})")
     output_layer = f"count_decoder.{len(base.count_decoder) - 1}." if base.count_decoder is not None else None
-    for key, value in base.state_dict().items():
-        target = state[key]
+    for key, target in state.items():
+        if key.startswith(fresh) or key not in pretrained:
+            continue
+        value = pretrained[key]
         if rows is not None and (key in GENE_ROWS or (output_layer and key.startswith(output_layer))):
             known = rows >= 0
             target[:n_genes][known] = value[rows[known]]
@@ -80,9 +114,8 @@ def warm_module(base: ExceiverModule, n_genes: int, n_batches: int, rows: np.nda
         elif target.shape == value.shape:
             target.copy_(value)
         elif key in GENE_ROWS:  # genes first, then the special rows
-            special = GENE_ROWS[key]
             target[:old_genes] = value[:old_genes]
-            if special:
+            if GENE_ROWS[key]:
                 target[n_genes:] = value[old_genes:]
         elif key.startswith("count_decoder.") and target.shape[0] == n_genes:  # the output layer
             target[:old_genes] = value
@@ -91,7 +124,6 @@ def warm_module(base: ExceiverModule, n_genes: int, n_batches: int, rows: np.nda
         else:
             raise ValueError(f"{key}: shapes {tuple(value.shape)} and {tuple(target.shape)} do not match")
     module.load_state_dict(state)
-    return module
 
 
 def base_rows(base, genes: Sequence[str], gene_map=None) -> np.ndarray:

@@ -18,9 +18,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
-from sklearn.preprocessing import StandardScaler
 from typing_extensions import Unpack
 
 from exceiver.data.contract import ModelCells, ReadingOptions
@@ -29,6 +27,7 @@ from exceiver.data.sources import read_datasets
 from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError, option
 from exceiver.inference import CellModel, cell_embedding, record
+from exceiver.train.probe import linear_probe
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +44,6 @@ MIN_CONFIDENCE = 0.5
 # Embeddings of two datasets are compared only on genes both measured; below this share of the
 # model's trained genes in common they say too little to be compared.
 MIN_SHARED_GENES = 0.1
-
-
-def linear_probe(embedding: np.ndarray, codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logistic regression (balanced class weights) on standardised embeddings, as the weight
-    [n_classes, width] and bias [n_classes] of one linear layer on the raw embedding (the
-    standardisation folded in): softmax(embedding @ weight.T + bias) are its probabilities.
-    Every class 0..n_classes-1 must occur in `codes`."""
-    scaler = StandardScaler().fit(embedding)
-    fitted = LogisticRegression(class_weight="balanced", max_iter=2000).fit(scaler.transform(embedding), codes)
-    coef, intercept = fitted.coef_, fitted.intercept_
-    if n_classes == 2:  # one logit z for class 1: softmax([0, z]) is its sigmoid
-        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
-    weight = coef / scaler.scale_
-    return weight.astype(np.float32), (intercept - weight @ scaler.mean_).astype(np.float32)
 
 
 def transfer(reference: np.ndarray, codes: np.ndarray, n_classes: int, query: np.ndarray, *,
