@@ -10,7 +10,7 @@ from exceiver.data.datamodule import CellDataModule, validation_cells
 from exceiver.data.loaders import LengthGroupedSampler
 from exceiver.errors import ExceiverInputError
 from exceiver.nn.config import pretraining_configs
-from exceiver.pretrain import pretraining_data
+from exceiver.data.training_cells import pretraining_data
 from exceiver.train.config import TrainingConfig
 
 

@@ -14,6 +14,7 @@ import exceiver
 
 PACKAGE = Path(exceiver.__file__).parent
 MAX_LINES = 400
+MAX_FUNCTION = 80
 
 
 def _module_name(path: Path) -> str:
@@ -23,7 +24,9 @@ def _module_name(path: Path) -> str:
 
 def import_graph() -> dict[str, set[str]]:
     """Module -> the package's modules it imports, anywhere in its body (imports inside functions
-    count too: deferring an import hides a cycle, it does not remove it)."""
+    count too: deferring an import hides a cycle, it does not remove it), and every package whose
+    `__init__` such an import runs (importing `a.b.c` runs `a/b/__init__`, whose lazy exports are
+    its imports), except the module's own enclosing packages, which have run already."""
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
@@ -38,8 +41,16 @@ def import_graph() -> dict[str, set[str]]:
             else:
                 continue
             edges |= {t for t in targets if t in modules and t != name}
-        graph[name] = edges
+        graph[name] = {p for e in edges for p in _packages_run(e, name, modules)}
     return graph
+
+
+def _packages_run(target: str, importer: str, modules: dict) -> set[str]:
+    """`target` and the packages above it that importing it initialises, given who imports it."""
+    parts = target.split(".")
+    above = {".".join(parts[:i]) for i in range(1, len(parts))}
+    enclosing = {".".join(importer.split(".")[:i]) for i in range(1, importer.count(".") + 2)}
+    return ({target} | {p for p in above if p in modules}) - enclosing - {importer}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -64,6 +75,29 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def test_package_inits_that_an_import_runs_are_edges():
+    modules = dict.fromkeys(["exceiver", "exceiver.tl", "exceiver.tl.annotation", "exceiver.model"])
+    assert _packages_run("exceiver.tl.annotation", "exceiver.model", modules) == {"exceiver.tl",
+                                                                                  "exceiver.tl.annotation"}
+    assert _packages_run("exceiver.tl.annotation", "exceiver.tl.imputation", modules) == {"exceiver.tl.annotation"}
+
+
+def test_the_tools_depend_on_the_model_protocol_not_the_model():
+    graph = import_graph()
+    for module, imports in graph.items():
+        if module.startswith(("exceiver.tl", "exceiver.evaluate")):
+            assert "exceiver.model" not in imports, module
+
+
+def test_no_function_is_long():
+    long = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= MAX_FUNCTION:
+                long[f"{path.relative_to(PACKAGE)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert not long, long
+
+
 def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
@@ -73,6 +107,8 @@ def test_no_import_cycles_among_the_packages_modules():
     graph = import_graph()
     assert {"exceiver", "exceiver.model", "exceiver.data.tokenizer", "exceiver.nn.network"} <= set(graph)
     assert "exceiver.data.cells" in graph["exceiver.data.tokenizer"]  # the graph sees real imports
+    assert "exceiver.tl" in graph["exceiver.model"]  # and the package __init__ an import runs
+    assert "exceiver.data" not in graph["exceiver.data.tokenizer"]  # but not the importer's own package
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 

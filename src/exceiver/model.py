@@ -30,7 +30,7 @@ from exceiver.data.sources import h5ad_var
 from exceiver.data.tokenizer import TokenizerConfig
 from exceiver.data.vocab import GeneVocab
 from exceiver.devices import inference_device
-from exceiver.errors import ExceiverInputError, ModelFileError, plain
+from exceiver.errors import ExceiverInputError, ModelFileError
 from exceiver.inference import (
     cell_embedding,
     cell_latents,

@@ -14,39 +14,22 @@ import pandas as pd
 import torch
 from typing_extensions import Unpack
 
-from exceiver.data.cells import CellCounts, align
-from exceiver.data.counts import counts_var
-from exceiver.data.corpus import CorpusCells, fit_scaler, is_corpus
-from exceiver.data.datamodule import CellDataModule, validation_cells
-from exceiver.data.preprocess import GeneScaler, prepare_cells, report_dropped
-from exceiver.data.sources import DataInput, read_datasets
-from exceiver.data.genemap import read_gene_map, translate_datasets
-from exceiver.data.vocab import GeneVocab, build_vocab, gene_keys
+from exceiver.data.corpus import is_corpus
+from exceiver.data.datamodule import CellDataModule
+from exceiver.data.genemap import GeneMapInput, GenePairs
+from exceiver.data.sources import DataInput
+from exceiver.data.tokenizer_config import TokenizerConfig
+from exceiver.data.training_cells import PretrainingData, pretraining_data
+from exceiver.data.vocab import GeneVocab
 from exceiver.errors import ExceiverInputError, option
 from exceiver.model import Exceiver
-from exceiver.data.variable_genes import highly_variable_genes
-from exceiver.data.tokenizer_config import TokenizerConfig
 from exceiver.nn.config import PRESETS, ExceiverConfig, ObjectiveConfig, pretraining_configs
 from exceiver.nn.network import ExceiverModule
-from exceiver.train.config import TrainingConfig
 from exceiver.train.plans import PretrainingPlan
 from exceiver.train.run import RunOptions, TrainingRun, training_run
-from exceiver.warm_start import check_base, continued_network, merged_scaler, model_vocabulary
+from exceiver.warm_start import check_base, continued_network, merged_scaler
 
 log = logging.getLogger(__name__)
-
-
-class PretrainingData(NamedTuple):
-    """A pretraining run's cells (in memory or a corpus on disk), with what was fitted on them."""
-
-    source: CellCounts | CorpusCells
-    vocab: GeneVocab
-    scaler: GeneScaler
-    validation: np.ndarray  # bool per cell
-    counts: dict  # cell counts for metrics.json
-    gene_key: str | None
-    layer: str | None
-    batch_labels: np.ndarray | None = None  # str per cell, with a batch key
 
 
 def pretrain(
@@ -117,7 +100,8 @@ def pretrain(
             data, run.settings, genes=genes, n_top_genes=n_top_genes, gene_key=gene_key, layer=layer,
             gene_map=routing.reading, base_vocab=None if base is None or own_genes else base.vocab,
             extend_genes=extend_genes, batch_key=batch_key, allow_non_integer=allow_non_integer,
-            standardise=base.scaler.standardise if base else start.tokenizer.values == "zscore", progress=progress)
+            standardise=base.scaler.standardise if base else start.tokenizer.values == "zscore", progress=progress,
+            contract=None if base is None or own_genes else base.contract)
         model = _pretrain_on(cells, start, routing, run, preset=preset, batch_key=batch_key)
     _report_context(model.metrics)
     return model
@@ -155,27 +139,27 @@ def _starting_point(init: Exceiver | str | Path | None, preset: str, model: dict
 
 
 class GeneMapRouting(NamedTuple):
-    """Where a pretraining run's gene map goes."""
+    """Where a pretraining run's gene pairs go."""
 
-    reading: pd.DataFrame | str | Path | None  # the datasets are read through it (`pretraining_data`)
-    carried: pd.DataFrame | str | Path | None  # its pairs in the vocabulary stay with the model (`vocabulary_pairs`)
-    own_pairs: pd.DataFrame | None = None  # with own genes: the pairs that find the data genes' rows in the base
+    reading: GenePairs | None  # the datasets are read through them (`pretraining_data`)
+    carried: GenePairs | None  # those in the vocabulary stay with the model
+    own_pairs: GenePairs | None = None  # with own genes: the pairs that find the data genes' rows in the base
 
 
-def _gene_map_routing(data: DataInput | Sequence[DataInput], gene_map: str | Path | None, base: Exceiver | None,
+def _gene_map_routing(data: DataInput | Sequence[DataInput], gene_map: GeneMapInput | None, base: Exceiver | None,
                       own_genes: bool) -> GeneMapRouting:
-    """The given gene map, else a continued model's: datasets in memory are read through it and the
-    model keeps it; with own genes it only finds the rows of the data's genes in the base."""
-    if own_genes:
-        # The data's genes are the vocabulary, read as they are; a gene map finds their rows.
-        own_pairs = read_gene_map(gene_map) if isinstance(gene_map, (str, Path)) else (
-            gene_map if gene_map is not None else base.gene_map)
-        return GeneMapRouting(None, None, own_pairs)
-    carried = gene_map if gene_map is not None else (base.gene_map if base is not None else None)
+    """The given gene map before a continued model's own pairs (as `Exceiver.read` takes them):
+    datasets in memory are read through them and the model keeps them; with own genes they only
+    find the rows of the data's genes in the base."""
+    pairs = GenePairs.of(gene_map)
+    carried = pairs.before(base.contract.gene_map) if pairs is not None and base is not None else (
+        pairs if base is None else base.contract.gene_map)
+    if own_genes:  # the data's genes are the vocabulary, read as they are
+        return GeneMapRouting(None, None, carried)
     items = list(data) if isinstance(data, (list, tuple)) else [data]
-    if gene_map is None and not any(is_corpus(item) for item in items):
-        gene_map = carried  # a human+mouse model continued on mouse data translates it as it did
-    return GeneMapRouting(gene_map, carried)
+    if pairs is None and any(is_corpus(item) for item in items):
+        return GeneMapRouting(None, carried)  # a corpus was translated when it was built
+    return GeneMapRouting(carried, carried)
 
 
 def _pretrain_on(cells: PretrainingData, start: Start, routing: GeneMapRouting, run: TrainingRun, *, preset: str,
@@ -214,7 +198,7 @@ def _pretrain_on(cells: PretrainingData, start: Start, routing: GeneMapRouting, 
         return Exceiver(module, cells.vocab, scaler, start.tokenizer, objectives=start.objectives,
                         training=run.settings.to_dict(), metrics=metrics, gene_key=cells.gene_key, layer=cells.layer,
                         batches=batches or (base.batches if base else None),
-                        gene_map=vocabulary_pairs(routing.carried, cells.vocab))
+                        gene_map=None if routing.carried is None else routing.carried.within(cells.vocab.genes).table)
 
     return run.fit(plan, datamodule, identity=identity, model=pretrained)
 
@@ -228,16 +212,6 @@ def _report_context(metrics: dict) -> None:
                     "mean (%s steps in %.0f s). Train longer (%s, %s) or on more cells before using it.",
                     metrics["val_mse_ratio"], f"{metrics['steps']:,}", metrics["seconds"], option("max_minutes"),
                     option("max_epochs"))
-
-
-def vocabulary_pairs(gene_map, vocab: GeneVocab) -> pd.DataFrame | None:
-    """The pairs of a gene map whose model gene is in the vocabulary: what the model carries, so that
-    data of the map's other side (e.g. mouse) is translated without the map file."""
-    if gene_map is None:
-        return None
-    pairs = gene_map if isinstance(gene_map, pd.DataFrame) else read_gene_map(gene_map)
-    pairs = pairs.iloc[:, :2].set_axis(["model_gene", "data_gene"], axis=1).astype(str)
-    return pairs[pairs.model_gene.isin(set(vocab.genes))].reset_index(drop=True)
 
 
 def batch_categories(labels: np.ndarray | None, known: dict | None, batch_key: str | None) -> dict | None:
@@ -260,120 +234,3 @@ def learned_context(best_metrics: dict) -> dict:
     that learned nothing from a cell's other genes does): `learned_context` in metrics.json."""
     ratio = best_metrics.get("val_mse_ratio", float("nan"))
     return {"learned_context": bool(ratio < 1.0)}
-
-
-def pretraining_data(data: DataInput | Sequence[DataInput], settings: TrainingConfig, *, genes=None,
-                     n_top_genes: int = 0, gene_key: str | None = None, layer: str | None = None,
-                     gene_map=None, base_vocab: GeneVocab | None = None, extend_genes: bool = False,
-                     batch_key: str | None = None, allow_non_integer: bool = False, standardise: bool = True,
-                     progress: bool = True) -> PretrainingData:
-    """Datasets read into memory, or a corpus folder streamed from disk: one split rule and one
-    scaler fit for both, so the same files and seed give the same training and validation cells.
-    A corpus keeps the genes it was built with (`n_top_genes` applies to data read into memory).
-    With `base_vocab` (a continued model's) the vocabulary is the model's (`model_vocabulary`)."""
-    items = list(data) if isinstance(data, (list, tuple)) else [data]
-    if any(is_corpus(item) for item in items):
-        if len(items) > 1:
-            raise ExceiverInputError("a corpus folder is pretrained on alone; build one corpus from all the files")
-        given = [name for name, value in (("gene_map", gene_map), ("batch_key", batch_key)) if value is not None]
-        if given:
-            raise ExceiverInputError(f"{items[0]} is a corpus folder: {', '.join(map(option, given))} need datasets "
-                                     "read into memory (.h5ad files)")
-        cells = _corpus_on_disk(items[0], settings, genes, gene_key, layer, allow_non_integer, standardise, progress)
-        if base_vocab is not None and cells.vocab != base_vocab:
-            raise ExceiverInputError(f"{items[0]} was built with other genes than the model's: build it with the "
-                                     "model's genes (exceiver build-corpus ... --genes MODEL_DIR/genes.txt)")
-        return cells
-    return _cells_in_memory(data, settings, genes, n_top_genes, gene_key, layer, allow_non_integer, standardise,
-                            gene_map=gene_map, base_vocab=base_vocab, extend_genes=extend_genes, batch_key=batch_key)
-
-
-def _cells_in_memory(data, settings: TrainingConfig, genes, n_top_genes: int, gene_key: str | None,
-                     layer: str | None, allow_non_integer: bool, standardise: bool = True, *, gene_map=None,
-                     base_vocab: GeneVocab | None = None, extend_genes: bool = False,
-                     batch_key: str | None = None) -> PretrainingData:
-    """Datasets read into memory (translated through `gene_map` where their genes are its dataset
-    genes), aligned to one vocabulary, checked, split, restricted to the training cells' most
-    variable genes (with `n_top_genes`) or to a continued model's genes, and scaled."""
-    datasets = read_datasets(data)
-    layers = [layer] * len(datasets)
-    if gene_map is not None:
-        translated = translate_datasets(datasets, gene_map, gene_key, layer)
-        datasets = [(name, adata) for name, adata, _ in translated]
-        layers = [None if done else layer for _, _, done in translated]
-    tables = [(name, counts_var(adata, lay, name)) for (name, adata), lay in zip(datasets, layers)]  # the counts' genes
-    keys = gene_keys(tables, gene_key)
-    if batch_key is not None:
-        check_batch_key(datasets, batch_key)
-    vocab = build_vocab(tables, genes, keys)
-    cells, labels = _aligned(datasets, keys, layers, vocab, batch_key, allow_non_integer)
-    validation = validation_cells(cells.n_cells, settings.val_fraction, settings.seed)
-    if n_top_genes and (base_vocab is None or extend_genes):  # cells without counts stay: the split does not move
-        chosen = highly_variable_genes(cells.subset(np.flatnonzero(~validation)), n_top_genes)
-        vocab, cells = vocab.subset(chosen), cells.select_genes(chosen)
-    if base_vocab is not None:
-        vocab = model_vocabulary(base_vocab, vocab.genes, extend=extend_genes)
-        cells, labels = _aligned(datasets, keys, layers, vocab, batch_key, allow_non_integer)
-        validation = validation_cells(cells.n_cells, settings.val_fraction, settings.seed)
-    scaler = GeneScaler.fit(cells.subset(np.flatnonzero(~validation)), standardise=standardise)
-    expressed = cells.keep_genes(scaler.n_expressed > 0).n_genes_expressed
-    for side, split in ((~validation, "training"), (validation, "validation")):
-        if not (expressed[side] >= 2).any():
-            raise ExceiverInputError(
-                f"no {split} cell has 2 or more expressed genes (one to mask, one to see): "
-                "masked-expression pretraining needs richer cells or more of them"
-            )
-    counts = {"n_cells": int(cells.n_cells), "n_train_cells": int((~validation & (expressed > 0)).sum()),
-              "n_val_cells": int((validation & (expressed > 0)).sum()),
-              "datasets": {name: int(n) for name, n in zip(cells.source_names, np.bincount(cells.source))}}
-    log.info("pretraining on %s cells (%s training, %s validation) from %d dataset(s), %s genes",
-             f"{cells.n_cells:,}", f"{counts['n_train_cells']:,}", f"{counts['n_val_cells']:,}", len(datasets),
-             f"{len(vocab):,}")
-    return PretrainingData(cells, vocab, scaler, validation, counts, gene_key, layer, labels)
-
-
-def _aligned(datasets, keys, layers, vocab: GeneVocab, batch_key: str | None,
-             allow_non_integer: bool) -> tuple[CellCounts, np.ndarray | None]:
-    """The datasets' cells with counts in `vocab` (cells without any are dropped, and reported),
-    and each kept cell's batch."""
-    parts, labels = [], []
-    for (name, adata), key, layer in zip(datasets, keys, layers):
-        aligned = align(adata, vocab, gene_key=key, layer=layer, name=name, allow_non_integer=allow_non_integer)
-        parts.append(prepare_cells(aligned, name))
-        report_dropped(name, aligned.n_cells, parts[-1].n_cells)
-        if batch_key is not None:  # prepare_cells drops exactly the cells without counts
-            labels.append(adata.obs[batch_key].astype(str).to_numpy()[aligned.n_genes_expressed > 0])
-    return CellCounts.concat(parts), (np.concatenate(labels) if batch_key is not None else None)
-
-
-def check_batch_key(datasets, batch_key: str) -> None:
-    """Every cell needs a batch: the column must exist in every dataset and have no missing values."""
-    for name, adata in datasets:
-        if batch_key not in adata.obs.columns:
-            raise ExceiverInputError(f"{name}: batch column {batch_key!r} is not in obs; available columns: "
-                                     f"{', '.join(map(str, adata.obs.columns)) or 'none'}")
-        missing = int(adata.obs[batch_key].isna().sum())
-        if missing:
-            raise ExceiverInputError(f"{name}: {missing:,} of {adata.n_obs:,} cells have no {batch_key!r} batch; "
-                                     "give them one (e.g. 'unknown') or remove them")
-
-
-def _corpus_on_disk(folder, settings: TrainingConfig, genes, gene_key: str | None, layer: str | None,
-                    allow_non_integer: bool, standardise: bool, progress: bool) -> PretrainingData:
-    """The same from a corpus folder (`build_corpus`), streamed from disk: memory does not grow
-    with the number of cells."""
-    given = [option(name) for name, value in (("genes", genes), ("gene_key", gene_key), ("layer", layer),
-                                              ("allow_non_integer", allow_non_integer)) if value]
-    if given:
-        raise ExceiverInputError(f"{folder} is a corpus folder: its genes and counts were fixed when it was "
-                                 f"built; pass {', '.join(given)} to build-corpus instead")
-    corpus = CorpusCells(folder)
-    validation = validation_cells(corpus.n_cells, settings.val_fraction, settings.seed)
-    scaler = fit_scaler(corpus, validation, standardise=standardise, progress=progress)
-    n_val = int(validation.sum())
-    counts = {"n_cells": corpus.n_cells, "n_train_cells": corpus.n_cells - n_val, "n_val_cells": n_val,
-              "datasets": {d["name"]: d["n_cells"] for d in corpus.meta["datasets"]}}
-    log.info("pretraining on corpus %s: %s cells (%s training, %s validation), %s genes", folder,
-             f"{corpus.n_cells:,}", f"{corpus.n_cells - n_val:,}", f"{n_val:,}", f"{len(corpus.vocab):,}")
-    return PretrainingData(corpus, corpus.vocab, scaler, validation, counts, corpus.meta.get("gene_key"),
-                           corpus.meta.get("layer"))

@@ -17,9 +17,9 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
+from exceiver.data.genemap import GenePairs
 from exceiver.data.preprocess import GeneScaler
 from exceiver.data.vocab import GeneVocab
 from exceiver.errors import ExceiverInputError, option
@@ -29,20 +29,6 @@ log = logging.getLogger(__name__)
 
 # Parameters with one row per gene, and how many special rows follow the genes.
 GENE_ROWS = {"gene_emb.weight": 2, "gene_bias": 2, "gene_log_dispersion": 0}
-
-
-def model_vocabulary(base: GeneVocab, data_genes: Sequence[str], *, extend: bool, name: str = "the data") -> GeneVocab:
-    """The model's genes, and (with `extend`) the data's genes outside them, appended. The genes
-    left out are reported: their counts cannot reach a model that has no embedding for them."""
-    outside = [g for g in dict.fromkeys(map(str, data_genes)) if g not in set(base.genes)]
-    if not outside:
-        return base
-    if extend:
-        log.info("extending the model's %s genes by %s genes of %s", f"{len(base):,}", f"{len(outside):,}", name)
-        return GeneVocab([*base.genes, *outside])
-    log.info("%s genes of %s are not in the model's vocabulary and are left out (%s adds them, e.g. %s)",
-             f"{len(outside):,}", name, option("extend_genes", True), ", ".join(outside[:3]))
-    return base
 
 
 def merged_scaler(fitted: GeneScaler, base: GeneScaler) -> GeneScaler:
@@ -62,7 +48,7 @@ def merged_scaler(fitted: GeneScaler, base: GeneScaler) -> GeneScaler:
 
 
 def continued_network(base, vocab: GeneVocab, scaler: GeneScaler, n_batches: int, *, own_genes: bool = False,
-                      gene_map: pd.DataFrame | None = None) -> tuple[ExceiverModule, int]:
+                      gene_map: GenePairs | None = None) -> tuple[ExceiverModule, int]:
     """The network a continued run starts from, and how many of its genes start fresh: the model's,
     its vocabulary extended by the new genes; or, with `own_genes`, the data's vocabulary
     (`vocab`) with the model's rows where it knows a gene, by name or through `gene_map`."""
@@ -126,20 +112,13 @@ def transfer_weights(base: ExceiverModule, module: ExceiverModule, *, rows: np.n
     module.load_state_dict(state)
 
 
-def base_rows(base, genes: Sequence[str], gene_map=None) -> np.ndarray:
-    """Each gene's row in the base model: by name, else through a gene map of (model gene, data
-    gene) pairs (a mouse gene, for a human model: its human ortholog's row); -1 where the model
-    has none."""
+def base_rows(base, genes: Sequence[str], gene_map: GenePairs | None = None) -> np.ndarray:
+    """Each gene's row in the base model: by name, else through gene pairs (model gene, data gene;
+    a mouse gene, for a human model: its human ortholog's row); -1 where the model has none."""
     rows = base.vocab.ids(list(genes)).astype(np.int64)
-    if gene_map is not None and (rows < 0).any():
-        pairs = gene_map.iloc[:, :2].set_axis(["model_gene", "data_gene"], axis=1).astype(str)
-        pairs = pairs.drop_duplicates("data_gene")
-        exact = dict(zip(pairs.data_gene, pairs.model_gene))
-        folded = dict(zip(pairs.data_gene.str.upper(), pairs.model_gene))
-        for i in np.flatnonzero(rows < 0):
-            model_gene = exact.get(genes[i], folded.get(str(genes[i]).upper()))
-            if model_gene is not None:
-                rows[i] = base.vocab.ids([model_gene])[0]
+    missing = np.flatnonzero(rows < 0)
+    if gene_map is not None and len(missing):
+        rows[missing] = base.vocab.ids(gene_map.translate([genes[i] for i in missing]))
     log.info("%s of the %s genes start from the model's embeddings, the others fresh",
              f"{int((rows >= 0).sum()):,}", f"{len(rows):,}")
     return rows

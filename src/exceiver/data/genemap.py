@@ -106,25 +106,6 @@ def map_genes(adata: ad.AnnData, gene_map: GeneMapInput | GenePairs, *, gene_key
                       var=pd.DataFrame(index=pd.Index(model_genes, name="gene")))
 
 
-def translate_datasets(datasets: list[tuple[str, ad.AnnData]], gene_map: GeneMapInput | GenePairs,
-                       gene_key: str | None = None, layer: str | None = None) -> list[tuple[str, ad.AnnData, bool]]:
-    """Translate the datasets whose genes are the map's dataset genes (e.g. the mouse files of a
-    human+mouse collection) into model genes; the others, whose genes are already model genes,
-    are left as they are. Returns (name, AnnData, translated?) per dataset: a translated one
-    holds its counts in X and its genes in var_names."""
-    pairs = GenePairs.of(gene_map)
-    result = []
-    for name, adata in datasets:
-        key = gene_key if gene_key in adata.var.columns else None
-        genes = dataset_genes(adata, key).astype(str)
-        if pairs.is_dataset_side(genes):
-            log.info("%s: translating its genes through the gene map", name)
-            result.append((name, map_genes(adata, pairs, gene_key=key, layer=layer, name=name), True))
-        else:
-            result.append((name, adata, False))
-    return result
-
-
 def is_dataset_side(pairs: pd.DataFrame | GenePairs, genes) -> bool:
     """Whether `genes` are the dataset side of `pairs` (see `GenePairs.is_dataset_side`)."""
     return GenePairs.of(pairs).is_dataset_side(genes)

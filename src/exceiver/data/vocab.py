@@ -144,3 +144,17 @@ def build_vocab(datasets: list[tuple[str, ad.AnnData]], genes: str | Path | Sequ
         return genes
     restrict = read_gene_list(genes) if isinstance(genes, (str, Path)) else genes
     return GeneVocab.from_gene_lists([dataset_genes(a, key) for (_, a), key in zip(datasets, keys)], restrict)
+
+
+def model_vocabulary(base: GeneVocab, data_genes: Sequence[str], *, extend: bool, name: str = "the data") -> GeneVocab:
+    """The model's genes, and (with `extend`) the data's genes outside them, appended. The genes
+    left out are reported: their counts cannot reach a model that has no embedding for them."""
+    outside = [g for g in dict.fromkeys(map(str, data_genes)) if g not in set(base.genes)]
+    if not outside:
+        return base
+    if extend:
+        log.info("extending the model's %s genes by %s genes of %s", f"{len(base):,}", f"{len(outside):,}", name)
+        return GeneVocab([*base.genes, *outside])
+    log.info("%s genes of %s are not in the model's vocabulary and are left out (%s adds them, e.g. %s)",
+             f"{len(outside):,}", name, option("extend_genes", True), ", ".join(outside[:3]))
+    return base

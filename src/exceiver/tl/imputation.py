@@ -128,12 +128,6 @@ def _batch_codes(model: CellModel, method: str, batch: str | None) -> torch.Tens
     return torch.tensor([categories.index(str(batch))])
 
 
-def _unfilled(ids: np.ndarray, usable: np.ndarray) -> str:
-    outside = int((ids < 0).sum())
-    return (f"{outside:,} not in the model's vocabulary, {len(ids) - outside - int(usable.sum()):,} never "
-            f"expressed in its training cells")
-
-
 def _unfilled(cells: ModelCells) -> str:
     ids = cells.gene_ids
     outside = int((ids < 0).sum())
