@@ -20,9 +20,10 @@ in place as the zero padding vector with value 1, and tokens use the full librar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from exceiver.data.cells import CellCounts
@@ -89,114 +90,203 @@ def make_batch(
     masked: bool = False,
     salt: int = 0,
 ) -> CellBatch:
-    """Tokenize cells `rows` of `cells` (vectorised over all their non-zero entries); `masked`:
-    with the pretraining task's masked genes (and sampled zero genes) as queries, else whole cells.
-    The padding id is the vocabulary size (the model's fixed zero vector)."""
-    max_tokens, all_genes = tokenizer.token_cap(masked), tokenizer.all_genes
-    want_counts = masked and tokenizer.count_targets
-    mask_fraction = tokenizer.mask_fraction if masked else 0.0
-    zero_query_ratio = tokenizer.zero_query_ratio if masked else 0.0
-    pad_id = cells.counts.shape[1]
+    """Tokenize cells `rows` of `cells`, vectorised over all their non-zero entries (no loop over
+    cells: this runs for every training step).
+
+    Parameters
+    ----------
+    cells
+        Raw counts in vocabulary space.
+    rows
+        The cells to tokenize, in batch order.
+    scaler
+        Turns log-normalised expression into token values.
+    tokenizer
+        Token cap, mask fraction, zero-gene queries, paper-compatible tokens, count targets.
+    masked
+        With the pretraining task: masked genes (and sampled zero genes) are queries, else the
+        whole cell is tokens and there are no queries.
+    salt
+        Chooses the masks (a fixed salt gives each cell the same masks wherever it sits).
+
+    Returns
+    -------
+    CellBatch
+        Padded tensors; the padding id is the vocabulary size (the model's fixed zero vector).
+    """
     rows = np.asarray(rows, dtype=np.int64)
-    counts = cells.counts
-    starts, ends = counts.indptr[rows], counts.indptr[rows + 1]
-    n_expr = (ends - starts).astype(np.int64)
-    n_cells, total = len(rows), int(n_expr.sum())
-    offsets = np.cumsum(n_expr) - n_expr
-    entry_cell = np.repeat(np.arange(n_cells), n_expr)
-    entry = np.arange(total) - offsets[entry_cell] + starts[entry_cell]
-    genes = counts.indices[entry].astype(np.int64)
-    entry_counts = counts.data[entry]
-    library = np.bincount(entry_cell, weights=entry_counts, minlength=n_cells)  # this batch's cells only
-
-    n_masked = masked_count(n_expr, mask_fraction, max_tokens)
-    n_visible = n_expr - n_masked if all_genes else np.minimum(n_expr - n_masked, max_tokens)
-    cell_keys = mix64(_cell_keys(genes, offsets, n_expr) ^ mix64(np.uint64(salt % 2**64)))
-    if mask_fraction > 0 or (n_visible < n_expr - n_masked).any():
-        # A random order per cell: the first genes are masked, the next ones are tokens.
-        order = np.lexsort((mix64(cell_keys[entry_cell] ^ genes.astype(np.uint64)), entry_cell))
-        genes, entry_counts = genes[order], entry_counts[order]
-    rank = np.arange(total) - offsets[entry_cell]
-    masked = rank < n_masked[entry_cell]
-    visible = ~masked & (rank < (n_masked + n_visible)[entry_cell])
-    masked_library = np.bincount(entry_cell[masked], weights=entry_counts[masked], minlength=n_cells)
-    token_library = library if all_genes else (library - masked_library) * n_expr / np.maximum(n_expr - n_masked, 1)
-    values = np.zeros(total, dtype=np.float32)
-    for entries, cell_library in ((visible, token_library), (masked, library)):
-        values[entries] = scaler.values(genes[entries], log_normalise(
-            entry_counts[entries], cell_library[entry_cell[entries]], scaler.target_sum))
-
-    if all_genes:
-        gene_ids, token_values, token_mask, token_zero = _all_gene_tokens(
-            cells, rows, scaler, genes, values, entry_cell, masked, pad_id)
+    pad_id = cells.counts.shape[1]
+    entries = _expressed_entries(cells.counts, rows)
+    entries, split = _mask_and_subsample(entries, tokenizer, masked, salt)
+    values = _entry_values(entries, split, scaler, tokenizer.all_genes)
+    if tokenizer.all_genes:
+        tokens = _all_gene_tokens(cells, rows, scaler, entries, split.masked, values, pad_id)
     else:
-        width = int(n_visible.max()) if n_cells else 0
-        gene_ids = np.full((n_cells, width), pad_id, dtype=np.int64)
-        token_values = np.zeros((n_cells, width), dtype=np.float32)
-        token_mask = np.zeros((n_cells, width), dtype=bool)
-        token_zero = np.zeros((n_cells, width), dtype=bool)
-        cell_v, slot_v = entry_cell[visible], (rank - n_masked[entry_cell])[visible]
-        gene_ids[cell_v, slot_v] = genes[visible]
-        token_values[cell_v, slot_v] = values[visible]
-        token_mask[cell_v, slot_v] = True
+        tokens = _expressed_tokens(entries, split, values, pad_id)
+    zero_query_ratio = tokenizer.zero_query_ratio if masked else 0.0
+    queries = _queries(cells, rows, scaler, entries, split, values, zero_query_ratio, pad_id)
+    whole = _count_targets(cells, rows, entries, pad_id, wanted=masked and tokenizer.count_targets)
+    return CellBatch(*(torch.from_numpy(x) for x in (*tokens, *queries, rows, *whole)))
 
-    zero_cell, zero_genes = _sample_zero_genes(
-        cells, rows, np.rint(zero_query_ratio * n_masked).astype(np.int64), genes, entry_cell,
-        cell_keys,
-    )
+
+@dataclass(frozen=True)
+class _Entries:
+    """The expressed (non-zero) entries of a batch's cells, flat, cell after cell."""
+
+    genes: np.ndarray  # [N] int64 vocabulary id
+    counts: np.ndarray  # [N] raw count
+    cell: np.ndarray  # [N] int64 batch position of the entry's cell
+    rank: np.ndarray  # [N] int64 position of the entry within its cell
+    offsets: np.ndarray  # [B] int64 each cell's first entry
+    n_expressed: np.ndarray  # [B] int64
+    library: np.ndarray  # [B] float64 total counts over the vocabulary genes
+
+    def reordered(self, order: np.ndarray) -> _Entries:
+        """The same entries in another order that keeps each cell's entries together."""
+        return replace(self, genes=self.genes[order], counts=self.counts[order])
+
+
+@dataclass(frozen=True)
+class _MaskSplit:
+    """Which of each cell's expressed genes are masked (decoder queries) and which are tokens."""
+
+    n_masked: np.ndarray  # [B] int64
+    n_visible: np.ndarray  # [B] int64 tokens
+    masked: np.ndarray  # [N] bool per entry
+    visible: np.ndarray  # [N] bool per entry; neither: subsampled out beyond the token cap
+    cell_keys: np.ndarray  # [B] uint64: the cell's random key under this salt
+
+
+def _expressed_entries(counts: sp.csr_matrix, rows: np.ndarray) -> _Entries:
+    """The rows' non-zero entries, gathered with one index into the matrix (no row slicing)."""
+    starts, ends = counts.indptr[rows], counts.indptr[rows + 1]
+    n_expressed = (ends - starts).astype(np.int64)
+    offsets = np.cumsum(n_expressed) - n_expressed
+    cell = np.repeat(np.arange(len(rows)), n_expressed)
+    rank = np.arange(int(n_expressed.sum())) - offsets[cell]
+    entry = rank + starts[cell]
+    entry_counts = counts.data[entry]
+    library = np.bincount(cell, weights=entry_counts, minlength=len(rows))  # this batch's cells only
+    return _Entries(counts.indices[entry].astype(np.int64), entry_counts, cell, rank, offsets, n_expressed,
+                    library)
+
+
+def _mask_and_subsample(
+    entries: _Entries, tokenizer: TokenizerConfig, masked: bool, salt: int
+) -> tuple[_Entries, _MaskSplit]:
+    """A random order within each cell: its first `n_masked` genes are masked, the next
+    `n_visible` are tokens, and any beyond the token cap are left out. Returns the reordered
+    entries and the split."""
+    max_tokens = tokenizer.token_cap(masked)
+    mask_fraction = tokenizer.mask_fraction if masked else 0.0
+    n_expressed = entries.n_expressed
+    n_masked = masked_count(n_expressed, mask_fraction, max_tokens)
+    n_unmasked = n_expressed - n_masked
+    n_visible = n_unmasked if tokenizer.all_genes else np.minimum(n_unmasked, max_tokens)
+    cell_keys = mix64(_cell_keys(entries.genes, entries.offsets, n_expressed) ^ mix64(np.uint64(salt % 2**64)))
+    if mask_fraction > 0 or (n_visible < n_unmasked).any():
+        gene_keys = mix64(cell_keys[entries.cell] ^ entries.genes.astype(np.uint64))
+        entries = entries.reordered(np.lexsort((gene_keys, entries.cell)))
+    is_masked = entries.rank < n_masked[entries.cell]
+    visible = ~is_masked & (entries.rank < (n_masked + n_visible)[entries.cell])
+    return entries, _MaskSplit(n_masked, n_visible, is_masked, visible, cell_keys)
+
+
+def _entry_values(entries: _Entries, split: _MaskSplit, scaler: GeneScaler, all_genes: bool) -> np.ndarray:
+    """Each token's and each masked gene's value (0 for genes left out). Tokens are normalised by
+    the library of the cell's unmasked genes over their expected share of it, so that masked
+    counts cannot reach the encoder (the full library in paper mode); targets by the full library."""
+    library, n_expressed = entries.library, entries.n_expressed
+    if all_genes:
+        token_library = library
+    else:
+        masked_library = np.bincount(entries.cell[split.masked], weights=entries.counts[split.masked],
+                                     minlength=len(n_expressed))
+        token_library = (library - masked_library) * n_expressed / np.maximum(n_expressed - split.n_masked, 1)
+    values = np.zeros(len(entries.genes), dtype=np.float32)
+    for chosen, cell_library in ((split.visible, token_library), (split.masked, library)):
+        values[chosen] = scaler.values(entries.genes[chosen], log_normalise(
+            entries.counts[chosen], cell_library[entries.cell[chosen]], scaler.target_sum))
+    return values
+
+
+def _padded(
+    n_cells: int, width: int, cell: np.ndarray, slot: np.ndarray, gene_ids: np.ndarray, values: np.ndarray,
+    pad_id: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[n_cells, width] gene ids, float32 values and a mask (True at real entries), with genes
+    and values placed at (cell, slot) and the padding id and 0 elsewhere."""
+    padded_ids = np.full((n_cells, width), pad_id, dtype=np.int64)
+    padded_values = np.zeros((n_cells, width), dtype=np.float32)
+    mask = np.zeros((n_cells, width), dtype=bool)
+    padded_ids[cell, slot] = gene_ids
+    padded_values[cell, slot] = values
+    mask[cell, slot] = True
+    return padded_ids, padded_values, mask
+
+
+def _expressed_tokens(
+    entries: _Entries, split: _MaskSplit, values: np.ndarray, pad_id: int
+) -> tuple[np.ndarray, ...]:
+    """Each cell's visible genes as tokens (gene ids, values, mask, and no zero-count tokens)."""
+    n_cells = len(split.n_visible)
+    width = int(split.n_visible.max()) if n_cells else 0
+    visible = split.visible
+    slot = (entries.rank - split.n_masked[entries.cell])[visible]
+    tokens = _padded(n_cells, width, entries.cell[visible], slot, entries.genes[visible], values[visible], pad_id)
+    return *tokens, np.zeros((n_cells, width), dtype=bool)
+
+
+def _queries(
+    cells: CellCounts,
+    rows: np.ndarray,
+    scaler: GeneScaler,
+    entries: _Entries,
+    split: _MaskSplit,
+    values: np.ndarray,
+    zero_query_ratio: float,
+    pad_id: int,
+) -> tuple[np.ndarray, ...]:
+    """Decoder queries: each cell's masked genes (targets: their values), then the zero-count
+    genes sampled for it (targets: the value of a zero count, flagged in `query_is_zero`)."""
+    n_cells, n_masked, masked = len(rows), split.n_masked, split.masked
+    n_zero_wanted = np.rint(zero_query_ratio * n_masked).astype(np.int64)
+    zero_cell, zero_genes = _sample_zero_genes(cells, rows, n_zero_wanted, entries.genes, entries.cell,
+                                               split.cell_keys)
     n_zero = np.bincount(zero_cell, minlength=n_cells)
-    n_queries = n_masked + n_zero
-    q_width = int(n_queries.max()) if n_cells else 0
-    query_ids = np.full((n_cells, q_width), pad_id, dtype=np.int64)
-    targets = np.zeros((n_cells, q_width), dtype=np.float32)
-    query_mask = np.zeros((n_cells, q_width), dtype=bool)
-    query_is_zero = np.zeros((n_cells, q_width), dtype=bool)
-    cell_q, slot_q = entry_cell[masked], rank[masked]
-    query_ids[cell_q, slot_q] = genes[masked]
-    targets[cell_q, slot_q] = values[masked]
-    query_mask[cell_q, slot_q] = True
-    if len(zero_cell):
-        zero_offsets = np.cumsum(n_zero) - n_zero
-        slot_z = n_masked[zero_cell] + np.arange(len(zero_cell)) - zero_offsets[zero_cell]
-        query_ids[zero_cell, slot_z] = zero_genes
-        targets[zero_cell, slot_z] = scaler.zero_values(zero_genes)
-        query_mask[zero_cell, slot_z] = True
-        query_is_zero[zero_cell, slot_z] = True
-
-    whole = _count_targets(cells, rows, genes, entry_counts, entry_cell, rank, n_expr, library, pad_id,
-                           want_counts)
-    return CellBatch(
-        torch.from_numpy(gene_ids), torch.from_numpy(token_values), torch.from_numpy(token_mask),
-        torch.from_numpy(token_zero), torch.from_numpy(query_ids), torch.from_numpy(targets), torch.from_numpy(query_mask),
-        torch.from_numpy(query_is_zero), torch.from_numpy(rows), *(torch.from_numpy(x) for x in whole),
-    )
+    zero_slot = n_masked[zero_cell] + np.arange(len(zero_cell)) - (np.cumsum(n_zero) - n_zero)[zero_cell]
+    width = int((n_masked + n_zero).max()) if n_cells else 0
+    query_ids, targets, query_mask = _padded(
+        n_cells, width, np.concatenate([entries.cell[masked], zero_cell]),
+        np.concatenate([entries.rank[masked], zero_slot]), np.concatenate([entries.genes[masked], zero_genes]),
+        np.concatenate([values[masked], scaler.zero_values(zero_genes)]), pad_id)
+    query_is_zero = np.zeros((n_cells, width), dtype=bool)
+    query_is_zero[zero_cell, zero_slot] = True
+    return query_ids, targets, query_mask, query_is_zero
 
 
-def _count_targets(cells: CellCounts, rows: np.ndarray, genes: np.ndarray, entry_counts: np.ndarray,
-                   entry_cell: np.ndarray, rank: np.ndarray, n_expr: np.ndarray, library: np.ndarray, pad_id: int,
-                   wanted: bool) -> tuple[np.ndarray, ...]:
+def _count_targets(
+    cells: CellCounts, rows: np.ndarray, entries: _Entries, pad_id: int, wanted: bool
+) -> tuple[np.ndarray, ...]:
     """Every expressed gene of each cell with its raw count, the library and the measured genes:
     what the count objective reconstructs (the whole cell, whichever genes were tokens)."""
-    n_cells = len(rows)
+    n_cells, library = len(rows), entries.library.astype(np.float32)
     if not wanted:
-        return (np.zeros((n_cells, 0), np.int64), np.zeros((n_cells, 0), np.float32),
-                library.astype(np.float32), np.zeros((n_cells, 0), bool))
-    width = int(n_expr.max()) if n_cells else 0
-    count_genes = np.full((n_cells, width), pad_id, dtype=np.int64)
-    counts = np.zeros((n_cells, width), dtype=np.float32)
-    count_genes[entry_cell, rank] = genes
-    counts[entry_cell, rank] = entry_counts
-    return count_genes, counts, library.astype(np.float32), cells.measured[cells.source[rows]]
+        return (np.zeros((n_cells, 0), np.int64), np.zeros((n_cells, 0), np.float32), library,
+                np.zeros((n_cells, 0), bool))
+    width = int(entries.n_expressed.max()) if n_cells else 0
+    count_genes, counts, _ = _padded(n_cells, width, entries.cell, entries.rank, entries.genes, entries.counts,
+                                     pad_id)
+    return count_genes, counts, library, cells.measured[cells.source[rows]]
 
 
 def _all_gene_tokens(
     cells: CellCounts,
     rows: np.ndarray,
     scaler: GeneScaler,
-    genes: np.ndarray,
-    values: np.ndarray,
-    entry_cell: np.ndarray,
+    entries: _Entries,
     masked: np.ndarray,
+    values: np.ndarray,
     pad_id: int,
 ) -> tuple[np.ndarray, ...]:
     """Tokens of every measured gene of each cell (the original's input), in gene order: zero-count
@@ -214,10 +304,11 @@ def _all_gene_tokens(
     token_values[real] = scaler.zero_values(gene_ids[real])
     token_zero = real.copy()
     # Each expressed gene's slot: its position in its dataset's sorted measured genes.
-    slot = np.searchsorted(cells.measured_keys, sources[entry_cell] * n_genes + genes) - start[entry_cell]
-    token_values[entry_cell, slot] = np.where(masked, 1.0, values)
-    gene_ids[entry_cell[masked], slot[masked]] = pad_id
-    token_zero[entry_cell, slot] = False
+    cell = entries.cell
+    slot = np.searchsorted(cells.measured_keys, sources[cell] * n_genes + entries.genes) - start[cell]
+    token_values[cell, slot] = np.where(masked, 1.0, values)
+    gene_ids[cell[masked], slot[masked]] = pad_id
+    token_zero[cell, slot] = False
     return gene_ids, token_values, real, token_zero
 
 
