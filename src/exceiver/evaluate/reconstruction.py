@@ -4,7 +4,7 @@ Each cell's expressed genes are masked as in pretraining (a fixed salt: the same
 model); the model predicts them from the rest. Baselines see exactly the visible values:
 gene mean (mean visible value of the gene over the evaluated cells) and kNN imputation (the mean
 visible value of the gene over the cell's 15 nearest neighbours in a PCA of visible values).
-All values are in the model's value space (z-scored log-normalised expression + 1).
+All values are in the model's value space (log-normalised expression, or z-scored + 1 for `paper`).
 """
 
 from __future__ import annotations

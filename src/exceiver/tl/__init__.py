@@ -1,8 +1,10 @@
 """Tools that take a trained model explicitly (scanpy's `tl` style): label transfer, imputation,
-in-silico perturbation, gene-gene dependencies, and evaluation against baselines.
+in-silico perturbation, gene-gene dependencies, and evaluation against baselines (also
+`exceiver.evaluate`). They need of a model only `exceiver.inference.CellModel` and read data
+through its contract (`model.read`).
 
 Imputed values and effects are on the log-normalised scale (log1p of counts scaled to 1e4 per
-cell): model values are mapped back through the scaler (value - 1 -> z-score -> log1p).
+cell): the count decoder's expected expression, or model values mapped back through the scaler.
 """
 
 from __future__ import annotations
