@@ -121,22 +121,41 @@ def finetune(
 ) -> Exceiver:
     """Train a cell classifier from a pretrained model folder (or Exceiver) and labelled cells.
 
-    mode: "full" (fine-tune everything), "freeze" (a linear probe of the frozen cell embedding,
+    Parameters
+    ----------
+    model
+        The pretrained model (a folder, a shipped model's name or an `Exceiver`).
+    adata
+        Raw counts with labels (AnnData or an .h5ad path).
+    out
+        The classifier's folder; None keeps it in memory only.
+    mode
+        "full" (fine-tune everything), "freeze" (a linear probe of the frozen cell embedding,
         fitted in closed form: of the training options only seed and val_fraction apply) or
         "scratch" (random initialisation, the architecture of "full").
-    class_loss_weight, expression_loss_weight: weights of cross-entropy and masked-expression MSE.
-    pretrained_lr_mult: in "full", the learning rate of the pretrained weights as a fraction of
+    class_loss_weight, expression_loss_weight
+        Weights of cross-entropy and masked-expression MSE.
+    pretrained_lr_mult
+        In "full", the learning rate of the pretrained weights as a fraction of
         the new class head's.
-    label_key, min_cells_per_class: the obs column of labels; cells without a label are left out
+    label_key, min_cells_per_class
+        The obs column of labels; cells without a label are left out
         (a logged warning counts them), and every class needs `min_cells_per_class` labelled cells
         (`exceiver.data.labels.cell_labels`, as in `evaluate`).
-    gene_key, layer, gene_map, allow_non_integer: how the cells are read (`Exceiver.read`; each
+    gene_key, layer, gene_map, allow_non_integer
+        How the cells are read (`Exceiver.read`; each
         left out keeps what the model remembers: mouse cells through a human+mouse model's own
         gene map need no `gene_map`).
-    overwrite, resume, checkpoint_minutes, keep_checkpoints: as for `pretrain` (replace an
+    overwrite, resume, checkpoint_minutes, keep_checkpoints
+        As for `pretrain` (replace an
         output exceiver wrote; continue an interrupted run; checkpoint this often).
-    options: resume, checkpoint_minutes, keep_checkpoints and the fields of `TrainingConfig`
+    **options
+        resume, checkpoint_minutes, keep_checkpoints and the fields of `TrainingConfig`
         (max_epochs, max_minutes, batch_size, seed, ...): `RunOptions`.
+
+    Returns
+    -------
+    The classifier (also written to `out` unless it is None).
     """
     _check_finetuning(mode, class_loss_weight, expression_loss_weight, pretrained_lr_mult, min_cells_per_class,
                       resume=options.get("resume", False))

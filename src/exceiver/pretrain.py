@@ -54,39 +54,61 @@ def pretrain(
 ) -> Exceiver:
     """Pretrain an Exceiver by masked-expression prediction on raw counts.
 
-    data: one or several AnnData objects or .h5ad paths (their gene sets may differ), or a corpus
+    Parameters
+    ----------
+    data
+        One or several AnnData objects or .h5ad paths (their gene sets may differ), or a corpus
         folder (`exceiver.data.corpus.build_corpus`), streamed from disk.
-    out: model folder to write (training logs go there too); None keeps the model in memory only.
-    preset, model: the preset ("default" or "paper") and overrides of its fields (architecture,
+    out
+        Model folder to write (training logs go there too); None keeps the model in memory only.
+    preset, model
+        The preset ("default" or "paper") and overrides of its fields (architecture,
         tokenizer and objective settings, e.g. {"n_latents": 64, "contrastive_weight": 0}).
-    genes: restrict the vocabulary to this gene list (file, one gene per line) or use a vocabulary.
-    n_top_genes: keep the most variable genes of the training cells (seurat_v3 on raw counts, per
+    genes
+        Restrict the vocabulary to this gene list (file, one gene per line) or use a vocabulary.
+    n_top_genes
+        Keep the most variable genes of the training cells (seurat_v3 on raw counts, per
         dataset); None: the preset's choice (default 2,000; paper: all genes); 0: all genes.
-    gene_key: var column of gene identifiers, for the datasets that have it (others: var_names).
-    layer: where the raw counts are: X (None), a layer, or "raw" for adata.raw (with raw.var's genes).
-    allow_non_integer: accept counts that are mostly not integers (refused otherwise: log-normalised
+    gene_key
+        The var column of gene identifiers, for the datasets that have it (others: var_names).
+    layer
+        Where the raw counts are: X (None), a layer, or "raw" for adata.raw (with raw.var's genes).
+    allow_non_integer
+        Accept counts that are mostly not integers (refused otherwise: log-normalised
         data is not counts).
-    gene_map: a two-column table (model gene, dataset gene; e.g. human,mouse orthologs): datasets
+    gene_map
+        A two-column table (model gene, dataset gene; e.g. human,mouse orthologs): datasets
         whose genes are its dataset genes are translated, the others are read as they are.
-    init: continue training a pretrained model (folder or Exceiver) on this data: its vocabulary
+    init
+        Continue training a pretrained model (folder or Exceiver) on this data: its vocabulary
         (the data's other genes are reported; `extend_genes` adds them, at most `n_top_genes` of
         them, with fresh embeddings), normalisation, architecture and objectives; per-gene
         statistics are re-estimated where the data expresses a gene.
-    own_genes: with `init`, the vocabulary is the data's own (chosen as a fresh model's is,
+    own_genes
+        With `init`, the vocabulary is the data's own (chosen as a fresh model's is,
         `n_top_genes`; the data read as it is, not through a gene map): genes the model knows, by
         name or through its gene map, start from its weights, the others fresh.
-    batch_key: obs column of batches (assay, donor, ...): a learned batch embedding conditions the
+    batch_key
+        The obs column of batches (assay, donor, ...): a learned batch embedding conditions the
         count decoder, so the cell embedding need not carry the batch (`embed` needs no batch).
         With `init`, the model's batches keep their embeddings and new ones are added.
-    overwrite: replace `out` if exceiver wrote it (never a folder holding other files), and
+    overwrite
+        Replace `out` if exceiver wrote it (never a folder holding other files), and
         discard an interrupted run of it.
-    resume: continue the interrupted run of `out` (same data and settings) from its checkpoint;
+    resume
+        Continue the interrupted run of `out` (same data and settings) from its checkpoint;
         it finishes as the uninterrupted run would.
-    checkpoint_minutes, keep_checkpoints: save a resumable checkpoint this often while training
+    checkpoint_minutes, keep_checkpoints
+        Save a resumable checkpoint this often while training
         (SIGTERM and Ctrl+C save one too); keep the last in `out/checkpoints/` when done.
-    options: resume, checkpoint_minutes, keep_checkpoints and the fields of `TrainingConfig`
+    **options
+        resume, checkpoint_minutes, keep_checkpoints and the fields of `TrainingConfig`
         (max_epochs, max_minutes, batch_size, seed, ...): `RunOptions`; the preset's own defaults
         (docs/presets.md) apply to the training fields not given.
+
+    Returns
+    -------
+    The trained model (also written to `out` unless it is None).
     """
     start = _starting_point(init, preset, model, own_genes=own_genes, extend_genes=extend_genes)
     base, routing = start.base, _gene_map_routing(data, gene_map, start.base, own_genes)
