@@ -139,3 +139,22 @@ def test_training_options_reach_the_training_config():
     finetuning = build_parser().parse_args(["finetune", "m", "x.h5ad", "--label-key", "c", "--out", "f",
                                             "--max-epochs", "3", "--learning-rate", "0.01"])
     assert training_options(finetuning) == {"max_epochs": 3, "learning_rate": 0.01}
+
+
+def test_perturb_reports_the_query_genes_with_the_minimum_shift_given(tiny_model_dir, counts_file, tmp_path):
+    """--query-gene and --min-shift reach exceiver.tl.perturb: the CSV is its table for them."""
+    import pandas as pd
+
+    from exceiver.tl import perturb
+
+    tables = {}
+    for min_shift in ("0", "1000"):
+        out = tmp_path / f"effects-{min_shift}.csv"
+        assert main(["-q", "perturb", str(tiny_model_dir), str(counts_file), "--gene", "G0003", "--query-gene", "G0001",
+                     "--query-gene", "G0010", "--min-shift", min_shift, "--out", str(out)]) == 0
+        tables[min_shift] = pd.read_csv(out)
+    assert sorted(tables["0"]["gene"]) == ["G0001", "G0010"]
+    assert (tables["0"]["fraction_affected"] > 0).all() and (tables["1000"]["fraction_affected"] == 0).all()
+    python = perturb(exceiver.Exceiver.load(tiny_model_dir), ad.read_h5ad(counts_file), ["G0003"],
+                     query_genes=["G0001", "G0010"], min_shift=0.0, progress=False)
+    pd.testing.assert_frame_equal(tables["0"], python, check_dtype=False, check_categorical=False)

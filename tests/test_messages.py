@@ -16,6 +16,7 @@ import torch
 from exceiver import Exceiver, ExceiverInputError, TrainingConfig, finetune, pretrain
 from exceiver.cli import main
 from exceiver.data.counts import NON_INTEGER_LIMIT
+from exceiver.devices import inference_device, training_accelerator
 from exceiver.errors import option, plain, speaking
 from exceiver.progress import progress_bar
 
@@ -127,6 +128,36 @@ def test_python_calls_check_devices_in_python_words(cpu_only, tiny_model_dir):
     with pytest.raises(ExceiverInputError, match="^accelerator='gpu' is not available"):
         TrainingConfig(accelerator="gpu")
     assert TrainingConfig(precision="bf16-mixed", accelerator="cpu", devices=2).precision == "bf16-mixed"
+
+
+def _machine(monkeypatch, n_cuda: int, mps: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n_cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.parametrize("n_cuda, mps, chosen", [(2, True, "cuda"), (1, False, "cuda"), (0, True, "mps"),
+                                                 (0, False, "cpu")])
+def test_auto_is_a_cuda_gpu_then_an_apple_gpu_then_the_cpu(monkeypatch, n_cuda, mps, chosen):
+    _machine(monkeypatch, n_cuda, mps)
+    assert inference_device("auto") == inference_device(None) == torch.device(chosen)
+    assert training_accelerator("auto") == chosen
+    assert training_accelerator("cpu") == "cpu"
+    if chosen != "cpu":
+        assert training_accelerator("gpu") == chosen
+
+
+def test_an_apple_gpu_runs_inference_and_training_as_one_device(monkeypatch, tiny_model_dir, tmp_path, capsys):
+    _machine(monkeypatch, 0, True)
+    assert inference_device("mps") == torch.device("mps")
+    assert TrainingConfig(accelerator="mps").accelerator == "mps" and TrainingConfig(accelerator="gpu", devices=1)
+    for accelerator in ("auto", "gpu", "mps"):
+        with pytest.raises(ExceiverInputError, match=r"^devices=2 asks for more GPUs than there are: this machine has "
+                                                     r"a CPU and an Apple GPU \(mps\)$"):
+            TrainingConfig(accelerator=accelerator, devices=2)
+    assert TrainingConfig(accelerator="cpu", devices=2).devices == 2  # CPU processes
+    _refused(capsys, "embed", [tiny_model_dir, tmp_path / "x.h5ad", "--out", tmp_path / "o.h5ad", "--device", "cuda"],
+             "--device cuda is not available: this machine has a CPU and an Apple GPU (mps)")
 
 
 # -- datasets every command refuses ------------------------------------------------------------

@@ -89,13 +89,24 @@ def test_the_tools_depend_on_the_model_protocol_not_the_model():
             assert "exceiver.model" not in imports, module
 
 
+def function_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of a function, its signature and code, without its docstring (a numpydoc section per
+    parameter is documentation to read, not logic to hold in one's head)."""
+    lines = node.end_lineno - node.lineno + 1
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
 def test_no_function_is_long():
     long = {}
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= MAX_FUNCTION:
-                long[f"{path.relative_to(PACKAGE)}:{node.name}"] = node.end_lineno - node.lineno + 1
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and function_lines(node) > MAX_FUNCTION:
+                long[f"{path.relative_to(PACKAGE)}:{node.name}"] = function_lines(node)
     assert not long, long
+    assert function_lines(ast.parse('def f():\n    """Doc\n    more."""\n    return 1\n').body[0]) == 2
 
 
 def test_the_cycle_finder_finds_cycles():

@@ -36,12 +36,12 @@ def machine() -> str:
 
 
 def inference_device(device: str | torch.device | None) -> torch.device:
-    """The torch device for inference: `None`/"auto" is the first CUDA GPU if there is one, else
-    the CPU; anything else must name a device this machine has."""
+    """The torch device for inference: `None`/"auto" is the machine's first GPU (`auto_device`);
+    anything else must name a device this machine has."""
     import torch
 
     if device is None or device == "auto":
-        return torch.device("cuda" if _cuda_count() else "cpu")
+        return torch.device(auto_device())
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError):
@@ -58,6 +58,23 @@ def inference_device(device: str | torch.device | None) -> torch.device:
     return target
 
 
+def auto_device() -> str:
+    """What "auto" runs on: a CUDA GPU, else an Apple GPU (MPS), else the CPU."""
+    if _cuda_count():
+        return "cuda"
+    return "mps" if _mps_available() else "cpu"
+
+
+def training_accelerator(accelerator: str) -> str:
+    """The accelerator a training run asks for, with "auto" and "gpu" resolved as `auto_device`
+    resolves them (Lightning's own names otherwise)."""
+    if accelerator == "auto":
+        return auto_device()
+    if accelerator == "gpu":
+        return "cuda" if _cuda_count() or not _mps_available() else "mps"
+    return accelerator
+
+
 def check_training_hardware(accelerator: str, devices: int | str, precision: str | int) -> None:
     """Refuse a Lightning accelerator, device count or precision that Lightning does not know or
     that this machine cannot run, before the data is read."""
@@ -72,8 +89,9 @@ def check_training_hardware(accelerator: str, devices: int | str, precision: str
     if accelerator not in ("auto", "cpu") and not _accelerator_available(accelerator):
         raise ExceiverInputError(f"{option('accelerator', accelerator)} is not available: {machine()}; use "
                                  f"{option('accelerator', 'cpu')} or {option('accelerator', 'auto')}")
-    n_cuda = _cuda_count()  # an unavailable accelerator was refused above
-    if n_cuda and accelerator in ("auto", "cuda", "gpu") and isinstance(devices, int) and devices > n_cuda:
+    # An unavailable accelerator was refused above; an Apple GPU is one device.
+    n_devices = {"cuda": _cuda_count(), "mps": 1}.get(training_accelerator(accelerator))
+    if n_devices and isinstance(devices, int) and devices > n_devices:
         raise ExceiverInputError(f"{option('devices', devices)} asks for more GPUs than there are: {machine()}")
 
 
