@@ -166,3 +166,13 @@ def test_pretrain_and_finetune_are_the_functions_though_modules_share_their_name
         assert isinstance(getattr(exceiver, name), types.FunctionType), name
     from exceiver import finetune, pretrain
     assert pretrain.__module__ == "exceiver.pretrain" and finetune.__module__ == "exceiver.finetune"
+
+
+def test_the_tools_are_reachable_from_the_package_alone():
+    """`import exceiver` then `exceiver.tl.impute` and `exceiver.evaluate.evaluate`, in a fresh
+    interpreter (nothing imported the subpackages before)."""
+    code = ("import exceiver; print(exceiver.tl.impute.__module__, exceiver.evaluate.evaluate.__module__, "
+            "exceiver.tl.annotate.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["exceiver.tl.imputation", "exceiver.evaluate.report", "exceiver.tl.annotation"]

@@ -88,6 +88,12 @@ def decode_expression(module: ExceiverModule, latents: torch.Tensor, query_ids: 
     return expression * (target_sum / len(conditions))
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of sums accumulated over many batches: float64, except on Apple GPUs (MPS), which
+    have none (float32 there)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def default_batch_size(device: torch.device) -> int:
     """On CPU, small batches keep the latents' activations in cache: batch 16 embedded 2.4x faster
     than 64 (`paper`) and 1.2x faster (`default`) in benchmarks/embed_throughput.py; GPUs want

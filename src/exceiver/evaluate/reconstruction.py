@@ -36,12 +36,12 @@ def masked_predictions(module: ExceiverModule, cells: CellCounts, scaler: GeneSc
         pred = module(batch).float()
         q = batch.query_mask & ~batch.query_is_zero
         rows = batch.cells[:, None].expand_as(q)
-        masked.append(torch.stack([rows[q].double(), batch.query_ids[q].double(), batch.targets[q].double(),
-                                   pred[q].double()]).cpu().numpy())
+        masked.append(torch.stack([rows[q].cpu().double(), batch.query_ids[q].cpu().double(),
+                                   batch.targets[q].cpu().double(), pred[q].cpu().double()]).numpy())
         t = batch.token_mask & ~batch.token_zero
         rows = batch.cells[:, None].expand_as(t)
-        visible.append(torch.stack([rows[t].double(), batch.gene_ids[t].double(),
-                                    batch.values[t].double()]).cpu().numpy())
+        visible.append(torch.stack([rows[t].cpu().double(), batch.gene_ids[t].cpu().double(),
+                                    batch.values[t].cpu().double()]).numpy())
     m, v = np.concatenate(masked, axis=1), np.concatenate(visible, axis=1)
     return {"cell": m[0].astype(np.int64), "gene": m[1].astype(np.int64), "target": m[2], "model": m[3],
             "visible_cell": v[0].astype(np.int64), "visible_gene": v[1].astype(np.int64), "visible_value": v[2]}

@@ -18,7 +18,7 @@ from typing_extensions import Unpack
 from exceiver.data.contract import ReadingOptions
 from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError
-from exceiver.inference import CellModel, iterate_batches, on_device
+from exceiver.inference import CellModel, iterate_batches, on_device, sum_dtype
 from exceiver.io import write_json
 from exceiver.outputs import atomic_dir
 from exceiver.tl.edit import require_token_model
@@ -106,8 +106,9 @@ def attention_routes(model: CellModel, adata: ad.AnnData, genes: Sequence[str], 
     with on_device(module, device) as device:
         module.eval()
         ids = ids.to(device)
-        total = torch.zeros(len(ids), len(ids), dtype=torch.float64, device=device)
-        n = torch.zeros(len(ids), dtype=torch.float64, device=device)
+        dtype = sum_dtype(device)
+        total = torch.zeros(len(ids), len(ids), dtype=dtype, device=device)
+        n = torch.zeros(len(ids), dtype=dtype, device=device)
         for batch in iterate_batches(read.in_memory(), model.scaler, model.tokenizer, batch_size=batch_size,
                                      device=device, progress=progress, desc="attention"):
             encoded, encoder = module.encode_tokens(batch.gene_ids, batch.values, batch.token_mask, need_weights=True)
@@ -115,7 +116,7 @@ def attention_routes(model: CellModel, adata: ad.AnnData, genes: Sequence[str], 
             _, decoder = module.decode(latents, ids.expand(len(batch), -1), need_weights=True)  # [B, heads, T, latents]
             routes = decoder.mean(1) @ encoder.mean(1)  # [B, T, L]: target query -> token
             source = (batch.gene_ids[:, :, None] == ids) & batch.token_mask[:, :, None]  # [B, L, S]
-            total += torch.einsum("btl,bls->st", routes.double(), source.double())
+            total += torch.einsum("btl,bls->st", routes.to(dtype), source.to(dtype))
             n += source.any(1).sum(0)
     names = [str(g) for g in genes]
     matrix = (total / n[:, None]).cpu().numpy()

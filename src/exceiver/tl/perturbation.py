@@ -23,7 +23,7 @@ from exceiver.data.preprocess import log_normalise
 from exceiver.data.tokenizer import CellBatch
 from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError, option, plain
-from exceiver.inference import CellModel, decode_values, iterate_batches, on_device
+from exceiver.inference import CellModel, decode_values, iterate_batches, on_device, sum_dtype
 from exceiver.tl.edit import knockout, require_token_model, set_value
 
 log = logging.getLogger(__name__)
@@ -156,13 +156,14 @@ def _effect_sums(model: CellModel, cells: CellCounts, perturbations: list[Pertur
                  desc: str) -> dict[str, np.ndarray]:
     module = model.module
     query = torch.as_tensor(query_ids, device=device)
-    std = torch.as_tensor(model.scaler.value_scale(query_ids), device=device, dtype=torch.float64)
-    n = torch.zeros(len(perturbations), dtype=torch.float64, device=device)
-    sums = {k: torch.zeros(len(perturbations), len(query_ids), dtype=torch.float64, device=device)
+    dtype = sum_dtype(device)
+    std = torch.as_tensor(model.scaler.value_scale(query_ids), device=device, dtype=dtype)
+    n = torch.zeros(len(perturbations), dtype=dtype, device=device)
+    sums = {k: torch.zeros(len(perturbations), len(query_ids), dtype=dtype, device=device)
             for k in ("shift", "baseline", "affected")}
     for batch in iterate_batches(cells, model.scaler, model.tokenizer, batch_size=batch_size, device=device,
                                  progress=progress, desc=desc):
-        baseline = _predict(module, batch, query).double()
+        baseline = _predict(module, batch, query).to(dtype)
         for p, perturbation in enumerate(perturbations):
             if perturbation.value is None:
                 edited, hit = knockout(batch, perturbation.gene_id, module.pad_id)
@@ -171,7 +172,7 @@ def _effect_sums(model: CellModel, cells: CellCounts, perturbations: list[Pertur
                 hit = torch.ones(len(batch), dtype=torch.bool, device=device)
             if not hit.any():
                 continue
-            shift = _predict(module, _rows(edited, hit), query).double() - baseline[hit]
+            shift = _predict(module, _rows(edited, hit), query).to(dtype) - baseline[hit]
             n[p] += hit.sum()
             sums["shift"][p] += shift.sum(0)
             sums["baseline"][p] += baseline[hit].sum(0)
