@@ -237,3 +237,18 @@ def test_perturb_real_pbmc_genes(shared_dir):
     observed = effects.groupby("group")["n_cells"].first()
     assert observed.to_dict() == per_type[per_type > 0].to_dict()
     assert np.isfinite(effects["mean_shift"]).all()
+
+
+def test_perturb_records_its_table_in_uns_as_scanpy_tools_do(tiny_model_dir, counts_adata, tmp_path):
+    model = Exceiver.load(tiny_model_dir)
+    adata = counts_adata.copy()
+    effects = perturb(model, adata, "G0003", "overexpress", progress=False)
+    written = adata.uns["exceiver"]["exceiver_perturbation"]
+    assert written["genes"] == ["G0003"] and written["mode"] == "overexpress"
+    pd.testing.assert_frame_equal(written["effects"], effects)
+    adata.write_h5ad(tmp_path / "a.h5ad")  # the table is a plain DataFrame that .h5ad files hold
+    again = ad.read_h5ad(tmp_path / "a.h5ad").uns["exceiver"]["exceiver_perturbation"]["effects"]
+    np.testing.assert_allclose(again["mean_shift"].to_numpy(), effects["mean_shift"].to_numpy())
+    untouched = counts_adata.copy()
+    perturb(model, untouched, "G0003", progress=False, inplace=False)
+    assert "exceiver" not in untouched.uns

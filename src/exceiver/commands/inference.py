@@ -210,7 +210,8 @@ def run_perturb(args: argparse.Namespace) -> None:
     from exceiver.tl import perturb
 
     with model_and_data(args) as (model, name, adata):
-        effects = perturb(model, adata, args.gene, name=name, progress=not args.quiet, **perturb_settings(args))
+        effects = perturb(model, adata, args.gene, name=name, inplace=False, progress=not args.quiet,
+                          **perturb_settings(args))
         write_csv(effects, args.out, overwrite=args.overwrite)
     top = effects.loc[effects["gene"] != effects["perturbed_gene"]].head(3)
     print(f"wrote {args.out}: {len(effects):,} rows; strongest: "

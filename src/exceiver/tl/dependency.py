@@ -82,7 +82,7 @@ def gene_dependencies(model: CellModel, adata: ad.AnnData, genes: Sequence[str],
         raise ExceiverInputError("a dependency map needs at least 2 genes")
     options = {"batch_size": batch_size, "device": device, "progress": progress, **reading}
     table = perturb(model, adata, genes, mode, query_genes=genes, groupby=groupby, groups=groups, quantile=quantile,
-                    min_shift=min_shift, **options)
+                    min_shift=min_shift, inplace=False, **options)
     effects = table.pivot(index="perturbed_gene", columns="gene", values="effect_size")
     effects = effects.reindex(index=genes, columns=genes)
     attention = attention_routes(model, adata, genes, **options)

@@ -23,7 +23,7 @@ from exceiver.data.preprocess import log_normalise
 from exceiver.data.tokenizer import CellBatch
 from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError, option, plain
-from exceiver.inference import CellModel, decode_values, iterate_batches, on_device, sum_dtype
+from exceiver.inference import CellModel, decode_values, iterate_batches, on_device, record, sum_dtype
 from exceiver.tl.edit import knockout, require_token_model, set_value
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,9 @@ class Perturbation:
 
 def perturb(model: CellModel, adata: ad.AnnData, genes: Sequence[str] | str, mode: str | float = "knockout", *,
             query_genes: Sequence[str] | None = None, groupby: str | None = None, groups: Sequence[str] | None = None,
-            quantile: float = 0.95, min_shift: float = 0.1, batch_size: int | None = None, device: str | None = None,
-            progress: bool = True, **reading: Unpack[ReadingOptions]) -> pd.DataFrame:
+            quantile: float = 0.95, min_shift: float = 0.1, key_added: str = "exceiver_perturbation",
+            inplace: bool = True, batch_size: int | None = None, device: str | None = None, progress: bool = True,
+            **reading: Unpack[ReadingOptions]) -> pd.DataFrame:
     """Predicted effect of perturbing each of `genes` (one at a time) on each query gene.
 
     Parameters
@@ -68,6 +69,9 @@ def perturb(model: CellModel, adata: ad.AnnData, genes: Sequence[str] | str, mod
         An obs column: effects are summarised per group (`groups`: only these).
     min_shift
         A cell counts as affected when a query gene moves by more than this (log-normalised units).
+    key_added, inplace
+        The table and the settings go to `adata.uns["exceiver"][key_added]` (as
+        `rank_genes_groups` writes to `uns`), unless `inplace=False`.
     batch_size, device, progress
         How inference runs.
     **reading
@@ -100,6 +104,9 @@ def perturb(model: CellModel, adata: ad.AnnData, genes: Sequence[str] | str, mod
     table = pd.concat([t for t in tables if len(t)], ignore_index=True)  # a perturbed gene is expressed in some group
     if groupby is None:
         table = table.drop(columns="group")
+    if inplace:
+        record(adata, key_added, {"mode": str(mode), "genes": [p.gene for p in perturbations], "groupby": groupby,
+                                  "quantile": float(quantile), "min_shift": float(min_shift), "effects": table})
     return table
 
 
