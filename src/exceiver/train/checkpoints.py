@@ -113,12 +113,20 @@ class RunState:
                 f"cannot resume {self.out}: this run differs from the interrupted one ({'; '.join(differences[:4])}); "
                 "resume with the same data and settings")
         log.info("resuming %s from its checkpoint (%s)", self.out, self.describe(info))
-        step = int(info.get("step", 0))
+        step = self._checkpoint_step(int(info.get("step", 0)))
         previous = self.folder / "logs" / "metrics.csv"
         if previous.is_file():  # Lightning's CSV logger would delete it: keep it for the final logs
             previous.replace(self.folder / f"metrics-until-step-{step}.csv")
         self._write_info({**info, "resumed_from_steps": [*info.get("resumed_from_steps", []), step]})
         return self.checkpoint
+
+    def _checkpoint_step(self, recorded: int) -> int:
+        """The step the checkpoint holds: run.json follows it, so a run killed between the two
+        writes has run.json one save behind; the checkpoint is the truth."""
+        if not self.checkpoint.is_file():
+            return recorded
+        saved = torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        return int(saved.get("global_step", recorded))
 
     def save(self, trainer: L.Trainer, reason: str) -> None:
         """Save a checkpoint (every process calls this; rank 0 writes), atomically."""
