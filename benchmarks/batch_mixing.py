@@ -1,6 +1,6 @@
 """Batch covariates: scVI with its batch key against exceiver's `pretrain --batch-key`, on the same
-file, for the same wall time, with the same threads, in the same run; PCA and exceiver without a
-batch key beside them.
+file, for the same wall time, with the same threads, in the same run; PCA (the efficiency
+benchmark's recipe, `pca_hvg2000_seurat_scaled_50`) and exceiver without a batch key beside them.
 
 cellbench (lung cancer cell lines measured by CEL-seq2 and by Drop-seq) is the target: cell lines
 should separate, the two technologies should mix. scVI (scvi-tools' recipe with a batch: the
@@ -16,38 +16,18 @@ sizes allow) and 1 - |batch silhouette|.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
-import time
-import warnings
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
-import scanpy as sc
 
-from efficiency import _threads, _write, pca  # the same recipes as the efficiency benchmark
+from common import (TARGETS as SHARED_TARGETS, add_model_overrides_option, add_targets_option, add_threads_option,
+                    benchmark_parser, pca_hvg2000_seurat_scaled_50, pca_legend, quiet, read_result, scvi_baseline,
+                    shared_folder, threads, write_result)
 from exceiver import pretrain
-from exceiver.cli_parser import model_option
 from exceiver.evaluate.cells import batch_scores, knn_cross_validated
 
-TARGETS = {"cellbench": ("cellbench_lung_celllines_1408", "cell_type", "assay", "gene_symbol")}
-
-
-def scvi_with_batches(adata: ad.AnnData, batch_key: str) -> tuple[np.ndarray, float]:
-    import scvi  # the [bench] extra
-
-    scvi.settings.seed = 0
-    counts = ad.AnnData(adata.X.astype(np.float32), obs=adata.obs[[batch_key]].copy(), var=adata.var[[]].copy())
-    counts = counts[:, np.asarray((counts.X > 0).sum(0)).ravel() > 0].copy()
-    sc.pp.highly_variable_genes(counts, flavor="seurat_v3", n_top_genes=2000, batch_key=batch_key, subset=True)
-    scvi.model.SCVI.setup_anndata(counts, batch_key=batch_key)
-    model = scvi.model.SCVI(counts)
-    start = time.perf_counter()
-    model.train(accelerator="cpu", enable_progress_bar=False)
-    return model.get_latent_representation(), time.perf_counter() - start
+TARGETS = {"cellbench": SHARED_TARGETS["cellbench"]}
+PCA_RECIPE = "pca_hvg2000_seurat_scaled_50"  # the efficiency benchmark's
 
 
 def judge(embedding: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> dict:
@@ -55,60 +35,61 @@ def judge(embedding: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
-    parser.add_argument("--set", dest="model", action="append", default=[], type=model_option,
-                        help="FIELD=VALUE override for an extra variant with the batch key (repeatable)")
+    add_threads_option(parser)
+    add_targets_option(parser, TARGETS)
+    add_model_overrides_option(parser, "FIELD=VALUE override for an extra variant with the batch key (repeatable)")
     parser.add_argument("--variant", help="name of that extra variant")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    data = Path(os.environ.get("EXCEIVER_SHARED", "../shared")) / "data"
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    data = shared_folder() / "data"
+    quiet()
     for name in args.targets:
-        file, label_key, batch_key, gene_key = TARGETS[name]
+        target = TARGETS[name]
         path = args.out / f"{name}.json"
-        result = json.loads(path.read_text()) if path.exists() else {"target": name, "batch_key": batch_key}
-        adata = ad.read_h5ad(data / f"{file}.h5ad")
-        labels, batches = (adata.obs[k].astype(str).to_numpy() for k in (label_key, batch_key))
+        result = read_result(path, {"target": name, "batch_key": target.batch_key})
+        adata = target.read(data)
+        labels, batches = target.labels(adata), adata.obs[target.batch_key].astype(str).to_numpy()
         if "pca" not in result:
-            result["pca"] = judge(pca(adata)[0], labels, batches)
+            result["pca"] = {"recipe": PCA_RECIPE, **judge(pca_hvg2000_seurat_scaled_50(adata), labels, batches)}
         if "scvi_batch" not in result:
-            _threads(args.threads)
-            embedding, seconds = scvi_with_batches(adata, batch_key)
-            result["scvi_batch"] = {"seconds": seconds, **judge(embedding, labels, batches)}
+            threads(args.threads)
+            model, seconds = scvi_baseline(adata, batch_key=target.batch_key)
+            result["scvi_batch"] = {"seconds": seconds, **judge(model.get_latent_representation(), labels, batches)}
             result["budget_minutes"] = seconds / 60
-            _write(path, result)
-        variants = [("exceiver_batch", batch_key, {}), ("exceiver", None, {})]
+            write_result(result, path)
+        variants = [("exceiver_batch", target.batch_key, {}), ("exceiver", None, {})]
         if args.variant:
-            variants.append((f"exceiver_batch_{args.variant}", batch_key, dict(args.model)))
+            variants.append((f"exceiver_batch_{args.variant}", target.batch_key, dict(args.model)))
         for variant, key, settings in variants:
             if variant in result:
                 continue
-            _threads(args.threads)
-            model = pretrain(adata, None, gene_key=gene_key, batch_key=key, model=settings,
+            threads(args.threads)
+            model = pretrain(adata, None, gene_key=target.gene_key, batch_key=key, model=settings,
                              max_minutes=result["budget_minutes"], max_epochs=100_000, patience=100_000, progress=False)
             embedding = model.embed(adata, inplace=False, progress=False)
             result[variant] = {"steps": model.metrics["steps"], **judge(embedding, labels, batches)}
-            _write(path, result)
+            write_result(result, path)
         table(result)
 
 
 def table(result: dict) -> None:
     print(f"\n{result['target']} ({result['batch_key']}), {result['budget_minutes']:.1f} min each "
           f"(scVI's default training time)")
-    print(f"{'method':<28}{'kNN macro-F1':>14}{'batch entropy':>15}{'1-|batch ASW|':>15}")
+    print(f"{'method':<30}{'kNN macro-F1':>14}{'batch entropy':>15}{'1-|batch ASW|':>15}")
+    recipe = result["pca"].get("recipe", PCA_RECIPE)  # results written before they recorded it: this one
     for method in ["pca", "scvi_batch", "exceiver", "exceiver_batch",
                    *sorted(k for k in result if k.startswith("exceiver_batch_"))]:
         if method in result:
             m = result[method]
-            print(f"{method:<28}{m['knn_macro_f1']:14.3f}{m['batch_entropy']:15.3f}{m['batch_asw']:15.3f}")
+            print(f"{recipe if method == 'pca' else method:<30}{m['knn_macro_f1']:14.3f}{m['batch_entropy']:15.3f}"
+                  f"{m['batch_asw']:15.3f}")
     if "exceiver_batch" in result:
         e, s = result["exceiver_batch"], result["scvi_batch"]
         print(f"exceiver/scVI: kNN {e['knn_macro_f1'] / s['knn_macro_f1']:.3f}x, "
               f"batch entropy {e['batch_entropy'] / s['batch_entropy']:.3f}x")
+    print(pca_legend([recipe]))
 
 
 if __name__ == "__main__":

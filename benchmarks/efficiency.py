@@ -1,5 +1,6 @@
 """Learning per CPU-minute: scVI and exceiver on the same file, for the same wall time, with the
-same threads, in the same run; PCA beside them.
+same threads, in the same run; PCA beside them (`pca_hvg2000_seurat_scaled_50`: scanpy's tutorial
+recipe, 50 components of the 2,000 HVGs scaled to unit variance; see common.py).
 
 For each target, scVI (scvi-tools, its tutorial recipe: raw counts of the 2,000 seurat_v3 highly
 variable genes, the default model, the default number of epochs) trains first and its training
@@ -27,33 +28,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import logging
-import os
 import time
-import warnings
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import scanpy as sc
 import torch
-
-from exceiver import Exceiver, TrainingConfig, pretrain
-from exceiver.cli_parser import model_option
-from exceiver.evaluate.cells import depth_r2, knn_cross_validated, leiden_clusters
 from sklearn.metrics import adjusted_rand_score
 
-# target: (file, label column, fixed budget in minutes or None for scVI's default training)
-TARGETS = {
-    "zeisel": ("gpsfish_zeisel_mouse_cortex_550", "cell_type", None),
-    "pbmc3k": ("pbmc3k_seurat_2638", "cell_type", None),
-    "cellbench": ("cellbench_lung_celllines_1408", "cell_type", None),
-    "joost": ("joost2016_mouse_skin_epidermis_720", "cell_type", None),
-    "pbmc3k_10min": ("pbmc3k_seurat_2638", "cell_type", 10.0),
-}
-# Gene symbols where var_names are other identifiers (a pretrained model's vocabulary is symbols).
-GENE_KEYS = {"cellbench": "gene_symbol"}
+from common import (TARGETS as SHARED_TARGETS, add_model_overrides_option, add_targets_option, add_threads_option,
+                    benchmark_parser, pca_hvg2000_seurat_scaled_50, pca_legend, quiet, read_result, scvi_baseline,
+                    shared_folder, threads, write_result)
+from exceiver import Exceiver, TrainingConfig, pretrain
+from exceiver.evaluate.cells import depth_r2, knn_cross_validated, leiden_clusters
+
+TARGETS = {name: SHARED_TARGETS[name] for name in ("zeisel", "pbmc3k", "cellbench", "joost")}
+TARGETS["pbmc3k_10min"] = SHARED_TARGETS["pbmc3k"]
+# A target with a fixed budget in minutes for both; the others: scVI's default training, timed.
+FIXED_MINUTES = {"pbmc3k_10min": 10.0}
+PCA_RECIPE = "pca_hvg2000_seurat_scaled_50"  # the PCA baseline of this benchmark (and batch_mixing's)
 
 
 def scores(embedding: np.ndarray, labels: np.ndarray, log_depth: np.ndarray) -> dict:
@@ -62,38 +55,10 @@ def scores(embedding: np.ndarray, labels: np.ndarray, log_depth: np.ndarray) -> 
             "depth_r2": depth_r2(embedding, log_depth)}
 
 
-def hvg_counts(adata: ad.AnnData) -> ad.AnnData:
-    """scVI's input: raw counts of the 2,000 seurat_v3 highly variable genes."""
-    counts = ad.AnnData(adata.X.astype(np.float32), obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
-    counts = counts[:, np.asarray((counts.X > 0).sum(0)).ravel() > 0].copy()
-    sc.pp.highly_variable_genes(counts, flavor="seurat_v3", n_top_genes=2000, subset=True)
-    return counts
-
-
-def pca(adata: ad.AnnData) -> tuple[np.ndarray, float]:
-    start = time.perf_counter()
-    logn = ad.AnnData(adata.X.astype(np.float32))
-    sc.pp.normalize_total(logn, target_sum=1e4)
-    sc.pp.log1p(logn)
-    sc.pp.highly_variable_genes(logn, n_top_genes=2000, subset=True)
-    sc.pp.scale(logn, max_value=10)
-    sc.pp.pca(logn, n_comps=50, random_state=0)
-    return logn.obsm["X_pca"], time.perf_counter() - start
-
-
 def scvi_run(adata: ad.AnnData, minutes: float | None) -> dict:
-    import scvi  # the [bench] extra
-
-    scvi.settings.seed = 0
-    counts = hvg_counts(adata)
-    scvi.model.SCVI.setup_anndata(counts)
-    model = scvi.model.SCVI(counts)
-    budget = {"max_time": {"seconds": minutes * 60}, "max_epochs": 100_000} if minutes else {}
-    start = time.perf_counter()
-    model.train(accelerator="cpu", enable_progress_bar=False, **budget)
-    seconds = time.perf_counter() - start
+    model, seconds = scvi_baseline(adata, minutes=minutes)
     trainer = model.trainer
-    n_train = int(round(counts.n_obs * 0.9))  # scVI's default train_size
+    n_train = int(round(model.adata.n_obs * 0.9))  # scVI's default train_size
     epochs = int(trainer.current_epoch)
     return {"seconds": seconds, "steps": int(trainer.global_step), "epochs": epochs,
             "cells_per_s": epochs * n_train / seconds, "embedding": model.get_latent_representation()}
@@ -132,58 +97,52 @@ def zero_shot_run(adata: ad.AnnData, warm: dict) -> dict:
             "warm_start": {k: str(v) for k, v in warm.items()}, "zero_shot": True, "embedding": embedding}
 
 
-def run_target(name: str, data: Path, out: Path, threads: int | None, variant: str, model: dict,
+def run_target(name: str, data: Path, out: Path, n_threads: int | None, variant: str, model: dict,
                training: dict, minutes: float | None, warm: dict, zero_shot: bool = False) -> None:
     """PCA and scVI once per target (OUT/<target>/baselines.json), then exceiver's `variant` with
     the `model` overrides for scVI's time or `minutes` (OUT/<target>/<variant>.json)."""
-    file, label_key, fixed = TARGETS[name]
-    adata = ad.read_h5ad(data / f"{file}.h5ad")
-    labels = adata.obs[label_key].astype(str).to_numpy()
+    target, fixed = TARGETS[name], FIXED_MINUTES.get(name)
+    adata = target.read(data)
+    labels = target.labels(adata)
     log_depth = np.log1p(np.asarray(adata.X.sum(1)).ravel())
     folder = out / name
     folder.mkdir(exist_ok=True)
     baselines = folder / "baselines.json"
     if not baselines.exists():
-        result = {"target": name, "file": file, "n_cells": adata.n_obs, "n_types": len(set(labels)),
-                  "threads": threads or torch.get_num_threads(), "torch": torch.__version__}
-        x, seconds = pca(adata)
-        result["pca"] = {"seconds": seconds, **scores(x, labels, log_depth)}
-        _threads(threads)  # scanpy's numerical libraries reset torch's thread count
+        result = {"target": name, "file": target.file, "n_cells": adata.n_obs, "n_types": len(set(labels)),
+                  "threads": n_threads or torch.get_num_threads(), "torch": torch.__version__}
+        start = time.perf_counter()
+        x = pca_hvg2000_seurat_scaled_50(adata)
+        result["pca"] = {"recipe": PCA_RECIPE, "seconds": time.perf_counter() - start, **scores(x, labels, log_depth)}
+        threads(n_threads)  # scanpy's numerical libraries reset torch's thread count
         run = scvi_run(adata, fixed)
         embedding = run.pop("embedding")
         result["scvi"] = {**run, **scores(embedding, labels, log_depth)}
         result["budget_minutes"] = fixed or run["seconds"] / 60
-        _write(baselines, result)
-    budget = minutes or json.loads(baselines.read_text())["budget_minutes"]
-    _threads(threads)
-    if warm and name in GENE_KEYS:
-        warm = {**warm, "gene_key": GENE_KEYS[name]}
+        write_result(result, baselines)
+    budget = minutes or read_result(baselines, {})["budget_minutes"]
+    threads(n_threads)
+    if warm and target.gene_key:
+        warm = {**warm, "gene_key": target.gene_key}  # a pretrained model knows genes by symbol
     run = zero_shot_run(adata, warm) if zero_shot else exceiver_run(adata, budget, model, training, warm)
     embedding = run.pop("embedding")
     run["other_poolings"] = {pooling: knn_cross_validated(x, labels)["knn_macro_f1"]
                              for pooling, x in run["other_poolings"].items()}  # kNN macro-F1 of the other readouts
-    _write(folder / f"{variant}.json", {"budget_minutes": budget, **run, **scores(embedding, labels, log_depth)})
-
-
-def _threads(threads: int | None) -> None:
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # what `pretrain` sizes its threads by
-        torch.set_num_threads(threads)
-
-
-def _write(path: Path, result: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    write_result({"budget_minutes": budget, **run, **scores(embedding, labels, log_depth)}, folder / f"{variant}.json")
 
 
 def table(out: Path) -> None:
-    print(f"{'target':<14}{'budget':>8}  {'method':<22}{'kNN F1':>8}{'ARI':>7}{'depth R2':>9}{'cells/s':>9}"
+    """Every finished run, the PCA row named by its recipe (baselines written before results
+    recorded their recipe were this benchmark's one recipe too)."""
+    print(f"{'target':<14}{'budget':>8}  {'method':<30}{'kNN F1':>8}{'ARI':>7}{'depth R2':>9}{'cells/s':>9}"
           f"{'steps':>7}  notes")
+    recipes = set()
     for baselines in sorted(out.glob("*/baselines.json")):
-        r = json.loads(baselines.read_text())
-        rows = [("pca", r["pca"], None), ("scvi", r["scvi"], r["budget_minutes"])]
-        rows += [(p.stem, json.loads(p.read_text()), None) for p in sorted(baselines.parent.glob("*.json"))
+        r = read_result(baselines, {})
+        recipe = r["pca"].get("recipe", PCA_RECIPE)
+        recipes.add(recipe)
+        rows = [(recipe, r["pca"], None), ("scvi", r["scvi"], r["budget_minutes"])]
+        rows += [(p.stem, read_result(p, {}), None) for p in sorted(baselines.parent.glob("*.json"))
                  if p.name != "baselines.json"]
         for i, (method, m, budget) in enumerate(rows):
             note = ""
@@ -195,8 +154,10 @@ def table(out: Path) -> None:
             rate = f"{m['cells_per_s']:9.0f}" if "cells_per_s" in m else " " * 9
             steps = f"{m['steps']:7d}" if "steps" in m else " " * 7
             when = f"{budget:.1f}m" if budget else ""
-            print(f"{r['target'] if i == 0 else '':<14}{when:>8}  {method:<22}{m['knn_macro_f1']:8.3f}"
+            print(f"{r['target'] if i == 0 else '':<14}{when:>8}  {method:<30}{m['knn_macro_f1']:8.3f}"
                   f"{m['leiden_ari']:7.3f}{m['depth_r2']:9.3f}{rate}{steps}  {note}")
+    if recipes:
+        print(pca_legend(sorted(recipes)))
 
 
 def training_option(text: str) -> tuple[str, float]:
@@ -209,13 +170,12 @@ def training_option(text: str) -> tuple[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
+    add_targets_option(parser, TARGETS)
+    add_threads_option(parser)
     parser.add_argument("--variant", default="exceiver", help="name of this exceiver run (default: exceiver)")
-    parser.add_argument("--set", dest="model", action="append", default=[], type=model_option,
-                        help="FIELD=VALUE override of the default preset for this variant (repeatable)")
+    add_model_overrides_option(parser, "FIELD=VALUE override of the default preset for this variant (repeatable)")
     parser.add_argument("--train", action="append", default=[], type=training_option,
                         help="FIELD=VALUE of TrainingConfig for this variant, e.g. learning_rate=4e-3 (repeatable)")
     parser.add_argument("--minutes", type=float, default=None,
@@ -232,9 +192,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.table:
-        data = Path(os.environ.get("EXCEIVER_SHARED", "../shared")) / "data"
-        logging.getLogger("lightning").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore")
+        data = shared_folder() / "data"
+        quiet()
         for name in args.targets:
             if not (args.out / name / f"{args.variant}.json").exists():
                 warm = {"init": args.init, "gene_map": args.gene_map, "extend_genes": args.extend_genes,

@@ -3,12 +3,11 @@ vocabulary, ~2,000 expressed genes per cell), for the `paper` and `default` pres
 formulation of the original (every vocabulary gene a token, a key padding mask,
 `nn.MultiheadAttention` and post-norm `nn.TransformerEncoder`) timed in the same run.
 
-    python benchmarks/embed_throughput.py [--cells 2048] [--dense-cells 128] [--batch-sizes 16 64]
+    python benchmarks/embed_throughput.py [--cells 2048] [--dense-cells 128] [--batch-sizes 16 64] [--threads N]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -16,6 +15,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from common import add_threads_option, benchmark_parser, threads
 from exceiver.data.cells import CellCounts
 from exceiver.data.preprocess import GeneScaler
 from exceiver.data.tokenizer import TokenizerConfig, make_batch
@@ -127,11 +127,13 @@ def max_difference_from_dense(cells: CellCounts, scaler: GeneScaler, config: Exc
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--cells", type=int, default=2048)
     parser.add_argument("--dense-cells", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    add_threads_option(parser)
     args = parser.parse_args()
+    threads(args.threads)
     torch.manual_seed(0)
     cells = tabula_sapiens_like(args.cells)
     scaler = GeneScaler.fit(cells)

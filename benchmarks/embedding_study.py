@@ -16,38 +16,21 @@ This is the regression check of the identity work: rerun it after changing the m
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import anndata as ad
 
+from common import (ANNOTATIONS, HUMAN_CORPUS, MOUSE_CORPUS, ORTHOLOGS, PROTEIN_CODING_GENES,
+                    TARGETS as SHARED_TARGETS, add_targets_option, benchmark_parser, pca_legend, read_result,
+                    shared_folder, write_result)
 from exceiver import Exceiver, pretrain
 from exceiver.data.genemap import map_genes, read_gene_map
 from exceiver.evaluate.genes import read_annotations
 
-HUMAN = [
-    "pisces_pbmc_1000", "scwg_1k_PBMC_v2_raw", "scwg_1k_PBMC_v3_filt", "scwg_5prime_PBMC_filt_1kcells",
-    "streak_malt_lymphoma_10x_2100", "celltypist_sample_559", "card_pdac_1926_7kgenes", "copykat_breast_tumor_302",
-    "numbat_anaplastic_thyroid_carcinoma_173", "camp2015_human_fetal_neocortex_soup_220",
-    "janesick2023_breast_cancer_flex_scllm_100", "cellxgene_fetal_telencephalon_culture_hvg2000_4474",
-    "pollen2014_cortex_fluidigm_65",
-]
-MOUSE = [
-    "adam2017_mouse_kidney_loopofhenle_479", "bastidas_ponce2019_mouse_pancreas_veloviz_739",
-    "grun2016_mouse_intestine_raceid_430", "mca_mouse_stomach_intestine_scgoclust_219", "scde_mouse_esc_mef_40",
-    "ziegenhain2017_mouse_esc_protocols_262", "zilionis2019_mouse_lung_immune_800",
-]
-# target: (file, label column, batch column, gene column, mouse?)
-TARGETS = {
-    "pbmc3k": ("pbmc3k_seurat_2638", "cell_type", None, None, False),
-    "cellbench": ("cellbench_lung_celllines_1408", "cell_type", "assay", "gene_symbol", False),
-    "zeisel_cortex": ("gpsfish_zeisel_mouse_cortex_550", "cell_type", None, None, True),
-    "joost_epidermis": ("joost2016_mouse_skin_epidermis_720", "cell_type", None, None, True),
-}
+TARGETS = {"pbmc3k": SHARED_TARGETS["pbmc3k"], "cellbench": SHARED_TARGETS["cellbench"],
+           "zeisel_cortex": SHARED_TARGETS["zeisel"], "joost_epidermis": SHARED_TARGETS["joost"]}
 SOURCES = ["GO_BP", "GO_CC", "GO_MF", "MSigDB_H", "MSigDB_REACTOME", "CORUM"]
 # variant: (preset, model overrides, training overrides). Every objective is spelled out, so that a
 # variant means the same whatever the `default` preset is (which this study chose: see docs/evaluation.md).
@@ -80,17 +63,18 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
 
 
 def read_target(data: Path, name: str, orthologs) -> tuple[ad.AnnData, str, str | None, str | None]:
-    file, label_key, batch_key, gene_key, mouse = TARGETS[name]
-    adata = ad.read_h5ad(data / f"{file}.h5ad")
-    if mouse:
-        adata, gene_key = map_genes(adata, orthologs, name=file), None
-    return adata, label_key, batch_key, gene_key
+    """A target as the human-symbol models read it: mouse cells through the ortholog table."""
+    target = TARGETS[name]
+    adata, gene_key = target.read(data), target.gene_key
+    if target.species == "mouse":
+        adata, gene_key = map_genes(adata, orthologs, name=target.file), None
+    return adata, target.label_key, target.batch_key, gene_key
 
 
 def corpus(data: Path, orthologs) -> list[ad.AnnData]:
-    human = [ad.read_h5ad(data / f"{n}.h5ad") for n in HUMAN]
+    human = [ad.read_h5ad(data / f"{n}.h5ad") for n in HUMAN_CORPUS]
     mouse = []
-    for n in MOUSE:
+    for n in MOUSE_CORPUS:
         adata = ad.read_h5ad(data / f"{n}.h5ad")
         gene_key = "gene_symbol" if "gene_symbol" in adata.var.columns else None
         mouse.append(map_genes(adata, orthologs, gene_key=gene_key, name=n))
@@ -98,10 +82,10 @@ def corpus(data: Path, orthologs) -> list[ad.AnnData]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--out", type=Path, default=Path("embedding_study"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    add_targets_option(parser, TARGETS)
     parser.add_argument("--epochs", type=int, default=3,
                         help="pretraining epochs per variant (a budget in steps, not minutes, keeps "
                              "variants comparable when the machine is shared)")
@@ -114,13 +98,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
     if args.table:
-        print_tables(json.loads(results_file.read_text()))
+        print_tables(read_result(results_file, {}))
         return
-    shared = Path(os.environ.get("EXCEIVER_SHARED", "../shared"))
+    shared = shared_folder()
     data = shared / "data"
-    orthologs = read_gene_map(shared / "genes" / "human_mouse_orthologs_ensembl105.csv")
-    annotations = read_annotations(shared / "annotations" / "gene_annotations.tsv.gz")
-    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    orthologs = read_gene_map(shared / ORTHOLOGS)
+    annotations = read_annotations(shared / ANNOTATIONS)
+    results = read_result(results_file, {})
     for variant in args.variants:
         model_dir = args.out / variant / "model"
         if not (model_dir / "config.json").exists():
@@ -129,7 +113,7 @@ def main() -> None:
                 training = {"max_minutes": args.minutes, "max_epochs": 100_000, "patience": 100_000, **training}
             start = time.time()
             pretrain(corpus(data, orthologs), model_dir, preset=preset, model=overrides,
-                     genes=shared / "genes" / "protein_coding_genes_hgnc.txt",
+                     genes=shared / PROTEIN_CODING_GENES,
                      **{"max_epochs": args.epochs, "patience": args.epochs, **training},
                      progress=False, overwrite=True)
             print(f"{variant}: pretrained in {time.time() - start:.0f} s", flush=True)
@@ -149,7 +133,7 @@ def main() -> None:
             start = time.time()
             metrics = evaluate(model, adata, args.out / variant / target, label_keys=[label_key],
                                batch_key=batch_key, gene_key=gene_key, annotations=annotations, sources=SOURCES,
-                               overwrite=True, progress=False, name=TARGETS[target][0])
+                               overwrite=True, progress=False, name=TARGETS[target].file)
             labelled = adata.obs[label_key].notna().to_numpy()
             flat = model.embed(adata[labelled].copy(), pooling="flatten", inplace=False, gene_key=gene_key,
                                progress=False)
@@ -168,12 +152,9 @@ def main() -> None:
 
 def save(results: dict, results_file: Path) -> None:
     """Merge into the file (other runs of this script may write to it meanwhile), atomically."""
-    if results_file.exists():
-        results.update({k: v for k, v in json.loads(results_file.read_text()).items()
-                        if k not in results or len(v) > len(results[k])})
-    partial = results_file.with_suffix(".partial")
-    partial.write_text(json.dumps(results, indent=1))
-    partial.replace(results_file)
+    results.update({k: v for k, v in read_result(results_file, {}).items()
+                    if k not in results or len(v) > len(results[k])})
+    write_result(results, results_file)
 
 
 def readouts(model: Exceiver, adata: ad.AnnData, label_key: str, batch_key, gene_key) -> dict[str, float]:
@@ -197,7 +178,9 @@ def readouts(model: Exceiver, adata: ad.AnnData, label_key: str, batch_key, gene
 
 
 def print_tables(results: dict) -> None:
-    """Cell-identity table (kNN macro-F1 etc., Exceiver vs the best PCA recipe) and gene AUROCs."""
+    """Cell-identity table (kNN macro-F1 etc., Exceiver vs the best PCA recipe, by kNN macro-F1 among
+    exceiver.evaluate's, named in each row and captioned) and gene AUROCs."""
+    recipes = set()
     rows = ["| variant | target | masked MSE / gene mean | kNN macro-F1: Exceiver (flatten) / best PCA (recipe) | "
             "Leiden ARI | Leiden NMI | silhouette | depth R^2 |", "|---|---|---|---|---|---|---|---|"]
     for key, m in results.items():
@@ -207,6 +190,7 @@ def print_tables(results: dict) -> None:
             ours = reps["exceiver"]
             pcas = {k: v for k, v in reps.items() if k.startswith("pca")}
             best = max(pcas, key=lambda k: pcas[k]["knn_macro_f1"])
+            recipes.add(best)
             rows.append(
                 f"| {variant} | {target} | {m['reconstruction']['model']['mse_ratio']:.3f} | "
                 f"{ours['knn_macro_f1']:.3f} ({m['flatten_pooling']['knn_macro_f1']:.3f}) / "
@@ -216,6 +200,7 @@ def print_tables(results: dict) -> None:
                 f"{ours['silhouette']:.3f} / {pcas[best]['silhouette']:.3f} | "
                 f"{m['depth_r2']['exceiver']:.2f} / {m['depth_r2'][best]:.2f} |")
     print("\n".join(rows))
+    print(pca_legend(sorted(recipes)))
     print_summary(results)
     print_readouts(results)
     genes = {}
@@ -231,6 +216,8 @@ def print_tables(results: dict) -> None:
             for rep in ("exceiver", "pca_loadings", "random"):
                 print(f"| {variant} | {rep} | " + " | ".join(
                     f"{auroc[s][rep]:.3f}" if rep in auroc.get(s, {}) else "-" for s in sources) + " |")
+        print("pca_loadings: each gene's loadings on 50 components of all expressed genes of the target "
+              "(log-normalised, unscaled), times the components' standard deviations")
 
 
 def print_summary(results: dict) -> None:
@@ -264,7 +251,8 @@ def print_readouts(results: dict) -> None:
                 table.setdefault(key.split("/")[0], {}).setdefault(name, []).append(value)
     if not table:
         return
-    names = ["exceiver_mean", "exceiver_flatten", "best PCA"]
+    recipes = set()
+    names = ["exceiver_mean", "exceiver_flatten", "best PCA recipe"]
     print("\n| variant (targets) | " + " | ".join(f"{n} (cosine)" for n in names) + " |")
     print("|---|" + "---|" * len(names))
     for variant, scores in table.items():
@@ -272,13 +260,15 @@ def print_readouts(results: dict) -> None:
         n = len(next(iter(scores.values())))
         cells = []
         for name in names:
-            if name == "best PCA":
+            if name == "best PCA recipe":  # the best by each metric, each named
                 pca = [k for k in mean if k.startswith("pca") and not k.endswith("_cosine")]
-                best = max(pca, key=mean.get)
-                cells.append(f"{mean[best]:.3f} ({max(mean[k + '_cosine'] for k in pca):.3f})")
+                best, best_cosine = max(pca, key=mean.get), max(pca, key=lambda k: mean[k + "_cosine"])
+                recipes |= {best, best_cosine}
+                cells.append(f"{mean[best]:.3f} {best} ({mean[best_cosine + '_cosine']:.3f} {best_cosine})")
             else:
                 cells.append(f"{mean[name]:.3f} ({mean[name + '_cosine']:.3f})" if name in mean else "-")
         print(f"| {variant} ({n}) | " + " | ".join(cells) + " |")
+    print(pca_legend(sorted(recipes)))
 
 
 if __name__ == "__main__":

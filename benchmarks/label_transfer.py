@@ -6,8 +6,9 @@ Tasks (macro-F1 and accuracy on the query cells, which no label of theirs reache
   cellbench cell line, CEL-seq2 cells as reference and Drop-seq cells as query (a change of technology);
   kang2018 condition (IFN-beta stimulated or not), a random 10% as reference (seeds 0-2).
 Models: `own` (the default preset pretrained for --pretrain-minutes on the task's file itself,
-labels unseen) and any model folders given with --model NAME=DIR (e.g. a corpus model); `pca`: 50
-components of the file's log-normalised 2,000 most variable genes, through the same read-outs.
+labels unseen) and any model folders given with --model NAME=DIR (e.g. a corpus model); `pca`
+(`pca_hvg2000_seurat_50` in the tables): 50 components of the file's log-normalised 2,000 most
+variable genes, unscaled, through the same read-outs.
 Also: the share of cells called "unknown" and the accuracy of the others per threshold, and on
 pbmc3k a cell type left out of the reference (are its query cells called "unknown"?).
 
@@ -17,48 +18,29 @@ pbmc3k a cell type left out of the reference (are its query cells called "unknow
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 from sklearn.metrics import accuracy_score, f1_score
 
+from common import (LABEL_TASKS as TASKS, benchmark_parser, pca_hvg2000_seurat_50, pca_legend, reference_cells,
+                    shared_folder)
 from exceiver import Exceiver, pretrain
+from exceiver.io import write_csv
 from exceiver.tl.annotation import METHODS, UNKNOWN, transfer
 
-TASKS = {  # name: (file, label column, gene key of symbol-named models)
-    "pbmc3k_cell_type": ("pbmc3k_seurat_2638", "cell_type", None),
-    "cellbench_cell_line": ("cellbench_lung_celllines_1408", "cell_type", "gene_symbol"),
-    "kang_condition": ("kang2018_ifnb_harmony_2000", "condition", None),
-}
+PCA_RECIPE = "pca_hvg2000_seurat_50"  # the model named "pca" in results.csv
 THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 HELD_OUT = "B"  # the pbmc3k type left out of the reference
 
 
 def splits(task: str, adata: ad.AnnData, seeds: list[int]) -> list[tuple[int, np.ndarray]]:
-    """(seed, reference mask) of a task: CEL-seq2 vs Drop-seq for cellbench, else a random 10%."""
-    if task == "cellbench_cell_line":
-        return [(0, (adata.obs["assay"] == "CEL-seq2").to_numpy())]
-    out = []
-    for seed in seeds:
-        mask = np.zeros(adata.n_obs, dtype=bool)
-        mask[np.random.default_rng(seed).choice(adata.n_obs, round(0.1 * adata.n_obs), replace=False)] = True
-        out.append((seed, mask))
-    return out
-
-
-def pca_embedding(adata: ad.AnnData) -> np.ndarray:
-    a = adata.copy()
-    sc.pp.normalize_total(a, target_sum=1e4)
-    sc.pp.log1p(a)
-    sc.pp.highly_variable_genes(a, n_top_genes=2000, subset=True)
-    sc.pp.pca(a, n_comps=50, random_state=0)
-    return a.obsm["X_pca"]
+    """(seed, reference mask) of a task: cellbench's one (its reference is a technology), else one per seed."""
+    seeds = [0] if task == "cellbench_cell_line" else seeds
+    return [(seed, reference_cells(task, adata, seed)) for seed in seeds]
 
 
 def scores(truth: np.ndarray, proba: np.ndarray, classes: np.ndarray, threshold: float) -> dict:
@@ -97,37 +79,39 @@ def evaluate(name: str, task: str, embedding: np.ndarray, labels: np.ndarray, re
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--out", type=Path, default=Path("label_transfer"))
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="a pretrained model folder")
     parser.add_argument("--pretrain-minutes", type=float, default=3.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    data = Path(os.environ["EXCEIVER_SHARED"]) / "data"
+    data = shared_folder() / "data"
     args.out.mkdir(parents=True, exist_ok=True)
     models = dict(item.split("=", 1) for item in args.model)
     rows = []
-    for task, (file, key, symbol_key) in TASKS.items():
-        adata = ad.read_h5ad(data / f"{file}.h5ad")
-        labels = adata.obs[key].astype(str).to_numpy()
+    for task, target in TASKS.items():
+        adata = target.read(data)
+        labels = target.labels(adata)
         refs = splits(task, adata, args.seeds)
-        own = args.out / "models" / file
+        own = args.out / "models" / target.file
         if not own.exists():
             pretrain(adata, own, max_minutes=args.pretrain_minutes, progress=False)
         for name, folder in [("own", own), *models.items()]:
             model = Exceiver.load(folder)
-            gene_key = symbol_key if name != "own" else None  # the corpus models know genes by symbol
+            gene_key = target.gene_key if name != "own" else None  # the corpus models know genes by symbol
             embedding = model.embed(adata, inplace=False, gene_key=gene_key, progress=False)
             rows += evaluate(name, task, embedding, labels, refs)
-        rows += evaluate("pca", task, pca_embedding(adata), labels, refs)
+        rows += evaluate("pca", task, pca_hvg2000_seurat_50(adata), labels, refs)
         print(f"{task}: done", flush=True)
     table = pd.DataFrame(rows)
-    table.to_csv(args.out / "results.csv", index=False)
+    write_csv(table, args.out / "results.csv", overwrite=True)
     report(table)
 
 
 def report(table: pd.DataFrame) -> None:
+    """The tables of results.csv; its model "pca" printed as its recipe's key."""
+    table = table.replace({"model": {"pca": PCA_RECIPE}})
     tasks = table["task"].isin(list(TASKS))
     k15 = table["method"].eq("linear") | table["k"].eq(15)
     at_zero = table[tasks & k15 & table["threshold"].eq(0)]
@@ -143,6 +127,7 @@ def report(table: pd.DataFrame) -> None:
     print(f"\npbmc3k without {HELD_OUT} in the reference: share unknown of its query cells vs the others:")
     print(table[table["task"].str.contains("without")].pivot_table(
         index=["model", "method", "threshold"], values=["unknown_novel", "unknown_known"]).round(3).to_string())
+    print(pca_legend([PCA_RECIPE]))
 
 
 if __name__ == "__main__":

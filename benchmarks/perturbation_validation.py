@@ -15,8 +15,6 @@ With a model pretrained on shared files that exclude kang2018, on kang2018's con
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -25,9 +23,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scanpy as sc
-import torch
 from sklearn.metrics import roc_auc_score
 
+from common import ANNOTATIONS, TARGETS, benchmark_parser, shared_folder, threads, write_result
 from exceiver import Exceiver
 from exceiver.tl import gene_dependencies, perturb, plot_dependencies
 
@@ -135,7 +133,7 @@ def dependency_figure(model, ctrl, genes: list[str], args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--model", type=Path, default=Path("/tmp/transfer/pretrained"))
     parser.add_argument("--cells", type=int, default=400, help="control cells to perturb (sampled)")
     parser.add_argument("--random", type=int, default=6, help="random matched regulators per IFN regulator")
@@ -147,13 +145,13 @@ def main() -> None:
     parser.add_argument("--parts", nargs="*", default=["interferon", "corum"], choices=["interferon", "corum"])
     parser.add_argument("--figure", type=Path, help="draw the dependency map of IFN regulators and induced genes here")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    shared = Path(os.environ.get("EXCEIVER_SHARED", "../shared"))
+    threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    shared = shared_folder()
     rng = np.random.default_rng(args.seed)
 
     model = Exceiver.load(args.model)
     print(f"model {args.model}: {model}; zero_query_ratio {model.tokenizer.zero_query_ratio}")
-    kang = ad.read_h5ad(shared / "data" / "kang2018_ifnb_harmony_2000.h5ad")
+    kang = TARGETS["kang"].read(shared / "data")
     ctrl_all = kang[kang.obs["condition"] == "ctrl"]
     ctrl = ctrl_all[np.sort(rng.choice(ctrl_all.n_obs, size=min(args.cells, ctrl_all.n_obs), replace=False))].copy()
     vocab_ids = model.vocab.ids(list(kang.var_names))
@@ -162,7 +160,7 @@ def main() -> None:
     query = np.asarray(kang.var_names[trained])
     detection = pd.Series(np.asarray((ctrl[:, query].X > 0).mean(0)).ravel(), index=query)
 
-    annotations = pd.read_csv(shared / "annotations" / "gene_annotations.tsv.gz", sep="\t")
+    annotations = pd.read_csv(shared / ANNOTATIONS, sep="\t")
     induced = induced_genes(kang, query)
     positive_sets = {"induced by IFN-beta in kang2018": set(induced)}
     for name in HALLMARKS:
@@ -177,7 +175,7 @@ def main() -> None:
         regulators = [g for g in REGULATORS if detection.get(g, 0) > 0]
         dependency_figure(model, ctrl, regulators + [g for g in induced if g not in regulators][:15], args)
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        write_result(results, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import benchmark_parser
+
 N_GENES = 19_067
 SMALL = dict(gene_dim=16, n_latents=16, latent_dim=32, n_layers=1, n_heads=2, cross_heads=2, ff_dim=64)
 
@@ -87,7 +89,7 @@ STEPS = ["build-corpus", "pretrain-streamed", "embed-streamed", "pretrain-in-mem
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--cells", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--genes-per-cell", type=int, default=200)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/exceiver_scale_memory"))

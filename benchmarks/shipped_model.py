@@ -16,10 +16,7 @@ and the float16 weights, compared (`float16` in its metrics.json, quoted by docs
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -27,6 +24,7 @@ import anndata as ad
 import numpy as np
 import torch
 
+from common import ORTHOLOGS, PROTEIN_CODING_GENES, benchmark_parser, shared_folder, write_result
 from exceiver import Exceiver, pretrain
 from exceiver.data.genemap import read_gene_map
 from exceiver.pretrain import vocabulary_pairs
@@ -38,7 +36,7 @@ N_TOP_GENES = 4000
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--hours", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -47,20 +45,18 @@ def main() -> None:
     parser.add_argument("--name", default="human-mouse-small")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    shared = Path(os.environ.get("EXCEIVER_SHARED", "../shared"))
+    shared = shared_folder()
     files = sorted(p for p in (shared / "data").glob("*.h5ad") if p.stem not in LEFT_OUT)
     if args.package:
         package(args.out, Path(__file__).resolve().parents[1] / "src" / "exceiver" / "models" / args.name, files,
-                shared / "genes" / "human_mouse_orthologs_ensembl105.csv")
+                shared / ORTHOLOGS)
         return
-    model = pretrain(files, args.out, genes=shared / "genes" / "protein_coding_genes_hgnc.txt",
-                     n_top_genes=N_TOP_GENES, gene_key="gene_symbol",
-                     gene_map=shared / "genes" / "human_mouse_orthologs_ensembl105.csv",
+    model = pretrain(files, args.out, genes=shared / PROTEIN_CODING_GENES,
+                     n_top_genes=N_TOP_GENES, gene_key="gene_symbol", gene_map=shared / ORTHOLOGS,
                      max_minutes=args.hours * 60, max_epochs=100_000, patience=100_000, seed=args.seed,
                      checkpoint_minutes=10, resume=args.resume, progress=False)
-    (args.out.parent / f"{args.out.name}.recipe.json").write_text(json.dumps(
-        {"files": describe(files), "n_top_genes": N_TOP_GENES, "hours": args.hours, "seed": args.seed,
-         "metrics": model.metrics}, indent=1) + "\n")
+    write_result({"files": describe(files), "n_top_genes": N_TOP_GENES, "hours": args.hours, "seed": args.seed,
+                  "metrics": model.metrics}, args.out.parent / f"{args.out.name}.recipe.json")
     print(model, model.metrics["val_mse_ratio"])
 
 

@@ -11,14 +11,13 @@ the same run; the data loader's throughput alone (tokenizing masked batches); an
 FLOP/s of a training step (FLOPs counted by torch's FlopCounterMode) against the FLOP/s of a
 large float32 matmul measured here (model FLOP utilisation, MFU).
 
-    python benchmarks/train_throughput.py [--cells 512] [--dense-cells 64] [--batch-size 16]
+    python benchmarks/train_throughput.py [--cells 512] [--dense-cells 64] [--batch-size 16] [--threads N]
     git worktree add ../exceiver-start 5aabee0
     EXCEIVER_SHARED=../shared python benchmarks/train_throughput.py --baseline ../exceiver-start --epochs 3
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import TARGETS, add_threads_option, benchmark_parser, shared_folder, threads
 from embed_throughput import N_GENES, DenseOriginal, processor_cells_per_s, tabula_sapiens_like
 from exceiver.data.loaders import CellBatcher
 from exceiver.data.preprocess import GeneScaler
@@ -62,7 +62,7 @@ def end_to_end(src: Path, data: Path, epochs: int) -> dict:
 
 
 def batches(cells, scaler, tokenizer, batch_size):
-    batcher = CellBatcher(cells, scaler, tokenizer, masked=True, seed=0)
+    batcher = CellBatcher(cells, scaler, tokenizer, masked=True, salt=0)
     return [batcher(list(range(i, min(i + batch_size, cells.n_cells)))) for i in range(0, cells.n_cells, batch_size)]
 
 
@@ -121,15 +121,17 @@ def matmul_flops(n: int = 1024, repeats: int = 10) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--cells", type=int, default=512)
     parser.add_argument("--dense-cells", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--baseline", type=Path, help="another exceiver checkout to compare end to end")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the end-to-end runs")
+    add_threads_option(parser)
     args = parser.parse_args()
+    threads(args.threads)  # the end-to-end runs inherit OMP_NUM_THREADS
     if args.baseline:
-        data = Path(os.environ.get("EXCEIVER_SHARED", "../shared")) / "data" / "pbmc3k_seurat_2638.h5ad"
+        data = TARGETS["pbmc3k"].path(shared_folder() / "data")
         here = Path(__file__).resolve().parents[1] / "src"
         runs = {name: end_to_end(src, data, args.epochs) for name, src in (("baseline", args.baseline / "src"),
                                                                            ("this tree", here))}

@@ -23,10 +23,7 @@ then printed as a table and drawn.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -42,32 +39,24 @@ from sklearn.model_selection import train_test_split
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from common import (HUMAN_CORPUS, LABEL_TASKS, PROTEIN_CODING_GENES, add_targets_option,  # noqa: E402
+                    benchmark_parser, read_result, shared_folder, write_result)
 from exceiver import Exceiver, pretrain  # noqa: E402
 from exceiver.finetune import finetune  # noqa: E402
 
-CORPUS = [  # human files, none of them a target (pbmc_small is a subset of pbmc3k: left out)
-    "pisces_pbmc_1000", "scwg_1k_PBMC_v2_raw", "scwg_1k_PBMC_v3_filt", "scwg_5prime_PBMC_filt_1kcells",
-    "streak_malt_lymphoma_10x_2100", "celltypist_sample_559", "card_pdac_1926_7kgenes", "copykat_breast_tumor_302",
-    "numbat_anaplastic_thyroid_carcinoma_173", "camp2015_human_fetal_neocortex_soup_220",
-    "janesick2023_breast_cancer_flex_scllm_100", "cellxgene_fetal_telencephalon_culture_hvg2000_4474",
-]
+# The human corpus less pollen2014 (65 cells), as this study has pretrained its base from the start.
+CORPUS = [file for file in HUMAN_CORPUS if file != "pollen2014_cortex_fluidigm_65"]
 METHODS = ("annotate_base", "annotate_continued", "annotate_own", "probe", "finetuned", "scratch", "logreg_hvg")
 FRACTIONS = (0.01, 0.1, 1.0)
 
 
 def load_target(data: Path, name: str, seed: int = 0):
     """(train pool AnnData, test AnnData, label column, gene_key) of a target task."""
-    if name == "kang_condition":
-        adata = ad.read_h5ad(data / "kang2018_ifnb_harmony_2000.h5ad")
-        key, gene_key = "condition", None
-    elif name == "pbmc3k_cell_type":
-        adata = ad.read_h5ad(data / "pbmc3k_seurat_2638.h5ad")
-        key, gene_key = "cell_type", None
-    else:  # cellbench cell line, across assays: train on the larger assay, test on the other
-        adata = ad.read_h5ad(data / "cellbench_lung_celllines_1408.h5ad")
-        key, gene_key = "cell_type", "gene_symbol"
-        assays = adata.obs["assay"].value_counts()
-        train = (adata.obs["assay"] == assays.index[0]).to_numpy()
+    target = LABEL_TASKS[name]
+    adata, key, gene_key = target.read(data), target.label_key, target.gene_key
+    if name == "cellbench_cell_line":  # across assays: train on the larger assay, test on the other
+        assays = adata.obs[target.batch_key].value_counts()
+        train = (adata.obs[target.batch_key] == assays.index[0]).to_numpy()
         return adata[train].copy(), adata[~train].copy(), key, gene_key, f"train {assays.index[0]}, test {assays.index[1]}"
     labels = adata.obs[key].astype(str)
     train, test = train_test_split(np.arange(adata.n_obs), test_size=0.2, random_state=seed, stratify=labels)
@@ -117,7 +106,7 @@ def unsupervised_models(base: Exceiver, pool: ad.AnnData, gene_key: str | None, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--out", type=Path, default=Path("transfer_results"))
     parser.add_argument("--base", type=Path, help="the pretrained model (default: pretrain one here)")
     parser.add_argument("--pretrain-minutes", type=float, default=10.0)
@@ -128,23 +117,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--tasks", nargs="+", default=["kang_condition", "pbmc3k_cell_type", "cellbench_cell_line"])
+    add_targets_option(parser, ["kang_condition", "pbmc3k_cell_type", "cellbench_cell_line"], flag="--tasks")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    shared = Path(os.environ.get("EXCEIVER_SHARED", "../shared"))
+    shared = shared_folder()
     data = shared / "data"
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = args.base or args.out / "pretrained"
     if not (model_dir / "config.json").exists():
         start = time.time()
-        pretrain([data / f"{n}.h5ad" for n in CORPUS], model_dir, genes=shared / "genes" / "protein_coding_genes_hgnc.txt",
+        pretrain([data / f"{n}.h5ad" for n in CORPUS], model_dir, genes=shared / PROTEIN_CODING_GENES,
                  max_minutes=args.pretrain_minutes, progress=False)
         print(f"pretrained in {time.time() - start:.0f} s")
     base = Exceiver.load(model_dir)
     print(f"pretrained model {model_dir}: {base}; val MSE ratio {base.metrics['val_mse_ratio']:.3f}, "
           f"{base.metrics['n_cells']} cells")
     results_file = args.out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else []
+    results = read_result(results_file, [])
     done = {(r["task"], r["fraction"], r["seed"], r["method"]) for r in results}
     for task in args.tasks:
         pool, test, key, gene_key, protocol = load_target(data, task)
@@ -178,7 +167,7 @@ def main() -> None:
                              accuracy=accuracy_score(y_test, pred),
                              macro_f1=f1_score(y_test, pred, average="macro"))
                     results.append(r)
-                    results_file.write_text(json.dumps(results, indent=1))
+                    write_result(results, results_file)
                     print(f"{task:20s} {fraction:>5} seed {seed} {method:18s} n={len(rows):5d} "
                           f"macro-F1 {r['macro_f1']:.3f} acc {r['accuracy']:.3f} ({r['seconds']} s)", flush=True)
     report(pd.DataFrame(results), args.out)
