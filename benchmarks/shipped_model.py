@@ -16,6 +16,7 @@ and the float16 weights, compared (`float16` in its metrics.json, quoted by docs
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -26,8 +27,8 @@ import torch
 
 from common import ORTHOLOGS, PROTEIN_CODING_GENES, benchmark_parser, shared_folder, write_result
 from exceiver import Exceiver, pretrain
-from exceiver.data.genemap import read_gene_map
-from exceiver.pretrain import vocabulary_pairs
+from exceiver.data.genemap import GenePairs
+from exceiver.inference import cell_embedding
 from exceiver.shipped import write_checksums
 
 # pbmc_small is 80 cells of pbmc3k: left out, so that no cell is seen twice.
@@ -86,26 +87,20 @@ def package(trained: Path, folder: Path, files: list[Path], orthologs: Path) -> 
     """The trained model as package data: float16 weights, the ortholog pairs of its vocabulary,
     checksums; `float16` in metrics.json: the embeddings of every training file by both weights."""
     model = Exceiver.load(trained)
-    model.gene_map = vocabulary_pairs(read_gene_map(orthologs), model.vocab)
+    model.contract = dataclasses.replace(model.contract, gene_map=GenePairs.of(orthologs).within(model.vocab.genes))
     full = {k: v.clone() for k, v in model.module.state_dict().items()}
     model.module.half()
     half_state = {k: v.clone() for k, v in model.module.state_dict().items()}
     model.module.float()
     comparison = []
     for path in files:
-        adata = ad.read_h5ad(path)
-        key = "gene_symbol" if "gene_symbol" in adata.var.columns else None
-        adata, key, _ = model.in_model_genes(adata, key, None, name=path.stem)
-        genes = (adata.var_names if key in (None, "var_names") else adata.var[key]).astype(str)
-        ids = model.vocab.ids(list(genes))
-        usable = (ids >= 0) & model.scaler.trained_genes[np.maximum(ids, 0)]
-        adata = adata[np.asarray(adata.X[:, usable].sum(1)).ravel() > 0].copy()  # cells the model can read
+        cells = model.read(ad.read_h5ad(path), empty="drop", name=path.stem)  # the cells the model can read
         model.module.load_state_dict(full)
-        x32 = model.embed(adata, inplace=False, gene_key=key, progress=False)
+        x32 = cell_embedding(model, cells, progress=False)
         model.module.load_state_dict(half_state)  # float16 values in the float32 network: what loading does
-        x16 = model.embed(adata, inplace=False, gene_key=key, progress=False)
+        x16 = cell_embedding(model, cells, progress=False)
         cosine = (x32 * x16).sum(1) / (np.linalg.norm(x32, axis=1) * np.linalg.norm(x16, axis=1) + 1e-12)
-        comparison.append({"file": path.stem, "cells": adata.n_obs, "min_cosine": float(cosine.min()),
+        comparison.append({"file": path.stem, "cells": cells.n_cells, "min_cosine": float(cosine.min()),
                            "max_abs_difference": float(np.abs(x32 - x16).max()),
                            "embedding_scale": float(np.abs(x32).mean())})
         print(comparison[-1], flush=True)

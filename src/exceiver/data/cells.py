@@ -170,8 +170,12 @@ def gene_alignment(
     if len(unique_matched) < n_matched:
         dup = pd.Series(genes[matched])
         dup = dup[dup.duplicated()].unique()
-        log.warning("%s: %s gene identifiers occur more than once (e.g. %s); their counts are summed into one "
-                    "vocabulary gene", name, f"{len(dup):,}", plain(dup[:5]))
+        if pairs is not None:  # several of the dataset's genes with one ortholog: expected, said quietly
+            log.info("%s: %s model genes are the translation of more than one of its genes (e.g. %s); their counts "
+                     "are summed", name, f"{len(dup):,}", plain(dup[:5]))
+        else:
+            log.warning("%s: %s gene identifiers occur more than once (e.g. %s); their counts are summed into one "
+                        "vocabulary gene", name, f"{len(dup):,}", plain(dup[:5]))
     measured = np.zeros((1, len(vocab)), dtype=bool)
     measured[0, unique_matched] = True
     return ids, measured
