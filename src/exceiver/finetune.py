@@ -111,12 +111,12 @@ def finetune(
     expression_loss_weight: float = 1.0,
     pretrained_lr_mult: float = PRETRAINED_LR_MULT,
     min_cells_per_class: int = 3,
+    overwrite: bool = False,
+    progress: bool = True,
     gene_key: str | None = None,
     layer: str | None = None,
     gene_map: str | Path | pd.DataFrame | None = None,
     allow_non_integer: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
     **options: Unpack[RunOptions],
 ) -> Exceiver:
     """Train a cell classifier from a pretrained model folder (or Exceiver) and labelled cells.

@@ -54,9 +54,9 @@ def evaluate(
     pooling: str | None = None,
     max_cells: int = 10000,
     device: str | None = None,
+    progress: bool = True,
     seed: int = 0,
     overwrite: bool = False,
-    progress: bool = True,
     **reading: Unpack[ReadingOptions],
 ) -> dict:
     """Evaluate `model` on `data` and write a report to `out`; returns the metrics.
