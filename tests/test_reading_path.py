@@ -109,3 +109,25 @@ def test_finetune(model, mouse, human, mode):
         assert classifiers[0].metrics[key] == pytest.approx(classifiers[1].metrics[key], abs=ATOL), key
     np.testing.assert_allclose(classifiers[0].predict_proba(mouse, progress=False),
                                classifiers[1].predict_proba(human, progress=False), atol=ATOL)
+
+
+def test_dependencies_name_genes_as_the_dataset_does(model, mouse):
+    from exceiver.tl import gene_dependencies
+
+    deps = gene_dependencies(model, mouse, ["GFAP", "Apoe"], mode="overexpress", progress=False)
+    assert list(deps.effects.index) == list(deps.attention.index) == ["Gfap", "Apoe"]
+    assert np.isfinite(deps.effects.loc["Gfap", "Apoe"]) and np.isfinite(deps.effects.loc["Apoe", "Gfap"])
+
+
+def test_a_gene_map_translates_only_data_whose_genes_are_its_dataset_side(model, mouse, human):
+    assert model.read(mouse, gene_map=model.gene_map).translated
+    as_is = model.read(human, gene_map=model.gene_map)  # human genes are the map's model side: read as they are
+    assert not as_is.translated and as_is.measured.sum() == model.read(human).measured.sum()
+
+
+def test_a_slice_of_a_backed_file_is_read_as_its_rows(model, shared_dir):
+    backed = ad.read_h5ad(shared_dir / "data" / MOUSE_FILE, backed="r")
+    sliced = model.embed(backed[:50], inplace=False, progress=False)
+    whole = model.embed(ad.read_h5ad(shared_dir / "data" / MOUSE_FILE)[:50].copy(), inplace=False, progress=False)
+    np.testing.assert_allclose(sliced, whole, atol=ATOL)
+    backed.file.close()

@@ -36,7 +36,9 @@ _interface = contextvars.ContextVar("exceiver_interface", default="python")
 
 # Python keywords whose command-line option is named differently (the others: `--` + dashes).
 CLI_NAMES = {"key_added": "--key", "expression_loss_weight": "--expression-weight", "groups": "--group",
-             "label_keys": "--label-key"}
+             "label_keys": "--label-key", "class_loss_weight": "--class-weight", "query_genes": "--query-gene"}
+# Choices that are flags of their own on the command line (finetune's modes).
+CLI_CHOICES = {("mode", "freeze"): "--freeze", ("mode", "scratch"): "--from-scratch"}
 _FLAG = object()
 
 
@@ -57,6 +59,8 @@ def option(name: str, value=_FLAG) -> str:
     `--gene-key gene_symbol` on the command line and `gene_key='gene_symbol'` in Python;
     `option("overwrite", True)` is `--overwrite`; without a value, the option's name alone."""
     if _interface.get() == "cli":
+        if value is not _FLAG and (name, str(value)) in CLI_CHOICES:
+            return CLI_CHOICES[name, str(value)]
         flag = CLI_NAMES.get(name, "--" + name.replace("_", "-"))
         return flag if value is _FLAG or value is True else f"{flag} {shlex.quote(str(plain(value)))}"
     return name if value is _FLAG else f"{name}={plain(value)!r}"

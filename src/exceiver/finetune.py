@@ -30,6 +30,7 @@ from sklearn.metrics import f1_score
 from typing_extensions import Unpack
 
 from exceiver.data.datamodule import CellDataModule
+from exceiver.data.genemap import GenePairs
 from exceiver.data.labels import CellLabels, cell_labels
 from exceiver.data.sources import read_datasets
 from exceiver.errors import ExceiverInputError, option
@@ -195,7 +196,8 @@ def _check_finetuning(mode: str, class_loss_weight: float, expression_loss_weigh
         raise ExceiverInputError(f"{option('class_loss_weight')} and {option('pretrained_lr_mult')} must be > 0 and "
                                  f"{option('expression_loss_weight')} >= 0")
     if min_cells_per_class < 2:
-        raise ExceiverInputError("min_cells_per_class must be >= 2 (each class needs a training and a validation cell)")
+        raise ExceiverInputError(f"{option('min_cells_per_class')} must be >= 2 (each class needs a training and a "
+                                 "validation cell)")
     if mode == "freeze" and resume:
         raise ExceiverInputError(f"a linear probe ({option('mode', 'freeze')}) is fitted in one pass: there is nothing "
                                  f"to resume; run it without {option('resume', True)}")
@@ -241,7 +243,7 @@ def _probe_classifier(base: Exceiver, adata: ad.AnnData, split: LabelSplit, run:
             "probe": "logistic regression, balanced class weights, standardised cell embedding",
             "base_model": base_model}
     return derived_model(base, module=module, objectives=ObjectiveConfig(), training=used,
-                         metrics={**metrics, **split.about}, classes=split.classes)
+                         metrics={**metrics, **split.about}, classes=split.classes, **remembered(base, reading))
 
 
 def _train_classifier(base: Exceiver, adata: ad.AnnData, split: LabelSplit, run: TrainingRun, *, mode: str,
@@ -269,4 +271,14 @@ def _train_classifier(base: Exceiver, adata: ad.AnnData, split: LabelSplit, run:
     used = {**settings.to_dict(), "mode": mode, **losses, "base_model": base_model}
     return run.fit(plan, datamodule, identity=identity, model=lambda metrics: derived_model(
         base, module=module, tokenizer=tokenizer, objectives=ObjectiveConfig(), training=used,
-        metrics={**metrics, **split.about}, classes=split.classes))
+        metrics={**metrics, **split.about}, classes=split.classes, **remembered(base, reading)))
+
+
+def remembered(base: Exceiver, reading: dict) -> dict:
+    """How the classifier reads data: the base's contract with the reading options this run was
+    given (a gene map's pairs before the base's own), so that `predict` reads new cells as
+    fine-tuning read these."""
+    pairs = GenePairs.of(reading.get("gene_map"))
+    return {"gene_key": reading.get("gene_key") or base.gene_key, "layer": reading.get("layer") or base.layer,
+            "allow_non_integer": bool(reading.get("allow_non_integer")) or base.allow_non_integer,
+            "gene_map": base.gene_map if pairs is None else pairs.before(base.contract.gene_map).table}

@@ -147,6 +147,15 @@ def iterate_latents(module: ExceiverModule, cells: CellCounts | H5adCells, scale
         yield batch, module.encode(batch)
 
 
+def check_model(model: object) -> CellModel:
+    """`model` if it is a trained model; a folder or a name is refused in one line (the tools
+    take the model itself, opened once: `exceiver.Exceiver.load`)."""
+    if not all(hasattr(model, name) for name in ("read", "module", "vocab", "scaler", "tokenizer")):
+        raise ExceiverInputError(f"expected a trained model, got {type(model).__name__} {str(model)[:80]!r}: open it "
+                                 "first with exceiver.Exceiver.load(path_or_name)")
+    return model
+
+
 @contextlib.contextmanager
 def on_device(module: ExceiverModule, device: str | torch.device | None) -> Iterator[torch.device]:
     """Run `module` on `device` (`exceiver.devices.inference_device`) and leave it where the user

@@ -197,7 +197,8 @@ class Exceiver:
         adata
             Raw counts; a backed AnnData (`read_h5ad(path, backed="r")`) is streamed from its file.
         empty
-            "refuse" cells without counts in the model's trained genes, or "drop" them (reports).
+            "refuse" cells without counts in the model's trained genes, "drop" them (reports), or
+            "keep" them for a further restriction that refuses them then (`ModelCells.keep_genes`).
         **options
             `gene_key`, `layer`, `gene_map`, `allow_non_integer`, `name`: a call's choices; each
             left out keeps what the model remembers (`exceiver.data.contract.ReadingOptions`).

@@ -150,11 +150,13 @@ def gene_alignment(
     ids = vocab.ids(genes)  # -1 for genes outside the vocabulary (and for empty identifiers)
     matched = ids >= 0
     n_matched = int(matched.sum())
+    hint = _gene_key_hint(adata, vocab, gene_key) if pairs is None else " (read through the gene map: is its column " \
+        "order model gene, dataset gene?)"
     if n_matched == 0:
         raise ExceiverInputError(
             f"{name}: none of its {len(genes):,} genes is in the model's vocabulary of "
             f"{len(vocab):,} genes (e.g. dataset {plain(genes[:3])} vs vocabulary "
-            f"{plain(vocab.genes[:3])}).{_gene_key_hint(adata, vocab, gene_key)}"
+            f"{plain(vocab.genes[:3])}).{hint}"
         )
     unique_matched = np.unique(ids[matched])
     coverage = len(unique_matched) / len(vocab)
@@ -165,8 +167,7 @@ def gene_alignment(
     )
     if n_matched / len(genes) < LOW_OVERLAP and coverage < LOW_OVERLAP:
         log.warning("%s: only %s of %s genes (%.1f%%) are in the model's vocabulary; are the identifiers of the "
-                    "right type?%s", name, f"{n_matched:,}", f"{len(genes):,}", 100 * n_matched / len(genes),
-                    _gene_key_hint(adata, vocab, gene_key))
+                    "right type?%s", name, f"{n_matched:,}", f"{len(genes):,}", 100 * n_matched / len(genes), hint)
     if len(unique_matched) < n_matched:
         dup = pd.Series(genes[matched])
         dup = dup[dup.duplicated()].unique()

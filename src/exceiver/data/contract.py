@@ -78,21 +78,29 @@ class DataContract:
              ) -> tuple[str | None, str | None]:
         """The gene key and layer to read a dataset by: the call's, else the contract's where the
         data has them; None for var_names and X."""
-        if gene_key is None and self.gene_key in var_columns:
-            gene_key = self.gene_key
+        return self.gene_key_of(var_columns, gene_key), self.layer_of(layers, layer)
+
+    def layer_of(self, layers, layer: str | None = None) -> str | None:
+        """Where a dataset's counts are: the call's layer, else the contract's where the data has it."""
         if layer is None and self.layer in layers:
             layer = self.layer
-        return (None if gene_key == VAR_NAMES else gene_key), (None if layer == DEFAULT_LAYER else layer)
+        return None if layer == DEFAULT_LAYER else layer
+
+    def gene_key_of(self, var_columns, gene_key: str | None = None) -> str | None:
+        """Which var column (of the counts' var) holds gene identifiers: the call's, else the
+        contract's where the data has it."""
+        if gene_key is None and self.gene_key in var_columns:
+            gene_key = self.gene_key
+        return None if gene_key == VAR_NAMES else gene_key
 
     def translation(self, data_genes: np.ndarray, gene_map: GeneMapInput | GenePairs | None) -> GenePairs | None:
-        """The pairs to translate a dataset by: a call's map (before the model's own), or the
-        model's own where the data's genes are its dataset side; None: read as it is."""
+        """The pairs to translate a dataset by, where its genes are their dataset side (mouse genes
+        for a human model): a call's map before the model's own, or the model's own; None: the
+        dataset is read as it is (its genes are already model genes). One rule for a single
+        dataset and for each dataset of a pretraining collection."""
         given = GenePairs.of(gene_map)
-        if given is not None:
-            return given.before(self.gene_map)
-        if self.gene_map is not None and self.gene_map.is_dataset_side(data_genes):
-            return self.gene_map
-        return None
+        pairs = self.gene_map if given is None else given.before(self.gene_map)
+        return pairs if pairs is not None and pairs.is_dataset_side(data_genes) else None
 
 
 @dataclass
@@ -140,15 +148,17 @@ class ModelCells:
         return dataclasses.replace(self, cells=self.in_memory().subset(rows), adata=self.adata[rows])
 
     def keep_genes(self, keep: np.ndarray) -> ModelCells:
-        """Only vocabulary genes where `keep` is True measured (e.g. the genes two datasets share)."""
-        return dataclasses.replace(self, cells=prepare_cells(self.in_memory(), self.name, genes=keep, empty="refuse"))
+        """Only vocabulary genes where `keep` is True measured (the trained genes two datasets
+        share); cells left without counts are refused."""
+        return dataclasses.replace(self, cells=prepare_cells(self.in_memory(), self.name, genes=keep, empty="refuse",
+                                                             genes_words="the genes shared with the other dataset"))
 
     def in_memory(self) -> CellCounts:
         if not isinstance(self.cells, CellCounts):
             raise ExceiverInputError(f"{self.name}: read it into memory first (anndata.read_h5ad without backed=)")
         return self.cells
 
-    def model_gene_ids(self, genes, what: str = "genes") -> np.ndarray:
+    def model_gene_ids(self, genes) -> np.ndarray:
         """Vocabulary ids of genes named as the dataset names them (or by their model names);
         -1 where neither knows the gene."""
         names = [str(g) for g in genes]
@@ -210,10 +220,13 @@ def read_dataset(adata: ad.AnnData, vocab: GeneVocab, trained: np.ndarray, contr
     if unknown:
         raise ExceiverInputError(f"unknown reading options {plain(unknown)}; they are {plain(list(ReadingOptions.__annotations__))}")
     name = options.get("name") or (Path(adata.filename).stem if adata.isbacked else "dataset")
+    if adata.isbacked and adata.is_view:  # a slice of a file: its rows, not the whole file
+        adata = adata.to_memory()
     allow = bool(options.get("allow_non_integer") or contract.allow_non_integer)
     layers = h5ad_layers(adata.filename) if adata.isbacked else count_layers(adata)
-    gene_key, layer = contract.keys(adata.var.columns, layers, options.get("gene_key"), options.get("layer"))
+    layer = contract.layer_of(layers, options.get("layer"))
     var = h5ad_var(adata.filename, layer) if adata.isbacked else counts_var(adata, layer, name)
+    gene_key = contract.gene_key_of(var.var.columns, options.get("gene_key"))  # the counts' var (raw.var for raw)
     data_genes = dataset_genes(var, gene_key).astype(str)
     pairs = contract.translation(data_genes, options.get("gene_map"))
     if pairs is not None:

@@ -28,11 +28,12 @@ EMPTY_CELLS = ("drop", "refuse")
 
 
 def prepare_cells(cells: CellCounts, name: str = "dataset", *, genes: np.ndarray | None = None,
-                  empty: str = "drop") -> CellCounts:
+                  empty: str = "drop", genes_words: str = "the genes the model was trained on") -> CellCounts:
     """The one way cells enter a model: only `genes` kept (a bool mask over the vocabulary, e.g.
     the genes a model saw expressed in training; the others become unmeasured), and cells left
     without counts either dropped (training: they have no tokens) or refused (outputs aligned with
-    the user's cells, where a silent drop would misalign them)."""
+    the user's cells, where a silent drop would misalign them); `genes_words` names those genes
+    in the refusal."""
     if empty not in EMPTY_CELLS:
         raise ValueError(f"empty must be one of {EMPTY_CELLS}, got {empty!r}")
     if genes is not None:
@@ -43,10 +44,8 @@ def prepare_cells(cells: CellCounts, name: str = "dataset", *, genes: np.ndarray
     if empty == "refuse":
         rows = np.flatnonzero(is_empty)
         raise ExceiverInputError(
-            f"{name}: {len(rows):,} of {cells.n_cells:,} cells have no counts in the model's "
-            f"vocabulary genes (e.g. {plain(cells.obs_names[rows[:3]])}) and cannot be embedded; "
-            "remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1) after subsetting "
-            "to the model's genes"
+            f"{name}: {len(rows):,} of {cells.n_cells:,} cells have no counts in {genes_words} (e.g. "
+            f"{plain(cells.obs_names[rows[:3]])}), so the model has nothing to read in them; remove those cells first"
         )
     return cells.subset(np.flatnonzero(~is_empty))
 

@@ -24,7 +24,7 @@ from exceiver.data.genemap import GenePairs, map_genes
 from exceiver.data.preprocess import GeneScaler, prepare_cells, report_dropped
 from exceiver.data.sources import DataInput, read_datasets
 from exceiver.data.variable_genes import highly_variable_genes
-from exceiver.data.vocab import GeneVocab, build_vocab, dataset_genes, gene_keys, model_vocabulary
+from exceiver.data.vocab import VAR_NAMES, GeneVocab, build_vocab, dataset_genes, gene_keys, model_vocabulary
 from exceiver.errors import ExceiverInputError, option
 
 log = logging.getLogger(__name__)
@@ -118,19 +118,19 @@ def _read(datasets: list, gene_key: str | None, layer: str | None, pairs: GenePa
     """The datasets, each with the gene key and layer to read it by, translated through `pairs`
     where its genes are their dataset side (then its counts are in X and its genes var_names).
     Keys: the call's, else a continued model's (`contract`) where a dataset has them."""
-    if contract is None:
-        keys = gene_keys([(name, counts_var(adata, layer, name)) for name, adata in datasets], gene_key)
-        layers = [layer] * len(datasets)
-    else:
-        chosen = [contract.keys(adata.var.columns, count_layers(adata), gene_key, layer) for _, adata in datasets]
-        keys, layers = [k for k, _ in chosen], [lay for _, lay in chosen]
+    layers = [layer if contract is None else contract.layer_of(count_layers(adata), layer) for _, adata in datasets]
+    tables = [(name, counts_var(adata, lay, name)) for (name, adata), lay in zip(datasets, layers)]
+    keys = gene_keys(tables, gene_key)  # the call's key for the datasets that have it
+    if contract is not None and gene_key != VAR_NAMES:  # the others: the model's where they have it
+        keys = [key or contract.gene_key_of(table.var.columns) for key, (_, table) in zip(keys, tables)]
     if pairs is None:
         return datasets, keys, layers
     read = []
     for i, (name, adata) in enumerate(datasets):
-        if pairs.is_dataset_side(dataset_genes(counts_var(adata, layers[i], name), keys[i])):
+        if pairs.is_dataset_side(dataset_genes(counts_var(adata, layers[i], name), keys[i])):  # the contract's rule
             log.info("%s: translating its genes through the gene map", name)
-            adata, keys[i], layers[i] = map_genes(adata, pairs, gene_key=keys[i], layer=layers[i], name=name), None, None
+            adata = map_genes(adata, pairs, gene_key=keys[i], layer=layers[i], name=name)
+            keys[i] = layers[i] = None
         read.append((name, adata))
     return read, keys, layers
 

@@ -63,7 +63,8 @@ def gene_loadings(adata: ad.AnnData, genes: np.ndarray, *, layer: str | None = N
                   seed: int = 0) -> pd.DataFrame:
     """Each expressed gene's row of PCA loadings of the log-normalised cells (scaled by the
     components' standard deviations): the gene representation that a model must beat. Rows are
-    indexed by `genes` (the dataset's gene identifiers); duplicated identifiers keep the first."""
+    indexed by `genes` (one name per gene of the counts, e.g. the model gene each reads as; "" for
+    none); duplicated names keep the first."""
     logn = log_normalised(adata, layer)
     expressed = np.asarray(logn.X.getnnz(axis=0)) > 0
     logn = logn[:, expressed].copy()

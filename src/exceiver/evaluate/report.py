@@ -33,7 +33,7 @@ from exceiver.evaluate.reconstruction import (
     masked_predictions,
     reconstruction_scores,
 )
-from exceiver.inference import CellModel, cell_embedding, check_pooling, gene_embedding_table, on_device
+from exceiver.inference import CellModel, cell_embedding, check_model, check_pooling, gene_embedding_table, on_device
 from exceiver.io import write_json
 from exceiver.outputs import atomic_dir, claim
 
@@ -93,7 +93,7 @@ def evaluate(
     The metrics written to metrics.json.
     """
     inference_device(device)  # before any data is read
-    pooling = check_pooling(pooling, model.module)
+    pooling = check_pooling(pooling, check_model(model).module)
     with claim(out, overwrite=overwrite, folder=True):  # refused now, not after minutes of metrics
         [(default_name, adata)] = read_datasets(data)
         reading = {**reading, "name": reading.get("name") or default_name}

@@ -26,7 +26,7 @@ from exceiver.data.counts import count_layers
 from exceiver.data.sources import read_datasets
 from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError, option
-from exceiver.inference import CellModel, cell_embedding, record
+from exceiver.inference import CellModel, cell_embedding, check_model, record
 from exceiver.train.probe import linear_probe
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ def annotate(model: CellModel, reference: ad.AnnData | str | Path, query: ad.Ann
         raise ExceiverInputError(f"unknown label-transfer method {method!r}; choose one of {METHODS}")
     if n_neighbors < 1 or not 0 <= min_confidence <= 1:
         raise ExceiverInputError(f"{option('n_neighbors')} must be >= 1 and {option('min_confidence')} in [0, 1]")
+    check_model(model)
     inference_device(device)  # before any data is read
     reference, query_data = (data if isinstance(data, ad.AnnData) else read_datasets(data)[0][1]
                              for data in (reference, query))

@@ -18,7 +18,7 @@ from typing_extensions import Unpack
 from exceiver.data.contract import ReadingOptions
 from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError
-from exceiver.inference import CellModel, iterate_batches, on_device, sum_dtype
+from exceiver.inference import CellModel, check_model, iterate_batches, on_device, sum_dtype
 from exceiver.io import write_json
 from exceiver.outputs import atomic_dir
 from exceiver.tl.edit import require_token_model
@@ -75,11 +75,13 @@ def gene_dependencies(model: CellModel, adata: ad.AnnData, genes: Sequence[str],
 
     Returns
     -------
-    The effects and attention matrices, indexed by the genes as given.
+    The effects and attention matrices, indexed by the genes as the dataset names them.
     """
     genes = [str(g) for g in genes]
     if len(genes) < 2:
         raise ExceiverInputError("a dependency map needs at least 2 genes")
+    read = model.read(adata, **reading)
+    genes = list(read.data_gene_names(read.resolve_genes(genes, "genes")))  # as the dataset names them
     options = {"batch_size": batch_size, "device": device, "progress": progress, **reading}
     table = perturb(model, adata, genes, mode, query_genes=genes, groupby=groupby, groups=groups, quantile=quantile,
                     min_shift=min_shift, inplace=False, **options)
@@ -97,8 +99,8 @@ def attention_routes(model: CellModel, adata: ad.AnnData, genes: Sequence[str], 
     encoder attention of that latent on the source's token (the model's own attention weights,
     heads averaged), summed over latents and averaged over the cells expressing the source. It
     ignores the processor's mixing of latents: a view of routing, not of causation. Genes are
-    named as the dataset names them; options as in `exceiver.tl.perturb`."""
-    require_token_model(model)
+    named as the dataset names them (model names are understood); options as in `exceiver.tl.perturb`."""
+    require_token_model(check_model(model))
     inference_device(device)  # before any data is read
     read = model.read(adata, **reading)
     ids = torch.as_tensor(read.resolve_genes(genes, "genes"))
@@ -118,7 +120,7 @@ def attention_routes(model: CellModel, adata: ad.AnnData, genes: Sequence[str], 
             source = (batch.gene_ids[:, :, None] == ids) & batch.token_mask[:, :, None]  # [B, L, S]
             total += torch.einsum("btl,bls->st", routes.to(dtype), source.to(dtype))
             n += source.any(1).sum(0)
-    names = [str(g) for g in genes]
+    names = list(read.data_gene_names(ids.cpu().numpy()))
     matrix = (total / n[:, None]).cpu().numpy()
     matrix[n.cpu().numpy() == 0] = np.nan
     return pd.DataFrame(matrix, index=pd.Index(names, name="source"), columns=pd.Index(names, name="target"))

@@ -19,9 +19,10 @@ import torch
 from typing_extensions import Unpack
 
 from exceiver.data.contract import ModelCells, ReadingOptions
+from exceiver.data.vocab import dataset_genes
 from exceiver.devices import inference_device
-from exceiver.errors import ExceiverInputError, plain
-from exceiver.inference import CellModel, cell_latents, decode_expression, decode_values, record
+from exceiver.errors import ExceiverInputError, option, plain
+from exceiver.inference import CellModel, cell_latents, check_model, decode_expression, decode_values, record
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def impute(model: CellModel, adata: ad.AnnData, genes: Sequence[str] | None = No
     -------
     float32 array [cells, genes of var] (genes=None) or [cells, len(genes)].
     """
+    check_model(model)
     inference_device(device)  # before any data is read
     conditions = _batch_codes(model, method, batch)
     cells = model.read(adata, **reading)
@@ -82,10 +84,11 @@ def impute(model: CellModel, adata: ad.AnnData, genes: Sequence[str] | None = No
     if genes is not None:
         return _predict(model, cells, cells.resolve_genes(genes, "genes to impute"), measured, method, conditions,
                         options)
-    usable = cells.gene_ids >= 0
-    usable[usable] = cells.trained[cells.gene_ids[usable]]
+    ids = _var_gene_ids(cells)
+    usable = ids >= 0
+    usable[usable] = cells.trained[ids[usable]]
     columns = np.flatnonzero(usable)
-    predicted = _predict(model, cells, cells.gene_ids[columns], measured, method, conditions, options)
+    predicted = _predict(model, cells, ids[columns], measured, method, conditions, options)
     if len(columns) < len(usable):
         message = (f"{len(usable) - len(columns):,} of {len(usable):,} genes of {cells.name} cannot be imputed "
                    f"({_unfilled(cells)}): their columns are NaN")
@@ -107,29 +110,38 @@ def _batch_codes(model: CellModel, method: str, batch: str | None) -> torch.Tens
     """The model's batch codes that the count decoder is conditioned on (None: no batch
     embedding); refuses a method or batch the model cannot use, before any data is read."""
     if method not in METHODS:
-        raise ExceiverInputError(f"method={method!r} is not one of {', '.join(map(repr, METHODS))}")
+        raise ExceiverInputError(f"{option('method', method)} is not one of {', '.join(METHODS)}")
     if method == "values":
         if batch is not None:
-            raise ExceiverInputError(f"batch={batch!r} conditions the count decoder; method='values' takes no batch")
+            raise ExceiverInputError(f"{option('batch', batch)} conditions the count decoder; {option('method', 'values')} takes no batch")
         return None
     if model.module.count_decoder is None:
         raise ExceiverInputError("this model has no count decoder (trained without the count objective): "
-                                 "use method='values'")
+                                 f"use {option('method', 'values')}")
     if not model.module.config.n_batches:
         if batch is not None:
-            raise ExceiverInputError(f"batch={batch!r}: this model was trained without batches")
+            raise ExceiverInputError(f"{option('batch', batch)}: this model was trained without batches")
         return None
     categories = [str(c) for c in model.batches["categories"]]
     if batch is None:
         return torch.arange(len(categories))
     if str(batch) not in categories:
-        raise ExceiverInputError(f"batch={batch!r} is not one of the model's {len(categories)} batches of "
+        raise ExceiverInputError(f"{option('batch', batch)} is not one of the model's {len(categories)} batches of "
                                  f"{model.batches.get('key')!r}: {plain(categories[:5])}")
     return torch.tensor([categories.index(str(batch))])
 
 
+def _var_gene_ids(cells: ModelCells) -> np.ndarray:
+    """The vocabulary id of each gene of `adata.var` (the layer's columns), -1 where the model has
+    none; with counts in `adata.raw`, whose genes may be more, looked up by name."""
+    if len(cells.gene_ids) == cells.adata.n_vars:
+        return cells.gene_ids.copy()
+    key = cells.gene_key if cells.gene_key in cells.adata.var.columns else None
+    return cells.model_gene_ids(dataset_genes(cells.adata, key))
+
+
 def _unfilled(cells: ModelCells) -> str:
-    ids = cells.gene_ids
+    ids = _var_gene_ids(cells)
     outside = int((ids < 0).sum())
     untrained = int((~cells.trained[ids[ids >= 0]]).sum())
     return f"{outside:,} not in the model's vocabulary, {untrained:,} never expressed in its training cells"

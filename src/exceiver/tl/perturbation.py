@@ -23,7 +23,7 @@ from exceiver.data.preprocess import log_normalise
 from exceiver.data.tokenizer import CellBatch
 from exceiver.devices import inference_device
 from exceiver.errors import ExceiverInputError, option, plain
-from exceiver.inference import CellModel, decode_values, iterate_batches, on_device, record, sum_dtype
+from exceiver.inference import CellModel, check_model, decode_values, iterate_batches, on_device, record, sum_dtype
 from exceiver.tl.edit import knockout, require_token_model, set_value
 
 log = logging.getLogger(__name__)
@@ -79,19 +79,21 @@ def perturb(model: CellModel, adata: ad.AnnData, genes: Sequence[str] | str, mod
 
     Returns
     -------
-    One row per (perturbed gene, group, query gene), genes named as the dataset names them: mean
+    One row per (perturbed gene, group, query gene), genes named as the dataset names them (a
+    gene asked for by its model name, "GFAP" of mouse data, is reported as "Gfap"): mean
     predicted shift (log-normalised units), effect size (the shift in the gene's training
     standard deviations), fraction of cells shifted by more than `min_shift`, over the perturbed
     cells (`n_cells`).
     """
-    require_token_model(model)
+    require_token_model(check_model(model))
     inference_device(device)  # before any data is read
     read = model.read(adata, **reading)
     cells = read.in_memory()
     parts = _cell_groups(adata, groupby, groups)
     selected = np.concatenate([rows for _, rows in parts])
-    perturbations = plan_perturbations(model, cells.subset(selected), read.resolve_genes(genes, "perturbed genes"),
-                                       [genes] if isinstance(genes, str) else [str(g) for g in genes], mode, quantile)
+    perturbed = read.resolve_genes(genes, "perturbed genes")
+    perturbations = plan_perturbations(model, cells.subset(selected), perturbed, read.data_gene_names(perturbed), mode,
+                                       quantile)
     query_ids = (np.flatnonzero(read.measured) if query_genes is None
                  else read.resolve_genes(query_genes, "query genes"))
     query_names = read.data_gene_names(query_ids)
