@@ -92,7 +92,8 @@ def monitored_cells(data: DataInput | None, label_key: str, *, criterion: str, m
     rows = np.flatnonzero(labels.labelled)
     if len(rows) > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
-    return MonitorCells(adata[rows].copy(), label_key, name, criterion)
+    sample = adata[rows]
+    return MonitorCells(sample.to_memory() if adata.isbacked else sample.copy(), label_key, name, criterion)
 
 
 class EmbeddingMonitor:
