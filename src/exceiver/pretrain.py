@@ -25,6 +25,7 @@ from exceiver.errors import ExceiverInputError, option
 from exceiver.model import Exceiver
 from exceiver.nn.config import PRESETS, ExceiverConfig, ObjectiveConfig, pretraining_configs
 from exceiver.nn.network import ExceiverModule
+from exceiver.train.monitor import EmbeddingMonitor, MonitorCells, monitored_cells
 from exceiver.train.plans import PretrainingPlan
 from exceiver.train.run import RunOptions, TrainingRun, training_run
 from exceiver.warm_start import check_base, continued_network, merged_scaler
@@ -48,6 +49,10 @@ def pretrain(
     own_genes: bool = False,
     batch_key: str | None = None,
     allow_non_integer: bool = False,
+    monitor: str = "loss",
+    monitor_data: DataInput | None = None,
+    monitor_label_key: str = "cell_type",
+    monitor_cells: int = 2000,
     overwrite: bool = False,
     progress: bool = True,
     **options: Unpack[RunOptions],
@@ -92,6 +97,18 @@ def pretrain(
         The obs column of batches (assay, donor, ...): a learned batch embedding conditions the
         count decoder, so the cell embedding need not carry the batch (`embed` needs no batch).
         With `init`, the model's batches keep their embeddings and new ones are added.
+    monitor
+        What early stopping (`patience`) and the kept weights follow: "loss" (the validation count
+        loss, or masked-value MSE without the count objective) or "embedding" (the monitor's score,
+        higher is better; needs `monitor_data`).
+    monitor_data
+        A labelled AnnData or .h5ad path of raw counts: at every validation round (`val_every_steps`)
+        and at the end, it is embedded by the network being trained (read as `Exceiver.embed` reads
+        it) and its cell types scored by kNN macro-F1 (k=15, 5-fold stratified), logged as
+        `monitor_knn_macro_f1` (metrics.json: the kept weights' score). None: no monitor.
+    monitor_label_key, monitor_cells
+        The obs column of cell types (two classes or more, of two cells or more each), and the
+        most labelled cells monitored (a sample drawn with the run's seed).
     overwrite
         Replace `out` if exceiver wrote it (never a folder holding other files), and
         discard an interrupted run of it.
@@ -118,13 +135,15 @@ def pretrain(
     n_top_genes = PRESETS[preset].n_top_genes if n_top_genes is None else n_top_genes
     with training_run(out, options, defaults=PRESETS[preset].training, overwrite=overwrite,
                       progress=progress) as run:  # refused now, not after the work
+        watched = monitored_cells(monitor_data, monitor_label_key, criterion=monitor, max_cells=monitor_cells,
+                                seed=run.settings.seed)
         cells = pretraining_data(
             data, run.settings, genes=genes, n_top_genes=n_top_genes, gene_key=gene_key, layer=layer,
             gene_map=routing.reading, base_vocab=None if base is None or own_genes else base.vocab,
             extend_genes=extend_genes, batch_key=batch_key, allow_non_integer=allow_non_integer,
             standardise=base.scaler.standardise if base else start.tokenizer.values == "zscore", progress=progress,
             contract=None if base is None or own_genes else base.contract)
-        model = _pretrain_on(cells, start, routing, run, preset=preset, batch_key=batch_key)
+        model = _pretrain_on(cells, start, routing, run, preset=preset, batch_key=batch_key, watched=watched)
     _report_context(model.metrics)
     return model
 
@@ -185,8 +204,9 @@ def _gene_map_routing(data: DataInput | Sequence[DataInput], gene_map: GeneMapIn
 
 
 def _pretrain_on(cells: PretrainingData, start: Start, routing: GeneMapRouting, run: TrainingRun, *, preset: str,
-                 batch_key: str | None) -> Exceiver:
-    """Pretraining on the run's cells from its starting point; the model it makes."""
+                 batch_key: str | None, watched: MonitorCells | None) -> Exceiver:
+    """Pretraining on the run's cells from its starting point (with an embedding monitor of the
+    `watched` cells, read by the model being trained); the model it makes."""
     base = start.base
     scaler = cells.scaler if base is None or start.own_genes else merged_scaler(cells.scaler, base.scaler)
     batches = batch_categories(cells.batch_labels, base.batches if base else None, batch_key)
@@ -202,9 +222,17 @@ def _pretrain_on(cells: PretrainingData, start: Start, routing: GeneMapRouting, 
         about_init = {"init": {"model": start.init, "n_genes": len(base.vocab), "n_genes_added": n_added,
                                **({"own_genes": True} if start.own_genes else {})}}
     codes = None if batches is None else pd.Categorical(cells.batch_labels, batches["categories"]).codes
+
+    def as_model(metrics: dict) -> Exceiver:
+        return Exceiver(module, cells.vocab, scaler, start.tokenizer, objectives=start.objectives,
+                        training=run.settings.to_dict(), metrics=metrics, gene_key=cells.gene_key, layer=cells.layer,
+                        batches=batches or (base.batches if base else None),
+                        gene_map=None if routing.carried is None else routing.carried.within(cells.vocab.genes).table)
+
+    monitor = None if watched is None else EmbeddingMonitor(watched, as_model({}), seed=run.settings.seed)
     plan = PretrainingPlan(module, start.objectives, torch.from_numpy(scaler.expressed_mean), run.settings,
                            zero_queries=start.tokenizer.zero_query_ratio > 0,
-                           batch_codes=None if codes is None else codes.astype(np.int64))
+                           batch_codes=None if codes is None else codes.astype(np.int64), embedding_monitor=monitor)
     datamodule = CellDataModule(cells.source, scaler, start.tokenizer, cells.validation,
                                 batch_size=run.settings.batch_size, num_workers=run.settings.num_workers,
                                 seed=run.settings.seed, genes=scaler.n_expressed > 0)
@@ -212,15 +240,11 @@ def _pretrain_on(cells: PretrainingData, start: Start, routing: GeneMapRouting, 
                 "tokenizer": start.tokenizer.to_dict(), "objectives": start.objectives.to_dict(),
                 "training": run.settings.to_dict(), "n_cells": cells.counts["n_cells"],
                 "genes": cells.vocab.fingerprint(), "init": base.fingerprint() if base else None,
-                "batches": batches}
+                "batches": batches, "monitor": None if watched is None else watched.identity()}
 
     def pretrained(metrics: dict) -> Exceiver:
-        metrics = {**metrics, **cells.counts, "n_genes": len(cells.vocab), "n_parameters": module.n_parameters(),
-                   **learned_context(metrics), **about_init}
-        return Exceiver(module, cells.vocab, scaler, start.tokenizer, objectives=start.objectives,
-                        training=run.settings.to_dict(), metrics=metrics, gene_key=cells.gene_key, layer=cells.layer,
-                        batches=batches or (base.batches if base else None),
-                        gene_map=None if routing.carried is None else routing.carried.within(cells.vocab.genes).table)
+        return as_model({**metrics, **cells.counts, "n_genes": len(cells.vocab), "n_parameters": module.n_parameters(),
+                         **learned_context(metrics), **about_init})
 
     return run.fit(plan, datamodule, identity=identity, model=pretrained)
 

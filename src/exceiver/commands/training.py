@@ -50,14 +50,31 @@ def add_pretrain(commands) -> None:
                         "--set n_latents=64 --set contrastive_weight=0 (repeat for several)")
     add_data_options(p)
     add_training_options(p, PRETRAIN, presets=True)
+    add_monitor_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
+
+
+def add_monitor_options(p: argparse.ArgumentParser) -> None:
+    """The embedding monitor of pretraining (exceiver.train.monitor)."""
+    p.add_argument("--monitor-data", type=Path, metavar="LABELLED.h5ad",
+                   help="at every validation round and at the end, embed these labelled cells (raw counts) with the "
+                        "model being trained and log the kNN macro-F1 of their cell types (monitor_knn_macro_f1)")
+    add(p, "--monitor-label-key", metavar="COL", help="obs column of cell types in --monitor-data",
+        shown=of_function(PRETRAIN, "monitor_label_key"))
+    add(p, "--monitor-cells", type=int, metavar="N", help="the most labelled cells monitored (a seeded sample)",
+        shown=of_function(PRETRAIN, "monitor_cells"))
+    add(p, "--monitor", choices=("loss", "embedding"),
+        help="what early stopping and the kept weights follow: the validation loss, or the monitor's score "
+             "(embedding: needs --monitor-data)", shown=of_function(PRETRAIN, "monitor"))
 
 
 def pretrain_settings(args: argparse.Namespace) -> dict:
     """The keyword arguments of `pretrain` (options not given keep its defaults, or the preset's)."""
     return {"model": dict(args.model_options), "genes": args.genes, "gene_map": args.gene_map, "init": args.init,
             "extend_genes": args.extend_genes, "own_genes": args.own_genes, "batch_key": args.batch_key,
-            "overwrite": args.overwrite, **given(args, preset="preset", n_top_genes="n_top_genes"),
+            "overwrite": args.overwrite, "monitor_data": args.monitor_data,
+            **given(args, preset="preset", n_top_genes="n_top_genes", monitor="monitor",
+                    monitor_label_key="monitor_label_key", monitor_cells="monitor_cells"),
             **data_options(args), **run_options(args), **training_options(args)}
 
 

@@ -75,7 +75,7 @@ class FitResult:
     steps: int
     seconds: float  # of this session (a resumed run's earlier sessions are not counted)
     stopped_by: str
-    extra: dict  # resumed_from_step where a run was resumed
+    extra: dict  # resumed_from_step where a run was resumed; monitor where it had an embedding monitor
 
     def summary(self) -> dict:
         return {**self.best_metrics, "epochs": self.epochs, "steps": self.steps, "seconds": self.seconds,
@@ -96,7 +96,8 @@ def fit(plan: TrainingPlan, data: CellDataModule, training: TrainingConfig, run:
     if everything succeeded. `identity` says what the run is (a resume must match it). In a
     distributed run every process trains; only rank 0 writes."""
     checkpointing = checkpointing or Checkpointing()
-    callbacks: list[Callback] = [EarlyStopping(monitor=plan.monitor, mode="min", patience=training.patience),
+    metric, mode = plan.criterion
+    callbacks: list[Callback] = [EarlyStopping(monitor=metric, mode=mode, patience=training.patience),
                                  RunGuard(run, checkpointing.every_minutes * 60)]
     max_time = None
     if training.max_minutes is not None:
@@ -129,7 +130,9 @@ def fit(plan: TrainingPlan, data: CellDataModule, training: TrainingConfig, run:
             # Lightning's own use of a torch API deprecated in torch 2.13: noise for users.
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             trainer.fit(plan, datamodule=data, ckpt_path=resume_from, weights_only=True)
-            if plan.best_state is None:  # the budget ended before the first validation
+            # The budget ended before the first validation; a monitor scores the final weights too.
+            if plan.best_state is None or (plan.embedding_monitor is not None
+                                           and plan.last_round_step != trainer.global_step):
                 trainer.validate(plan, datamodule=data, verbose=False)
     if plan.best_state is None:
         raise TrainingError(
@@ -142,6 +145,8 @@ def fit(plan: TrainingPlan, data: CellDataModule, training: TrainingConfig, run:
     summary = {}
     if run is not None and resume_from is not None:
         summary["resumed_from_step"] = run.resumed_from_steps()[-1]
+    if plan.embedding_monitor is not None:
+        summary["monitor"] = plan.embedding_monitor.describe()
     result = FitResult(dict(plan.best_metrics), trainer.current_epoch, trainer.global_step,
                        round(seconds, 1), _stop_reason(trainer, training), summary)
     model = build(result)

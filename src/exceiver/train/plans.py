@@ -4,6 +4,8 @@
 and cosine schedule, and the one mechanism that keeps the best validated weights. Subclasses say
 what a step computes and how validation judges it: `PretrainingPlan` (the pretraining objectives,
 judged against the gene-mean baseline) and `ClassifierPlan` (cross-entropy on the class token).
+A run with an embedding monitor (train/monitor.py) scores its cell embedding in every validation
+round too, and may keep the weights that score best.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from exceiver.nn.config import ObjectiveConfig
 from exceiver.nn.network import ExceiverModule
 from exceiver.nn.objectives import count_nll, masked_mse, pretraining_loss
 from exceiver.train.config import TrainingConfig
+from exceiver.train.monitor import MONITOR_METRIC, EmbeddingMonitor
 
 
 def lr_factor(step: int, warmup: int, planned: int, min_ratio: float) -> float:
@@ -39,15 +42,16 @@ def _kind(name: str, param: torch.nn.Parameter) -> str:
 
 
 class TrainingPlan(L.LightningModule):
-    """Optimisation shared by every run; subclasses set `monitor` (lower is better) and call
-    `keep_if_best` with each validation round's metrics."""
+    """Optimisation shared by every run; subclasses set `monitor` (their validation loss, lower is
+    better) and end each validation round with `end_round`."""
 
     monitor: str
 
     def __init__(self, module: ExceiverModule, training: TrainingConfig, *,
-                 pretrained_weights: frozenset[str] = frozenset(), pretrained_lr_mult: float = 1.0):
+                 pretrained_weights: frozenset[str] = frozenset(), pretrained_lr_mult: float = 1.0,
+                 embedding_monitor: EmbeddingMonitor | None = None):
         super().__init__()
-        self.module, self.training_config = module, training
+        self.module, self.training_config, self.embedding_monitor = module, training, embedding_monitor
         # Weights that arrive trained (a classifier's encoder) learn at a fraction of the rate of
         # new ones (its class head), so that fine-tuning adapts what pretraining learned rather
         # than overwriting it while the head is still random.
@@ -56,6 +60,15 @@ class TrainingPlan(L.LightningModule):
         self.warmup_steps = 0
         self.best_metrics: dict[str, float] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.last_round_step: int | None = None  # the step of the last validation round
+
+    @property
+    def criterion(self) -> tuple[str, str]:
+        """What early stopping and the kept weights follow: the metric, and "min" or "max" (whether
+        lower or higher is better)."""
+        if self.embedding_monitor is not None and self.embedding_monitor.selects:
+            return MONITOR_METRIC, "max"
+        return self.monitor, "min"
 
     def log_losses(self, total: torch.Tensor, parts: dict[str, torch.Tensor], batch_size: int, *,
                    parts_on_step: bool = True) -> None:
@@ -65,26 +78,40 @@ class TrainingPlan(L.LightningModule):
         self.log("train_loss", total, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size,
                  sync_dist=True)
 
+    def end_round(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Log a validation round's metrics, with the embedding monitor's score where the run has
+        a monitor, and keep the weights if they are the best so far."""
+        if self.embedding_monitor is not None:
+            metrics[MONITOR_METRIC] = torch.tensor(self.embedding_monitor.score(self.trainer), device=self.device)
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)
+        self.last_round_step = self.global_step
+        self.keep_if_best(metrics)
+
     def keep_if_best(self, metrics: dict[str, torch.Tensor]) -> None:
-        """Keep the weights of the best validation round so far (by `monitor`) in memory.
-        torchmetrics already reduced the metrics over processes, so every process agrees."""
-        value = float(metrics[self.monitor])
-        best = self.best_metrics.get(self.monitor, math.inf)
-        if not self.trainer.sanity_checking and value < best:  # NaN never counts as best
+        """Keep the weights of the best validation round so far (by `criterion`) in memory.
+        torchmetrics already reduced the metrics over processes, and the monitor's score is rank
+        0's, so every process agrees."""
+        name, mode = self.criterion
+        value = float(metrics[name])
+        best = self.best_metrics.get(name, math.inf if mode == "min" else -math.inf)
+        improved = value < best if mode == "min" else value > best  # NaN never counts as best
+        if not self.trainer.sanity_checking and improved:
             self.best_metrics = {k: float(v) for k, v in metrics.items()}
             self.best_metrics |= {"best_epoch": self.current_epoch, "best_step": self.global_step}
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """What a resumed run needs beyond the weights and optimiser: the schedule's horizon
-        (a time budget re-plans it) and the best validated weights so far."""
+        (a time budget re-plans it), the best validated weights so far and the last round's step."""
         checkpoint["exceiver_plan"] = {"planned_steps": self.planned_steps, "warmup_steps": self.warmup_steps,
-                                       "best_metrics": self.best_metrics, "best_state": self.best_state}
+                                       "best_metrics": self.best_metrics, "best_state": self.best_state,
+                                       "last_round_step": self.last_round_step}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["exceiver_plan"]
         self.planned_steps, self.warmup_steps = state["planned_steps"], state["warmup_steps"]
         self.best_metrics, self.best_state = state["best_metrics"], state["best_state"]
+        self.last_round_step = state.get("last_round_step")  # absent from checkpoints of earlier versions
 
     def configure_optimizers(self):
         """AdamW with weight decay on matrices only, a larger rate for per-gene parameters, and
@@ -116,11 +143,13 @@ class PretrainingPlan(TrainingPlan):
     """The pretraining objectives; validation compares masked-value predictions with the gene-mean
     baseline (each masked gene predicted by its mean value over the training cells that express
     it) on exactly the same masked genes. With the count objective the kept weights are those of
-    the lowest validation count loss (the bottleneck is the cell embedding users get)."""
+    the lowest validation count loss (the bottleneck is the cell embedding users get), unless an
+    embedding monitor selects them (`TrainingPlan.criterion`)."""
 
     def __init__(self, module: ExceiverModule, objectives: ObjectiveConfig, gene_means: torch.Tensor,
-                 training: TrainingConfig, *, zero_queries: bool = False, batch_codes: np.ndarray | None = None):
-        super().__init__(module, training)
+                 training: TrainingConfig, *, zero_queries: bool = False, batch_codes: np.ndarray | None = None,
+                 embedding_monitor: EmbeddingMonitor | None = None):
+        super().__init__(module, training, embedding_monitor=embedding_monitor)
         # Each source row's batch (for a model with batches); the loaders' `batch.cells` index it.
         self.register_buffer("batch_codes", None if batch_codes is None else torch.as_tensor(batch_codes),
                              persistent=False)
@@ -187,8 +216,7 @@ class PretrainingPlan(TrainingPlan):
         for metric in (self.val_mse, self.val_baseline_mse, self.val_pearson, self.val_explained_variance,
                        self.val_zero_mse, self.val_counts):
             metric.reset()
-        self.log_dict(metrics, prog_bar=True, sync_dist=True)
-        self.keep_if_best(metrics)
+        self.end_round(metrics)
 
 
 class ClassifierPlan(TrainingPlan):
@@ -250,5 +278,4 @@ class ClassifierPlan(TrainingPlan):
                    "val_macro_f1": self.val_macro_f1.compute()}
         for metric in (self.val_class_loss, self.val_accuracy, self.val_macro_f1):
             metric.reset()
-        self.log_dict(metrics, prog_bar=True, sync_dist=True)
-        self.keep_if_best(metrics)
+        self.end_round(metrics)
