@@ -42,6 +42,8 @@ CONFIG, WEIGHTS, GENES, SCALER, METRICS, GENE_MAP = (
     "config.json", "model.safetensors", "genes.txt", "scaler.safetensors", "metrics.json", "gene_map.csv",
 )
 SCALER_ARRAYS = ("mean", "std", "n_cells", "expressed_mean", "n_expressed")
+# Statistics a scaler may lack (fitted by an older exceiver, or imported): what needs them says so.
+OPTIONAL_SCALER_ARRAYS = ("expressed_median",)
 
 
 def write_h5ad(adata: ad.AnnData, path: str | Path, *, overwrite: bool = False) -> None:
@@ -75,7 +77,8 @@ def save_model_files(folder: Path, *, config: dict, state_dict: dict[str, torch.
                metadata={"format": FORMAT})
     vocab.save(folder / GENES)
     save_numpy(
-        {name: np.ascontiguousarray(getattr(scaler, name)) for name in SCALER_ARRAYS},
+        {name: np.ascontiguousarray(getattr(scaler, name)) for name in SCALER_ARRAYS + OPTIONAL_SCALER_ARRAYS
+         if getattr(scaler, name) is not None},
         str(folder / SCALER),
         metadata={"format": FORMAT, "target_sum": repr(scaler.target_sum),
                   "max_value": repr(scaler.max_value), "standardise": str(int(scaler.standardise))},
@@ -167,7 +170,7 @@ def _load_scaler(path: Path) -> GeneScaler:
             missing = [name for name in SCALER_ARRAYS if name not in f.keys()]
             if missing or metadata.get("format") != FORMAT:
                 raise ModelFileError(f"{path} is not an exceiver scaler (missing {missing or 'format'})")
-            arrays = {name: f.get_tensor(name) for name in SCALER_ARRAYS}
+            arrays = {name: f.get_tensor(name) for name in SCALER_ARRAYS + OPTIONAL_SCALER_ARRAYS if name in f.keys()}
         scaler = GeneScaler(**arrays, target_sum=float(metadata["target_sum"]),
                             max_value=float(metadata["max_value"]),
                             standardise={"1": True, "0": False}[metadata.get("standardise", "1")])  # older: z-scores
@@ -177,6 +180,8 @@ def _load_scaler(path: Path) -> GeneScaler:
         raise ModelFileError(f"{path} is corrupt: its arrays have different lengths")
     if not all(np.isfinite(a).all() for a in arrays.values()) or (scaler.std <= 0).any():
         raise ModelFileError(f"{path} is corrupt: non-finite values or non-positive standard deviations")
+    if scaler.expressed_median is not None and (scaler.expressed_median <= 0).any():
+        raise ModelFileError(f"{path} is corrupt: non-positive median expression")
     return scaler
 
 

@@ -8,10 +8,14 @@ targets. Which genes are masked comes from a hash of (salt, the cell's set of ex
 gene): a fixed salt gives a cell the same masks wherever it sits in a dataset or batch, and no
 count influences which genes are masked.
 
+A cell with more genes than the token cap keeps some (`token_selection`): a random subset, its highest
+ranked (Geneformer's rank: counts choose, so a masked gene outranked the genes left out) or a draw
+weighted by variability (inference: the most variable); masks are drawn at random among them.
+
 Masked counts do not reach the encoder even through normalisation: tokens are normalised by the
-library of the cell's unmasked genes divided by their expected share of it, (n - m) / n for m of n
-genes masked at random (an unbiased estimate of the full library); targets use the full library,
-as inference does.
+library of the cell's unmasked genes, the genes the masks were drawn from counted at their
+expected share of it, (n - m) / n for m of n genes masked at random (an unbiased estimate of the
+full library); targets use the full library, as inference does.
 
 Paper-compatible models (`all_genes=True`) see what the original release saw: every gene that the
 cell's dataset measured is a token (zero-count genes flagged in `token_zero`), masked genes stay
@@ -117,7 +121,7 @@ def make_batch(
     rows = np.asarray(rows, dtype=np.int64)
     pad_id = cells.counts.shape[1]
     entries = _expressed_entries(cells.counts, rows)
-    entries, split = _mask_and_subsample(entries, tokenizer, masked, salt)
+    entries, split = _mask_and_subsample(entries, scaler, tokenizer, masked, salt)
     values = _entry_values(entries, split, scaler, tokenizer.all_genes)
     if tokenizer.all_genes:
         tokens = _all_gene_tokens(cells, rows, scaler, entries, split.masked, values, pad_id)
@@ -155,6 +159,8 @@ class _MaskSplit:
     masked: np.ndarray  # [N] bool per entry
     visible: np.ndarray  # [N] bool per entry; neither: subsampled out beyond the token cap
     cell_keys: np.ndarray  # [B] uint64: the cell's random key under this salt
+    n_drawn: np.ndarray  # [B] int64 genes masks were drawn from: all expressed unless a selection kept fewer
+    undrawn_library: np.ndarray  # [B] float64 counts of the cell's genes outside them
 
 
 def _expressed_entries(counts: sp.csr_matrix, rows: np.ndarray) -> _Entries:
@@ -172,11 +178,11 @@ def _expressed_entries(counts: sp.csr_matrix, rows: np.ndarray) -> _Entries:
 
 
 def _mask_and_subsample(
-    entries: _Entries, tokenizer: TokenizerConfig, masked: bool, salt: int
+    entries: _Entries, scaler: GeneScaler, tokenizer: TokenizerConfig, masked: bool, salt: int
 ) -> tuple[_Entries, _MaskSplit]:
-    """A random order within each cell: its first `n_masked` genes are masked, the next
-    `n_visible` are tokens, and any beyond the token cap are left out. Returns the reordered
-    entries and the split."""
+    """An order within each cell: its first `n_masked` genes are masked, the next `n_visible` are
+    tokens, the rest left out; random, after the cell's selected genes (`_selected`) unless the
+    selection is "random". Returns the reordered entries and the split."""
     max_tokens = tokenizer.token_cap(masked)
     mask_fraction = tokenizer.mask_fraction if masked else 0.0
     n_expressed = entries.n_expressed
@@ -184,25 +190,63 @@ def _mask_and_subsample(
     n_unmasked = n_expressed - n_masked
     n_visible = n_unmasked if tokenizer.all_genes else np.minimum(n_unmasked, max_tokens)
     cell_keys = mix64(_cell_keys(entries.genes, entries.offsets, n_expressed) ^ mix64(np.uint64(salt % 2**64)))
+    n_drawn, undrawn_library = n_expressed, np.zeros(len(n_expressed))
     if mask_fraction > 0 or (n_visible < n_unmasked).any():
         gene_keys = mix64(cell_keys[entries.cell] ^ entries.genes.astype(np.uint64))
-        entries = entries.reordered(np.lexsort((gene_keys, entries.cell)))
+        if tokenizer.token_selection == "random" or not (n_visible < n_unmasked).any():
+            order = np.lexsort((gene_keys, entries.cell))
+        else:
+            n_drawn = n_masked + n_visible
+            selected = _selected(entries, gene_keys, n_drawn, scaler, tokenizer.token_selection, masked)
+            undrawn_library = np.bincount(entries.cell, weights=entries.counts * ~selected,
+                                          minlength=len(n_expressed))
+            chosen = np.flatnonzero(selected)  # in random order (keys are distinct within a cell), then the rest
+            order = np.concatenate([chosen[np.argsort(gene_keys[chosen])], np.flatnonzero(~selected)])
+            cells = entries.cell[order].astype(np.uint16 if len(n_expressed) <= 2**16 else np.int64)
+            order = order[np.argsort(cells, kind="stable")]  # cell by cell again (a radix sort in 16 bits)
+        entries = entries.reordered(order)
     is_masked = entries.rank < n_masked[entries.cell]
     visible = ~is_masked & (entries.rank < (n_masked + n_visible)[entries.cell])
-    return entries, _MaskSplit(n_masked, n_visible, is_masked, visible, cell_keys)
+    return entries, _MaskSplit(n_masked, n_visible, is_masked, visible, cell_keys, n_drawn, undrawn_library)
+
+
+def _selected(entries: _Entries, gene_keys: np.ndarray, n_selected: np.ndarray, scaler: GeneScaler,
+              selection: str, masked: bool) -> np.ndarray:
+    """[N] bool: each cell's `n_selected` first genes. "rank": the highest counts over the gene's median
+    expression in training (the cell's library cancels out). "variable": in training, a draw without
+    replacement weighted by the genes' variability (Efraimidis-Spirakis: the smallest Exp(1) / weight);
+    at inference, the most variable. Ties go by `gene_keys`, so a salt fixes the choice."""
+    if selection == "rank":
+        preference, descending = entries.counts / scaler.median_expression(entries.genes), True
+    elif masked:
+        uniform = ((mix64(gene_keys) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+        preference, descending = -np.log(uniform) / scaler.variability(entries.genes), False
+    else:
+        preference, descending = scaler.variability(entries.genes), True
+    # One sort key: the cell in the high bits, then the positive preference's float bits less the lowest.
+    preference = np.ascontiguousarray(preference, dtype=np.float64).view(np.uint64)
+    preference = np.uint64(2**63 - 1) - preference if descending else preference
+    cell_bits = max(int(len(entries.n_expressed) - 1).bit_length(), 1)
+    key = (entries.cell.astype(np.uint64) << np.uint64(63 - cell_bits)) | (preference >> np.uint64(cell_bits))
+    order = np.lexsort((gene_keys, key))
+    selected = np.empty(len(order), dtype=bool)
+    selected[order] = entries.rank < n_selected[entries.cell]  # the order keeps cells in place
+    return selected
 
 
 def _entry_values(entries: _Entries, split: _MaskSplit, scaler: GeneScaler, all_genes: bool) -> np.ndarray:
-    """Each token's and each masked gene's value (0 for genes left out). Tokens are normalised by
-    the library of the cell's unmasked genes over their expected share of it, so that masked
-    counts cannot reach the encoder (the full library in paper mode); targets by the full library."""
-    library, n_expressed = entries.library, entries.n_expressed
+    """Each token's and each masked gene's value (0 for genes left out). Tokens are normalised by the
+    library of the cell's unmasked genes, the n genes m masks were drawn from at their expected share
+    (n - m) / n, so that masked counts cannot reach the encoder (paper mode: the full library, as targets)."""
+    library = entries.library
     if all_genes:
         token_library = library
     else:
         masked_library = np.bincount(entries.cell[split.masked], weights=entries.counts[split.masked],
-                                     minlength=len(n_expressed))
-        token_library = (library - masked_library) * n_expressed / np.maximum(n_expressed - split.n_masked, 1)
+                                     minlength=len(library))
+        n_drawn, drawn_library = split.n_drawn, library - split.undrawn_library
+        token_library = split.undrawn_library + (
+            (drawn_library - masked_library) * n_drawn / np.maximum(n_drawn - split.n_masked, 1))
     values = np.zeros(len(entries.genes), dtype=np.float32)
     for chosen, cell_library in ((split.visible, token_library), (split.masked, library)):
         values[chosen] = scaler.values(entries.genes[chosen], log_normalise(

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# Which of a cell's expressed genes become tokens when it has more than the cap (see `token_selection`).
+TOKEN_SELECTIONS = ("random", "rank", "variable")
+
 
 @dataclass(frozen=True)
 class TokenizerConfig:
@@ -23,10 +26,20 @@ class TokenizerConfig:
     # 10, plus 1) or "log" (log-normalised expression itself: a rare gene's token does not outweigh
     # a common one's by up to 10x). The fitted GeneScaler carries it to inference.
     values: str = "zscore"
+    # Which expressed genes a cell keeps when it has more than the cap (masks are then drawn among
+    # them): "random" (uniformly), "rank" (Geneformer's: its highest expression relative to the
+    # gene's median over the training cells that express it, so that housekeeping genes yield to
+    # the cell's distinctive ones) or "variable" (training: drawn with weights of the genes'
+    # normalised dispersion; inference: the most variable). The fitted GeneScaler has the statistics.
+    token_selection: str = "random"
 
     def __post_init__(self) -> None:
         if self.values not in ("zscore", "log"):
             raise ValueError(f"values must be 'zscore' or 'log', got {self.values!r}")
+        if self.token_selection not in TOKEN_SELECTIONS:
+            raise ValueError(f"token_selection must be one of {TOKEN_SELECTIONS}, got {self.token_selection!r}")
+        if self.all_genes and self.token_selection != "random":  # no cap there: every measured gene is a token
+            raise ValueError("token_selection applies to capped tokens; paper mode makes every measured gene a token")
         if self.max_tokens < 1 or self.train_tokens < 0:
             raise ValueError(f"max_tokens must be >= 1 and train_tokens >= 0, got {self.max_tokens}, "
                              f"{self.train_tokens}")
