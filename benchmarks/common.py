@@ -102,6 +102,11 @@ MOUSE_CORPUS = [
 ]
 
 
+# Held out of the next shipped model (docs/base_model_plan.md): never in its training or choices.
+BASE_HELD_OUT = {"pbmc3k_seurat_2638", "pbmc_small_seuratobject_80", "gpsfish_zeisel_mouse_cortex_550",
+                 "card_pdac_1926_7kgenes"}
+
+
 def reference_cells(task: str, adata: ad.AnnData, seed: int) -> np.ndarray:
     """The labelled reference of a label-transfer task (the other cells are the query): for
     cellbench the CEL-seq2 cells (the query is Drop-seq: a change of technology), else a random
