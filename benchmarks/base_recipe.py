@@ -2,12 +2,12 @@
 
 One change at a time from the `default` preset on every protein-coding gene the training files
 measure (human as they are, mouse through the ortholog table): each variant is pretrained for the
-same minutes, on one thread, on the training files only (the held-out files of the plan are never
+same number of epochs (equal steps: a busy machine changes the time, not the result), on one thread, on the training files only (the held-out files of the plan are never
 read), then judged by the cell-type kNN macro-F1 (k=15, 5-fold) of its embedding on labelled
 *training* files whose labels pretraining never sees (`JUDGES`), beside its validation losses and
 training cells/s. The held-out files are kept for the model card.
 
-    EXCEIVER_SHARED=../shared python benchmarks/base_recipe.py --minutes 8 --jobs 2 \
+    EXCEIVER_SHARED=../shared python benchmarks/base_recipe.py --epochs 8 --jobs 2 \
         --variants full variable_tokens bottleneck32 --out base_recipe.json
 """
 
@@ -44,10 +44,10 @@ def training_files(shared: Path) -> list[Path]:
     return sorted(p for p in (shared / "data").glob("*.h5ad") if p.stem not in BASE_HELD_OUT)
 
 
-def run_variant(job: tuple[str, float, int, Path]) -> dict:
-    """Pretrain one variant (name, minutes, seed, shared folder) and judge its embedding; in its
+def run_variant(job: tuple[str, int, int, Path]) -> dict:
+    """Pretrain one variant (name, epochs, seed, shared folder) and judge its embedding; in its
     own process, one thread."""
-    name, minutes, seed, shared = job
+    name, epochs, seed, shared = job
     import anndata as ad
 
     from exceiver import pretrain
@@ -59,8 +59,8 @@ def run_variant(job: tuple[str, float, int, Path]) -> dict:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     start = time.time()
     model = pretrain(training_files(shared), None, model=VARIANTS[name], genes=shared / PROTEIN_CODING_GENES,
-                     n_top_genes=0, gene_key="gene_symbol", gene_map=shared / ORTHOLOGS, max_minutes=minutes,
-                     max_epochs=100_000, patience=100_000, seed=seed, progress=False)
+                     n_top_genes=0, gene_key="gene_symbol", gene_map=shared / ORTHOLOGS, max_epochs=epochs,
+                     patience=100_000, seed=seed, progress=False)
     m = model.metrics
     judged = {}
     for target in JUDGES:
@@ -89,7 +89,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--minutes", type=float, default=8.0, help="training minutes per variant")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs per variant")
     parser.add_argument("--jobs", type=int, default=1, help="variants trained at once (one thread each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="results JSON (variants already in it are kept)")
@@ -98,10 +98,10 @@ def main() -> None:
     done = {r["variant"]: r for r in read_result(args.out, [])}
     todo = [v for v in args.variants if v not in done]
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        for row in pool.imap_unordered(run_variant, [(v, args.minutes, args.seed, shared) for v in todo]):
+        for row in pool.imap_unordered(run_variant, [(v, args.epochs, args.seed, shared) for v in todo]):
             done[row["variant"]] = row
             write_result(list(done.values()), args.out)
-    print(f"{args.minutes:g} training minutes per variant, one thread each, seed {args.seed}; kNN macro-F1 "
+    print(f"{args.epochs} training epochs per variant, one thread each, seed {args.seed}; kNN macro-F1 "
           "(k=15, 5-fold) of each variant's embedding on labelled training files (labels unseen):")
     print(table([done[v] for v in args.variants]))
 
