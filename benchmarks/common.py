@@ -273,6 +273,38 @@ def scvi_baseline(adata: ad.AnnData, *, batch_key: str | None = None,
     return model, time.perf_counter() - start
 
 
+def labelled_subset(labels, fraction: float, seed: int, floor: int = 3) -> np.ndarray:
+    """A stratified `fraction` of the cells, at least `floor` per class (seeded)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _, idx in labels.groupby(labels, observed=True).indices.items():
+        n = min(len(idx), max(floor, round(fraction * len(idx))))
+        rows.append(rng.choice(idx, n, replace=False))
+    return np.sort(np.concatenate(rows))
+
+
+def logreg_hvg(train: ad.AnnData, test: ad.AnnData, key: str, gene_key: str | None, seed: int) -> np.ndarray:
+    """Logistic regression on log-normalised counts of 2,000 HVGs (selected on the training cells):
+    the label baseline a model must beat."""
+    import scanpy as sc
+    from sklearn.linear_model import LogisticRegression
+
+    def lognorm(a):
+        a = a.copy()
+        if gene_key:
+            a.var_names = a.var[gene_key].astype(str)
+            a.var_names_make_unique()
+        sc.pp.normalize_total(a, target_sum=1e4)
+        sc.pp.log1p(a)
+        return a
+    tr, te = lognorm(train), lognorm(test)
+    hvg = sc.pp.highly_variable_genes(tr, n_top_genes=min(2000, tr.n_vars), inplace=False, flavor="seurat")
+    genes = tr.var_names[hvg["highly_variable"].to_numpy()]
+    clf = LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed)
+    clf.fit(tr[:, genes].X, tr.obs[key].astype(str))
+    return clf.predict(te[:, genes].X)
+
+
 def threads(n: int | None) -> None:
     """Pin torch, and OMP_NUM_THREADS (what `pretrain` sizes its threads by), to `n` threads so
     that methods compared in one run get the same. Call it again after scanpy or scVI: their

@@ -31,8 +31,6 @@ import anndata as ad
 import matplotlib
 import numpy as np
 import pandas as pd
-import scanpy as sc
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
@@ -40,7 +38,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common import (HUMAN_CORPUS, LABEL_TASKS, PROTEIN_CODING_GENES, add_targets_option,  # noqa: E402
-                    benchmark_parser, read_result, shared_folder, write_result)
+                    benchmark_parser, labelled_subset, logreg_hvg, read_result, shared_folder, write_result)
 from exceiver import Exceiver, pretrain  # noqa: E402
 from exceiver.finetune import finetune  # noqa: E402
 
@@ -61,34 +59,6 @@ def load_target(data: Path, name: str, seed: int = 0):
     labels = adata.obs[key].astype(str)
     train, test = train_test_split(np.arange(adata.n_obs), test_size=0.2, random_state=seed, stratify=labels)
     return adata[np.sort(train)].copy(), adata[np.sort(test)].copy(), key, gene_key, "80/20 stratified split"
-
-
-def labelled_subset(labels: pd.Series, fraction: float, seed: int, floor: int = 3) -> np.ndarray:
-    """A stratified `fraction` of the cells, at least `floor` per class (seeded)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _, idx in labels.groupby(labels, observed=True).indices.items():
-        n = min(len(idx), max(floor, round(fraction * len(idx))))
-        rows.append(rng.choice(idx, n, replace=False))
-    return np.sort(np.concatenate(rows))
-
-
-def logreg_hvg(train: ad.AnnData, test: ad.AnnData, key: str, gene_key: str | None, seed: int) -> np.ndarray:
-    """Logistic regression on log-normalised counts of 2,000 HVGs (selected on the training cells)."""
-    def lognorm(a):
-        a = a.copy()
-        if gene_key:
-            a.var_names = a.var[gene_key].astype(str)
-            a.var_names_make_unique()
-        sc.pp.normalize_total(a, target_sum=1e4)
-        sc.pp.log1p(a)
-        return a
-    tr, te = lognorm(train), lognorm(test)
-    hvg = sc.pp.highly_variable_genes(tr, n_top_genes=min(2000, tr.n_vars), inplace=False, flavor="seurat")
-    genes = tr.var_names[hvg["highly_variable"].to_numpy()]
-    clf = LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed)
-    clf.fit(tr[:, genes].X, tr.obs[key].astype(str))
-    return clf.predict(te[:, genes].X)
 
 
 def unsupervised_models(base: Exceiver, pool: ad.AnnData, gene_key: str | None, minutes: float, folder: Path,
