@@ -161,3 +161,19 @@ def test_impossible_sampling_settings_are_refused():
         ObjectiveConfig(count_sampled_share=True)
     with pytest.raises(ValueError, match="model sizes must be positive"):
         pretraining_configs("default", count_rank=-2)
+
+
+def test_a_model_trained_on_samples_is_written_and_read_with_its_settings(tmp_path):
+    from exceiver import Exceiver, pretrain
+
+    from conftest import synthetic_counts
+
+    settings = dict(count_zero_samples=20, count_sampled_share=True, count_rank=4)
+    adata = synthetic_counts(n_cells=60)
+    model = pretrain(adata, tmp_path / "model", model={**TINY, **settings}, max_epochs=1, batch_size=32,
+                     progress=False)
+    assert np.isfinite(model.metrics["val_counts"])
+    loaded = Exceiver.load(tmp_path / "model")
+    assert (loaded.objectives.count_zero_samples, loaded.objectives.count_sampled_share) == (20, True)
+    assert loaded.config.count_rank == 4 and loaded.module.count_decoder[-1].weight.shape == (len(loaded.vocab), 4)
+    np.testing.assert_allclose(loaded.embed(adata), model.embed(adata), rtol=1e-5, atol=1e-6)
