@@ -46,6 +46,9 @@ class ExceiverConfig:
     bottleneck_input: str = "mean"
     count_hidden: int = 128  # hidden width of the count decoder (bottleneck -> every gene's rate)
     count_head: bool = False  # decodes the cell's counts from the bottleneck (the count objective)
+    # > 0: the count decoder's hidden layer -> this width -> every gene (a factorised output layer:
+    # its per-gene table and product are count_rank wide, not count_hidden); 0: hidden -> every gene.
+    count_rank: int = 0
     # Batches (a covariate such as assay or donor) whose learned embedding is added to the
     # bottleneck before the count decoder, as scVI conditions its decoder: the decoder explains
     # what the batch does, so the cell embedding (the bottleneck itself) need not carry it.
@@ -58,7 +61,7 @@ class ExceiverConfig:
                      cross_ff_mult=self.cross_ff_mult)
         small = [name for name, value in sizes.items() if value < 1]
         if small or min(self.n_genes, self.n_layers, self.head_hidden, self.n_classes, self.class_hidden,
-                        self.bottleneck_dim, self.count_hidden - 1) < 0:
+                        self.bottleneck_dim, self.count_hidden - 1, self.count_rank) < 0:
             raise ValueError(f"model sizes must be positive (got {small or 'a negative size'})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -107,6 +110,14 @@ class ObjectiveConfig:
     # (per measured gene, as the count loss) weighted by this: what makes scVI's latent drop the
     # batch that its decoder is given; 0 keeps the bottleneck deterministic.
     bottleneck_kl: float = 0.0
+    # The count loss's cost in training: 0 sums it over every measured gene (its cost follows the
+    # vocabulary); K > 0 takes each cell's expressed genes and about K of its zero-count genes,
+    # weighted so that the sum over zeros is estimated without bias (`sampled_count_nll`).
+    # Validation always sums over every measured gene.
+    count_zero_samples: int = 0
+    # With count_zero_samples: the softmax's normaliser from the same sample too, so no unsampled
+    # gene's logit is computed (an unbiased normaliser; the log of it is biased, less as K grows).
+    count_sampled_share: bool = False
     # Invariance: two random subsets of a cell's tokens must give embeddings that pick each other
     # out of the batch (InfoNCE on projected mean latents).
     contrastive_weight: float = 0.0
@@ -114,9 +125,11 @@ class ObjectiveConfig:
     contrastive_temperature: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.count_sampled_share and not self.count_zero_samples:
+            raise ValueError("count_sampled_share needs count_zero_samples > 0 (the sample it estimates from)")
         if min(self.value_weight, self.detection_weight, self.contrastive_weight, self.count_weight,
-               self.bottleneck_kl) < 0:
-            raise ValueError("objective weights must be >= 0")
+               self.bottleneck_kl, self.count_zero_samples) < 0:
+            raise ValueError("objective weights and count_zero_samples must be >= 0")
         if not 0 < self.contrastive_keep <= 1 or self.contrastive_temperature <= 0:
             raise ValueError("contrastive_keep must be in (0, 1] and contrastive_temperature > 0")
 

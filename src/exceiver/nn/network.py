@@ -66,8 +66,10 @@ class ExceiverModule(nn.Module):
         self.bottleneck = (nn.Sequential(nn.LayerNorm(pooled), nn.Linear(pooled, c.bottleneck_dim))
                            if c.bottleneck_dim and c.count_head else None)
         if c.count_head:  # bottleneck -> a share of the library per gene, and a dispersion per gene
-            self.count_decoder = nn.Sequential(nn.Linear(c.bottleneck_dim, c.count_hidden), nn.LayerNorm(c.count_hidden),
-                                               nn.ReLU(), nn.Linear(c.count_hidden, c.n_genes))
+            layers = [nn.Linear(c.bottleneck_dim, c.count_hidden), nn.LayerNorm(c.count_hidden), nn.ReLU()]
+            if c.count_rank:  # every gene's logit from a rank-r code: the per-gene product costs r, not count_hidden
+                layers.append(nn.Linear(c.count_hidden, c.count_rank, bias=False))
+            self.count_decoder = nn.Sequential(*layers, nn.Linear(c.count_rank or c.count_hidden, c.n_genes))
             self.gene_log_dispersion = nn.Parameter(torch.zeros(c.n_genes))
         else:
             self.count_decoder = self.gene_log_dispersion = None

@@ -5,6 +5,7 @@ contrastive term; `pretraining_loss` combines them into one
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,7 +54,9 @@ def pretraining_loss(module: ExceiverModule, batch: CellBatch, objectives: Objec
         if objectives.bottleneck_kl:  # a sample of the cell's posterior N(cell, 1), and its KL to N(0, 1)
             parts["bottleneck_kl"] = (0.5 * cell.float().pow(2).sum(-1) / batch.measured.sum(-1).clamp(min=1)).mean()
             cell = cell + torch.randn_like(cell)
-        parts["counts"] = count_nll(module, latents, batch, batches, cell=cell).mean()
+        parts["counts"] = count_nll(module, latents, batch, batches, cell=cell, salt=salt,
+                                    zero_samples=objectives.count_zero_samples,
+                                    sampled_share=objectives.count_sampled_share).mean()
     if objectives.contrastive_weight:
         parts["contrastive"] = contrastive_loss(module, latents, batch, objectives, salt=salt, gather=gather)
     total = (objectives.value_weight * parts["masked_values"] + objectives.detection_weight * parts.get("detection", 0.0)
@@ -63,15 +66,23 @@ def pretraining_loss(module: ExceiverModule, batch: CellBatch, objectives: Objec
 
 
 def count_nll(module: ExceiverModule, latents: torch.Tensor, batch: CellBatch,
-              batches: torch.Tensor | None = None, cell: torch.Tensor | None = None) -> torch.Tensor:
+              batches: torch.Tensor | None = None, cell: torch.Tensor | None = None, *,
+              zero_samples: int = 0, sampled_share: bool = False, salt: int = 0) -> torch.Tensor:
     """Negative-binomial negative log-likelihood of each cell's whole count vector [B], per
     measured gene, decoded from the cell bottleneck: mean = library x softmax share over the genes
     the cell's dataset measured, dispersion learned per gene.
 
     The likelihood of a zero count, theta * (log theta - log(theta + mu)), is summed densely over
     the measured genes (it needs no counts); expressed genes then add the difference between their
-    count's likelihood and a zero's. No dense counts matrix is ever built."""
+    count's likelihood and a zero's. No dense counts matrix is ever built.
+
+    With `zero_samples` K > 0 (training on a large vocabulary) the likelihood's terms are taken
+    on each cell's expressed genes and about K of its zeros (`sampled_count_nll`; `salt` draws
+    the sample): only the decoder's matrix product still covers every gene."""
     cell = module.pool(latents, "bottleneck") if cell is None else cell  # `cell`: a sample of it, in training
+    if zero_samples:
+        return sampled_count_nll(module, cell, batch, batches, zero_samples=zero_samples,
+                                 sampled_share=sampled_share, salt=salt)
     logits = module.count_logits(cell, batches).float()
     measured = batch.measured
     log_share = torch.log_softmax(logits.masked_fill(~measured, float("-inf")), dim=-1)
@@ -88,6 +99,80 @@ def count_nll(module: ExceiverModule, latents: torch.Tensor, batch: CellBatch,
              + x * (log_mu_x - log_theta_mu_x))
     extra = extra.masked_fill(x == 0, 0.0).sum(-1)
     return -(zero_ll + extra) / measured.sum(-1).clamp(min=1)
+
+
+def sampled_count_nll(module: ExceiverModule, cell: torch.Tensor, batch: CellBatch,
+                      batches: torch.Tensor | None = None, *, zero_samples: int, sampled_share: bool = False,
+                      salt: int = 0) -> torch.Tensor:
+    """`count_nll` of bottleneck vectors `cell` [B] from each cell's expressed genes and a sample
+    of its zeros (`sampled_zero_genes`), each sampled zero weighted by 1 / its inclusion
+    probability.
+
+    What is estimated: the expressed genes' terms are exact; the sum of the zero-count measured
+    genes' terms, theta * (log theta - log(theta + mu)), is replaced by its Horvitz-Thompson
+    estimate from the sample, unbiased given mu. With `sampled_share`, mu's softmax normaliser
+    (the sum of exp(logit) over the measured genes) is also that estimate (the expressed genes'
+    exact part plus the weighted sampled zeros), so that no logit of an unsampled gene is
+    computed: the normaliser is then unbiased, its log (and so the loss) is not, exactly (its
+    bias shrinks with K). Either way the result is `count_nll` itself, up to rounding, once K
+    reaches a cell's number of zeros."""
+    n_genes = module.config.n_genes
+    expressed = batch.count_genes.clamp(max=n_genes - 1)  # padding entries have count 0 and no term
+    n_measured = batch.measured.sum(-1, dtype=torch.int32)  # (an int64 sum of booleans is slow)
+    zero_genes, zero_weights = sampled_zero_genes(batch, n_measured, n_genes, zero_samples, salt)
+    genes = torch.cat([expressed, zero_genes], dim=1)
+    weights = torch.cat([(batch.counts > 0).float(), zero_weights], dim=1)  # 0: no term
+    empty = weights == 0
+    # Every gene's logit is one matrix product (cheaper than gathering each cell's output rows);
+    # all that follows reads the sampled genes' only, or, for an exact normaliser, one pass of exp.
+    all_logits = module.count_logits(cell, batches).float()
+    logits = all_logits.gather(1, genes)
+    if sampled_share:
+        log_norm = sampled_log_normaliser(logits, weights)
+    else:
+        log_norm = torch.logsumexp(all_logits.masked_fill(~batch.measured, float("-inf")), dim=-1)
+    log_mu = (logits - log_norm[:, None]).masked_fill(empty, 0.0) + batch.library.clamp(min=1).log()[:, None]
+    log_theta = module.gene_log_dispersion.float().index_select(0, genes.flatten()).view_as(genes)
+    theta = log_theta.exp()
+    log_theta_mu = torch.logaddexp(log_theta, log_mu)  # log(theta + mu)
+    ll = weights * theta * (log_theta - log_theta_mu)  # a zero count's log-likelihood, weighted
+    n, x = expressed.shape[1], batch.counts  # the expressed genes add their count's difference from a zero's
+    extra = (torch.lgamma(x + theta[:, :n]) - torch.lgamma(theta[:, :n]) - torch.lgamma(x + 1)
+             + x * (log_mu[:, :n] - log_theta_mu[:, :n]))
+    return -(ll.sum(-1) + extra.masked_fill(x == 0, 0.0).sum(-1)) / n_measured.clamp(min=1)
+
+
+def sampled_log_normaliser(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The log of each cell's Horvitz-Thompson estimate [B] of the softmax normaliser, the sum of
+    exp(logit) over its measured genes, from the logits [B, K] of its expressed genes (weight 1)
+    and sampled zeros (weight 1 / inclusion probability); weight 0: no term. The estimate is
+    unbiased; its log is biased low (Jensen), by about half its relative variance."""
+    no_terms = (weights == 0).all(-1, keepdim=True)  # (a cell without terms: 0, not NaN)
+    return torch.logsumexp((logits + weights.log()).masked_fill(no_terms, 0.0), dim=-1)
+
+
+def sampled_zero_genes(batch: CellBatch, n_measured: torch.Tensor, n_genes: int, zero_samples: int,
+                       salt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """About `zero_samples` (K) of each cell's zeros (measured genes it did not express): genes
+    [B, C] and weights [B, C] (1 / inclusion probability; 0 where an entry is no zero).
+
+    Every vocabulary gene is a candidate with probability exactly p = min(1, K / the cell's
+    zeros): systematic sampling along the vocabulary, every (1 / p)-th gene from an offset drawn
+    from a hash of (cell, salt), so a cell gets the same sample whichever process or batch
+    position it has, and p = 1 takes every gene once. The candidates that are the cell's zeros
+    are kept."""
+    padded = torch.zeros(len(batch), n_genes + 1, dtype=torch.bool, device=batch.counts.device)
+    expressed = padded.scatter_(1, batch.count_genes, batch.counts > 0)[:, :n_genes]  # padding: column n_genes
+    n_zeros = n_measured - (batch.counts > 0).sum(-1)  # expressed genes are measured ones
+    p = (zero_samples / n_zeros.clamp(min=1).double()).clamp(max=1.0)
+    salt = (salt * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407) % (1 << 62)  # apart from subset_tokens' draws
+    offset = _uniform_hash(batch.cells.long() * 1_000_003 + salt)
+    steps = torch.arange(math.ceil(n_genes * float(p.max())) if len(batch) else 0, device=p.device)
+    genes = ((steps[None, :] + offset[:, None]) / p[:, None]).long()
+    inside = genes < n_genes
+    genes = genes.clamp(max=n_genes - 1)
+    kept = inside & batch.measured.gather(1, genes) & ~expressed.gather(1, genes)
+    return genes, kept / p.float()[:, None]
 
 
 def contrastive_loss(module: ExceiverModule, latents: torch.Tensor, batch: CellBatch, objectives: ObjectiveConfig,
