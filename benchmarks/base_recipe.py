@@ -41,6 +41,12 @@ VARIANTS = {
     # rank-32 output layer: 0.60x the 2,000-gene default's training cells/s instead of 0.41x.
     "cheap_counts": {"count_zero_samples": 256, "count_sampled_share": True, "count_rank": 32},
     "tokens128": {"train_tokens": 128},
+    # Second round: the changes that helped alone, together.
+    "rank_b32": {"token_selection": "rank", "bottleneck_dim": 32},
+    "variable_b32": {"token_selection": "variable", "bottleneck_dim": 32},
+    "rank_b32_dropout": {"token_selection": "rank", "bottleneck_dim": 32, "dropout": 0.1},
+    "rank_b32_dropout_cheap": {"token_selection": "rank", "bottleneck_dim": 32, "dropout": 0.1,
+                               "count_zero_samples": 256, "count_sampled_share": True, "count_rank": 32},
 }
 
 
