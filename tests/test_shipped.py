@@ -123,3 +123,15 @@ def test_the_wheel_contains_the_model(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         for name in json.loads((folder / "checksums.json").read_text()) | {"checksums.json": ""}:
             assert zf.read(f"exceiver/models/{NAME}/{name}") == (folder / name).read_bytes()
+
+
+def test_pretrained_without_a_name_opens_the_default_model(model):
+    assert shipped.DEFAULT_MODEL in shipped.shipped_names()
+    assert Exceiver.pretrained().fingerprint() == Exceiver.pretrained(shipped.DEFAULT_MODEL).fingerprint()
+
+
+def test_a_retired_name_is_refused_naming_its_successor(monkeypatch):
+    monkeypatch.setattr(shipped, "RETIRED", {"human-mouse-tiny": NAME})
+    assert shipped.is_shipped_name("human-mouse-tiny")
+    with pytest.raises(ExceiverInputError, match=r"'human-mouse-tiny' was retired: use its successor 'human-mouse-small'"):
+        Exceiver.load("human-mouse-tiny")

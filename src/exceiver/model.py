@@ -117,11 +117,12 @@ class Exceiver:
                 f"{c.latent_dim}, {c.n_layers} layers, {self.module.n_parameters():,} parameters)")
 
     @classmethod
-    def pretrained(cls, name: str) -> Exceiver:
-        """A model shipped with exceiver, by name (docs/models.md), checked against its checksums."""
-        from exceiver.shipped import shipped_folder
+    def pretrained(cls, name: str | None = None) -> Exceiver:
+        """A model shipped with exceiver, by name (docs/models.md; None: the best that ships,
+        `exceiver.shipped.DEFAULT_MODEL`), checked against its checksums."""
+        from exceiver.shipped import DEFAULT_MODEL, shipped_folder
 
-        return cls.load(shipped_folder(name))
+        return cls.load(shipped_folder(name or DEFAULT_MODEL))
 
     @classmethod
     def load(cls, path: str | Path) -> Exceiver:

@@ -18,6 +18,10 @@ from pathlib import Path
 from exceiver.errors import ExceiverInputError, ModelFileError
 
 CHECKSUMS = "checksums.json"
+# The model `Exceiver.pretrained()` opens when no name is given: the best one that ships.
+DEFAULT_MODEL = "human-mouse-small"
+# Retired shipped models and the name of their successor (named in the refusal).
+RETIRED: dict[str, str] = {}
 
 
 def _models_root() -> Path:
@@ -31,15 +35,18 @@ def shipped_names() -> list[str]:
 
 
 def is_shipped_name(reference: str | Path) -> bool:
-    """Whether `reference` names a shipped model rather than a folder (an existing folder of that
-    name wins: a user's own `human-mouse-small/` is theirs)."""
+    """Whether `reference` names a shipped (or retired) model rather than a folder (an existing
+    folder of that name wins: a user's own `human-mouse-small/` is theirs)."""
     text = str(reference)
-    return text in shipped_names() and not Path(text).exists()
+    return (text in shipped_names() or text in RETIRED) and not Path(text).exists()
 
 
 def shipped_folder(name: str) -> Path:
     """The folder of the shipped model `name`, its files checked against their checksums."""
     names = shipped_names()
+    if name in RETIRED and name not in names:
+        raise ExceiverInputError(f"the shipped model {name!r} was retired: use its successor {RETIRED[name]!r} "
+                                 f"(Exceiver.pretrained({RETIRED[name]!r}), or that name wherever a model is taken)")
     if name not in names:
         raise ExceiverInputError(f"no shipped model is named {name!r}; shipped: {', '.join(names) or 'none'}")
     folder = _models_root() / name
