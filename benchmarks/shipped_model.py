@@ -32,7 +32,8 @@ import anndata as ad
 import numpy as np
 import torch
 
-from common import BASE_HELD_OUT, ORTHOLOGS, PROTEIN_CODING_GENES, benchmark_parser, shared_folder, write_result
+from common import (BASE_HELD_OUT, ORTHOLOGS, PROTEIN_CODING_GENES, benchmark_parser, read_result, shared_folder,
+                    write_result)
 from exceiver import Exceiver, pretrain
 from exceiver.data.genemap import GenePairs
 from exceiver.inference import cell_embedding
@@ -78,6 +79,9 @@ def main() -> None:
     shared, recipe = shared_folder(), RECIPES[args.name]
     files = sorted(p for p in (shared / "data").glob("*.h5ad") if p.stem not in recipe.left_out)
     if args.package:
+        trained_as = read_result(args.out.parent / f"{args.out.name}.recipe.json", {}).get("name")
+        if trained_as != args.name:  # the files read and the folder written follow the name
+            raise SystemExit(f"{args.out} was trained as {trained_as!r}, not {args.name!r}: pass --name {trained_as}")
         package(args.out, Path(__file__).resolve().parents[1] / "src" / "exceiver" / "models" / args.name, files,
                 shared / ORTHOLOGS)
         return
@@ -88,7 +92,7 @@ def main() -> None:
                      n_top_genes=recipe.n_top_genes, gene_key="gene_symbol", gene_map=shared / ORTHOLOGS,
                      max_minutes=args.hours * 60, max_epochs=100_000, patience=100_000, seed=args.seed,
                      checkpoint_minutes=10, resume=args.resume, progress=False, **monitor)
-    write_result({"files": describe(files), "recipe": {**dataclasses.asdict(recipe), "left_out": sorted(recipe.left_out)},
+    write_result({"name": args.name, "files": describe(files), "recipe": {**dataclasses.asdict(recipe), "left_out": sorted(recipe.left_out)},
                   "hours": args.hours, "seed": args.seed, "metrics": model.metrics},
                  args.out.parent / f"{args.out.name}.recipe.json")
     print(model, model.metrics["val_mse_ratio"])

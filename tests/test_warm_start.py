@@ -161,3 +161,16 @@ def test_own_genes_keep_the_datas_vocabulary_with_the_models_rows_for_known_gene
         pretrain(new, None, own_genes=True, progress=False)
     with pytest.raises(ExceiverInputError, match="excludes"):
         pretrain(new, None, init=base, own_genes=True, extend_genes=True, progress=False)
+
+
+def test_a_continued_scaler_keeps_the_base_medians_of_genes_the_data_never_expresses():
+    import dataclasses as dc
+
+    from exceiver.data.preprocess import GeneScaler
+    from exceiver.warm_start import merged_scaler
+
+    n = 4
+    base = GeneScaler(np.ones(n, np.float32), np.ones(n, np.float32), np.full(n, 10), np.ones(n, np.float32),
+                      np.full(n, 5), expressed_median=np.array([7.0, 8.0, 9.0, 10.0], np.float32))
+    fitted = dc.replace(base, n_expressed=np.array([3, 0, 2, 0]), expressed_median=np.full(n, 1.0, np.float32))
+    np.testing.assert_array_equal(merged_scaler(fitted, base).expressed_median, [1.0, 8.0, 1.0, 10.0])

@@ -40,7 +40,10 @@ def merged_scaler(fitted: GeneScaler, base: GeneScaler) -> GeneScaler:
     keep = np.zeros(len(fitted), dtype=bool)
     keep[:n] = fitted.n_expressed[:n] == 0
     arrays = {}
-    for field in ("mean", "std", "n_cells", "expressed_mean", "n_expressed"):
+    fields = ["mean", "std", "n_cells", "expressed_mean", "n_expressed"]
+    if fitted.expressed_median is not None and base.expressed_median is not None:
+        fields.append("expressed_median")  # rank tokens: a base gene the data never expresses keeps its median
+    for field in fields:
         values = getattr(fitted, field).copy()
         values[keep] = getattr(base, field)[keep[:n]]
         arrays[field] = values

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 TARGET_SUM = 1e4
 MAX_VALUE = 10.0
 SHIFT = 1.0  # the paper shifts z-scores so that an average expression level is 1, not 0
-DISPERSION_BINS = 20  # of genes by mean expression, for their normalised dispersion (as Seurat's)
+DISPERSION_BINS = 20  # of genes by mean expression, for their normalised dispersion (Seurat's binning)
 
 
 EMPTY_CELLS = ("drop", "refuse")
@@ -141,8 +141,8 @@ class GeneScaler:
 
     @functools.cached_property
     def _dispersion_weights(self) -> np.ndarray:
-        """Seurat's normalised dispersion from the fitted statistics: log(variance / mean) of log
-        expression, z-scored among the training genes of similar mean (DISPERSION_BINS bins of equal
+        """A normalised dispersion from the fitted statistics (Seurat's binning, on the log scale:
+        log(variance / mean) of log expression rather than of expm1 values), z-scored among the training genes of similar mean (DISPERSION_BINS bins of equal
         size), so that steady, highly expressed genes (ribosomal, housekeeping) do not outweigh the
         genes that tell cells apart merely for their level."""
         trained = self.trained_genes & (self.mean > 0)
@@ -251,9 +251,11 @@ LOG_FRACTION_FLOOR = -21.0
 
 
 class _ExpressedMedians:
-    """Each gene's median normalised expression over the cells expressing it, streamed in two passes
-    over the same cells with 2 x MEDIAN_BINS counts per gene (an exact median would keep every
-    value; the geometric mean, exact in one pass, is pulled by the tails of skewed genes)."""
+    """Each gene's (lower) median normalised expression over the cells expressing it, streamed in
+    two passes over the same cells with 2 x MEDIAN_BINS counts per gene (an exact median would keep
+    every value; the geometric mean, exact in one pass, is pulled by the tails of skewed genes).
+    The lower median: for an even number of cells the smaller of the two middle values, not their
+    mean (which, for genes expressed in a few cells, can differ from it by a lot)."""
 
     def __init__(self, n_genes: int, target_sum: float):
         self.target_sum = target_sum

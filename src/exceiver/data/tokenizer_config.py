@@ -31,6 +31,8 @@ class TokenizerConfig:
     # gene's median over the training cells that express it, so that housekeeping genes yield to
     # the cell's distinctive ones) or "variable" (training: drawn with weights of the genes'
     # normalised dispersion; inference: the most variable). The fitted GeneScaler has the statistics.
+    # The choice binds only above a cap: `train_tokens` in training, `max_tokens` (4,096) at inference,
+    # where most cells keep every expressed gene, low-ranked ones included.
     token_selection: str = "random"
 
     def __post_init__(self) -> None:
