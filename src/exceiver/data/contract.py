@@ -74,12 +74,6 @@ class DataContract:
         """The `data` section of a model's config.json (the pairs are saved beside it)."""
         return {"gene_key": self.gene_key, "layer": self.layer, "allow_non_integer": self.allow_non_integer}
 
-    def keys(self, var_columns, layers, gene_key: str | None = None, layer: str | None = None,
-             ) -> tuple[str | None, str | None]:
-        """The gene key and layer to read a dataset by: the call's, else the contract's where the
-        data has them; None for var_names and X."""
-        return self.gene_key_of(var_columns, gene_key), self.layer_of(layers, layer)
-
     def layer_of(self, layers, layer: str | None = None) -> str | None:
         """Where a dataset's counts are: the call's layer, else the contract's where the data has it."""
         if layer is None and self.layer in layers:

@@ -104,8 +104,3 @@ def map_genes(adata: ad.AnnData, gene_map: GeneMapInput | GenePairs, *, gene_key
     counts = counts_matrix(adata, layer, name) @ projection
     return ad.AnnData(sp.csr_matrix(counts, dtype=np.float32), obs=adata.obs.copy(),
                       var=pd.DataFrame(index=pd.Index(model_genes, name="gene")))
-
-
-def is_dataset_side(pairs: pd.DataFrame | GenePairs, genes) -> bool:
-    """Whether `genes` are the dataset side of `pairs` (see `GenePairs.is_dataset_side`)."""
-    return GenePairs.of(pairs).is_dataset_side(genes)
