@@ -105,6 +105,15 @@ def test_batches_condition_the_count_decoder_and_continue_with_new_ones(tmp_path
     assert torch.allclose(rows[:2], trained_rows, atol=1e-6) and rows[2].abs().max() < 1e-9  # a new row starts at 0
 
 
+def test_a_model_without_batches_continues_with_a_batch_key(base):
+    continued = pretrain(_with_batches(60, 2, ["drop", "smart"]), None, init=base, batch_key="assay", batch_size=32,
+                         progress=False, **FROZEN)
+    assert continued.batches == {"key": "assay", "categories": ["drop", "smart"]} and continued.config.n_batches == 2
+    assert continued.module.batch_embedding.weight.abs().max() < 1e-9  # new rows start at no batch effect
+    before, after = _weights(base), _weights(continued)
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)  # every other weight is the base's
+
+
 def test_batch_columns_are_checked(tmp_path):
     adata = _with_batches(40, 1, ["a", "b"])
     with pytest.raises(ExceiverInputError, match=r"batch column 'donor' is not in obs; available columns: cell_type, assay"):

@@ -87,6 +87,9 @@ def transfer_weights(base: ExceiverModule, module: ExceiverModule, *, rows: np.n
     pretraining-only objectives) stay behind; every other weight of `module` comes from the base."""
     n_genes, old_genes = module.config.n_genes, base.config.n_genes
     pretrained, state = base.state_dict(), module.state_dict()
+    # A base without batches continued with a batch key: its batch table is new (zeros: no batch
+    # effect until one is learned), like the new rows of a base with batches.
+    fresh = (*fresh, "batch_embedding.") if base.batch_embedding is None else fresh
     missing = [key for key in state if key not in pretrained and not key.startswith(fresh)]
     if missing:
         raise ValueError(f"the pretrained weights do not fit this network (missing {missing})")
