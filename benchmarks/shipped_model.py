@@ -114,8 +114,9 @@ def describe(files: list[Path]) -> list[dict]:
             repo = re.search(r"repo=([^;]+)", text) or re.search(r"GitHub (\S+)", text)
             source = repo.group(1).strip() if repo else text.split("(")[0].split(":")[0].strip()
         species = adata.obs["species"].astype(str).value_counts().to_dict() if "species" in adata.obs else {}
+        licence = re.sub(r"^licen[cs]e:\s*", "", str(licence), flags=re.I)  # "License: GPL (>= 3)" -> "GPL (>= 3)"
         rows.append({"file": path.name, "cells": adata.n_obs, "genes": adata.n_vars, "species": species,
-                     "licence": str(licence), "source": str(source)})
+                     "licence": licence, "source": str(source)})
         adata.file.close()
     return rows
 
@@ -149,12 +150,14 @@ def package(trained: Path, folder: Path, files: list[Path], orthologs: Path) -> 
     model.module.half()
     with torch.no_grad():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        if folder.exists():
+        if folder.exists():  # this script's own output: the package's copy of the model
             for p in folder.iterdir():
                 p.unlink()
         else:
             folder.mkdir()
         model.write(folder)
+    for p in folder.iterdir():  # package data, readable by everyone (safetensors writes private files)
+        p.chmod(0o644)
     write_checksums(folder)
     print(f"packaged {folder}: {sum(p.stat().st_size for p in folder.iterdir()) / 1e6:.1f} MB; "
           f"min cosine float32 vs float16 {model.metrics['float16']['min_cosine_float32_vs_float16']:.6f}")
