@@ -237,11 +237,26 @@ def pca_legend(keys: Iterable[str]) -> str:
     return "\n".join(f"{key}: {pca_recipe_label(key)} of log-normalised counts" for key in keys)
 
 
+def seurat_v3_genes(counts: ad.AnnData, batch_key: str | None) -> None:
+    """Keep the N_HVG seurat_v3 genes of raw counts (per batch with a batch key), in place. Where
+    a batch is too small for its loess fit of variance on mean at scanpy's span (0.3 of the cells:
+    "near singularities"), the fit spans all of them (span 1.0), said in a line.
+    """
+    import scanpy as sc
+
+    try:
+        sc.pp.highly_variable_genes(counts, flavor="seurat_v3", n_top_genes=N_HVG, batch_key=batch_key, subset=True)
+    except ValueError as err:  # skmisc's loess
+        print(f"seurat_v3 genes: the loess fit at span 0.3 failed ({err}); refitted at span 1.0", flush=True)
+        sc.pp.highly_variable_genes(counts, flavor="seurat_v3", n_top_genes=N_HVG, batch_key=batch_key, subset=True,
+                                    span=1.0)
+
+
 def scvi_baseline(adata: ad.AnnData, *, batch_key: str | None = None,
                   minutes: float | None = None) -> tuple[scvi.model.SCVI, float]:
     """scVI as its tutorial trains it: raw counts of the 2,000 seurat_v3 HVGs (chosen per batch
-    with a batch key, which the model then conditions on), the default model, default epochs or
-    `minutes` of wall time; seed 0.
+    with a batch key, which the model then conditions on; `seurat_v3_genes`), the default model,
+    default epochs or `minutes` of wall time; seed 0.
 
     Parameters
     ----------
@@ -257,14 +272,13 @@ def scvi_baseline(adata: ad.AnnData, *, batch_key: str | None = None,
     The trained `scvi.model.SCVI` and its training time in seconds.
     """
     import anndata as ad
-    import scanpy as sc
     import scvi  # the [bench] extra
 
     scvi.settings.seed = 0
     counts = ad.AnnData(adata.X.astype(np.float32), obs=adata.obs[[batch_key] if batch_key else []].copy(),
                         var=adata.var[[]].copy())
     counts = counts[:, np.asarray((counts.X > 0).sum(0)).ravel() > 0].copy()
-    sc.pp.highly_variable_genes(counts, flavor="seurat_v3", n_top_genes=N_HVG, batch_key=batch_key, subset=True)
+    seurat_v3_genes(counts, batch_key)
     scvi.model.SCVI.setup_anndata(counts, batch_key=batch_key)
     model = scvi.model.SCVI(counts)
     budget = {"max_time": {"seconds": minutes * 60}, "max_epochs": 100_000} if minutes else {}
