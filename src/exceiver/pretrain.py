@@ -28,7 +28,7 @@ from exceiver.nn.network import ExceiverModule
 from exceiver.train.monitor import EmbeddingMonitor, MonitorCells, monitored_cells
 from exceiver.train.plans import PretrainingPlan
 from exceiver.train.run import RunOptions, TrainingRun, training_run
-from exceiver.warm_start import check_base, continued_network, merged_scaler
+from exceiver.warm_start import check_base, continued_network, freeze_except_batches, merged_scaler
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def pretrain(
     extend_genes: bool = False,
     own_genes: bool = False,
     batch_key: str | None = None,
+    freeze_except_batches: bool = False,
     allow_non_integer: bool = False,
     monitor: str = "loss",
     monitor_data: DataInput | None = None,
@@ -97,6 +98,10 @@ def pretrain(
         The obs column of batches (assay, donor, ...): a learned batch embedding conditions the
         count decoder, so the cell embedding need not carry the batch (`embed` needs no batch).
         With `init`, the model's batches keep their embeddings and new ones are added.
+    freeze_except_batches
+        With `init` and `batch_key`: map query cells onto the model as scArches does. Every weight
+        stays the model's but the batch tables' rows of the data's new batches, which alone learn
+        (the model's own batches keep theirs): reference cells embed exactly as before.
     monitor
         What early stopping (`patience`) and the kept weights follow: "loss" (the validation count
         loss, or masked-value MSE without the count objective) or "embedding" (the monitor's score,
@@ -129,9 +134,7 @@ def pretrain(
     """
     start = _starting_point(init, preset, model, own_genes=own_genes, extend_genes=extend_genes)
     base, routing = start.base, _gene_map_routing(data, gene_map, start.base, own_genes)
-    if batch_key is not None and not start.architecture.count_head:
-        raise ExceiverInputError(f"{option('batch_key')} conditions the count decoder, which this model has not "
-                                 "(the count objective: count_weight > 0)")
+    _check_batch_settings(start, batch_key, freeze=freeze_except_batches, extend_genes=extend_genes)
     n_top_genes = PRESETS[preset].n_top_genes if n_top_genes is None else n_top_genes
     with training_run(out, options, defaults=PRESETS[preset].training, overwrite=overwrite,
                       progress=progress) as run:  # refused now, not after the work
@@ -143,7 +146,8 @@ def pretrain(
             extend_genes=extend_genes, batch_key=batch_key, allow_non_integer=allow_non_integer,
             standardise=base.scaler.standardise if base else start.tokenizer.values == "zscore", progress=progress,
             contract=None if base is None or own_genes else base.contract)
-        model = _pretrain_on(cells, start, routing, run, preset=preset, batch_key=batch_key, watched=watched)
+        model = _pretrain_on(cells, start, routing, run, preset=preset, batch_key=batch_key, watched=watched,
+                             freeze=freeze_except_batches)
     _report_context(model.metrics)
     return model
 
@@ -179,6 +183,23 @@ def _starting_point(init: Exceiver | str | Path | None, preset: str, model: dict
     return Start(architecture, tokenizer, objectives, base, own_genes, named)
 
 
+def _check_batch_settings(start: Start, batch_key: str | None, *, freeze: bool, extend_genes: bool) -> None:
+    """Batch options that this model and run can honour, refused before any work otherwise."""
+    if batch_key is not None and not start.architecture.count_head:
+        raise ExceiverInputError(f"{option('batch_key')} conditions the count decoder, which this model has not "
+                                 "(the count objective: count_weight > 0)")
+    if start.architecture.batch_injection != "input" and batch_key is None and not start.architecture.n_batches:
+        raise ExceiverInputError(f"batch_injection {start.architecture.batch_injection!r} conditions the count "
+                                 f"decoder on batches: give {option('batch_key')}")
+    if freeze and (start.base is None or batch_key is None):
+        raise ExceiverInputError(f"{option('freeze_except_batches', True)} maps query cells onto a pretrained "
+                                 f"model: it needs {option('init')} and {option('batch_key')}")
+    if freeze and (start.own_genes or extend_genes):
+        raise ExceiverInputError(f"{option('freeze_except_batches', True)} keeps the model's genes: it excludes "
+                                 f"{option('own_genes', True)} and {option('extend_genes', True)} (new genes "
+                                 "would stay untrained)")
+
+
 class GeneMapRouting(NamedTuple):
     """Where a pretraining run's gene pairs go."""
 
@@ -204,12 +225,18 @@ def _gene_map_routing(data: DataInput | Sequence[DataInput], gene_map: GeneMapIn
 
 
 def _pretrain_on(cells: PretrainingData, start: Start, routing: GeneMapRouting, run: TrainingRun, *, preset: str,
-                 batch_key: str | None, watched: MonitorCells | None) -> Exceiver:
+                 batch_key: str | None, watched: MonitorCells | None, freeze: bool = False) -> Exceiver:
     """Pretraining on the run's cells from its starting point (with an embedding monitor of the
-    `watched` cells, read by the model being trained); the model it makes."""
+    `watched` cells, read by the model being trained; `freeze`: only new batches' rows learn);
+    the model it makes."""
     base = start.base
-    scaler = cells.scaler if base is None or start.own_genes else merged_scaler(cells.scaler, base.scaler)
     batches = batch_categories(cells.batch_labels, base.batches if base else None, batch_key)
+    if freeze and len(batches["categories"]) == base.config.n_batches:
+        raise ExceiverInputError(f"{option('freeze_except_batches', True)} trains the data's new batches, and "
+                                 f"every {batch_key} of the data is one of the model's: nothing would learn")
+    # Mapping query cells reads them as the model reads its reference: its own normalisation.
+    scaler = (cells.scaler if base is None or start.own_genes else base.scaler if freeze
+              else merged_scaler(cells.scaler, base.scaler))
     run.seed()
     n_batches = len(batches["categories"]) if batches else (base.config.n_batches if base else 0)
     about_init = {}  # metrics.json's "init": what a continued run started from
@@ -220,7 +247,9 @@ def _pretrain_on(cells: PretrainingData, start: Start, routing: GeneMapRouting, 
         module, n_added = continued_network(base, cells.vocab, scaler, n_batches, own_genes=start.own_genes,
                                             gene_map=routing.own_pairs)
         about_init = {"init": {"model": start.init, "n_genes": len(base.vocab), "n_genes_added": n_added,
-                               **({"own_genes": True} if start.own_genes else {})}}
+                               **({"own_genes": True} if start.own_genes else {}),
+                               **({"freeze_except_batches": True} if freeze else {})}}
+    frozen_rows = freeze_except_batches(module, base.config.n_batches) if freeze else None
     codes = None if batches is None else pd.Categorical(cells.batch_labels, batches["categories"]).codes
 
     def as_model(metrics: dict) -> Exceiver:
@@ -232,7 +261,8 @@ def _pretrain_on(cells: PretrainingData, start: Start, routing: GeneMapRouting, 
     monitor = None if watched is None else EmbeddingMonitor(watched, as_model({}), seed=run.settings.seed)
     plan = PretrainingPlan(module, start.objectives, torch.from_numpy(scaler.expressed_mean), run.settings,
                            zero_queries=start.tokenizer.zero_query_ratio > 0,
-                           batch_codes=None if codes is None else codes.astype(np.int64), embedding_monitor=monitor)
+                           batch_codes=None if codes is None else codes.astype(np.int64), embedding_monitor=monitor,
+                           frozen_rows=frozen_rows)
     datamodule = CellDataModule(cells.source, scaler, start.tokenizer, cells.validation,
                                 batch_size=run.settings.batch_size, num_workers=run.settings.num_workers,
                                 seed=run.settings.seed, genes=scaler.n_expressed > 0)
@@ -240,13 +270,16 @@ def _pretrain_on(cells: PretrainingData, start: Start, routing: GeneMapRouting, 
                 "tokenizer": start.tokenizer.to_dict(), "objectives": start.objectives.to_dict(),
                 "training": run.settings.to_dict(), "n_cells": cells.counts["n_cells"],
                 "genes": cells.vocab.fingerprint(), "init": base.fingerprint() if base else None,
-                "batches": batches, "monitor": None if watched is None else watched.identity()}
+                "batches": batches, "monitor": None if watched is None else watched.identity(),
+                **({"freeze_except_batches": True} if freeze else {})}
 
     def pretrained(metrics: dict) -> Exceiver:
         return as_model({**metrics, **cells.counts, "n_genes": len(cells.vocab), "n_parameters": module.n_parameters(),
                          **learned_context(metrics), **about_init})
 
-    return run.fit(plan, datamodule, identity=identity, model=pretrained)
+    model = run.fit(plan, datamodule, identity=identity, model=pretrained)
+    module.requires_grad_(True)  # the network handed back trains as any other (query mapping froze it)
+    return model
 
 
 def _report_context(metrics: dict) -> None:

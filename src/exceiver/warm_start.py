@@ -23,7 +23,7 @@ from exceiver.data.genemap import GenePairs
 from exceiver.data.preprocess import GeneScaler
 from exceiver.data.vocab import GeneVocab
 from exceiver.errors import ExceiverInputError, option
-from exceiver.nn.network import ExceiverModule
+from exceiver.nn.network import BATCH_TABLES, ExceiverModule
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ def transfer_weights(base: ExceiverModule, module: ExceiverModule, *, rows: np.n
     pretraining-only objectives) stay behind; every other weight of `module` comes from the base."""
     n_genes, old_genes = module.config.n_genes, base.config.n_genes
     pretrained, state = base.state_dict(), module.state_dict()
-    # A base without batches continued with a batch key: its batch table is new (zeros: no batch
+    # A base without batches continued with a batch key: its batch tables are new (zeros: no batch
     # effect until one is learned), like the new rows of a base with batches.
-    fresh = (*fresh, "batch_embedding.") if base.batch_embedding is None else fresh
+    fresh = (*fresh, *(f"{table}." for table in BATCH_TABLES)) if base.batch_embedding is None else fresh
     missing = [key for key in state if key not in pretrained and not key.startswith(fresh)]
     if missing:
         raise ValueError(f"the pretrained weights do not fit this network (missing {missing})")
@@ -111,11 +111,22 @@ def transfer_weights(base: ExceiverModule, module: ExceiverModule, *, rows: np.n
                 target[n_genes:] = value[old_genes:]
         elif key.startswith("count_decoder.") and target.shape[0] == n_genes:  # the output layer
             target[:old_genes] = value
-        elif key == "batch_embedding.weight":
+        elif key.removesuffix(".weight") in BATCH_TABLES:  # the base's batches first, new ones after
             target[: len(value)] = value
         else:
             raise ValueError(f"{key}: shapes {tuple(value.shape)} and {tuple(target.shape)} do not match")
     module.load_state_dict(state)
+
+
+def freeze_except_batches(module: ExceiverModule, n_known: int) -> dict[str, int]:
+    """Query mapping (scArches): freeze every weight of a continued network but its batch tables,
+    whose rows of the model's own `n_known` batches stay as they are too, so that only the new
+    batches' rows learn: the reference cells' embeddings, and the decoder of every reference batch,
+    are exactly the model's. Returns {table weight: rows that do not learn} (`TrainingPlan.frozen_rows`)."""
+    tables = [f"{name}.weight" for name in BATCH_TABLES if getattr(module, name) is not None]
+    for name, param in module.named_parameters():
+        param.requires_grad_(name in tables)
+    return dict.fromkeys(tables, n_known)
 
 
 def base_rows(base, genes: Sequence[str], gene_map: GenePairs | None = None) -> np.ndarray:

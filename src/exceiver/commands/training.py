@@ -48,6 +48,10 @@ def add_pretrain(commands) -> None:
     p.add_argument("--set", dest="model_options", action="append", default=[], type=model_option, metavar="FIELD=VALUE",
                    help="override a field of the preset (architecture, tokenizer or objective), e.g. "
                         "--set n_latents=64 --set contrastive_weight=0 (repeat for several)")
+    p.add_argument("--freeze-except-batches", action="store_true",
+                   help="with --init and --batch-key: map DATA onto the model as scArches does; every weight "
+                        "stays the model's but the batch embeddings of DATA's new batches, which alone learn "
+                        "(the model's cells embed exactly as before)")
     add_data_options(p)
     add_training_options(p, PRETRAIN, presets=True)
     add_monitor_options(p)
@@ -72,7 +76,8 @@ def pretrain_settings(args: argparse.Namespace) -> dict:
     """The keyword arguments of `pretrain` (options not given keep its defaults, or the preset's)."""
     return {"model": dict(args.model_options), "genes": args.genes, "gene_map": args.gene_map, "init": args.init,
             "extend_genes": args.extend_genes, "own_genes": args.own_genes, "batch_key": args.batch_key,
-            "overwrite": args.overwrite, "monitor_data": args.monitor_data,
+            "freeze_except_batches": args.freeze_except_batches, "overwrite": args.overwrite,
+            "monitor_data": args.monitor_data,
             **given(args, preset="preset", n_top_genes="n_top_genes", monitor="monitor",
                     monitor_label_key="monitor_label_key", monitor_cells="monitor_cells"),
             **data_options(args), **run_options(args), **training_options(args)}

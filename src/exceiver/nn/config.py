@@ -12,6 +12,8 @@ from exceiver.errors import ModelFileError
 
 
 CLASS_INPUTS = ("token", "bottleneck", "mean", "flatten")
+BOTTLENECK_VARIANCES = ("unit", "learned")
+BATCH_INJECTIONS = ("input", "every_layer")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,15 @@ class ExceiverConfig:
     # bottleneck before the count decoder, as scVI conditions its decoder: the decoder explains
     # what the batch does, so the cell embedding (the bottleneck itself) need not carry it.
     n_batches: int = 0
+    # Where the batch enters the count decoder: "input" (added to the bottleneck, above) or
+    # "every_layer" (also a learned per-batch vector added to the hidden layer's pre-activation,
+    # and to the rank code with count_rank, as scVI injects covariates into each decoder layer):
+    # batch effects the decoder models non-linearly, that the bottleneck need not carry.
+    batch_injection: str = "input"
+    # The variance of the bottleneck's posterior where the objectives give it a KL (bottleneck_kl):
+    # "unit" (N(mean, 1)) or "learned" (N(mean, sigma^2), a second head on the bottleneck's
+    # normalised input gives log sigma^2 per cell and dimension, as scVI's encoder does).
+    bottleneck_variance: str = "unit"
     paper_compatible: bool = False  # compute exactly as the original release (imported checkpoints)
 
     def __post_init__(self) -> None:
@@ -82,6 +93,16 @@ class ExceiverConfig:
             raise ValueError("the count objective decodes from the cell bottleneck: set bottleneck_dim > 0")
         if self.n_batches < 0 or (self.n_batches and not self.count_head):
             raise ValueError("batches condition the count decoder: they need count_head (the count objective)")
+        if self.batch_injection not in BATCH_INJECTIONS:
+            raise ValueError(f"batch_injection must be one of {BATCH_INJECTIONS}, got {self.batch_injection!r}")
+        if self.batch_injection != "input" and not self.count_head:
+            raise ValueError("batch_injection conditions the count decoder: it needs count_head (the count objective)")
+        if self.bottleneck_variance not in BOTTLENECK_VARIANCES:
+            raise ValueError(f"bottleneck_variance must be one of {BOTTLENECK_VARIANCES}, "
+                             f"got {self.bottleneck_variance!r}")
+        if self.bottleneck_variance != "unit" and not (self.bottleneck_dim and self.count_head):
+            raise ValueError("bottleneck_variance 'learned' needs the cell bottleneck (bottleneck_dim > 0 and the "
+                             "count head)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,10 +127,14 @@ class ObjectiveConfig:
     # binomial with mean = library size x predicted share and a learned dispersion per gene. Depth
     # is given, so the bottleneck carries what the cell is, not how deeply it was sequenced.
     count_weight: float = 0.0
-    # With batches: the bottleneck as a variational posterior N(cell, 1) with a N(0, 1) prior, its KL
-    # (per measured gene, as the count loss) weighted by this: what makes scVI's latent drop the
-    # batch that its decoder is given; 0 keeps the bottleneck deterministic.
+    # With batches: the bottleneck as a variational posterior (N(cell, 1), or with a learned
+    # variance: `ExceiverConfig.bottleneck_variance`) with a N(0, I) prior, its KL (per cell, divided
+    # by the cell's measured genes as the count loss is) weighted by this: what makes scVI's latent
+    # drop the batch that its decoder is given; 0 keeps the bottleneck deterministic.
     bottleneck_kl: float = 0.0
+    # The KL weight rises linearly from 0 at the first step to bottleneck_kl at this step (scVI's
+    # KL warm-up: the decoder learns to read the cells before the prior pulls them together); 0: none.
+    kl_warmup_steps: int = 0
     # The count loss's cost in training: 0 sums it over every measured gene (its cost follows the
     # vocabulary); K > 0 takes each cell's expressed genes and about K of its zero-count genes,
     # weighted so that the sum over zeros is estimated without bias (`sampled_count_nll`).
@@ -130,6 +155,10 @@ class ObjectiveConfig:
         if min(self.value_weight, self.detection_weight, self.contrastive_weight, self.count_weight,
                self.bottleneck_kl, self.count_zero_samples) < 0:
             raise ValueError("objective weights and count_zero_samples must be >= 0")
+        if self.kl_warmup_steps < 0:
+            raise ValueError(f"kl_warmup_steps must be >= 0, got {self.kl_warmup_steps}")
+        if self.kl_warmup_steps and not self.bottleneck_kl:
+            raise ValueError("kl_warmup_steps needs bottleneck_kl > 0 (the KL weight it warms up to)")
         if not 0 < self.contrastive_keep <= 1 or self.contrastive_temperature <= 0:
             raise ValueError("contrastive_keep must be in (0, 1] and contrastive_temperature > 0")
 
@@ -199,6 +228,9 @@ def pretraining_configs(preset: str = "default", n_genes: int = 0,
     objectives = ObjectiveConfig(**parts[2])
     tokenizer = TokenizerConfig(**parts[1], all_genes=bool(parts[0].get("paper_compatible")),
                                 count_targets=objectives.count_weight > 0)
+    if parts[0].get("bottleneck_variance") == "learned" and not objectives.bottleneck_kl:
+        raise ValueError("bottleneck_variance 'learned' needs bottleneck_kl > 0 (without its KL the variance "
+                         "would shrink to nothing)")
     if objectives.detection_weight and not tokenizer.zero_query_ratio:
         raise ValueError("detection_weight > 0 needs zero_query_ratio > 0 (zero genes to detect)")
     architecture = ExceiverConfig(**parts[0], n_genes=n_genes, detection_head=objectives.detection_weight > 0,

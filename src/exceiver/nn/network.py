@@ -26,6 +26,15 @@ POOLINGS = ("bottleneck", "mean", "flatten")
 
 # The attention logit that the original's float padding mask adds to zero-count gene tokens.
 ZERO_TOKEN_LOGIT = 1.0
+# Tables with one row per batch: the count decoder's input, and with batch_injection
+# "every_layer" its hidden layer and rank code (continued runs extend them; query mapping trains them).
+BATCH_TABLES = ("batch_embedding", "batch_hidden_embedding", "batch_rank_embedding")
+# A learned posterior's log-variance head starts with this bias (sigma about e^-1 = 0.37; 0.24-0.56
+# over cells and dimensions of a fresh `default` network): under the spread of the initial
+# bottleneck means (about 0.6), so the decoder reads cells from the first step, and close enough to
+# the prior's 0 that dimensions the decoder does not use reach it within about 1,000 Adam steps at
+# the `default` preset's learning rate (a bias moves about one learning rate per step).
+INITIAL_LOG_VARIANCE = -2.0
 
 
 class ExceiverModule(nn.Module):
@@ -65,6 +74,11 @@ class ExceiverModule(nn.Module):
         pooled = c.latent_dim * (c.n_latents if c.bottleneck_input == "flatten" else 1)
         self.bottleneck = (nn.Sequential(nn.LayerNorm(pooled), nn.Linear(pooled, c.bottleneck_dim))
                            if c.bottleneck_dim and c.count_head else None)
+        # A learned posterior variance: log sigma^2 from the bottleneck's normalised input.
+        self.bottleneck_log_variance = (nn.Linear(pooled, c.bottleneck_dim) if c.bottleneck_variance == "learned"
+                                        else None)
+        if self.bottleneck_log_variance is not None:
+            nn.init.constant_(self.bottleneck_log_variance.bias, INITIAL_LOG_VARIANCE)
         if c.count_head:  # bottleneck -> a share of the library per gene, and a dispersion per gene
             layers = [nn.Linear(c.bottleneck_dim, c.count_hidden), nn.LayerNorm(c.count_hidden), nn.ReLU()]
             if c.count_rank:  # every gene's logit from a rank-r code: the per-gene product costs r, not count_hidden
@@ -73,9 +87,13 @@ class ExceiverModule(nn.Module):
             self.gene_log_dispersion = nn.Parameter(torch.zeros(c.n_genes))
         else:
             self.count_decoder = self.gene_log_dispersion = None
-        self.batch_embedding = nn.Embedding(c.n_batches, c.bottleneck_dim) if c.n_batches else None
-        if self.batch_embedding is not None:
-            nn.init.zeros_(self.batch_embedding.weight)  # no batch effect until one is learned
+        every_layer = bool(c.n_batches) and c.batch_injection == "every_layer"
+        widths = (c.bottleneck_dim if c.n_batches else 0, c.count_hidden if every_layer else 0,
+                  c.count_rank if every_layer else 0)
+        for name, width in zip(BATCH_TABLES, widths):
+            setattr(self, name, nn.Embedding(c.n_batches, width) if width else None)
+            if width:
+                nn.init.zeros_(getattr(self, name).weight)  # no batch effect until one is learned
 
     @torch.no_grad()
     def init_value_offsets(self, gene_means: torch.Tensor, mean_value: float) -> None:
@@ -144,14 +162,31 @@ class ExceiverModule(nn.Module):
         -> unnormalised log shares of every gene [B, n_genes]."""
         if self.count_decoder is None:
             raise ValueError("this model has no count decoder (config.count_head is False)")
-        if self.batch_embedding is not None and batches is not None:
-            cell = cell + self.batch_embedding(batches)
-        return self.count_decoder(cell)
+        if self.batch_embedding is None or batches is None:
+            return self.count_decoder(cell)
+        cell = cell + self.batch_embedding(batches)
+        if self.batch_hidden_embedding is None:
+            return self.count_decoder(cell)
+        # "every_layer": the batch also shifts the hidden pre-activation and the rank code
+        hidden = self.count_decoder[0](cell) + self.batch_hidden_embedding(batches)
+        code = self.count_decoder[1:3](hidden)  # LayerNorm, ReLU
+        if self.batch_rank_embedding is not None:
+            code = self.count_decoder[3](code) + self.batch_rank_embedding(batches)
+        return self.count_decoder[-1](code)
 
     @property
     def default_pooling(self) -> str:
         """The cell embedding users get: the bottleneck where there is one."""
         return "bottleneck" if self.bottleneck is not None else "mean"
+
+    def bottleneck_posterior(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The bottleneck's posterior: its mean [B, bottleneck_dim] (the cell embedding, as
+        `pool(latents, "bottleneck")` gives it) and, with a learned variance, its log-variance
+        [B, bottleneck_dim] from the same normalised input (None: unit variance)."""
+        if self.bottleneck_log_variance is None:
+            return self.pool(latents, "bottleneck"), None
+        normalised = self.bottleneck[0](self.pool(latents, self.config.bottleneck_input))
+        return self.bottleneck[1](normalised), self.bottleneck_log_variance(normalised)
 
     def pool(self, latents: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
         """Cell embedding from latents: the cell bottleneck, their mean, or all of them flattened

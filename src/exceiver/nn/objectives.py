@@ -32,13 +32,16 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def pretraining_loss(module: ExceiverModule, batch: CellBatch, objectives: ObjectiveConfig, *, salt: int,
-                     gather: Gather | None = None, batches: torch.Tensor | None = None) -> LossRecord:
+                     gather: Gather | None = None, batches: torch.Tensor | None = None,
+                     kl_weight: float | None = None) -> LossRecord:
     """Masked values (+ detection) (+ counts) (+ contrastive), weighted by `objectives`. With a
     detection head the value head learns expressed genes only: a zero is the detection head's to
-    predict. `batches`: each cell's batch, for a model whose count decoder is conditioned on it."""
+    predict. `batches`: each cell's batch, for a model whose count decoder is conditioned on it.
+    `kl_weight`: the bottleneck KL's weight at this step (`kl_weight_at`; None: bottleneck_kl)."""
     latents = module.encode(batch)
     read = latents.detach() if objectives.value_detach else latents  # what the value head reads
     parts = {}
+    kl_weight = objectives.bottleneck_kl if kl_weight is None else kl_weight
     if objectives.detection_weight:
         decoded = module.decode(read, batch.query_ids)
         values = module.values_from_decoded(decoded, batch.query_ids)
@@ -50,19 +53,49 @@ def pretraining_loss(module: ExceiverModule, batch: CellBatch, objectives: Objec
         values = module.predict_values(read, batch.query_ids)
         parts["masked_values"] = masked_mse(values, batch.targets, batch.query_mask)
     if objectives.count_weight:
-        cell = module.pool(latents, "bottleneck")
-        if objectives.bottleneck_kl:  # a sample of the cell's posterior N(cell, 1), and its KL to N(0, 1)
-            parts["bottleneck_kl"] = (0.5 * cell.float().pow(2).sum(-1) / batch.measured.sum(-1).clamp(min=1)).mean()
-            cell = cell + torch.randn_like(cell)
+        if objectives.bottleneck_kl:  # per measured gene, as the count loss: scVI's weighing of the two
+            cell, kl = bottleneck_sample(module, latents)
+            parts["bottleneck_kl"] = (kl / batch.measured.sum(-1).clamp(min=1)).mean()
+        else:
+            cell = module.pool(latents, "bottleneck")
         parts["counts"] = count_nll(module, latents, batch, batches, cell=cell, salt=salt,
                                     zero_samples=objectives.count_zero_samples,
                                     sampled_share=objectives.count_sampled_share).mean()
     if objectives.contrastive_weight:
         parts["contrastive"] = contrastive_loss(module, latents, batch, objectives, salt=salt, gather=gather)
     total = (objectives.value_weight * parts["masked_values"] + objectives.detection_weight * parts.get("detection", 0.0)
-             + objectives.count_weight * (parts.get("counts", 0.0) + objectives.bottleneck_kl * parts.get("bottleneck_kl", 0.0))
+             + objectives.count_weight * (parts.get("counts", 0.0) + kl_weight * parts.get("bottleneck_kl", 0.0))
              + objectives.contrastive_weight * parts.get("contrastive", 0.0))
     return LossRecord(total, parts)
+
+
+def gaussian_kl(mean: torch.Tensor, log_variance: torch.Tensor | None = None) -> torch.Tensor:
+    """KL divergence of each cell's posterior N(mean, diag(exp(log_variance))) from N(0, I) [B]:
+    0.5 * sum(mean^2 + sigma^2 - 1 - log sigma^2) over the dimensions (None: unit variance, where
+    only the mean's term remains)."""
+    terms = mean.float().pow(2)
+    if log_variance is not None:
+        log_variance = log_variance.float()
+        terms = terms + log_variance.exp() - 1 - log_variance
+    return 0.5 * terms.sum(-1)
+
+
+def bottleneck_sample(module: ExceiverModule, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reparameterised sample of each cell's bottleneck posterior [B, bottleneck_dim] (mean +
+    sigma x standard normal noise; sigma 1 without a learned variance), and the posterior's KL
+    divergence from N(0, I) [B]: what the count decoder reads in training, and its cost."""
+    mean, log_variance = module.bottleneck_posterior(latents)
+    noise = torch.randn_like(mean)
+    sample = mean + (noise if log_variance is None else noise * (0.5 * log_variance).exp())
+    return sample, gaussian_kl(mean, log_variance)
+
+
+def kl_weight_at(objectives: ObjectiveConfig, step: int) -> float:
+    """The bottleneck KL's weight at training step `step` (counted from 0): bottleneck_kl x
+    step / kl_warmup_steps during the warm-up, bottleneck_kl after it."""
+    if step >= objectives.kl_warmup_steps:
+        return objectives.bottleneck_kl
+    return objectives.bottleneck_kl * step / objectives.kl_warmup_steps
 
 
 def count_nll(module: ExceiverModule, latents: torch.Tensor, batch: CellBatch,

@@ -21,7 +21,7 @@ import torchmetrics
 from exceiver.data.tokenizer import CellBatch
 from exceiver.nn.config import ObjectiveConfig
 from exceiver.nn.network import ExceiverModule
-from exceiver.nn.objectives import count_nll, masked_mse, pretraining_loss
+from exceiver.nn.objectives import count_nll, kl_weight_at, masked_mse, pretraining_loss
 from exceiver.train.config import TrainingConfig
 from exceiver.train.monitor import MONITOR_METRIC, EmbeddingMonitor
 
@@ -49,9 +49,13 @@ class TrainingPlan(L.LightningModule):
 
     def __init__(self, module: ExceiverModule, training: TrainingConfig, *,
                  pretrained_weights: frozenset[str] = frozenset(), pretrained_lr_mult: float = 1.0,
-                 embedding_monitor: EmbeddingMonitor | None = None):
+                 embedding_monitor: EmbeddingMonitor | None = None, frozen_rows: dict[str, int] | None = None):
         super().__init__()
         self.module, self.training_config, self.embedding_monitor = module, training, embedding_monitor
+        # Parameters of which only the rows after the first N learn ({name: N}; query mapping:
+        # new batches' rows): their gradients are zeroed on the first N rows after each backward
+        # pass, and they take no weight decay (AdamW's would move the rows that get no gradient).
+        self.frozen_rows = frozen_rows or {}
         # Weights that arrive trained (a classifier's encoder) learn at a fraction of the rate of
         # new ones (its class head), so that fine-tuning adapts what pretraining learned rather
         # than overwriting it while the head is still random.
@@ -113,6 +117,13 @@ class TrainingPlan(L.LightningModule):
         self.best_metrics, self.best_state = state["best_metrics"], state["best_state"]
         self.last_round_step = state.get("last_round_step")  # absent from checkpoints of earlier versions
 
+    def on_after_backward(self) -> None:
+        """Rows that do not learn get no gradient (before clipping measures the gradients)."""
+        for name, n_rows in self.frozen_rows.items():
+            grad = self.module.get_parameter(name).grad
+            if grad is not None:
+                grad[:n_rows] = 0
+
     def configure_optimizers(self):
         """AdamW with weight decay on matrices only, a larger rate for per-gene parameters, and
         `pretrained_lr_mult` times the rate for pretrained weights; one parameter group per
@@ -126,8 +137,8 @@ class TrainingPlan(L.LightningModule):
         groups = []
         for pretrained in (False, True):
             for kind, (weight_decay, lr_mult) in kinds.items():
-                params = [param for name, param in trainable
-                          if (name in self.pretrained_weights) == pretrained and _kind(name, param) == kind]
+                params = [param for name, param in trainable if (name in self.pretrained_weights) == pretrained
+                          and ("no_decay" if name in self.frozen_rows else _kind(name, param)) == kind]
                 if params:
                     lr = cfg.learning_rate * lr_mult * (self.pretrained_lr_mult if pretrained else 1.0)
                     groups.append({"name": ("pretrained " if pretrained else "") + kind, "params": params,
@@ -148,8 +159,8 @@ class PretrainingPlan(TrainingPlan):
 
     def __init__(self, module: ExceiverModule, objectives: ObjectiveConfig, gene_means: torch.Tensor,
                  training: TrainingConfig, *, zero_queries: bool = False, batch_codes: np.ndarray | None = None,
-                 embedding_monitor: EmbeddingMonitor | None = None):
-        super().__init__(module, training, embedding_monitor=embedding_monitor)
+                 embedding_monitor: EmbeddingMonitor | None = None, frozen_rows: dict[str, int] | None = None):
+        super().__init__(module, training, embedding_monitor=embedding_monitor, frozen_rows=frozen_rows)
         # Each source row's batch (for a model with batches); the loaders' `batch.cells` index it.
         self.register_buffer("batch_codes", None if batch_codes is None else torch.as_tensor(batch_codes),
                              persistent=False)
@@ -167,10 +178,13 @@ class PretrainingPlan(TrainingPlan):
 
     def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
         salt = (self.training_config.seed << 32) + self.global_step  # fresh contrastive views every step and seed
+        kl_weight = kl_weight_at(self.objectives, self.global_step)
         record = pretraining_loss(self.module, batch, self.objectives, salt=salt, gather=self._gather_cells,
-                                  batches=self._batches(batch))
+                                  batches=self._batches(batch), kl_weight=kl_weight)
         self.log_losses(record.total, {k: v for k, v in record.parts.items() if k != "masked_values"}, len(batch))
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if self.objectives.bottleneck_kl:
+            self.log("kl_weight", kl_weight, on_step=True, on_epoch=False)
         return record.total
 
     def _batches(self, batch: CellBatch) -> torch.Tensor | None:
