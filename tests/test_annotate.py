@@ -97,7 +97,7 @@ def test_unlabelled_and_single_cell_classes_of_the_reference(model, reference, q
     ("no labels", "no cell of the reference"),
     ("empty query", "the query has no cells"),
     ("empty reference", "the reference has no cells"),
-    ("few genes", r"share 10 of the model's 200 trained genes \(5.0%"),
+    ("few genes", r"share 10 trained model genes \(5.0% of the 200 that the reference measures; the other measures 10\)"),
     ("method", "unknown label-transfer method"),
 ])
 def test_unusable_inputs_are_refused(model, reference, query, case, message):
@@ -119,6 +119,14 @@ def test_unusable_inputs_are_refused(model, reference, query, case, message):
     with pytest.raises(ExceiverInputError, match=message):
         annotate(model, reference, query, key, **options, **QUIET)
     assert "exceiver_label" not in query.obs
+
+
+def test_a_panel_both_datasets_measure_is_enough_however_large_the_vocabulary(model, reference, query):
+    panel = reference.var_names[:15]  # 7.5% of the model's 200 genes, all of what either dataset measures
+    reference, query = reference[:, panel].copy(), query[:, panel].copy()
+    keep = lambda a: a[np.asarray(a.X.sum(1)).ravel() > 0].copy()  # noqa: E731 (cells with counts on the panel)
+    result = annotate(model, keep(reference), keep(query), "cell_type", min_confidence=0.0, inplace=False, **QUIET)
+    assert result["exceiver_label"].notna().all()
 
 
 def test_datasets_are_compared_on_the_genes_both_measured(model, reference, query, caplog):

@@ -42,7 +42,8 @@ N_NEIGHBORS = 15
 DEFAULT_METHOD = "linear"
 MIN_CONFIDENCE = 0.5
 # Embeddings of two datasets are compared only on genes both measured; below this share of the
-# model's trained genes in common they say too little to be compared.
+# trained model genes that the richer of the two measures, they say too little to be compared (the
+# share of a 19,000-gene vocabulary would refuse every targeted panel, however well matched).
 MIN_SHARED_GENES = 0.1
 
 
@@ -176,14 +177,15 @@ def _on_shared_genes(model: CellModel, datasets: dict[str, ad.AnnData],
         read.append(model.read(adata, empty="keep", **own))  # cells without counts are refused once restricted
     usable = [cells.measured for cells in read]
     shared = np.logical_and.reduce(usable)
-    n_trained, n_shared = int(read[0].trained.sum()), int(shared.sum())
-    if n_shared < MIN_SHARED_GENES * n_trained:
-        n_ref, n_query = (int(u.sum()) for u in usable)
+    n_ref, n_query = (int(u.sum()) for u in usable)
+    n_shared, n_richer = int(shared.sum()), max(n_ref, n_query, 1)
+    if n_shared < MIN_SHARED_GENES * n_richer:
         raise ExceiverInputError(
-            f"the reference and the query share {n_shared:,} of the model's {n_trained:,} trained genes "
-            f"({n_shared / n_trained:.1%}; the reference measures {n_ref:,} of them, the query {n_query:,}), "
-            f"below the {MIN_SHARED_GENES:.0%} needed to compare their cells; are both indexed by gene identifiers "
-            f"of the model's kind (e.g. {model.vocab.genes[0]!r})? {option('gene_key')} names a var column of them")
+            f"the reference and the query share {n_shared:,} trained model genes ({n_shared / n_richer:.1%} of the "
+            f"{n_richer:,} that the {'reference' if n_ref >= n_query else 'query'} measures; the other measures "
+            f"{min(n_ref, n_query):,}), below the {MIN_SHARED_GENES:.0%} needed to compare their cells; are both indexed "
+            f"by gene identifiers of the model's kind (e.g. {model.vocab.genes[0]!r})? {option('gene_key')} names a "
+            "var column of them")
     restricted = []
     for cells, measured in zip(read, usable):
         if (measured & ~shared).any():
