@@ -18,7 +18,8 @@ from pathlib import Path
 from exceiver.errors import ExceiverInputError, ModelFileError
 
 CHECKSUMS = "checksums.json"
-# The model `Exceiver.pretrained()` opens when no name is given: the best one that ships.
+# The model `Exceiver.pretrained()` opens when no name is given: the best cell embedding that ships
+# (human-mouse-base knows every gene, but embeds cells less well: docs/models.md).
 DEFAULT_MODEL = "human-mouse-small"
 # Retired shipped models and the name of their successor (named in the refusal).
 RETIRED: dict[str, str] = {}

@@ -12,7 +12,7 @@ from exceiver.commands.defaults import Shown, add, described, of_function, text
 from exceiver.nn.config import PRESETS
 from exceiver.train.config import TrainingConfig
 
-MODEL_HELP = "a model folder, or the name of a model shipped with exceiver (human-mouse-small)"
+MODEL_HELP = "a model folder, or the name of a model shipped with exceiver (human-mouse-base, human-mouse-small)"
 DEVICE_HELP = "cpu, cuda, cuda:1, mps, or auto"
 AUTO_DEVICE = "auto: a CUDA GPU, else an Apple GPU (mps), else the CPU"
 # What exceiver.inference.default_batch_size chooses (it needs torch; tests/test_cli_defaults.py compares).
