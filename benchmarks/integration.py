@@ -43,7 +43,7 @@ from common import (TARGETS as SHARED_TARGETS, Target, add_targets_option, add_t
                     threads, write_result)
 from exceiver import Exceiver, pretrain
 from exceiver.evaluate.cells import K_NEIGHBOURS, knn_cross_validated, knn_scores
-from exceiver.shipped import shipped_names
+from exceiver.shipped import DEFAULT_MODEL
 
 # Mouse symbols: the model's gene map reads mca's; zilionis' (upper-cased) and cider's mouse cells
 # (upper-cased onto the human symbols, one matrix for both species) are read as human symbols.
@@ -55,11 +55,6 @@ TARGETS = {
 }
 PCA_RECIPE = "pca_hvg2000_seurat_scaled_50"
 METHODS = [PCA_RECIPE, "harmony", "scvi", "exceiver_zero_shot", "exceiver_continued"]
-
-
-def default_init() -> str:
-    """The shipped base model where this installation has it, else the small one."""
-    return "human-mouse-base" if "human-mouse-base" in shipped_names() else "human-mouse-small"
 
 
 def subsample(adata, max_cells: int | None, seed: int = 0):
@@ -211,7 +206,7 @@ def describe(adata, target: Target) -> dict:
 def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--out", type=Path, required=True, help="results JSON (targets already in it are kept)")
-    parser.add_argument("--init", default=default_init(), help="the pretrained model: a folder or a shipped name")
+    parser.add_argument("--init", default=DEFAULT_MODEL, help="the pretrained model: a folder or a shipped name")
     parser.add_argument("--max-cells", type=int, default=None, help="a seeded random subsample (quick checks)")
     parser.add_argument("--scvi-minutes", type=float, default=None,
                         help="scVI's wall time instead of its default epochs (quick checks)")

@@ -15,7 +15,8 @@ large float32 matmul measured here (model FLOP utilisation, MFU).
    number of epochs, each run in a fresh process with the same threads, in the same run: today's
    default (the 2,000 most variable protein-coding genes), then the whole protein-coding
    vocabulary (19,218 genes, 11,261 of them measured by pbmc3k) as today's default computes it,
-   and with each cheaper setting added in turn (`VOCABULARY_CHANGES`). Prints training cells/s
+   and with each cheaper setting added in turn (`VOCABULARY_CHANGES`), and the shipped
+   `human-mouse-base` recipe (`shipped_model.BASE_MODEL`). Prints training cells/s
    and the ratio to the 2,000-gene default; and, as the learning check, each large-vocabulary
    run's validation count loss (always the dense NLL over every measured gene) and masked MSE
    ratio after the same number of steps, as ratios to today's computation at that vocabulary.
@@ -41,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import PROTEIN_CODING_GENES, TARGETS, add_threads_option, benchmark_parser, shared_folder, threads
 from embed_throughput import N_GENES, DenseOriginal, processor_cells_per_s, tabula_sapiens_like
+from shipped_model import BASE_MODEL
 from exceiver.data.loaders import CellBatcher
 from exceiver.data.preprocess import GeneScaler
 from exceiver.nn.config import pretraining_configs
@@ -92,6 +94,8 @@ def vocabulary_study(data: Path, epochs: int, seed: int) -> None:
         model = {**model, **change}
         settings = ", ".join(f"{k}={v}" for k, v in model.items()) or "as today"
         runs.append((f"all protein-coding genes, {settings}", {"genes": [genes, True], "n_top_genes": 0, "model": model}))
+    runs.append(("all protein-coding genes, the human-mouse-base recipe", {"genes": [genes, True], "n_top_genes": 0,
+                                                                           "model": BASE_MODEL}))
     results = [(name, end_to_end(here, data, epochs, {**options, "seed": seed})) for name, options in runs]
     default, today = results[0][1], results[1][1]
     for name, run in results:
