@@ -37,9 +37,11 @@ def pbmc() -> ad.AnnData:
     return pbmc68k_counts()[:120].copy()
 
 
-def test_the_model_ships_and_opens_by_name(model):
-    assert NAME in shipped.shipped_names()
-    folder = shipped.shipped_folder(NAME)
+@pytest.mark.parametrize("name", ["human-mouse-small", "human-mouse-base"])
+def test_the_models_ship_and_open_by_name(name):
+    assert name in shipped.shipped_names()
+    model = Exceiver.pretrained(name)
+    folder = shipped.shipped_folder(name)
     assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "genes.txt", "scaler.safetensors",
                                                   "metrics.json", "gene_map.csv", "checksums.json"}
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:  # float16 on disk ...
@@ -48,7 +50,7 @@ def test_the_model_ships_and_opens_by_name(model):
     assert model.metrics["learned_context"] and model.metrics["val_mse_ratio"] < 1
     assert model.metrics["float16"]["min_cosine_float32_vs_float16"] > 0.999
     assert len(model.gene_map) > 0 and model.gene_map.iloc[:, 0].isin(model.vocab.genes).all()
-    assert Exceiver.load(NAME).fingerprint() == model.fingerprint()
+    assert Exceiver.load(name).fingerprint() == model.fingerprint()
 
 
 def test_a_damaged_installation_is_refused(tmp_path, monkeypatch):
@@ -69,7 +71,8 @@ def test_unknown_names_and_folders_are_refused_with_the_shipped_names(tmp_path, 
     data = tmp_path / "cells.h5ad"
     pbmc68k_counts()[:20].copy().write_h5ad(data)
     assert main(["embed", "no-such-model", str(data), "--out", str(tmp_path / "out.h5ad")]) == 2
-    assert f"does not exist, and no shipped model has that name (shipped: {NAME}" in capsys.readouterr().err
+    assert "does not exist, and no shipped model has that name (shipped: human-mouse-base, human-mouse-small)" in \
+        capsys.readouterr().err
     assert not (tmp_path / "out.h5ad").exists()
 
 
@@ -119,10 +122,12 @@ def test_the_wheel_contains_the_model(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path)],
                    check=True, capture_output=True, timeout=600)
     [wheel] = tmp_path.glob("exceiver-*.whl")
-    folder = shipped.shipped_folder(NAME)
+    assert wheel.stat().st_size < 30e6  # every shipped model included
     with zipfile.ZipFile(wheel) as zf:
-        for name in json.loads((folder / "checksums.json").read_text()) | {"checksums.json": ""}:
-            assert zf.read(f"exceiver/models/{NAME}/{name}") == (folder / name).read_bytes()
+        for model in shipped.shipped_names():
+            folder = shipped.shipped_folder(model)
+            for name in json.loads((folder / "checksums.json").read_text()) | {"checksums.json": ""}:
+                assert zf.read(f"exceiver/models/{model}/{name}") == (folder / name).read_bytes()
 
 
 def test_pretrained_without_a_name_opens_the_default_model(model):
@@ -135,3 +140,16 @@ def test_a_retired_name_is_refused_naming_its_successor(monkeypatch):
     assert shipped.is_shipped_name("human-mouse-tiny")
     with pytest.raises(ExceiverInputError, match=r"'human-mouse-tiny' was retired: use its successor 'human-mouse-small'"):
         Exceiver.load("human-mouse-tiny")
+
+
+def test_the_base_model_knows_every_gene(shared_dir):
+    """human-mouse-base's vocabulary: every protein-coding gene its training files measure,
+    interferon regulators and the hallmark interferon response genes included."""
+    import pandas as pd
+
+    genes = set(Exceiver.pretrained("human-mouse-base").vocab.genes)
+    assert len(genes) >= 17_000 and {"STAT1", "IRF7", "IRF9"} <= genes
+    annotations = pd.read_csv(shared_dir / "annotations" / "gene_annotations.tsv.gz", sep="\t")
+    for hallmark in ("HALLMARK_INTERFERON_ALPHA_RESPONSE", "HALLMARK_INTERFERON_GAMMA_RESPONSE"):
+        members = set(annotations.loc[annotations.annotation_id == hallmark, "gene_symbol"])
+        assert len(members) > 50 and len(members & genes) >= 0.95 * len(members)
