@@ -188,7 +188,7 @@ def reference(tmp_path_factory) -> Exceiver:
     return pretrain(_with_batches(100, 1, ["10x", "smart"]), out, model=model, batch_key="assay", max_epochs=2, **RUN)
 
 
-def test_query_mapping_trains_only_the_new_batches_rows(reference):
+def test_the_query_step_trains_only_the_new_batches_rows(reference):
     before = {k: v.clone() for k, v in reference.module.state_dict().items()}
     query = _with_batches(60, 2, ["drop", "smart"])
     mapped = pretrain(query, None, init=reference, batch_key="assay", freeze_except_batches=True, max_epochs=2,
@@ -202,10 +202,13 @@ def test_query_mapping_trains_only_the_new_batches_rows(reference):
     reference_cells = _with_batches(30, 5, ["10x"])
     np.testing.assert_array_equal(reference.embed(reference_cells, inplace=False, progress=False),
                                   mapped.embed(reference_cells, inplace=False, progress=False))
+    # the batch enters only the count decoder: the query's cells embed where the model put them too
+    np.testing.assert_array_equal(reference.embed(query, inplace=False, progress=False),
+                                  mapped.embed(query, inplace=False, progress=False))
     assert all(p.requires_grad for p in mapped.module.parameters())  # handed back trainable, as any network
 
 
-def test_query_mapping_from_a_model_without_batches_trains_fresh_tables(tmp_path):
+def test_the_query_step_from_a_model_without_batches_trains_fresh_tables(tmp_path):
     base = pretrain(synthetic_counts(n_cells=60), None, model=TINY, max_epochs=1, **RUN)
     mapped = pretrain(_with_batches(60, 2, ["drop", "smart"]), None, init=base, batch_key="assay",
                       freeze_except_batches=True, max_epochs=1, learning_rate=1e-2, **RUN)

@@ -28,7 +28,7 @@ from exceiver.nn.network import ExceiverModule
 from exceiver.train.monitor import EmbeddingMonitor, MonitorCells, monitored_cells
 from exceiver.train.plans import PretrainingPlan
 from exceiver.train.run import RunOptions, TrainingRun, training_run
-from exceiver.warm_start import check_base, continued_network, freeze_except_batches, merged_scaler
+from exceiver.warm_start import check_base, continued_network, freeze_all_but_new_batch_rows, merged_scaler
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,11 @@ def pretrain(
         count decoder, so the cell embedding need not carry the batch (`embed` needs no batch).
         With `init`, the model's batches keep their embeddings and new ones are added.
     freeze_except_batches
-        With `init` and `batch_key`: map query cells onto the model as scArches does. Every weight
-        stays the model's but the batch tables' rows of the data's new batches, which alone learn
-        (the model's own batches keep theirs): reference cells embed exactly as before.
+        With `init` and `batch_key`: scArches' query step. Every weight stays the model's but the
+        batch tables' rows of the data's new batches, which alone learn (the model's own batches
+        keep theirs). The batch enters only the count decoder, so every cell's embedding, the
+        query's too, is exactly the model's; what the new rows change is decoding in the new
+        batches (`tl.impute`, `tl.perturb`).
     monitor
         What early stopping (`patience`) and the kept weights follow: "loss" (the validation count
         loss, or masked-value MSE without the count objective) or "embedding" (the monitor's score,
@@ -249,7 +251,7 @@ def _pretrain_on(cells: PretrainingData, start: Start, routing: GeneMapRouting, 
         about_init = {"init": {"model": start.init, "n_genes": len(base.vocab), "n_genes_added": n_added,
                                **({"own_genes": True} if start.own_genes else {}),
                                **({"freeze_except_batches": True} if freeze else {})}}
-    frozen_rows = freeze_except_batches(module, base.config.n_batches) if freeze else None
+    frozen_rows = freeze_all_but_new_batch_rows(module, base.config.n_batches) if freeze else None
     codes = None if batches is None else pd.Categorical(cells.batch_labels, batches["categories"]).codes
 
     def as_model(metrics: dict) -> Exceiver:

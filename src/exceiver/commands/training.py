@@ -49,9 +49,9 @@ def add_pretrain(commands) -> None:
                    help="override a field of the preset (architecture, tokenizer or objective), e.g. "
                         "--set n_latents=64 --set contrastive_weight=0 (repeat for several)")
     p.add_argument("--freeze-except-batches", action="store_true",
-                   help="with --init and --batch-key: map DATA onto the model as scArches does; every weight "
-                        "stays the model's but the batch embeddings of DATA's new batches, which alone learn "
-                        "(the model's cells embed exactly as before)")
+                   help="with --init and --batch-key: scArches' query step; every weight stays the model's but "
+                        "the batch embeddings of DATA's new batches, which alone learn; embeddings (the query's "
+                        "too) stay the model's, decoding in the new batches changes")
     add_data_options(p)
     add_training_options(p, PRETRAIN, presets=True)
     add_monitor_options(p)
