@@ -194,7 +194,7 @@ def _check_batch_settings(start: Start, batch_key: str | None, *, freeze: bool, 
         raise ExceiverInputError(f"batch_injection {start.architecture.batch_injection!r} conditions the count "
                                  f"decoder on batches: give {option('batch_key')}")
     if freeze and (start.base is None or batch_key is None):
-        raise ExceiverInputError(f"{option('freeze_except_batches', True)} maps query cells onto a pretrained "
+        raise ExceiverInputError(f"{option('freeze_except_batches', True)} is scArches' query step on a pretrained "
                                  f"model: it needs {option('init')} and {option('batch_key')}")
     if freeze and (start.own_genes or extend_genes):
         raise ExceiverInputError(f"{option('freeze_except_batches', True)} keeps the model's genes: it excludes "

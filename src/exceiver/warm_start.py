@@ -119,7 +119,7 @@ def transfer_weights(base: ExceiverModule, module: ExceiverModule, *, rows: np.n
 
 
 def freeze_all_but_new_batch_rows(module: ExceiverModule, n_known: int) -> dict[str, int]:
-    """Query mapping (scArches): freeze every weight of a continued network but its batch tables,
+    """scArches' query step: freeze every weight of a continued network but its batch tables,
     whose rows of the model's own `n_known` batches stay as they are too, so that only the new
     batches' rows learn: the reference cells' embeddings, and the decoder of every reference batch,
     are exactly the model's. Returns {table weight: rows that do not learn} (`TrainingPlan.frozen_rows`)."""
