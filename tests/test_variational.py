@@ -245,7 +245,7 @@ def test_bad_settings_are_refused_in_one_line(reference, tmp_path, capsys):
     adata.write_h5ad(path)
     assert main(["-q", "pretrain", str(path), "--out", str(tmp_path / "m"), "--freeze-except-batches"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--freeze-except-batches maps query cells onto a pretrained model: it needs " \
+    assert err.count("\n") == 1 and "--freeze-except-batches is scArches' query step on a pretrained model: it needs " \
                                     "--init and --batch-key" in err, err
     assert not (tmp_path / "m").exists()
 
