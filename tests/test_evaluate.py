@@ -144,16 +144,22 @@ def test_evaluate_writes_a_complete_report(tiny_model_dir, tmp_path, caplog):
     rec = metrics["reconstruction"]
     assert rec["model"]["n"] > 0 and rec["gene_mean"]["mse_ratio"] == 1.0 and len(rec["deciles"]) == 10
     assert set(metrics["batch"]) == {"key", *reps}
+    integration = metrics["integration"]  # scib-metrics: every representation but the HVG matrix
+    assert integration["label_key"] == "cell_type" and integration["n_cells"] == 90
+    assert set(integration["representations"]) == set(reps) - {"hvg2000"}
+    assert all(0 <= s["bio"] <= 1 and 0 <= s["batch"] <= 1 and s["total"] == pytest.approx(0.6 * s["bio"] + 0.4 * s["batch"])
+               for s in integration["representations"].values())
     assert set(metrics["depth_r2"]) == set(reps) and all(r2 <= 1 for r2 in metrics["depth_r2"].values())
     assert set(metrics["genes"]["auroc"]["toy"]) == {"exceiver", "pca_loadings", "random"}
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| exceiver |" in report and "kNN macro-F1" in report
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluate:")]
-    assert said[:7] == ["evaluate: reconstruction (1/7)...", "evaluate: cell embeddings (2/7)...",
-                        "evaluate: depth R^2 (3/7)...", "evaluate: cell embeddings vs 'cell_type' (4/7)...",
-                        "evaluate: batch mixing (5/7)...", "evaluate: gene embeddings (6/7)...",
-                        "evaluate: report and figures (7/7)..."]
-    assert said[7].startswith("evaluate: done in") and "depth R^2" in said[7]
+    assert said[:8] == ["evaluate: reconstruction (1/8)...", "evaluate: cell embeddings (2/8)...",
+                        "evaluate: depth R^2 (3/8)...", "evaluate: cell embeddings vs 'cell_type' (4/8)...",
+                        "evaluate: batch mixing (5/8)...", "evaluate: scib-metrics integration scores (6/8)...",
+                        "evaluate: gene embeddings (7/8)...", "evaluate: report and figures (8/8)..."]
+    assert "## Integration (scib-metrics" in report
+    assert said[8].startswith("evaluate: done in") and "depth R^2" in said[8]
 
 
 def test_phases_say_which_runs_and_how_long_each_took(caplog):
@@ -207,3 +213,33 @@ def test_evaluate_from_the_command_line_with_a_gene_map(tiny_model_dir, tmp_path
     assert "kNN macro-F1" in capsys.readouterr().out
     assert main(["-q", "evaluate", str(tiny_model_dir), str(data), "--out", str(tmp_path / "r2")]) == 2
     assert "none of its 200 genes" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+
+
+def test_scib_scores_reward_mixed_batches_and_separated_types():
+    """scib-metrics on embeddings with known answers: two types far apart, each type's two batches
+    either interleaved or pushed apart."""
+    from exceiver.evaluate.integration import scib_scores
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["t1", "t2"], 60)
+    batches = np.tile(["a", "b"], 60)
+    types = np.where(labels == "t1", 0.0, 20.0)[:, None] * np.eye(1, 4)
+    mixed = types + rng.normal(size=(120, 4))
+    split = mixed + np.where(batches == "a", 0.0, 8.0)[:, None] * np.eye(1, 4, 1)
+    scores = scib_scores({"split": split, "mixed": mixed}, labels, batches, pre_integrated="split")
+    assert scores["mixed"]["batch"] > scores["split"]["batch"] + 0.2
+    assert scores["mixed"]["bio"] > 0.5 and scores["mixed"]["total"] > scores["split"]["total"]
+    with pytest.raises(ValueError, match="2 batches or more"):
+        scib_scores({"mixed": mixed}, labels, np.full(120, "a"), pre_integrated="mixed")
+
+
+def test_evaluate_without_scib_metrics_says_how_to_get_it(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    import exceiver.evaluate.report as report
+
+    monkeypatch.setattr(report, "scib_installed", lambda: False)
+    adata = synthetic_counts(n_cells=40, seed=3)
+    adata.obs["batch"] = np.tile(["b1", "b2"], 20)
+    metrics = evaluate(Exceiver.load(tiny_model_dir), adata, tmp_path / "report", label_keys=["cell_type"],
+                       batch_key="batch", progress=False)
+    assert "integration" not in metrics and "batch" in metrics
+    assert any("exceiver[scib]" in r.getMessage() for r in caplog.records)

@@ -1,8 +1,8 @@
 """`evaluate`: one call that says how good a model is on a dataset, with numbers and pictures.
 
 model + AnnData -> (1) masked-expression reconstruction vs gene-mean and kNN baselines,
-(2) cell embeddings vs each label column (and batch mixing) beside PCA baselines computed
-identically, (3) gene embeddings vs annotation sources beside PCA loadings and a random embedding
+(2) cell embeddings vs each label column (and batch mixing, with scib-metrics' integration scores
+where it is installed and cells have labels) beside PCA baselines computed identically, (3) gene embeddings vs annotation sources beside PCA loadings and a random embedding
 -> REPORT_DIR/metrics.json, report.md, PNG figures and CSV tables, written atomically.
 """
 
@@ -27,6 +27,7 @@ from exceiver.errors import ExceiverInputError
 from exceiver.evaluate import plots
 from exceiver.evaluate.baselines import cell_baselines, gene_loadings
 from exceiver.evaluate.cells import batch_scores, depth_r2, label_scores
+from exceiver.evaluate.integration import INSTALL_HINT, scib_installed, scib_scores
 from exceiver.evaluate.genes import gene_scores, nearest_genes, read_annotations
 from exceiver.evaluate.reconstruction import (
     baseline_predictions,
@@ -39,6 +40,8 @@ from exceiver.outputs import atomic_dir, claim
 
 log = logging.getLogger(__name__)
 
+# scib's stand-in for the uncorrected data (its PCR comparison): the PCA users would start from.
+PRE_INTEGRATED = "pca50_hvg2000"
 MIN_CELLS_PER_LABEL = 2  # kNN scores are cross-validated: every label needs a cell to fit and one to test
 
 
@@ -76,7 +79,10 @@ def evaluate(
         warning), and needs 2 classes or more with 2 cells or more each
         (`exceiver.data.labels.cell_labels`, as in `finetune`).
     batch_key
-        obs column of batches (assay, donor, ...) that embeddings should mix.
+        obs column of batches (assay, donor, ...) that embeddings should mix: neighbour batch
+        entropy and batch silhouette for every representation and, with label keys and
+        scib-metrics installed (`pip install 'exceiver[scib]'`), scib-metrics' bio conservation,
+        batch correction and total against the first label key (`metrics["integration"]`).
     annotations, sources
         A gene annotation file (long TSV with gene_symbol, annotation_id, source; or GMT) or table
         (gene, term, source), and the sources to score (default: all in the file).
@@ -121,7 +127,8 @@ def _evaluate(model: CellModel, cells: ModelCells, out, *, label_keys: list[str]
               sources, pooling: str, device, seed: int, overwrite: bool, progress: bool, every_cell: bool) -> dict:
     name, adata, counts = cells.name, cells.adata, cells.in_memory()
     # reconstruction, cell embeddings, depth R^2, each label key, batch mixing, gene embeddings, report
-    phases = Phases(4 + len(label_keys) + bool(batch_key) + (annotations is not None))
+    scib = bool(batch_key and label_keys) and _scib_wanted()
+    phases = Phases(4 + len(label_keys) + bool(batch_key) + scib + (annotations is not None))
     # Labels are judged on the cells evaluated: a sample can thin a class out.
     sample = name if every_cell else f"{name} ({cells.n_cells:,} evaluated cells)"
     labels = {key: cell_labels(adata.obs, key, min_cells=MIN_CELLS_PER_LABEL, name=sample) for key in label_keys}
@@ -147,6 +154,10 @@ def _evaluate(model: CellModel, cells: ModelCells, out, *, label_keys: list[str]
         batches = adata.obs[batch_key].astype(str).to_numpy()
         metrics["batch"] = {"key": batch_key, **{rep: batch_scores(x, batches, seed=seed)
                                                  for rep, x in _each(representations, batch_key, progress)}}
+    if scib:
+        phases.start("scib-metrics integration scores")
+        metrics["integration"] = _integration_metrics(representations, labels[label_keys[0]],
+                                                      adata.obs[batch_key].astype(str).to_numpy(), batch_key)
     neighbours = None
     if annotations is not None:
         phases.start("gene embeddings")
@@ -158,6 +169,24 @@ def _evaluate(model: CellModel, cells: ModelCells, out, *, label_keys: list[str]
                       _value_words(model))
     phases.finish()
     return metrics
+
+
+def _scib_wanted() -> bool:
+    """Whether scib-metrics can score the integration (if not, say how to get it)."""
+    if scib_installed():
+        return True
+    log.warning("evaluate: scib-metrics is not installed, so its integration scores are left out (%s)", INSTALL_HINT)
+    return False
+
+
+def _integration_metrics(representations: dict[str, np.ndarray], column, batches: np.ndarray, batch_key: str) -> dict:
+    """scib-metrics' bio conservation, batch correction and total of exceiver's embedding and the
+    PCA baselines, on the cells that have a label (the HVG matrix itself is left out: it is no
+    embedding), with the 50-component PCA of HVGs as the uncorrected data."""
+    shown = {rep: x[column.labelled] for rep, x in representations.items() if rep != "hvg2000"}
+    scores = scib_scores(shown, column.values, batches[column.labelled], pre_integrated=PRE_INTEGRATED)
+    return {"batch_key": batch_key, "label_key": column.key, "pre_integrated": PRE_INTEGRATED,
+            "n_cells": int(column.labelled.sum()), "representations": scores}
 
 
 def _label_metrics(representations: dict[str, np.ndarray], labels: dict, phases: Phases, seed: int,
@@ -277,6 +306,14 @@ def _write_report(folder: Path, metrics: dict, representations: dict[str, np.nda
         lines += [f"| {rep} | {s['batch_entropy']:.3f} | {s['batch_asw']:.3f} |"
                   for rep, s in b.items() if rep != "key"]
         lines.append("")
+    if "integration" in metrics:
+        i = metrics["integration"]
+        lines += [f"## Integration (scib-metrics; batches `{i['batch_key']}`, cell types `{i['label_key']}`)", "",
+                  "scib-metrics' default metrics, not min-max scaled; total = 0.6 bio + 0.4 batch. "
+                  f"Uncorrected data: {i['pre_integrated']}.", "",
+                  "| representation | bio conservation | batch correction | total |", "|---|---|---|---|"]
+        lines += [f"| {rep} | {s['bio']:.3f} | {s['batch']:.3f} | {s['total']:.3f} |"
+                  for rep, s in i["representations"].items()] + [""]
     if len(labels.columns):
         shown = {rep: representations[rep] for rep in ("exceiver", best_pca(
             metrics["cells"][labels.columns[0]]["representations"]))}
