@@ -6,6 +6,7 @@ from __future__ import annotations
 
 
 import numpy as np
+import scipy.sparse as sp
 import pytest
 import torch
 
@@ -108,6 +109,30 @@ def test_vocabulary_is_the_training_cells_most_variable_genes():
     paper = pretrain(adata, None, preset="paper", model=dict(n_latents=4, n_layers=1, ff_dim=8), max_epochs=1,
                      progress=False)
     assert len(paper.vocab) == 300  # the paper preset keeps every gene, as published
+
+
+def test_with_a_batch_key_the_vocabulary_is_chosen_within_each_batch():
+    """seurat_v3 per batch, as scVI's users choose genes for an integration: a run with a batch key
+    picks the genes scanpy picks with that batch key, on the training cells."""
+    import anndata as ad
+    import scanpy as sc
+
+    from exceiver.data.datamodule import validation_cells
+
+    adata = synthetic_counts(n_cells=500, n_genes=300, seed=4)
+    adata.obs["assay"] = np.where(np.arange(500) < 300, "deep", "shallow")
+    rows = adata.obs["assay"].to_numpy() == "shallow"
+    counts = adata.X.toarray()
+    counts[rows] = counts[rows] // 3  # the shallow batch: fewer counts, other variable genes
+    adata.X = sp.csr_matrix(counts)
+    model = pretrain(adata, None, model=TINY, n_top_genes=60, batch_key="assay", max_epochs=1, progress=False)
+    train = ~validation_cells(adata.n_obs, 0.1, 0)
+    cells = ad.AnnData(adata.X[train].astype(np.float32), obs=adata.obs[train][["assay"]], var=adata.var[[]])
+    cells = cells[:, np.asarray((cells.X > 0).sum(0)).ravel() > 0].copy()
+    per_batch = sc.pp.highly_variable_genes(cells, flavor="seurat_v3", n_top_genes=60, batch_key="assay", inplace=False)
+    pooled = sc.pp.highly_variable_genes(cells, flavor="seurat_v3", n_top_genes=60, inplace=False)
+    assert set(model.vocab.genes) == set(cells.var_names[per_batch["highly_variable"].to_numpy()])
+    assert set(model.vocab.genes) != set(cells.var_names[pooled["highly_variable"].to_numpy()])
 
 
 def test_variable_gene_selection_leaves_torch_threads_alone():

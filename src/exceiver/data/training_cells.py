@@ -89,7 +89,9 @@ def _cells_in_memory(data, settings, genes, n_top_genes: int, gene_key: str | No
     cells, labels = _aligned(datasets, keys, layers, vocab, batch_key, allow_non_integer)
     validation = validation_cells(cells.n_cells, settings.val_fraction, settings.seed)
     if n_top_genes and (base_vocab is None or extend_genes):  # cells without counts stay: the split does not move
-        chosen = highly_variable_genes(cells.subset(np.flatnonzero(~validation)), n_top_genes)
+        training = np.flatnonzero(~validation)
+        chosen = highly_variable_genes(cells.subset(training), n_top_genes,
+                                       None if labels is None else labels[training])
         vocab, cells = vocab.subset(chosen), cells.select_genes(chosen)
     if base_vocab is not None:
         vocab = model_vocabulary(base_vocab, vocab.genes, extend=extend_genes)

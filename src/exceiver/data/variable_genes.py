@@ -2,7 +2,8 @@
 
 Cells differ by a few thousand variable genes; the rest add tokens (cost) and noise, not identity.
 Selection uses scanpy's `seurat_v3` rule on raw counts (the recipe scVI's users follow), per
-dataset when there are several (`batch_key`), so that one deep dataset cannot choose for all.
+batch: the run's batches where it has a batch key (as scVI's users choose genes for an integration),
+else each dataset, when there are several, so that one deep batch or dataset cannot choose for all.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from exceiver.errors import ExceiverInputError, option
 log = logging.getLogger(__name__)
 
 
-def highly_variable_genes(cells: CellCounts, n_top_genes: int) -> np.ndarray:
+def highly_variable_genes(cells: CellCounts, n_top_genes: int, batches: np.ndarray | None = None) -> np.ndarray:
     """Sorted vocabulary ids of the `n_top_genes` most variable genes of `cells` (all genes with
-    counts, if they are fewer)."""
+    counts, if they are fewer), ranked within each of `batches` (a label per cell; default: each
+    cell's dataset) and merged as seurat_v3 merges batches."""
     if n_top_genes < 1:
         raise ExceiverInputError(f"{option('n_top_genes')} must be >= 1, got {n_top_genes}")
     expressed = np.flatnonzero(np.bincount(cells.counts.indices, minlength=cells.counts.shape[1]))
@@ -34,12 +36,13 @@ def highly_variable_genes(cells: CellCounts, n_top_genes: int) -> np.ndarray:
     except ImportError as err:  # a declared dependency: only a broken install lacks it
         raise ExceiverInputError("selecting variable genes needs scikit-misc: pip install scikit-misc") from err
     adata = ad.AnnData(cells.counts[:, expressed].astype(np.float32))
-    batches = len(np.unique(cells.source)) > 1
-    if batches:
-        adata.obs["dataset"] = pd.Categorical(cells.source)
+    batches = cells.source if batches is None else np.asarray(batches)
+    several = len(np.unique(batches)) > 1
+    if several:
+        adata.obs["batch"] = pd.Categorical(batches)
     threads = torch.get_num_threads()
     try:
-        table = _seurat_v3(adata, n_top_genes, "dataset" if batches else None)
+        table = _seurat_v3(adata, n_top_genes, "batch" if several else None)
     finally:  # its numerical libraries reset the OpenMP team size that torch shares (measured: 1 -> 2)
         torch.set_num_threads(threads)
     chosen = np.sort(expressed[np.flatnonzero(table["highly_variable"].to_numpy())])
