@@ -9,7 +9,8 @@ has no cell-type column: left out. On the same file, with the same threads, in t
   Harmony on that PCA;
 - scVI as its tutorial trains it with the batch key (`common.scvi_baseline`, default epochs), timed;
 - exceiver: the pretrained model (`--init`) continued on the file with the batch key for scVI's
-  measured training time (no early stop), and the same model zero-shot (not trained on the file in
+  measured training time (no early stop; `--init-set FIELD=VALUE`: its integration settings, e.g.
+  `--init-set bottleneck_variance=learned --init-set bottleneck_kl=1`), and the same model zero-shot (not trained on the file in
   this run; the table says whether the file was in that model's pretraining corpus, labels unseen);
   with `--scratch`, also the `default` preset trained on the file alone with the batch key for
   scVI's time, with `--set FIELD=VALUE` overrides (e.g. `--set bottleneck_variance=learned`).
@@ -45,6 +46,7 @@ from common import (TARGETS as SHARED_TARGETS, Target, add_model_overrides_optio
                     add_threads_option, benchmark_parser, pca_hvg2000_seurat_scaled_50, pca_legend, quiet,
                     read_result, scvi_baseline, shared_folder, threads, write_result)
 from exceiver import Exceiver, pretrain
+from exceiver.cli_parser import model_option
 from exceiver.evaluate.cells import K_NEIGHBOURS, knn_cross_validated, knn_scores
 from exceiver.shipped import DEFAULT_MODEL
 
@@ -160,7 +162,8 @@ def embeddings(adata, target: Target, args) -> tuple[dict, dict]:
     seen = target.file in base.metrics.get("datasets", {})
     found["exceiver_zero_shot"] = base.embed(adata, inplace=False, progress=False, **reading)
     facts["exceiver_zero_shot"] = {"seconds": 0.0, "steps": 0, "pretrained_on_file": seen}
-    continued = pretrain(adata, None, init=init, gene_key=target.gene_key, batch_key=target.batch_key,
+    continued = pretrain(adata, None, init=init, model=dict(args.init_model), gene_key=target.gene_key,
+                         batch_key=target.batch_key,
                          max_minutes=budget / 60, max_epochs=100_000, patience=100_000, seed=0, progress=False)
     found["exceiver_continued"] = continued.embed(adata, inplace=False, progress=False, **reading)
     facts["exceiver_continued"] = {"seconds": continued.metrics["seconds"], "steps": continued.metrics["steps"],
@@ -223,11 +226,15 @@ def main() -> None:
                         help="add exceiver trained from scratch on the file with its batch key, for scVI's time")
     add_model_overrides_option(parser, "with --scratch: override a field of the default preset, as "
                                        "`exceiver pretrain --set` (repeat for several)")
+    parser.add_argument("--init-set", dest="init_model", action="append", default=[], type=model_option,
+                        help="the continued row: an integration setting of `pretrain(init=..., model=...)`, e.g. "
+                             "--init-set bottleneck_variance=learned (repeat for several)")
     add_threads_option(parser)
     add_targets_option(parser, TARGETS)
     args = parser.parse_args()
     keys = ("init", "max_cells", "scvi_minutes", "scratch")
-    data, settings = shared_folder() / "data", {key: vars(args)[key] for key in keys} | {"model": dict(args.model)}
+    data, settings = shared_folder() / "data", {key: vars(args)[key] for key in keys} | {
+        "model": dict(args.model), "init_model": dict(args.init_model)}
     quiet()
     results = read_result(args.out, {})
     for name in args.targets:

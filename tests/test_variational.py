@@ -218,6 +218,27 @@ def test_the_query_step_from_a_model_without_batches_trains_fresh_tables(tmp_pat
     assert (after["batch_embedding.weight"].abs().sum(-1) > 0).all()  # every row is new, every row learned
 
 
+def test_a_continued_run_takes_the_integration_settings_with_fresh_heads():
+    """`init` with the integration settings: the pretrained network gains a log-variance head and
+    batch tables that start fresh, every pretrained weight is carried, and the run trains with the
+    new objective (a shipped model continued with scVI's objective)."""
+    base = pretrain(synthetic_counts(n_cells=60), None, model=TINY, max_epochs=1, **RUN)
+    config = dataclasses.replace(base.config, bottleneck_variance="learned", batch_injection="every_layer")
+    grown = warm_module(base.module, base.config.n_genes, 2, config=config)
+    before, after = base.module.state_dict(), grown.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.all(grown.bottleneck_log_variance.bias == INITIAL_LOG_VARIANCE)
+    assert grown.batch_embedding.weight.abs().max() == 0 and grown.batch_hidden_embedding.weight.abs().max() == 0
+    settings = {**LEARNED, "kl_warmup_steps": 5, "batch_injection": "every_layer"}
+    continued = pretrain(_with_batches(60, 2, ["drop", "smart"]), None, init=base, model=settings, batch_key="assay",
+                         max_epochs=2, **RUN)
+    assert (continued.config.bottleneck_variance, continued.config.batch_injection) == ("learned", "every_layer")
+    assert (continued.objectives.bottleneck_kl, continued.objectives.kl_warmup_steps) == (1.0, 5)
+    assert continued.config.n_latents == base.config.n_latents and continued.tokenizer == base.tokenizer
+    assert not torch.equal(continued.module.bottleneck_log_variance.bias, grown.bottleneck_log_variance.bias)  # it learned
+    assert continued.embed(synthetic_counts(n_cells=20), inplace=False, progress=False).shape == (20, 16)
+
+
 def test_bad_settings_are_refused_in_one_line(reference, tmp_path, capsys):
     adata = _with_batches(40, 3, ["drop"])
     refused = [
@@ -233,6 +254,11 @@ def test_bad_settings_are_refused_in_one_line(reference, tmp_path, capsys):
         (dict(model={**TINY, "bottleneck_kl": 1.0, "kl_warmup_steps": -1}), "kl_warmup_steps must be >= 0"),
         (dict(model={**TINY, "bottleneck_variance": "learned", "bottleneck_kl": 1.0, "count_weight": 0.0}),
          "needs the cell bottleneck"),
+        (dict(init=reference, model={"n_latents": 4}), "drop the model settings ['n_latents'] (a continued run may "
+                                                        "set only bottleneck_variance, bottleneck_kl"),
+        (dict(init=reference, model={"bottleneck_kl": 0.0}), "'learned' needs bottleneck_kl > 0"),
+        (dict(init=reference, batch_key="assay", freeze_except_batches=True, model={"bottleneck_kl": 2.0}),
+         "freeze_except_batches=True keeps the model as it is: drop the model settings"),
     ]
     for options, message in refused:
         with pytest.raises(ExceiverInputError) as caught:

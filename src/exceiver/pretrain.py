@@ -28,7 +28,8 @@ from exceiver.nn.network import ExceiverModule
 from exceiver.train.monitor import EmbeddingMonitor, MonitorCells, monitored_cells
 from exceiver.train.plans import PretrainingPlan
 from exceiver.train.run import RunOptions, TrainingRun, training_run
-from exceiver.warm_start import check_base, continued_network, freeze_all_but_new_batch_rows, merged_scaler
+from exceiver.warm_start import (check_base, continued_network, continued_settings, freeze_all_but_new_batch_rows,
+                                 merged_scaler)
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,11 @@ def pretrain(
         Model folder to write (training logs go there too); None keeps the model in memory only.
     preset, model
         The preset ("default" or "paper") and overrides of its fields (architecture,
-        tokenizer and objective settings, e.g. {"n_latents": 64, "contrastive_weight": 0}).
+        tokenizer and objective settings, e.g. {"n_latents": 64, "contrastive_weight": 0}). With
+        `init`, only the integration settings may be overridden (`bottleneck_variance`,
+        `bottleneck_kl`, `kl_warmup_steps`, `batch_injection`; heads they add start fresh), e.g.
+        {"bottleneck_variance": "learned", "bottleneck_kl": 1.0} to integrate batches with scVI's
+        objective from a pretrained model.
     genes
         Restrict the vocabulary to this gene list (file, one gene per line) or use a vocabulary.
     n_top_genes
@@ -88,8 +93,9 @@ def pretrain(
     init
         Continue training a pretrained model (folder or Exceiver) on this data: its vocabulary
         (the data's other genes are reported; `extend_genes` adds them, at most `n_top_genes` of
-        them, with fresh embeddings), normalisation, architecture and objectives; per-gene
-        statistics are re-estimated where the data expresses a gene.
+        them, with fresh embeddings), normalisation, architecture and objectives (but for the
+        integration settings in `model`); per-gene statistics are re-estimated where the data
+        expresses a gene.
     own_genes
         With `init`, the vocabulary is the data's own (chosen as a fresh model's is,
         `n_top_genes`; the data read as it is, not through a gene map): genes the model knows, by
@@ -168,11 +174,12 @@ class Start(NamedTuple):
 
 def _starting_point(init: Exceiver | str | Path | None, preset: str, model: dict | None, *, own_genes: bool,
                     extend_genes: bool) -> Start:
-    """The preset's settings with the `model` overrides, or the `init` model's settings (it takes none)."""
+    """The preset's settings with the `model` overrides, or the `init` model's settings (with its
+    integration settings, `warm_start.INIT_SETTINGS`, overridden)."""
     base = None if init is None else (init if isinstance(init, Exceiver) else Exceiver.load(init))
     if base is not None:
         check_base(base, model)
-        architecture, tokenizer, objectives = base.config, base.tokenizer, base.objectives
+        (architecture, objectives), tokenizer = continued_settings(base, model), base.tokenizer
     else:
         try:
             architecture, tokenizer, objectives = pretraining_configs(preset, **(model or {}))
@@ -193,6 +200,10 @@ def _check_batch_settings(start: Start, batch_key: str | None, *, freeze: bool, 
     if start.architecture.batch_injection != "input" and batch_key is None and not start.architecture.n_batches:
         raise ExceiverInputError(f"batch_injection {start.architecture.batch_injection!r} conditions the count "
                                  f"decoder on batches: give {option('batch_key')}")
+    if freeze and start.base is not None and (start.architecture != start.base.config
+                                              or start.objectives != start.base.objectives):
+        raise ExceiverInputError(f"{option('freeze_except_batches', True)} keeps the model as it is: drop the "
+                                 "model settings (they would change what the frozen network computes)")
     if freeze and (start.base is None or batch_key is None):
         raise ExceiverInputError(f"{option('freeze_except_batches', True)} is scArches' query step on a pretrained "
                                  f"model: it needs {option('init')} and {option('batch_key')}")
@@ -247,7 +258,7 @@ def _pretrain_on(cells: PretrainingData, start: Start, routing: GeneMapRouting, 
         module.init_value_offsets(torch.from_numpy(scaler.expressed_mean), scaler.mean_expressed_value)
     else:
         module, n_added = continued_network(base, cells.vocab, scaler, n_batches, own_genes=start.own_genes,
-                                            gene_map=routing.own_pairs)
+                                            gene_map=routing.own_pairs, config=start.architecture)
         about_init = {"init": {"model": start.init, "n_genes": len(base.vocab), "n_genes_added": n_added,
                                **({"own_genes": True} if start.own_genes else {}),
                                **({"freeze_except_batches": True} if freeze else {})}}

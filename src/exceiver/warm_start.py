@@ -23,6 +23,7 @@ from exceiver.data.genemap import GenePairs
 from exceiver.data.preprocess import GeneScaler
 from exceiver.data.vocab import GeneVocab
 from exceiver.errors import ExceiverInputError, option
+from exceiver.nn.config import ExceiverConfig, ObjectiveConfig
 from exceiver.nn.network import BATCH_TABLES, ExceiverModule
 
 log = logging.getLogger(__name__)
@@ -51,29 +52,33 @@ def merged_scaler(fitted: GeneScaler, base: GeneScaler) -> GeneScaler:
 
 
 def continued_network(base, vocab: GeneVocab, scaler: GeneScaler, n_batches: int, *, own_genes: bool = False,
-                      gene_map: GenePairs | None = None) -> tuple[ExceiverModule, int]:
+                      gene_map: GenePairs | None = None,
+                      config: ExceiverConfig | None = None) -> tuple[ExceiverModule, int]:
     """The network a continued run starts from, and how many of its genes start fresh: the model's,
     its vocabulary extended by the new genes; or, with `own_genes`, the data's vocabulary
     (`vocab`) with the model's rows where it knows a gene, by name or through `gene_map`."""
     if own_genes:
         rows = base_rows(base, list(vocab.genes), gene_map)
-        module = warm_module(base.module, len(vocab), n_batches, rows=rows)
+        module = warm_module(base.module, len(vocab), n_batches, rows=rows, config=config)
         new_gene_offsets(module, scaler, rows < 0)
         return module, int((rows < 0).sum())
-    module = warm_module(base.module, len(vocab), n_batches)
+    module = warm_module(base.module, len(vocab), n_batches, config=config)
     new_gene_offsets(module, scaler, len(base.vocab))
     return module, len(vocab) - len(base.vocab)
 
 
-def warm_module(base: ExceiverModule, n_genes: int, n_batches: int, rows: np.ndarray | None = None) -> ExceiverModule:
-    """A network of the base's architecture for `n_genes` genes and `n_batches` batches, with
-    every pretrained weight; rows of new genes and new batches start fresh (new batches at zero:
-    the decoder starts as the pretrained one). `rows`: for a vocabulary of its own, each gene's
+def warm_module(base: ExceiverModule, n_genes: int, n_batches: int, rows: np.ndarray | None = None,
+                config: ExceiverConfig | None = None) -> ExceiverModule:
+    """A network of the base's architecture (or `config`, the base's with integration settings)
+    for `n_genes` genes and `n_batches` batches, with every pretrained weight; rows of new genes
+    and new batches start fresh (new batches at zero: the decoder starts as the pretrained one), as
+    do heads the base has not (`ADDABLE_HEADS`). `rows`: for a vocabulary of its own, each gene's
     row in the base (-1: a fresh row); without, the base's genes come first, in its order."""
     if rows is None and (n_genes < base.config.n_genes or n_batches < base.config.n_batches):
         raise ValueError("a warm start keeps every gene and batch of the model")
-    module = ExceiverModule(dataclasses.replace(base.config, n_genes=n_genes, n_batches=n_batches))
-    transfer_weights(base, module, rows=rows)
+    module = ExceiverModule(dataclasses.replace(config or base.config, n_genes=n_genes, n_batches=n_batches))
+    added = tuple(f"{head}." for head in ADDABLE_HEADS if getattr(base, head) is None and getattr(module, head) is not None)
+    transfer_weights(base, module, rows=rows, fresh=added)
     return module
 
 
@@ -141,14 +146,46 @@ def base_rows(base, genes: Sequence[str], gene_map: GenePairs | None = None) -> 
     return rows
 
 
+# Settings a continued run may change: how the cell bottleneck is regularised and how batches
+# condition the count decoder (integrating a pretrained model's cells with scVI's objective). Each
+# adds a head that starts fresh (the log-variance head, batch tables) or only reweighs the loss;
+# every pretrained weight keeps its meaning.
+INIT_SETTINGS = ("bottleneck_variance", "bottleneck_kl", "kl_warmup_steps", "batch_injection")
+# Heads that a continued network may have and its base lack (they start fresh).
+ADDABLE_HEADS = ("bottleneck_log_variance", *BATCH_TABLES)
+
+
 def check_base(base, model_overrides: dict | None) -> None:
-    """A warm start needs a pretrained (not fine-tuned) model and takes its settings whole."""
+    """A warm start needs a pretrained (not fine-tuned) model and takes its settings whole, but
+    for the integration settings (`INIT_SETTINGS`)."""
     if base.classes:
         raise ExceiverInputError(f"{option('init')} needs a pretrained model; this one is a classifier "
                                  f"of {len(base.classes)} classes")
-    if model_overrides:
+    refused = sorted(set(model_overrides or {}) - set(INIT_SETTINGS))
+    if refused:
         raise ExceiverInputError(f"with {option('init')} the architecture, tokenizer and objectives are the "
-                                 f"model's: drop the model settings {sorted(model_overrides)}")
+                                 f"model's: drop the model settings {refused} (a continued run may set only "
+                                 f"{', '.join(INIT_SETTINGS)})")
+
+
+def continued_settings(base, model_overrides: dict | None) -> tuple[ExceiverConfig, ObjectiveConfig]:
+    """The base's architecture and objectives with the integration settings of `model_overrides`
+    (checked by `check_base`); impossible combinations are refused in one line."""
+    overrides = model_overrides or {}
+    architecture_fields = {f.name for f in dataclasses.fields(ExceiverConfig)}
+    try:
+        architecture = dataclasses.replace(base.config, **{k: v for k, v in overrides.items() if k in architecture_fields})
+        objectives = dataclasses.replace(base.objectives,
+                                         **{k: v for k, v in overrides.items() if k not in architecture_fields})
+    except (TypeError, ValueError) as err:
+        raise ExceiverInputError(f"invalid model settings: {err}") from err
+    if architecture.bottleneck_variance == "learned" and not objectives.bottleneck_kl:
+        raise ExceiverInputError("bottleneck_variance 'learned' needs bottleneck_kl > 0 (without its KL the variance "
+                                 "would shrink to nothing)")
+    if (architecture.bottleneck_variance == "learned" or objectives.bottleneck_kl) and not objectives.count_weight:
+        raise ExceiverInputError("the bottleneck's KL and variance belong to the count objective, which this model "
+                                 "has not (count_weight 0)")
+    return architecture, objectives
 
 
 def new_gene_offsets(module: ExceiverModule, scaler: GeneScaler, fresh: int | np.ndarray) -> None:

@@ -47,7 +47,9 @@ def add_pretrain(commands) -> None:
                         "gene (e.g. human,mouse orthologs); other datasets are read as they are")
     p.add_argument("--set", dest="model_options", action="append", default=[], type=model_option, metavar="FIELD=VALUE",
                    help="override a field of the preset (architecture, tokenizer or objective), e.g. "
-                        "--set n_latents=64 --set contrastive_weight=0 (repeat for several)")
+                        "--set n_latents=64 --set contrastive_weight=0 (repeat for several); with --init only "
+                        "the integration settings: bottleneck_variance, bottleneck_kl, kl_warmup_steps, "
+                        "batch_injection")
     p.add_argument("--freeze-except-batches", action="store_true",
                    help="with --init and --batch-key: scArches' query step; every weight stays the model's but "
                         "the batch embeddings of DATA's new batches, which alone learn; embeddings (the query's "
