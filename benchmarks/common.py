@@ -297,26 +297,37 @@ def labelled_subset(labels, fraction: float, seed: int, floor: int = 3) -> np.nd
     return np.sort(np.concatenate(rows))
 
 
-def logreg_hvg(train: ad.AnnData, test: ad.AnnData, key: str, gene_key: str | None, seed: int) -> np.ndarray:
-    """Logistic regression on log-normalised counts of 2,000 HVGs (selected on the training cells):
-    the label baseline a model must beat."""
+def log_normalised_symbols(adata: ad.AnnData, gene_key: str | None = None) -> ad.AnnData:
+    """A copy of raw counts normalised to 10,000 per cell and log1p'd, genes named by `gene_key`."""
+    import scanpy as sc
+
+    adata = adata.copy()
+    if gene_key:
+        adata.var_names = adata.var[gene_key].astype(str)
+        adata.var_names_make_unique()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    return adata
+
+
+def fit_logreg_hvg(train: ad.AnnData, key: str, gene_key: str | None, seed: int):
+    """Logistic regression on log-normalised counts of 2,000 HVGs selected on the training cells
+    (`log_normalised_symbols`): the fitted classifier and its genes."""
     import scanpy as sc
     from sklearn.linear_model import LogisticRegression
 
-    def lognorm(a):
-        a = a.copy()
-        if gene_key:
-            a.var_names = a.var[gene_key].astype(str)
-            a.var_names_make_unique()
-        sc.pp.normalize_total(a, target_sum=1e4)
-        sc.pp.log1p(a)
-        return a
-    tr, te = lognorm(train), lognorm(test)
+    tr = log_normalised_symbols(train, gene_key)
     hvg = sc.pp.highly_variable_genes(tr, n_top_genes=min(2000, tr.n_vars), inplace=False, flavor="seurat")
     genes = tr.var_names[hvg["highly_variable"].to_numpy()]
     clf = LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed)
-    clf.fit(tr[:, genes].X, tr.obs[key].astype(str))
-    return clf.predict(te[:, genes].X)
+    return clf.fit(tr[:, genes].X, tr.obs[key].astype(str)), genes
+
+
+def logreg_hvg(train: ad.AnnData, test: ad.AnnData, key: str, gene_key: str | None, seed: int) -> np.ndarray:
+    """Logistic regression on log-normalised counts of 2,000 HVGs (selected on the training cells):
+    the label baseline a model must beat."""
+    clf, genes = fit_logreg_hvg(train, key, gene_key, seed)
+    return clf.predict(log_normalised_symbols(test, gene_key)[:, genes].X)
 
 
 def threads(n: int | None) -> None:

@@ -4,10 +4,11 @@ the bottleneck as the cell embedding users get."""
 
 from __future__ import annotations
 
+import logging
 
 import numpy as np
-import scipy.sparse as sp
 import pytest
+import scipy.sparse as sp
 import torch
 
 from exceiver import Exceiver, pretrain
@@ -133,6 +134,19 @@ def test_with_a_batch_key_the_vocabulary_is_chosen_within_each_batch():
     pooled = sc.pp.highly_variable_genes(cells, flavor="seurat_v3", n_top_genes=60, inplace=False)
     assert set(model.vocab.genes) == set(cells.var_names[per_batch["highly_variable"].to_numpy()])
     assert set(model.vocab.genes) != set(cells.var_names[pooled["highly_variable"].to_numpy()])
+
+
+def test_batches_too_small_for_a_loess_fit_are_ranked_together(caplog):
+    from exceiver.data.variable_genes import MIN_BATCH_CELLS
+
+    cells = align(synthetic_counts(n_cells=300, n_genes=200, seed=6), GeneVocab(synthetic_counts(n_genes=200).var_names))
+    batches = np.array(["big"] * 280 + ["tiny1"] * 12 + ["tiny2"] * 8)
+    with caplog.at_level(logging.INFO, logger="exceiver"):
+        chosen = highly_variable_genes(cells, 50, batches)
+    assert len(chosen) == 50 and MIN_BATCH_CELLS == 50
+    assert any("2 batches of fewer than 50 cells" in r.getMessage() for r in caplog.records)
+    one_batch = highly_variable_genes(cells, 50, np.full(300, "only"))  # a single batch: as without batches
+    np.testing.assert_array_equal(one_batch, highly_variable_genes(cells, 50))
 
 
 def test_variable_gene_selection_leaves_torch_threads_alone():

@@ -243,3 +243,13 @@ def test_evaluate_without_scib_metrics_says_how_to_get_it(tiny_model_dir, tmp_pa
                        batch_key="batch", progress=False)
     assert "integration" not in metrics and "batch" in metrics
     assert any("exceiver[scib]" in r.getMessage() for r in caplog.records)
+
+
+def test_evaluate_leaves_out_scib_scores_when_the_labelled_cells_are_one_batch(tiny_model_dir, tmp_path, caplog):
+    adata = synthetic_counts(n_cells=40, seed=3)
+    adata.obs["batch"] = np.tile(["b1", "b2"], 20)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(object).where(adata.obs["batch"] == "b1")  # b2 unlabelled
+    metrics = evaluate(Exceiver.load(tiny_model_dir), adata, tmp_path / "report", label_keys=["cell_type"],
+                       batch_key="batch", progress=False)
+    assert "integration" not in metrics and (tmp_path / "report" / "report.md").exists()
+    assert any("all in one 'batch' batch" in r.getMessage() for r in caplog.records)

@@ -54,3 +54,18 @@ def test_transfer_scores_only_the_types_the_largest_batch_has():
     mixed_up = np.where(moved[:, None], 100.0, embedding)
     # t1: F1 0; t2: precision 1/2, recall 1 (F1 2/3)
     assert np.isclose(transfer_f1(mixed_up, labels, batches), (0.0 + 2 / 3) / 2)
+
+
+def test_the_pbmc_technologies_target_is_labelled_soundly(shared_dir):
+    """The multi-technology PBMC target: four 10x technologies on their shared genes, pbmc3k's
+    annotation carried to the other three by confident logistic-regression calls, and every kept
+    type's canonical marker enriched in that type in every technology."""
+    from pbmc_technologies import MIN_CONFIDENCE, PbmcTechnologies, soundness
+
+    adata = PbmcTechnologies().read(shared_dir / "data")
+    sizes = adata.obs["assay"].value_counts()
+    assert set(sizes.index) == {"10x 3' v1", "10x 3' v2", "10x 3' v3", "10x 5'"} and sizes["10x 3' v1"] == 2638
+    assert all(600 < sizes[a] <= 1000 for a in ("10x 3' v2", "10x 3' v3", "10x 5'"))  # confident calls (>= 0.9)
+    assert MIN_CONFIDENCE == 0.9 and adata.n_vars > 10_000
+    table = soundness(adata)
+    assert len(table) >= 30 and (table["fold_change"] > 1.5).all(), table

@@ -234,6 +234,7 @@ def test_a_continued_run_takes_the_integration_settings_with_fresh_heads():
                          max_epochs=2, **RUN)
     assert (continued.config.bottleneck_variance, continued.config.batch_injection) == ("learned", "every_layer")
     assert (continued.objectives.bottleneck_kl, continued.objectives.kl_warmup_steps) == (1.0, 5)
+    assert continued.metrics["init"]["settings"] == settings  # metrics.json says what the run changed
     assert continued.config.n_latents == base.config.n_latents and continued.tokenizer == base.tokenizer
     assert not torch.equal(continued.module.bottleneck_log_variance.bias, grown.bottleneck_log_variance.bias)  # it learned
     assert continued.embed(synthetic_counts(n_cells=20), inplace=False, progress=False).shape == (20, 16)
@@ -257,6 +258,8 @@ def test_bad_settings_are_refused_in_one_line(reference, tmp_path, capsys):
         (dict(init=reference, model={"n_latents": 4}), "drop the model settings ['n_latents'] (a continued run may "
                                                         "set only bottleneck_variance, bottleneck_kl"),
         (dict(init=reference, model={"bottleneck_kl": 0.0}), "'learned' needs bottleneck_kl > 0"),
+        (dict(init=reference, model={"batch_injection": "input"}), "a new batch_injection conditions the count "
+                                                                   "decoder on the data's batches: give batch_key"),
         (dict(init=reference, batch_key="assay", freeze_except_batches=True, model={"bottleneck_kl": 2.0}),
          "freeze_except_batches=True keeps the model as it is: drop the model settings"),
     ]

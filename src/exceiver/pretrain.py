@@ -170,12 +170,13 @@ class Start(NamedTuple):
     base: Exceiver | None = None
     own_genes: bool = False
     init: str | None = None  # the base as metrics.json names it: its folder, or "in memory"
+    overrides: dict | None = None  # the integration settings a continued run changed
 
 
 def _starting_point(init: Exceiver | str | Path | None, preset: str, model: dict | None, *, own_genes: bool,
                     extend_genes: bool) -> Start:
     """The preset's settings with the `model` overrides, or the `init` model's settings (with its
-    integration settings, `warm_start.INIT_SETTINGS`, overridden)."""
+    integration settings, `nn.config.INIT_SETTINGS`, overridden)."""
     base = None if init is None else (init if isinstance(init, Exceiver) else Exceiver.load(init))
     if base is not None:
         check_base(base, model)
@@ -189,7 +190,7 @@ def _starting_point(init: Exceiver | str | Path | None, preset: str, model: dict
         raise ExceiverInputError(f"{option('own_genes', True)} needs {option('init')} and excludes "
                                  f"{option('extend_genes', True)}")
     named = None if base is None else ("in memory" if isinstance(init, Exceiver) else str(init))
-    return Start(architecture, tokenizer, objectives, base, own_genes, named)
+    return Start(architecture, tokenizer, objectives, base, own_genes, named, dict(model) if base and model else None)
 
 
 def _check_batch_settings(start: Start, batch_key: str | None, *, freeze: bool, extend_genes: bool) -> None:
@@ -197,6 +198,10 @@ def _check_batch_settings(start: Start, batch_key: str | None, *, freeze: bool, 
     if batch_key is not None and not start.architecture.count_head:
         raise ExceiverInputError(f"{option('batch_key')} conditions the count decoder, which this model has not "
                                  "(the count objective: count_weight > 0)")
+    changed = start.base is not None and start.architecture.batch_injection != start.base.config.batch_injection
+    if changed and batch_key is None:
+        raise ExceiverInputError(f"a new batch_injection conditions the count decoder on the data's batches: give "
+                                 f"{option('batch_key')}")
     if start.architecture.batch_injection != "input" and batch_key is None and not start.architecture.n_batches:
         raise ExceiverInputError(f"batch_injection {start.architecture.batch_injection!r} conditions the count "
                                  f"decoder on batches: give {option('batch_key')}")
@@ -261,6 +266,7 @@ def _pretrain_on(cells: PretrainingData, start: Start, routing: GeneMapRouting, 
                                             gene_map=routing.own_pairs, config=start.architecture)
         about_init = {"init": {"model": start.init, "n_genes": len(base.vocab), "n_genes_added": n_added,
                                **({"own_genes": True} if start.own_genes else {}),
+                               **({"settings": start.overrides} if start.overrides else {}),
                                **({"freeze_except_batches": True} if freeze else {})}}
     frozen_rows = freeze_all_but_new_batch_rows(module, base.config.n_batches) if freeze else None
     codes = None if batches is None else pd.Categorical(cells.batch_labels, batches["categories"]).codes

@@ -23,7 +23,7 @@ from exceiver.data.genemap import GenePairs
 from exceiver.data.preprocess import GeneScaler
 from exceiver.data.vocab import GeneVocab
 from exceiver.errors import ExceiverInputError, option
-from exceiver.nn.config import ExceiverConfig, ObjectiveConfig
+from exceiver.nn.config import INIT_SETTINGS, ExceiverConfig, ObjectiveConfig, check_bottleneck_settings
 from exceiver.nn.network import BATCH_TABLES, ExceiverModule
 
 log = logging.getLogger(__name__)
@@ -146,11 +146,6 @@ def base_rows(base, genes: Sequence[str], gene_map: GenePairs | None = None) -> 
     return rows
 
 
-# Settings a continued run may change: how the cell bottleneck is regularised and how batches
-# condition the count decoder (integrating a pretrained model's cells with scVI's objective). Each
-# adds a head that starts fresh (the log-variance head, batch tables) or only reweighs the loss;
-# every pretrained weight keeps its meaning.
-INIT_SETTINGS = ("bottleneck_variance", "bottleneck_kl", "kl_warmup_steps", "batch_injection")
 # Heads that a continued network may have and its base lack (they start fresh).
 ADDABLE_HEADS = ("bottleneck_log_variance", *BATCH_TABLES)
 
@@ -177,14 +172,9 @@ def continued_settings(base, model_overrides: dict | None) -> tuple[ExceiverConf
         architecture = dataclasses.replace(base.config, **{k: v for k, v in overrides.items() if k in architecture_fields})
         objectives = dataclasses.replace(base.objectives,
                                          **{k: v for k, v in overrides.items() if k not in architecture_fields})
+        check_bottleneck_settings(architecture.bottleneck_variance, objectives)
     except (TypeError, ValueError) as err:
         raise ExceiverInputError(f"invalid model settings: {err}") from err
-    if architecture.bottleneck_variance == "learned" and not objectives.bottleneck_kl:
-        raise ExceiverInputError("bottleneck_variance 'learned' needs bottleneck_kl > 0 (without its KL the variance "
-                                 "would shrink to nothing)")
-    if (architecture.bottleneck_variance == "learned" or objectives.bottleneck_kl) and not objectives.count_weight:
-        raise ExceiverInputError("the bottleneck's KL and variance belong to the count objective, which this model "
-                                 "has not (count_weight 0)")
     return architecture, objectives
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from exceiver.commands.defaults import add, add_command, given, of_function
 from exceiver.commands.options import (add_data_options, add_model, add_training_options, data_options, model_option,
                                        preset_default, run_options, training_options)
-from exceiver.nn.config import PRESETS
+from exceiver.nn.config import INIT_SETTINGS, PRESETS
 from exceiver.outputs import claim
 
 PRETRAIN = "exceiver.pretrain:pretrain"
@@ -48,8 +48,7 @@ def add_pretrain(commands) -> None:
     p.add_argument("--set", dest="model_options", action="append", default=[], type=model_option, metavar="FIELD=VALUE",
                    help="override a field of the preset (architecture, tokenizer or objective), e.g. "
                         "--set n_latents=64 --set contrastive_weight=0 (repeat for several); with --init only "
-                        "the integration settings: bottleneck_variance, bottleneck_kl, kl_warmup_steps, "
-                        "batch_injection")
+                        f"the integration settings: {', '.join(INIT_SETTINGS)}")
     p.add_argument("--freeze-except-batches", action="store_true",
                    help="with --init and --batch-key: scArches' query step; every weight stays the model's but "
                         "the batch embeddings of DATA's new batches, which alone learn; embeddings (the query's "

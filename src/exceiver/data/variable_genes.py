@@ -21,11 +21,14 @@ from exceiver.errors import ExceiverInputError, option
 
 log = logging.getLogger(__name__)
 
+MIN_BATCH_CELLS = 50  # batches with fewer training cells are ranked together
+
 
 def highly_variable_genes(cells: CellCounts, n_top_genes: int, batches: np.ndarray | None = None) -> np.ndarray:
     """Sorted vocabulary ids of the `n_top_genes` most variable genes of `cells` (all genes with
-    counts, if they are fewer), ranked within each of `batches` (a label per cell; default: each
-    cell's dataset) and merged as seurat_v3 merges batches."""
+    counts, if they are fewer), ranked within each of `batches` (a label per cell; batches of
+    fewer than `MIN_BATCH_CELLS` cells ranked together; default, or a single batch: each cell's
+    dataset) and merged as seurat_v3 merges batches."""
     if n_top_genes < 1:
         raise ExceiverInputError(f"{option('n_top_genes')} must be >= 1, got {n_top_genes}")
     expressed = np.flatnonzero(np.bincount(cells.counts.indices, minlength=cells.counts.shape[1]))
@@ -36,7 +39,7 @@ def highly_variable_genes(cells: CellCounts, n_top_genes: int, batches: np.ndarr
     except ImportError as err:  # a declared dependency: only a broken install lacks it
         raise ExceiverInputError("selecting variable genes needs scikit-misc: pip install scikit-misc") from err
     adata = ad.AnnData(cells.counts[:, expressed].astype(np.float32))
-    batches = cells.source if batches is None else np.asarray(batches)
+    batches = cells.source if batches is None or len(np.unique(batches)) < 2 else _pooled_small(np.asarray(batches))
     several = len(np.unique(batches)) > 1
     if several:
         adata.obs["batch"] = pd.Categorical(batches)
@@ -48,6 +51,17 @@ def highly_variable_genes(cells: CellCounts, n_top_genes: int, batches: np.ndarr
     chosen = np.sort(expressed[np.flatnonzero(table["highly_variable"].to_numpy())])
     log.info("vocabulary: the %s most variable of %s expressed genes", f"{len(chosen):,}", f"{len(expressed):,}")
     return chosen
+
+
+def _pooled_small(batches: np.ndarray) -> np.ndarray:
+    """Batch labels with the batches of fewer than `MIN_BATCH_CELLS` cells pooled into one group (a
+    loess fit of variance on mean needs cells: seurat_v3 per batch fails on a batch of a few)."""
+    names, counts = np.unique(batches, return_counts=True)
+    small = names[counts < MIN_BATCH_CELLS]
+    if len(small):
+        log.info("variable genes: %d batches of fewer than %d cells (e.g. %s) are ranked together", len(small),
+                 MIN_BATCH_CELLS, small[0])
+    return np.where(np.isin(batches, small), "(batches under %d cells)" % MIN_BATCH_CELLS, batches.astype(str))
 
 
 def _seurat_v3(adata: ad.AnnData, n_top_genes: int, batch_key: str | None) -> pd.DataFrame:

@@ -16,8 +16,6 @@ import logging
 import numpy as np
 import pandas as pd
 
-log = logging.getLogger("exceiver")
-
 INSTALL_HINT = "pip install 'exceiver[scib]'"
 
 

@@ -1,8 +1,8 @@
 """`evaluate`: one call that says how good a model is on a dataset, with numbers and pictures.
 
 model + AnnData -> (1) masked-expression reconstruction vs gene-mean and kNN baselines,
-(2) cell embeddings vs each label column (and batch mixing, with scib-metrics' integration scores
-where it is installed and cells have labels) beside PCA baselines computed identically, (3) gene embeddings vs annotation sources beside PCA loadings and a random embedding
+(2) cell embeddings vs each label column (and batch mixing, with scib-metrics' integration
+scores where it is installed and cells have labels) beside PCA baselines computed identically, (3) gene embeddings vs annotation sources beside PCA loadings and a random embedding
 -> REPORT_DIR/metrics.json, report.md, PNG figures and CSV tables, written atomically.
 """
 
@@ -27,8 +27,8 @@ from exceiver.errors import ExceiverInputError
 from exceiver.evaluate import plots
 from exceiver.evaluate.baselines import cell_baselines, gene_loadings
 from exceiver.evaluate.cells import batch_scores, depth_r2, label_scores
-from exceiver.evaluate.integration import INSTALL_HINT, scib_installed, scib_scores
 from exceiver.evaluate.genes import gene_scores, nearest_genes, read_annotations
+from exceiver.evaluate.integration import INSTALL_HINT, scib_installed, scib_scores
 from exceiver.evaluate.reconstruction import (
     baseline_predictions,
     masked_predictions,
@@ -156,8 +156,10 @@ def _evaluate(model: CellModel, cells: ModelCells, out, *, label_keys: list[str]
                                                  for rep, x in _each(representations, batch_key, progress)}}
     if scib:
         phases.start("scib-metrics integration scores")
-        metrics["integration"] = _integration_metrics(representations, labels[label_keys[0]],
-                                                      adata.obs[batch_key].astype(str).to_numpy(), batch_key)
+        integration = _integration_metrics(representations, labels[label_keys[0]],
+                                           adata.obs[batch_key].astype(str).to_numpy(), batch_key)
+        if integration is not None:
+            metrics["integration"] = integration
     neighbours = None
     if annotations is not None:
         phases.start("gene embeddings")
@@ -179,12 +181,24 @@ def _scib_wanted() -> bool:
     return False
 
 
-def _integration_metrics(representations: dict[str, np.ndarray], column, batches: np.ndarray, batch_key: str) -> dict:
+def _integration_metrics(representations: dict[str, np.ndarray], column, batches: np.ndarray,
+                         batch_key: str) -> dict | None:
     """scib-metrics' bio conservation, batch correction and total of exceiver's embedding and the
     PCA baselines, on the cells that have a label (the HVG matrix itself is left out: it is no
-    embedding), with the 50-component PCA of HVGs as the uncorrected data."""
+    embedding), with the 50-component PCA of HVGs as the uncorrected data. None (said in a
+    warning) where the labelled cells are in one batch or scib-metrics fails."""
     shown = {rep: x[column.labelled] for rep, x in representations.items() if rep != "hvg2000"}
-    scores = scib_scores(shown, column.values, batches[column.labelled], pre_integrated=PRE_INTEGRATED)
+    labelled_batches = batches[column.labelled]
+    if len(np.unique(labelled_batches)) < 2:
+        log.warning("evaluate: the cells labelled by %r are all in one %r batch: scib-metrics' integration scores "
+                    "are left out", column.key, batch_key)
+        return None
+    try:
+        scores = scib_scores(shown, column.values, labelled_batches, pre_integrated=PRE_INTEGRATED)
+    except Exception as err:  # a third-party scorer: the report stands without its section
+        log.warning("evaluate: scib-metrics failed (%s: %s); its integration scores are left out",
+                    type(err).__name__, err)
+        return None
     return {"batch_key": batch_key, "label_key": column.key, "pre_integrated": PRE_INTEGRATED,
             "n_cells": int(column.labelled.sum()), "representations": scores}
 

@@ -196,6 +196,13 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+# Settings a continued run (`init`) may change: how the cell bottleneck is regularised and how
+# batches condition the count decoder (integrating a pretrained model's cells with scVI's
+# objective). Switched on, each adds a head that starts fresh (the log-variance head, batch tables)
+# or reweighs the loss, and every pretrained weight is carried; switched off, the base's head for
+# it is left behind.
+INIT_SETTINGS = ("bottleneck_variance", "bottleneck_kl", "kl_warmup_steps", "batch_injection")
+
 # Fields a user may set (`--set FIELD=VALUE`): derived ones (sizes from the data, heads from the
 # objectives, the original's computation) are not theirs to set.
 DERIVED = ("n_genes", "n_classes", "class_input", "detection_head", "projection_head", "count_head", "all_genes", "count_targets")
@@ -228,15 +235,21 @@ def pretraining_configs(preset: str = "default", n_genes: int = 0,
     objectives = ObjectiveConfig(**parts[2])
     tokenizer = TokenizerConfig(**parts[1], all_genes=bool(parts[0].get("paper_compatible")),
                                 count_targets=objectives.count_weight > 0)
-    if parts[0].get("bottleneck_variance") == "learned" and not objectives.bottleneck_kl:
-        raise ValueError("bottleneck_variance 'learned' needs bottleneck_kl > 0 (without its KL the variance "
-                         "would shrink to nothing)")
+    check_bottleneck_settings(parts[0].get("bottleneck_variance", "unit"), objectives)
     if objectives.detection_weight and not tokenizer.zero_query_ratio:
         raise ValueError("detection_weight > 0 needs zero_query_ratio > 0 (zero genes to detect)")
     architecture = ExceiverConfig(**parts[0], n_genes=n_genes, detection_head=objectives.detection_weight > 0,
                                   projection_head=objectives.contrastive_weight > 0,
                                   count_head=objectives.count_weight > 0)
     return architecture, tokenizer, objectives
+
+
+def check_bottleneck_settings(bottleneck_variance: str, objectives: ObjectiveConfig) -> None:
+    """The bottleneck's variance and the objectives that train it, checked together (fresh and
+    continued runs); raises ValueError."""
+    if bottleneck_variance == "learned" and not objectives.bottleneck_kl:
+        raise ValueError("bottleneck_variance 'learned' needs bottleneck_kl > 0 (without its KL the variance "
+                         "would shrink to nothing)")
 
 
 def from_dict(cls, values: dict, where: str):
