@@ -5,14 +5,16 @@ Each target is a shared file with batches and cell-type labels: cellbench (two a
 (mouse lung immune cells of 4 mice), mca (mouse stomach and intestine, 5 batches, each of one
 tissue) and cider (pancreas of 4 human donors and 2 mice: species is a batch effect here); and one
 built from four PBMC files of four 10x technologies, labelled from pbmc3k (`pbmc_technologies.py`:
-how, and the check that the labels are sound). Kang has no cell-type column: left out. On the same file, with the same threads, in the same run:
+how, and the check that the labels are sound). Kang has no cell-type column: left out. On the
+same file, with the same threads, in the same run:
 - uncorrected PCA (the recipe `pca_hvg2000_seurat_scaled_50`) and, where harmonypy is installed,
   Harmony on that PCA;
 - scVI as its tutorial trains it with the batch key (`common.scvi_baseline`, default epochs), timed;
 - exceiver: the pretrained model (`--init`) continued on the file with the batch key for scVI's
   measured training time (no early stop; `--init-set FIELD=VALUE`: its integration settings, e.g.
   `--init-set bottleneck_variance=learned --init-set bottleneck_kl=1`), and the same model
-  zero-shot (not trained on the file in this run; the table says whether the file was in that model's pretraining corpus, labels unseen);
+  zero-shot (not trained on the file in this run; the table says whether the file was in that
+  model's pretraining corpus, labels unseen);
   with `--scratch`, also the `default` preset trained on the file alone with the batch key for
   scVI's time, with `--set FIELD=VALUE` overrides (e.g. `--set bottleneck_variance=learned`).
 

@@ -20,8 +20,9 @@ def add_evaluate(commands) -> None:
                     help="judge a model's reconstruction and embeddings against baselines")
     p.add_argument("--label-key", action="append", default=[], metavar="COL",
                    help="obs column of cell annotations (repeat for several)")
-    p.add_argument("--batch-key", metavar="COL", help="obs column of batches, for batch-mixing scores (and, with --label-key and "
-                   "scib-metrics installed, its bio-conservation, batch-correction and total scores)")
+    p.add_argument("--batch-key", metavar="COL",
+                   help="obs column of batches, for batch-mixing scores (and, with --label-key and "
+                        "scib-metrics installed, its bio-conservation, batch-correction and total scores)")
     p.add_argument("--annotations", type=Path, metavar="FILE",
                    help="gene annotations: a TSV with gene_symbol, annotation_id, source (gzip allowed) or a GMT file")
     add(p, "--source", action="append", metavar="NAME", help="annotation source to score (repeat for several)",

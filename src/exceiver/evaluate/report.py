@@ -2,7 +2,8 @@
 
 model + AnnData -> (1) masked-expression reconstruction vs gene-mean and kNN baselines,
 (2) cell embeddings vs each label column (and batch mixing, with scib-metrics' integration
-scores where it is installed and cells have labels) beside PCA baselines computed identically, (3) gene embeddings vs annotation sources beside PCA loadings and a random embedding
+scores where it is installed and cells have labels) beside PCA baselines computed identically,
+(3) gene embeddings vs annotation sources beside PCA loadings and a random embedding
 -> REPORT_DIR/metrics.json, report.md, PNG figures and CSV tables, written atomically.
 """
 
