@@ -38,7 +38,6 @@ to the other batches' cells of the types it has.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import time
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from pbmc_technologies import PbmcTechnologies
 from exceiver import Exceiver, pretrain
 from exceiver.cli_parser import model_option
 from exceiver.evaluate.cells import K_NEIGHBOURS, knn_cross_validated, knn_scores
+from exceiver.evaluate.integration import scib_scores
 from exceiver.shipped import DEFAULT_MODEL
 
 # Mouse symbols: the model's gene map reads mca's; zilionis' (upper-cased) and cider's mouse cells
@@ -181,32 +181,12 @@ def embeddings(adata, target: Target, args) -> tuple[dict, dict]:
     return found, facts
 
 
-def scib_scores(adata, found: dict, target: Target, n_threads: int | None) -> dict:
-    """scib-metrics' default bio-conservation and batch-correction scores of every embedding, in
-    one Benchmarker (the PCA as the pre-integration embedding), not min-max scaled."""
-    import anndata as ad
-    from scib_metrics.benchmark import Benchmarker
-
-    logging.getLogger("scib_metrics").setLevel(logging.WARNING)  # a line per label kBET skips
-
-    obs = pd.DataFrame({"batch": adata.obs[target.batch_key].astype(str).to_numpy(),
-                        "label": target.labels(adata)}, index=adata.obs_names)
-    cells = ad.AnnData(np.zeros((adata.n_obs, 0), dtype=np.float32), obs=obs, obsm=found)
-    bench = Benchmarker(cells, batch_key="batch", label_key="label", embedding_obsm_keys=list(found),
-                        pre_integrated_embedding_obsm_key=PCA_RECIPE, n_jobs=n_threads or 1, progress_bar=False)
-    bench.benchmark()
-    table = bench.get_results(min_max_scale=False)
-    return {method: {"scib_bio": float(table.loc[method, "Bio conservation"]),
-                     "scib_batch": float(table.loc[method, "Batch correction"]),
-                     "scib_total": float(table.loc[method, "Total"])} for method in found}
-
-
 def judge(adata, target: Target, args) -> dict:
     """One target's rows: each method's training time, scib scores and neighbour scores."""
     labels, batches = target.labels(adata), adata.obs[target.batch_key].astype(str).to_numpy()
     found, facts = embeddings(adata, target, args)
-    scib = scib_scores(adata, found, target, args.threads)
-    return {method: {**facts[method], **scib[method],
+    scib = scib_scores(found, labels, batches, pre_integrated=PCA_RECIPE, n_jobs=args.threads or 1)
+    return {method: {**facts[method], **{f"scib_{k}": v for k, v in scib[method].items()},
                      "knn_macro_f1": knn_cross_validated(emb, labels, seed=0)["knn_macro_f1"],
                      "mixing": same_type_mixing(emb, labels, batches),
                      "transfer_f1": transfer_f1(emb, labels, batches)} for method, emb in found.items()}
