@@ -53,8 +53,8 @@ def build(data: Path, seed: int = 0):
     unlabelled cells below `MIN_CONFIDENCE` are left out."""
     import anndata as ad
 
-    reference = ad.read_h5ad(data / f"{REFERENCE[0]}.h5ad")
-    others = {assay: ad.read_h5ad(data / f"{name}.h5ad") for name, assay in UNLABELLED.items()}
+    reference = Target(REFERENCE[0], "cell_type").read(data)  # a missing file: one line naming it
+    others = {assay: Target(name, "cell_type").read(data) for name, assay in UNLABELLED.items()}
     shared = reference.var_names
     for adata in others.values():
         shared = shared.intersection(adata.var_names)
